@@ -1,0 +1,1055 @@
+#!/usr/bin/python
+# Copyright: herd contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+# Ansible's module layout puts DOCUMENTATION, EXAMPLES and RETURN before the imports.
+# ruff: noqa: E402
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: ollama_model_sync
+short_description: Give one Ollama instance its own verified copy of models from a host-level store
+description:
+  - Makes the models directory of one Ollama instance (its C(OLLAMA_MODELS)) hold exactly the listed models,
+    taken from a host-level store that uses the same on-disk layout
+    (C(manifests/<host>/<namespace>/<model>/<tag>) and C(blobs/sha256-<hex>)).
+  - Only blobs and manifests that are missing or wrong are written. Each blob is written under a temporary
+    name in C(<dest>/.herd-partial/), checked against the sha256 in its name, flushed to disk and renamed
+    into C(<dest>/blobs/) in one step, so an interrupted run never leaves a blob with wrong content under
+    its final name.
+  - Manifests are written last, after every blob they reference is present and verified, so Ollama never
+    sees a model whose blobs are missing.
+  - Stale temporary files left by a killed or failed run (disk full, power loss) are removed and the work is
+    redone on the next run.
+  - A second run with the same arguments changes nothing.
+version_added: "0.1.0"
+author:
+  - herd contributors
+options:
+  src:
+    description:
+      - The host-level model store (an Ollama models directory holding C(manifests/) and C(blobs/)).
+      - Fill it with C(OLLAMA_MODELS=<src> ollama pull <name>) or by unpacking an offline model bundle.
+    type: path
+    required: true
+  dest:
+    description:
+      - The models directory of one instance (the instance's C(OLLAMA_MODELS)). Created when missing.
+    type: path
+    required: true
+  models:
+    description:
+      - Names of the models the instance must hold, as Ollama parses them
+        (C(name), C(name:tag), C(namespace/name:tag), C(host/namespace/name:tag)).
+      - A missing host means C(registry.ollama.ai), a missing namespace C(library), a missing tag C(latest).
+    type: list
+    elements: str
+    required: true
+  method:
+    description:
+      - How a blob gets into O(dest).
+      - V(copy) writes a separate copy of the bytes (one independent copy per instance, separate disk I/O).
+      - V(hardlink) links the store's file (no extra space; O(src) and O(dest) must be on one filesystem;
+        the instance shares the inode, so O(owner), O(group) and O(mode) also apply to the store's file).
+      - V(reflink) clones the file with the C(FICLONE) ioctl (copy-on-write, no extra space until written;
+        needs a filesystem that can reflink, such as XFS with C(reflink=1) or Btrfs). On a filesystem that
+        cannot, the module fails and names the filesystem; it never falls back to a copy silently.
+      - Switching methods converges. A blob that is a hard link of the store is replaced by a copy when
+        O(method=copy) or O(method=reflink), and a separate file is replaced by a link when O(method=hardlink).
+    type: str
+    choices: [copy, hardlink, reflink]
+    default: copy
+  prune:
+    description:
+      - Remove from O(dest) the manifests of models not listed in O(models), then every blob named
+        C(sha256-<hex>) that no listed model references.
+      - Files and folders that do not follow Ollama's naming are left alone.
+    type: bool
+    default: false
+  verify:
+    description:
+      - Compute the sha256 of every blob this run writes and compare it with the digest in its name. On a
+        mismatch the module fails, names the blob and writes nothing under its final name.
+      - For V(copy) the digest is computed over the bytes read from the store while they are written;
+        for V(reflink) over the clone; for V(hardlink) over the store's file before it is linked.
+      - Blobs already in O(dest) are always checked by size against the manifest (cheap); a blob with the
+        wrong size is replaced.
+    type: bool
+    default: true
+  verify_existing:
+    description:
+      - Also compute the sha256 of every blob already present in O(dest) and replace the ones that do not
+        match (a full audit; reads every byte of every listed model).
+    type: bool
+    default: false
+  owner:
+    description:
+      - Owner of the files and folders the module writes in O(dest). Unset means the user running the module.
+    type: str
+  group:
+    description:
+      - Group of the files and folders the module writes in O(dest). Unset means that user's group.
+    type: str
+  mode:
+    description:
+      - Octal mode of the blob and manifest files, as a quoted string.
+    type: str
+    default: "0644"
+  dir_mode:
+    description:
+      - Octal mode of the folders the module creates or manages in O(dest), as a quoted string.
+    type: str
+    default: "0755"
+notes:
+  - Ansible modules cannot stream progress to the controller. The module logs the start, progress (every
+    GiB) and end of every large blob through the target's syslog or journal, and returns per-blob sizes,
+    durations and rates in RV(blobs).
+  - Run it while the instance is stopped or before it first starts. At start-up Ollama deletes blobs that
+    no manifest references, which can race with a sync in progress (set C(OLLAMA_NOPRUNE=1) to stop that).
+  - Only one sync per O(dest) runs at a time; a second one fails at once instead of waiting.
+attributes:
+  check_mode:
+    description: Can run in check mode and return changed status prediction without modifying target.
+    support: full
+  diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check_mode).
+    support: full
+seealso:
+  - module: ollama_model_info
+"""
+
+EXAMPLES = r"""
+- name: Give instance 0 its own copy of the configured models
+  ollama_model_sync:
+    src: /var/lib/herd/store
+    dest: /var/lib/herd/instances/0/models
+    models:
+      - qwen2.5:7b
+      - nomic-embed-text
+    owner: ollama
+    group: ollama
+
+- name: Link the models into every instance and drop models no longer configured
+  ollama_model_sync:
+    src: /var/lib/herd/store
+    dest: "{{ item.models_dir }}"
+    models: "{{ item.models }}"
+    method: hardlink
+    prune: true
+  loop: "{{ _ollama_plan }}"
+  loop_control:
+    label: "{{ item.name }}"
+
+- name: Audit every existing blob and repair the ones that rotted
+  ollama_model_sync:
+    src: /var/lib/herd/store
+    dest: /var/lib/herd/instances/1/models
+    models: [llama3.1:8b]
+    verify_existing: true
+"""
+
+RETURN = r"""
+copied:
+  description: Digests of the blobs written as new copies of the bytes (O(method=copy)).
+  returned: always
+  type: list
+  elements: str
+  sample: ["sha256:6a0746a1ec1aef3e7ec53868f220ff6e389f6f8ef87a01d77c96807de94ca2aa"]
+linked:
+  description: Digests of the blobs hard linked or reflinked (O(method=hardlink) or O(method=reflink)).
+  returned: always
+  type: list
+  elements: str
+  sample: []
+bytes_copied:
+  description: Bytes written as copies this run (0 for links and reflinks).
+  returned: always
+  type: int
+  sample: 4683073184
+repaired:
+  description: Digests of blobs that were present in O(dest) but replaced (wrong size, wrong digest, or
+    wrong method), with the reason.
+  returned: always
+  type: list
+  elements: dict
+  sample: [{"digest": "sha256:6a07...", "reason": "size 1048576 != 4683073184"}]
+manifests_written:
+  description: Manifest paths, relative to O(dest), that were written or rewritten.
+  returned: always
+  type: list
+  elements: str
+  sample: ["manifests/registry.ollama.ai/library/qwen2.5/7b"]
+pruned_models:
+  description: Model names whose manifests were removed from O(dest) (O(prune=true)).
+  returned: always
+  type: list
+  elements: str
+  sample: ["registry.ollama.ai/library/llama2:latest"]
+pruned_blobs:
+  description: Digests of blobs removed from O(dest) because no listed model references them.
+  returned: always
+  type: list
+  elements: str
+  sample: []
+stale_removed:
+  description: Temporary files left by an interrupted earlier run that were removed.
+  returned: always
+  type: list
+  elements: str
+  sample: ["sha256-6a07...-4242"]
+models:
+  description: Every listed model as it is in O(dest) after the run.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    name:
+      description: The name as given in O(models).
+      type: str
+    fullname:
+      description: The fully qualified name (C(host/namespace/model:tag)).
+      type: str
+    manifest:
+      description: Path of the manifest relative to O(dest).
+      type: str
+    id:
+      description: sha256 of the manifest (the first 12 hex digits are the ID that C(ollama list) shows).
+      type: str
+    digests:
+      description: Digests of the config and layer blobs of the model.
+      type: list
+      elements: str
+    size:
+      description: Total size of the model's blobs in bytes.
+      type: int
+blobs:
+  description: One entry per blob this run wrote (or, in check mode, would write), for progress and audit.
+  returned: always
+  type: list
+  elements: dict
+  sample: [{"digest": "sha256:6a07...", "size": 4683073184, "action": "copy", "reason": "missing",
+            "seconds": 21.4, "mib_per_s": 208.7}]
+msg:
+  description: A short human summary.
+  returned: always
+  type: str
+  sample: "2 models: copied 3 blobs (4.4 GiB), linked 0, repaired 0, pruned 0 models and 0 blobs"
+"""
+
+import errno
+import fcntl
+import grp
+import hashlib
+import json
+import os
+import pwd
+import re
+import time
+
+from ansible.module_utils.basic import AnsibleModule
+
+DEFAULT_HOST = "registry.ollama.ai"
+DEFAULT_NAMESPACE = "library"
+DEFAULT_TAG = "latest"
+VALID_KINDS = ("skill", "agent", "mcp")
+MISSING_PART = "!MISSING!"
+
+DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
+BLOB_FILE_RE = re.compile(r"^sha256-([0-9a-f]{64})$")
+PARTIAL_DIR = ".herd-partial"
+LOCK_NAME = ".lock"
+CHUNK = 8 * 1024 * 1024
+GIB = 1024 * 1024 * 1024
+FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
+REFLINK_ERRNOS = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.ENOSYS}
+
+
+class SyncError(Exception):
+    """An error to report to the user as the module's failure message."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pure helpers: names, manifests, plans
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _cut_promised(s, sep):
+    """Split s at the last sep; a part promised by sep but empty becomes MISSING_PART (as Ollama does)."""
+    i = s.rfind(sep)
+    if i < 0:
+        return s, "", False
+    return (s[:i] or MISSING_PART), (s[i + len(sep) :] or MISSING_PART), True
+
+
+def _valid_part(kind, s):
+    if kind == "kind":
+        return s in VALID_KINDS
+    limit = 350 if kind == "host" else 80
+    if not 1 <= len(s) <= limit:
+        return False
+    for i, c in enumerate(s):
+        alnum = c.isascii() and (c.isalnum() or c == "_")
+        if i == 0:
+            if not alnum:
+                return False
+        elif c in "_-":
+            continue
+        elif c == ".":
+            if kind == "namespace":
+                return False
+        elif c == ":":
+            if kind != "host":
+                return False
+        elif not alnum:
+            return False
+    return True
+
+
+def _strip_scheme(host):
+    scheme, sep, rest = host.partition("://")
+    return rest if sep else scheme
+
+
+def parse_name(s):
+    """Parse a model name the way Ollama's types/model ParseName does and fill the defaults.
+
+    Returns a dict with host, namespace, kind ('' for models), model and tag. Raises ValueError when the
+    name is not valid once defaults are filled in.
+    """
+    if not isinstance(s, str):
+        raise ValueError(f"model name must be a string, got {s!r}")
+    rest = s
+    n = {"host": "", "namespace": "", "kind": "", "model": "", "tag": ""}
+    if rest.rfind(":") > rest.rfind("/"):
+        rest, n["tag"], _ = _cut_promised(rest, ":")
+    rest, n["model"], promised = _cut_promised(rest, "/")
+    if not promised:
+        n["model"] = rest
+    else:
+        rest, middle, promised = _cut_promised(rest, "/")
+        if not promised:
+            n["namespace"] = rest  # namespace/model
+        elif middle not in VALID_KINDS:
+            n["namespace"] = middle  # host/namespace/model
+            n["host"] = _strip_scheme(rest)
+        else:
+            n["kind"] = middle  # [host/]namespace/kind/model
+            rest, n["namespace"], promised = _cut_promised(rest, "/")
+            if not promised:
+                n["namespace"] = rest
+            else:
+                n["host"] = _strip_scheme(rest)
+    n["host"] = n["host"] or DEFAULT_HOST
+    n["namespace"] = n["namespace"] or DEFAULT_NAMESPACE
+    n["tag"] = n["tag"] or DEFAULT_TAG
+    for part in ("host", "namespace", "model", "tag"):
+        if not _valid_part(part, n[part]):
+            raise ValueError(f"invalid model name {s!r}: bad {part} {n[part]!r}")
+    if n["kind"] and not _valid_part("kind", n["kind"]):
+        raise ValueError(f"invalid model name {s!r}: bad kind {n['kind']!r}")
+    return n
+
+
+def name_parts(n):
+    """Path parts of a parsed name below manifests/ (Ollama's Name.Filepath)."""
+    if n["kind"]:
+        return [n["host"], n["namespace"], n["kind"], n["model"], n["tag"]]
+    return [n["host"], n["namespace"], n["model"], n["tag"]]
+
+
+def full_name(n):
+    middle = f"{n['kind']}/" if n["kind"] else ""
+    return f"{n['host']}/{n['namespace']}/{middle}{n['model']}:{n['tag']}"
+
+
+def name_from_parts(parts):
+    """Full name from the path parts below manifests/, or None when they do not form a valid name."""
+    if len(parts) == 4:
+        n = {"host": parts[0], "namespace": parts[1], "kind": "", "model": parts[2], "tag": parts[3]}
+    elif len(parts) == 5:
+        n = {"host": parts[0], "namespace": parts[1], "kind": parts[2], "model": parts[3], "tag": parts[4]}
+        if not _valid_part("kind", n["kind"]):
+            return None
+    else:
+        return None
+    for part in ("host", "namespace", "model", "tag"):
+        if not _valid_part(part, n[part]):
+            return None
+    return full_name(n)
+
+
+def parse_manifest(text):
+    """Return the blobs a manifest references as a list of {digest, size, media_type}, config first.
+
+    Raises ValueError when the text is not an Ollama manifest with valid sha256 digests and sizes.
+    """
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    entries = []
+    config = data.get("config")
+    if config:
+        entries.append(config)
+    layers = data.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise ValueError("no layers")
+    entries.extend(layers)
+    blobs = []
+    seen = set()
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise ValueError("a layer is not an object")
+        digest = entry.get("digest")
+        size = entry.get("size")
+        if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+            raise ValueError(f"bad digest {digest!r}")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"bad size {size!r} for {digest}")
+        if digest in seen:
+            continue
+        seen.add(digest)
+        blobs.append({"digest": digest, "size": size, "media_type": entry.get("mediaType", "")})
+    return blobs
+
+
+def blob_filename(digest):
+    return digest.replace(":", "-", 1)
+
+
+def digest_from_filename(name):
+    m = BLOB_FILE_RE.match(name)
+    return f"sha256:{m.group(1)}" if m else None
+
+
+def parse_octal_mode(value, option):
+    if isinstance(value, int):
+        raise SyncError(f'{option} must be a quoted octal string such as "0644", got the number {value}')
+    if not re.match(r"^0?[0-7]{3,4}$", str(value)):
+        raise SyncError(f'{option} must be an octal string such as "0644", got {value!r}')
+    return int(str(value), 8)
+
+
+def human_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024.0
+    return f"{n} B"
+
+
+def decide_blob(blob, dest_stat, src_stat, method):
+    """Decide what to do with one blob. Pure: takes os.stat results (or None when missing).
+
+    Returns (action, reason) where action is None (keep) or the method to apply.
+    """
+    if dest_stat is None:
+        return method, "missing"
+    if dest_stat.st_size != blob["size"]:
+        return method, f"size {dest_stat.st_size} != {blob['size']}"
+    same_inode = (dest_stat.st_dev, dest_stat.st_ino) == (src_stat.st_dev, src_stat.st_ino)
+    if method == "hardlink" and not same_inode:
+        return method, "not a hard link of the store"
+    if method != "hardlink" and same_inode:
+        return method, "hard link of the store, a separate copy is wanted"
+    return None, ""
+
+
+def mount_fstype(path, mountinfo_text):
+    """Filesystem type and mount point holding path, from the text of /proc/self/mountinfo."""
+    best = ("", "unknown")
+    for line in mountinfo_text.splitlines():
+        fields = line.split()
+        if "-" not in fields:
+            continue
+        sep = fields.index("-")
+        if len(fields) < sep + 2 or len(fields) < 5:
+            continue
+        mnt = fields[4].replace("\\040", " ")
+        fstype = fields[sep + 1]
+        inside = path == mnt or path.startswith(mnt.rstrip("/") + "/")
+        if inside and len(mnt) >= len(best[0]):
+            best = (mnt, fstype)
+    return best[1], best[0] or "/"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Filesystem work
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _stat(path):
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(CHUNK)
+            if not chunk:
+                break
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+class Syncer:
+    """Carries out a sync for one dest. All writes go through here so check mode can skip them."""
+
+    def __init__(self, module, params):
+        self.module = module
+        self.check = module.check_mode
+        self.src = os.path.realpath(params["src"])
+        self.dest = os.path.abspath(params["dest"])
+        self.method = params["method"]
+        self.verify = params["verify"]
+        self.verify_existing = params["verify_existing"]
+        self.prune = params["prune"]
+        self.mode = parse_octal_mode(params["mode"], "mode")
+        self.dir_mode = parse_octal_mode(params["dir_mode"], "dir_mode")
+        self.uid = self._uid(params.get("owner"))
+        self.gid = self._gid(params.get("group"))
+        self.blobs_dir = os.path.join(self.dest, "blobs")
+        self.manifests_dir = os.path.join(self.dest, "manifests")
+        self.partial_dir = os.path.join(self.dest, PARTIAL_DIR)
+        self.result = {
+            "changed": False,
+            "copied": [],
+            "linked": [],
+            "bytes_copied": 0,
+            "repaired": [],
+            "manifests_written": [],
+            "pruned_models": [],
+            "pruned_blobs": [],
+            "stale_removed": [],
+            "models": [],
+            "blobs": [],
+        }
+        self._lock_fd = None
+
+    # -- ownership and modes ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _uid(owner):
+        if owner in (None, ""):
+            return -1
+        try:
+            return int(owner) if str(owner).isdigit() else pwd.getpwnam(owner).pw_uid
+        except KeyError:
+            raise SyncError(f"owner {owner!r} does not exist on this host") from None
+
+    @staticmethod
+    def _gid(group):
+        if group in (None, ""):
+            return -1
+        try:
+            return int(group) if str(group).isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise SyncError(f"group {group!r} does not exist on this host") from None
+
+    def _attrs_differ(self, st, mode):
+        if (st.st_mode & 0o7777) != mode:
+            return True
+        if self.uid != -1 and st.st_uid != self.uid:
+            return True
+        return self.gid != -1 and st.st_gid != self.gid
+
+    def _apply_attrs(self, path, mode):
+        if self.uid != -1 or self.gid != -1:
+            os.chown(path, self.uid, self.gid)
+        os.chmod(path, mode)
+
+    def fix_attrs(self, path, mode):
+        """Bring an existing path to the wanted owner/group/mode; return True when it changed (or would)."""
+        st = os.stat(path)
+        if not self._attrs_differ(st, mode):
+            return False
+        if not self.check:
+            self._apply_attrs(path, mode)
+        return True
+
+    def ensure_dir(self, path):
+        st = _stat(path)
+        if st is None:
+            if not self.check:
+                os.makedirs(path, exist_ok=True)
+                self._apply_attrs(path, self.dir_mode)
+            return True
+        if not os.path.isdir(path):
+            raise SyncError(f"{path} exists and is not a folder")
+        return self.fix_attrs(path, self.dir_mode)
+
+    # -- locking and stale temporaries -----------------------------------------------------------------
+
+    def lock(self):
+        self._lock_fd = os.open(os.path.join(self.partial_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise SyncError(
+                f"another model sync into {self.dest} is running (lock {PARTIAL_DIR}/{LOCK_NAME})"
+            ) from None
+
+    def stale_temporaries(self):
+        try:
+            names = os.listdir(self.partial_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if n != LOCK_NAME)
+
+    def remove_stale(self):
+        for name in self.stale_temporaries():
+            path = os.path.join(self.partial_dir, name)
+            self.module.log(f"ollama_model_sync: removing stale temporary {path} left by an interrupted run")
+            if not self.check:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    raise SyncError(f"unexpected folder {path}; remove it by hand")
+                os.unlink(path)
+            self.result["stale_removed"].append(name)
+
+    def _tmp_path(self, name):
+        return os.path.join(self.partial_dir, f"{name}-{os.getpid()}")
+
+    # -- store --------------------------------------------------------------------------------------------
+
+    def load_models(self, names):
+        """Read and check every wanted model in the store before anything is written."""
+        if not os.path.isdir(os.path.join(self.src, "manifests")):
+            raise SyncError(
+                f"model store {self.src} has no manifests/ folder; fill it with "
+                f"'OLLAMA_MODELS={self.src} ollama pull <name>' or unpack an offline model bundle into it"
+            )
+        models, missing, seen = [], [], set()
+        for raw in names:
+            try:
+                parsed = parse_name(raw)
+            except ValueError as exc:
+                raise SyncError(str(exc)) from None
+            rel = os.path.join("manifests", *name_parts(parsed))
+            if rel in seen:
+                continue
+            seen.add(rel)
+            path = os.path.join(self.src, rel)
+            if not os.path.isfile(path):
+                missing.append(f"{raw} ({full_name(parsed)}: no {rel})")
+                continue
+            with open(path, "rb") as f:
+                raw_bytes = f.read()
+            try:
+                blobs = parse_manifest(raw_bytes.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise SyncError(f"manifest {path} of model {raw} is not valid: {exc}; pull the model again") from None
+            models.append(
+                {
+                    "name": raw,
+                    "fullname": full_name(parsed),
+                    "manifest": rel,
+                    "bytes": raw_bytes,
+                    "blobs": blobs,
+                }
+            )
+        if missing:
+            raise SyncError(
+                f"model(s) missing from the store {self.src}: {'; '.join(missing)}. Put them there first: "
+                f"'OLLAMA_MODELS={self.src} ollama pull <name>' against your registry or mirror, "
+                f"or unpack an offline model bundle into {self.src}"
+            )
+        for model in models:
+            for blob in model["blobs"]:
+                path = os.path.join(self.src, "blobs", blob_filename(blob["digest"]))
+                st = _stat(path)
+                if st is None:
+                    raise SyncError(
+                        f"the store {self.src} is incomplete: model {model['name']} needs blob {blob['digest']} "
+                        f"but {path} is missing; pull the model into the store again"
+                    )
+                if st.st_size != blob["size"]:
+                    raise SyncError(
+                        f"the store {self.src} is damaged: blob {path} of model {model['name']} has "
+                        f"{st.st_size} bytes, its manifest says {blob['size']}; pull the model into the store again"
+                    )
+                blob["src_path"] = path
+                blob["src_stat"] = st
+        return models
+
+    # -- blob writers ------------------------------------------------------------------------------------
+
+    def _fail_digest(self, blob, got, what):
+        raise SyncError(
+            f"digest mismatch for blob {blob['digest']} ({what} {blob['src_path']}): content hashes to {got}; "
+            f"nothing was written under its final name; pull the model into the store {self.src} again"
+        )
+
+    def _copy_to(self, blob, tmp):
+        """Copy src to tmp, hashing the bytes as they are written. Returns bytes written."""
+        h = hashlib.sha256()
+        size, written = blob["size"], 0
+        next_log = GIB
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with open(blob["src_path"], "rb") as src:
+                while True:
+                    chunk = src.read(CHUNK)
+                    if not chunk:
+                        break
+                    if self.verify:
+                        h.update(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
+                    written += len(chunk)
+                    if written >= next_log:
+                        self.module.log(
+                            f"ollama_model_sync: {blob['digest']} {human_bytes(written)} of {human_bytes(size)}"
+                        )
+                        next_log += GIB
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if written != size:
+            raise SyncError(f"blob {blob['src_path']} changed while being copied ({written} bytes, expected {size})")
+        if self.verify:
+            got = "sha256:" + h.hexdigest()
+            if got != blob["digest"]:
+                self._fail_digest(blob, got, "copied from")
+        return written
+
+    def _reflink_to(self, blob, tmp):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with open(blob["src_path"], "rb") as src:
+                try:
+                    fcntl.ioctl(fd, FICLONE, src.fileno())
+                except OSError as exc:
+                    if exc.errno in REFLINK_ERRNOS:
+                        raise SyncError(self._reflink_message(exc)) from None
+                    raise
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if self.verify:
+            got = _sha256_file(tmp)
+            if got != blob["digest"]:
+                self._fail_digest(blob, got, "reflinked from")
+
+    def _reflink_message(self, exc):
+        try:
+            with open("/proc/self/mountinfo", encoding="utf-8") as f:
+                text = f.read()
+        except OSError:
+            text = ""
+        src_fs, src_mnt = mount_fstype(self.src, text)
+        dst_fs, dst_mnt = mount_fstype(os.path.realpath(self.dest), text)
+        where = (
+            f"{dst_fs} filesystem at {dst_mnt}"
+            if (src_fs, src_mnt) == (dst_fs, dst_mnt)
+            else f"store on {src_fs} at {src_mnt}, instance on {dst_fs} at {dst_mnt}"
+        )
+        return (
+            f"method=reflink failed ({os.strerror(exc.errno)}): the {where} cannot reflink from {self.src} "
+            f"to {self.dest}; use method=copy or method=hardlink, or keep both on one XFS (reflink=1) or "
+            f"Btrfs filesystem"
+        )
+
+    def _hardlink_to(self, blob, tmp):
+        if self.verify:
+            got = _sha256_file(blob["src_path"])
+            if got != blob["digest"]:
+                self._fail_digest(blob, got, "store file")
+        try:
+            os.link(blob["src_path"], tmp)
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                raise SyncError(
+                    f"method=hardlink needs the store {self.src} and {self.dest} on one filesystem; "
+                    f"use method=copy or method=reflink"
+                ) from None
+            raise
+
+    def write_blob(self, blob, reason):
+        name = blob_filename(blob["digest"])
+        final = os.path.join(self.blobs_dir, name)
+        entry = {"digest": blob["digest"], "size": blob["size"], "action": self.method, "reason": reason}
+        self.result["blobs"].append(entry)
+        if self.method == "copy":
+            self.result["copied"].append(blob["digest"])
+        else:
+            self.result["linked"].append(blob["digest"])
+        if reason != "missing":
+            self.result["repaired"].append({"digest": blob["digest"], "reason": reason})
+        if self.check:
+            if self.method == "copy":
+                self.result["bytes_copied"] += blob["size"]
+            return
+        tmp = self._tmp_path(name)
+        self.module.log(f"ollama_model_sync: {self.method} {blob['digest']} ({human_bytes(blob['size'])}) -> {final}")
+        start = time.monotonic()
+        try:
+            if self.method == "copy":
+                self.result["bytes_copied"] += self._copy_to(blob, tmp)
+            elif self.method == "reflink":
+                self._reflink_to(blob, tmp)
+            else:
+                self._hardlink_to(blob, tmp)
+            self._apply_attrs(tmp, self.mode)
+            os.rename(tmp, final)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        _fsync_dir(self.blobs_dir)
+        seconds = time.monotonic() - start
+        entry["seconds"] = round(seconds, 3)
+        entry["mib_per_s"] = round(blob["size"] / 1048576.0 / seconds, 1) if seconds > 0 else None
+        self.module.log(f"ollama_model_sync: done {blob['digest']} in {seconds:.1f} s")
+
+    def write_manifest(self, model):
+        final = os.path.join(self.dest, model["manifest"])
+        try:
+            with open(final, "rb") as f:
+                current = f.read()
+        except FileNotFoundError:
+            current = None
+        except IsADirectoryError:
+            raise SyncError(f"{final} is a folder, expected a manifest file; remove it by hand") from None
+        parent = os.path.dirname(final)
+        rel_parts = os.path.relpath(parent, self.dest).split(os.sep)
+        for i in range(1, len(rel_parts) + 1):
+            if self.ensure_dir(os.path.join(self.dest, *rel_parts[:i])):
+                self.result["changed"] = True
+        if current == model["bytes"]:
+            if os.path.exists(final) and self.fix_attrs(final, self.mode):
+                self.result["changed"] = True
+            return
+        self.result["manifests_written"].append(model["manifest"])
+        self.result["changed"] = True
+        if self.check:
+            return
+        tmp = self._tmp_path("manifest")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, model["bytes"])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._apply_attrs(tmp, self.mode)
+            os.rename(tmp, final)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        _fsync_dir(parent)
+
+    # -- prune -------------------------------------------------------------------------------------------
+
+    def dest_manifests(self):
+        """(relative path, full name or None) of every file below dest/manifests."""
+        found = []
+        for root, _dirs, files in os.walk(self.manifests_dir):
+            for fname in files:
+                path = os.path.join(root, fname)
+                parts = os.path.relpath(path, self.manifests_dir).split(os.sep)
+                found.append((os.path.join("manifests", *parts), name_from_parts(parts)))
+        return sorted(found)
+
+    def dest_blobs(self):
+        try:
+            names = os.listdir(self.blobs_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if BLOB_FILE_RE.match(n) and os.path.isfile(os.path.join(self.blobs_dir, n)))
+
+    def prune_dest(self, models):
+        wanted_manifests = {m["manifest"] for m in models}
+        wanted_blobs = {blob_filename(b["digest"]) for m in models for b in m["blobs"]}
+        for rel, fullname in self.dest_manifests():
+            if rel in wanted_manifests or fullname is None:
+                continue
+            self.result["pruned_models"].append(fullname)
+            if not self.check:
+                os.unlink(os.path.join(self.dest, rel))
+        if self.result["pruned_models"] and not self.check:
+            # drop folders left empty below manifests/, deepest first
+            for root, _dirs, _files in sorted(os.walk(self.manifests_dir), key=lambda t: -len(t[0])):
+                if root != self.manifests_dir and not os.listdir(root):
+                    os.rmdir(root)
+        for name in self.dest_blobs():
+            if name in wanted_blobs:
+                continue
+            self.result["pruned_blobs"].append(digest_from_filename(name))
+            if not self.check:
+                os.unlink(os.path.join(self.blobs_dir, name))
+
+    # -- the run -----------------------------------------------------------------------------------------
+
+    def snapshot(self):
+        if not os.path.isdir(self.dest):
+            return ""
+        lines = [rel for rel, _name in self.dest_manifests()]
+        for name in self.dest_blobs():
+            lines.append(f"blobs/{name} {os.path.getsize(os.path.join(self.blobs_dir, name))}")
+        return "".join(line + "\n" for line in lines)
+
+    def run(self, names):
+        models = self.load_models(names)
+        before = self.snapshot() if self.module._diff else None
+
+        changed_dirs = False
+        for path in (self.dest, self.blobs_dir, self.manifests_dir):
+            changed_dirs |= self.ensure_dir(path)
+        if not self.check:
+            st = _stat(self.partial_dir)
+            if st is None:
+                os.makedirs(self.partial_dir, exist_ok=True)
+            os.chmod(self.partial_dir, 0o700)
+            self.lock()
+        self.remove_stale()
+
+        # plan every blob first, so a lack of space shows before anything is written
+        todo, seen, need_bytes = [], set(), 0
+        for model in models:
+            for blob in model["blobs"]:
+                if blob["digest"] in seen:
+                    continue
+                seen.add(blob["digest"])
+                final = os.path.join(self.blobs_dir, blob_filename(blob["digest"]))
+                dest_st = _stat(final)
+                if dest_st is not None and not os.path.isfile(final):
+                    raise SyncError(f"{final} is not a regular file; remove it by hand")
+                action, reason = decide_blob(blob, dest_st, blob["src_stat"], self.method)
+                if action is None and self.verify_existing:
+                    got = _sha256_file(final)
+                    if got != blob["digest"]:
+                        action, reason = self.method, f"content hashes to {got}"
+                if action is None:
+                    if self.fix_attrs(final, self.mode):
+                        self.result["changed"] = True
+                    continue
+                todo.append((blob, reason))
+                if self.method == "copy":
+                    need_bytes += blob["size"]
+        if need_bytes and os.path.isdir(self.dest):
+            vfs = os.statvfs(self.dest)
+            free = vfs.f_bavail * vfs.f_frsize
+            if need_bytes > free:
+                raise SyncError(
+                    f"not enough space in {self.dest}: the copies need {human_bytes(need_bytes)}, "
+                    f"{human_bytes(free)} is free; free space, or use method=hardlink or method=reflink"
+                )
+
+        for blob, reason in todo:
+            self.write_blob(blob, reason)
+            self.result["changed"] = True
+        for model in models:
+            self.write_manifest(model)
+        if self.prune:
+            self.prune_dest(models)
+        if self.result["stale_removed"] or self.result["pruned_models"] or self.result["pruned_blobs"] or changed_dirs:
+            self.result["changed"] = True
+
+        for model in models:
+            self.result["models"].append(
+                {
+                    "name": model["name"],
+                    "fullname": model["fullname"],
+                    "manifest": model["manifest"],
+                    "id": "sha256:" + hashlib.sha256(model["bytes"]).hexdigest(),
+                    "digests": [b["digest"] for b in model["blobs"]],
+                    "size": sum(b["size"] for b in model["blobs"]),
+                }
+            )
+        if before is not None:
+            after = self.planned_snapshot(models) if self.check else self.snapshot()
+            self.result["diff"] = {
+                "before": before,
+                "after": after,
+                "before_header": self.dest,
+                "after_header": self.dest,
+            }
+        r = self.result
+        r["msg"] = (
+            f"{len(models)} model(s): copied {len(r['copied'])} blob(s) ({human_bytes(r['bytes_copied'])}), "
+            f"linked {len(r['linked'])}, repaired {len(r['repaired'])}, "
+            f"pruned {len(r['pruned_models'])} model(s) and {len(r['pruned_blobs'])} blob(s)"
+        )
+        if self.check:
+            r["msg"] = "check mode, nothing written: " + r["msg"]
+        return r
+
+    def planned_snapshot(self, models):
+        """What snapshot() would show after a real run (used for the diff in check mode)."""
+        manifests = {rel for rel, _name in self.dest_manifests()} if os.path.isdir(self.manifests_dir) else set()
+        blobs = {}
+        for name in self.dest_blobs():
+            blobs[name] = os.path.getsize(os.path.join(self.blobs_dir, name))
+        for model in models:
+            manifests.add(model["manifest"])
+            for b in model["blobs"]:
+                blobs[blob_filename(b["digest"])] = b["size"]
+        if self.prune:
+            manifests -= {m for m, n in self.dest_manifests() if n in self.result["pruned_models"]}
+            for d in self.result["pruned_blobs"]:
+                blobs.pop(blob_filename(d), None)
+        lines = sorted(manifests) + [f"blobs/{n} {s}" for n, s in sorted(blobs.items())]
+        return "".join(line + "\n" for line in lines)
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            src=dict(type="path", required=True),
+            dest=dict(type="path", required=True),
+            models=dict(type="list", elements="str", required=True),
+            method=dict(type="str", default="copy", choices=["copy", "hardlink", "reflink"]),
+            prune=dict(type="bool", default=False),
+            verify=dict(type="bool", default=True),
+            verify_existing=dict(type="bool", default=False),
+            owner=dict(type="str"),
+            group=dict(type="str"),
+            mode=dict(type="str", default="0644"),
+            dir_mode=dict(type="str", default="0755"),
+        ),
+        supports_check_mode=True,
+    )
+    syncer = None
+    try:
+        syncer = Syncer(module, module.params)
+        result = syncer.run(module.params["models"])
+    except SyncError as exc:
+        partial = syncer.result if syncer else {}
+        module.fail_json(
+            msg=str(exc),
+            **{k: v for k, v in partial.items() if k not in ("changed", "msg")},
+            changed=bool(partial.get("copied") or partial.get("linked")),
+        )
+    except OSError as exc:
+        hint = ""
+        if exc.errno == errno.ENOSPC:
+            hint = "; the disk is full: free space and run again (the next run removes the partial copy and redoes it)"
+        module.fail_json(msg=f"{exc.strerror or exc}: {exc.filename or ''}{hint}".strip())
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
