@@ -1,0 +1,104 @@
+"""All-in-one host: every planned instance runs on its own GPU with its own model copy, behind the gateway."""
+
+import json
+import os
+import subprocess
+
+GPU_SPEC = json.load(open(os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "lab/gpus/l20x4.json")))
+GPUS = GPU_SPEC["gpus"]
+BASE_PORT = 11434
+MODEL = "herd-tiny:1b"
+
+
+def env_file(host, i):
+    out = {}
+    for line in host.file(f"/etc/herd/ollama/{i}.env").content_string.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out[key] = value.strip('"')
+    return out
+
+
+def test_every_instance_runs_and_listens_where_planned(host):
+    for i, _gpu in enumerate(GPUS):
+        svc = host.service(f"ollama@{i}")
+        assert svc.is_enabled, f"ollama@{i} not enabled"
+        assert svc.is_running, f"ollama@{i} not running:\n" + host.run(f"journalctl -u ollama@{i} -n 30").stdout
+        assert host.socket(f"tcp://127.0.0.1:{BASE_PORT + i}").is_listening
+    assert not host.service(f"ollama@{len(GPUS)}").is_running
+
+
+def test_instances_own_their_gpu_by_uuid_and_their_models_dir(host):
+    for i, gpu in enumerate(GPUS):
+        env = env_file(host, i)
+        assert env["CUDA_VISIBLE_DEVICES"] == gpu["uuid"]
+        assert env["OLLAMA_HOST"] == f"127.0.0.1:{BASE_PORT + i}"
+        assert env["OLLAMA_MODELS"] == f"/var/lib/herd/instances/{i}/models"
+        assert env["OLLAMA_NUM_PARALLEL"] == "2"
+        proc_env = host.run(f"cat /proc/$(systemctl show -p MainPID --value ollama@{i})/environ | tr '\\0' '\\n'")
+        assert f"CUDA_VISIBLE_DEVICES={gpu['uuid']}" in proc_env.stdout
+
+
+def test_each_instance_has_a_separate_verified_copy(host):
+    inodes = []
+    for i in range(len(GPUS)):
+        models = f"/var/lib/herd/instances/{i}/models"
+        manifest = host.file(f"{models}/manifests/registry.ollama.ai/library/herd-tiny/1b")
+        assert manifest.exists
+        layers = json.loads(manifest.content_string)["layers"]
+        for layer in layers:
+            blob = host.file(f"{models}/blobs/" + layer["digest"].replace(":", "-"))
+            assert blob.exists and blob.size == layer["size"]
+            digest = host.run(f"sha256sum {blob.path}").stdout.split()[0]
+            assert "sha256:" + digest == layer["digest"]
+        first = layers[0]["digest"].replace(":", "-")
+        inodes.append(host.run(f"stat -c %i {models}/blobs/{first}").stdout.strip())
+    assert len(set(inodes)) == len(GPUS), "copy mode must give every instance its own files"
+
+
+def test_every_instance_has_the_model_loaded(host):
+    for i in range(len(GPUS)):
+        ps = json.loads(host.check_output(f"curl -fsS http://127.0.0.1:{BASE_PORT + i}/api/ps"))
+        names = [m["name"] for m in ps["models"]]
+        assert MODEL in names
+        assert all(m["size_vram"] == m["size"] for m in ps["models"])
+
+
+def test_gateway_generates_and_spreads_over_every_instance(host):
+    seen = set()
+    for _ in range(3 * len(GPUS)):
+        out = host.run(
+            "curl -sS -D - -o /tmp/gen.json http://127.0.0.1/api/generate "
+            f"""-d '{{"model":"{MODEL}","prompt":"hi","stream":false,"options":{{"num_predict":4}}}}'"""
+        )
+        assert out.rc == 0
+        assert " 200 " in out.stdout.splitlines()[0]
+        for line in out.stdout.splitlines():
+            if line.lower().startswith("x-herd-upstream:"):
+                seen.add(line.split(":", 1)[1].strip())
+        body = json.loads(host.file("/tmp/gen.json").content_string)
+        assert body["done"] is True and body["response"]
+    assert seen == {f"127.0.0.1:{BASE_PORT + i}" for i in range(len(GPUS))}
+
+
+def _start_times(host):
+    return {
+        i: host.run(f"systemctl show -p ExecMainStartTimestampMonotonic --value ollama@{i}").stdout.strip()
+        for i in range(len(GPUS))
+    }
+
+
+def test_changing_one_instance_restarts_only_that_instance(host):
+    before = _start_times(host)
+    overrides = json.dumps({"ollama_instance_overrides": {"1": {"num_parallel": 3}}})
+    project = os.environ["MOLECULE_PROJECT_DIRECTORY"]
+    run = subprocess.run(
+        ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], f"{project}/site.yml",
+         "--tags", "ollama", "-e", overrides],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    after = _start_times(host)
+    assert after[1] != before[1], "ollama@1 should have restarted"
+    assert {i: after[i] for i in after if i != 1} == {i: before[i] for i in before if i != 1}
+    assert env_file(host, 1)["OLLAMA_NUM_PARALLEL"] == "3"
