@@ -1,0 +1,905 @@
+# Copyright: herd contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Instance planner: turns a host's GPUs (nvidia_gpu_info's `gpus`) and the ollama_* knobs into its instance plan.
+
+Filters:
+  ollama_plan(gpus, config)           -> list of instance dicts (docs/architecture.md, "Instance plan");
+                                         raises AnsibleFilterError listing every problem when the config is invalid
+  ollama_plan_errors(gpus, config)    -> list of messages, empty when the config is valid
+  ollama_plan_warnings(gpus, config)  -> list of messages about a valid but questionable plan (idle GPUs, ...)
+
+`config` holds the role's knobs without the `ollama_` prefix (see DEFAULTS); docs/planner.md has the rules.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import ipaddress
+import math
+import re
+
+from ansible.errors import AnsibleFilterError
+
+DEFAULTS = {
+    "host": "this host",
+    "base_port": 11434,
+    "bind_address": "127.0.0.1",
+    "gpu_groups": [],
+    "gpus_per_instance": 0,
+    "vram_headroom_pct": 10,
+    "cpu_instances": 0,
+    "use_mig": True,
+    "num_parallel": 4,
+    "max_queue": 128,
+    "keep_alive": "-1",
+    "max_loaded_models": 1,
+    "flash_attention": None,
+    "load_timeout": "",
+    "context_length": 0,
+    "kv_cache_type": "",
+    "extra_env": {},
+    "models": [],
+    "instance_overrides": {},
+    "data_dir": "/var/lib/herd",
+    "reserved_ports": [],
+}
+
+OVERRIDE_KEYS = ("num_parallel", "models", "max_queue", "keep_alive")
+MODEL_KEYS = ("name", "vram_gib", "instances")
+KV_CACHE_TYPES = ("", "f16", "q8_0", "q4_0")
+
+# Environment the planner owns, and the knob that sets each.
+MANAGED_ENV = {
+    "CUDA_VISIBLE_DEVICES": "ollama_gpu_groups / ollama_cpu_instances",
+    "OLLAMA_HOST": "ollama_bind_address / ollama_base_port",
+    "OLLAMA_MODELS": "ollama_data_dir",
+    "OLLAMA_NUM_PARALLEL": "ollama_num_parallel",
+    "OLLAMA_MAX_QUEUE": "ollama_max_queue",
+    "OLLAMA_KEEP_ALIVE": "ollama_keep_alive",
+    "OLLAMA_MAX_LOADED_MODELS": "ollama_max_loaded_models",
+    "OLLAMA_FLASH_ATTENTION": "ollama_flash_attention",
+    "OLLAMA_LOAD_TIMEOUT": "ollama_load_timeout",
+    "OLLAMA_CONTEXT_LENGTH": "ollama_context_length",
+    "OLLAMA_KV_CACHE_TYPE": "ollama_kv_cache_type",
+}
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+# Go's time.ParseDuration syntax, which Ollama uses after trying a plain integer number of seconds.
+GO_DURATION = re.compile(r"^[-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+$")
+GO_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+GO_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+TRUE_STRINGS = ("true", "yes", "on", "1")
+FALSE_STRINGS = ("false", "no", "off", "0")
+
+
+class _Invalid(ValueError):
+    """A knob's value is not usable; the message says why."""
+
+
+def parse_duration(value):
+    """Seconds Ollama reads from a duration knob: an integer of seconds or a Go duration ("5m", "1h30m", "-1").
+
+    Raises _Invalid for anything Ollama cannot parse.
+    """
+    if isinstance(value, bool) or value is None:
+        raise _Invalid(f"{value!r} is not a duration")
+    if isinstance(value, int):
+        return float(value)
+    if not isinstance(value, str):
+        raise _Invalid(f"{value!r} is not a duration")
+    text = value.strip().strip("\"'")
+    if re.fullmatch(r"[-+]?\d+", text):
+        return float(int(text))
+    if text == "0" or not GO_DURATION.match(text):
+        raise _Invalid(f"{value!r} is not a duration")
+    seconds = sum(float(num) * GO_UNIT_SECONDS[unit] for num, unit in GO_DURATION_PART.findall(text))
+    return -seconds if text.startswith("-") else seconds
+
+
+def _as_int(value):
+    if isinstance(value, bool):
+        raise _Invalid(f"{value!r} is a boolean, not a whole number")
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise _Invalid(f"{value!r} is not a whole number")
+
+
+def _as_bool(value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in TRUE_STRINGS + FALSE_STRINGS:
+        return value.strip().lower() in TRUE_STRINGS
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise _Invalid(f"{value!r} is not true or false")
+
+
+def _as_number(value):
+    if isinstance(value, bool):
+        raise _Invalid(f"{value!r} is a boolean, not a number")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise _Invalid(f"{value!r} is not a number")
+
+
+def _ranges(indices):
+    """Compact list of indices: [0, 1, 2, 5] -> '0-2, 5'."""
+    out = []
+    for i in sorted(set(indices)):
+        if out and out[-1][1] == i - 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out) or "none"
+
+
+def _gib(mib):
+    return f"{mib / 1024:.1f} GiB"
+
+
+class _Planner:
+    """One planning run: collects errors and warnings and builds the plan when the config is valid."""
+
+    def __init__(self, gpus, config):
+        self.errors = []
+        self.warnings = []
+        self.plan = None
+        self.cfg = copy.deepcopy(DEFAULTS)
+        if isinstance(config, dict):
+            self.cfg.update(copy.deepcopy(dict(config)))
+        self.host = str(self.cfg.get("host") or DEFAULTS["host"])
+        self.raw_config = config
+        self.raw_gpus = gpus
+        self.unknown_memory = set()
+
+    # -- messages --------------------------------------------------------------------------------------------
+    def error(self, var, problem, fix):
+        self.errors.append(f"{var} on {self.host}: {problem}. Fix: {fix}")
+
+    def warn(self, var, problem, hint):
+        self.warnings.append(f"{var} on {self.host}: {problem}. {hint}")
+
+    # -- scalar knobs ----------------------------------------------------------------------------------------
+    def _int(self, key, minimum=None, maximum=None, fix="", var=None, value=None):
+        var = var or f"ollama_{key}"
+        value = self.cfg[key] if value is None else value
+        try:
+            number = _as_int(value)
+        except _Invalid as exc:
+            self.error(var, str(exc), fix)
+            return None
+        if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
+            self.error(var, f"{number} is out of range", fix)
+            return None
+        return number
+
+    def _check_knobs(self):
+        c = self.cfg
+        k = {}
+        k["base_port"] = self._int(
+            "base_port", 1, 65535, "set ollama_base_port to a free port between 1024 and 65535 (default 11434)"
+        )
+        k["gpus_per_instance"] = self._int(
+            "gpus_per_instance", 0, None, "use 0 (size groups from the models' vram_gib) or a GPU count such as 2"
+        )
+        k["vram_headroom_pct"] = self._int(
+            "vram_headroom_pct", 0, 100, "use a percentage between 0 and 100 (default 10)"
+        )
+        k["cpu_instances"] = self._int(
+            "cpu_instances", 0, 256, "use 0 on GPU hosts, or the number of CPU-only instances (e.g. 2)"
+        )
+        k["num_parallel"] = self._int("num_parallel", 1, None, "use a whole number of at least 1 (e.g. 4)")
+        k["max_queue"] = self._int("max_queue", 1, None, "use a whole number of at least 1 (e.g. 128)")
+        k["max_loaded_models"] = self._int("max_loaded_models", 1, None, "use a whole number of at least 1")
+        k["context_length"] = self._int(
+            "context_length", 0, None, "use 0 for Ollama's default or a token count such as 8192"
+        )
+        try:
+            k["use_mig"] = _as_bool(c["use_mig"])
+        except _Invalid as exc:
+            self.error("ollama_use_mig", str(exc), "use true or false")
+        if c["flash_attention"] is None or c["flash_attention"] == "":
+            k["flash_attention"] = None
+        else:
+            try:
+                k["flash_attention"] = _as_bool(c["flash_attention"])
+            except _Invalid as exc:
+                self.error("ollama_flash_attention", str(exc), "use true or false")
+        self._check_keep_alive(c["keep_alive"], "ollama_keep_alive")
+        k["keep_alive"] = c["keep_alive"]
+        if c["load_timeout"] not in ("", None):
+            try:
+                if parse_duration(c["load_timeout"]) <= 0:
+                    self.error(
+                        "ollama_load_timeout",
+                        f"{c['load_timeout']!r} is not a positive duration",
+                        'use a duration such as "5m" or "10m", or "" for Ollama\'s default',
+                    )
+            except _Invalid as exc:
+                self.error(
+                    "ollama_load_timeout",
+                    str(exc),
+                    'use a duration such as "5m", "90s" or "1h30m", or a number of seconds',
+                )
+        if c["kv_cache_type"] is None:
+            c["kv_cache_type"] = ""
+        if c["kv_cache_type"] not in KV_CACHE_TYPES:
+            self.error(
+                "ollama_kv_cache_type",
+                f"{c['kv_cache_type']!r} is not a KV cache type",
+                'use "", "f16", "q8_0" or "q4_0"',
+            )
+        bind = c["bind_address"]
+        if not isinstance(bind, str) or not self._valid_address(bind):
+            self.error(
+                "ollama_bind_address",
+                f"{bind!r} is not an IP address or host name",
+                "use an address of this host, 127.0.0.1, or 0.0.0.0 for all addresses",
+            )
+        data_dir = c["data_dir"]
+        if not isinstance(data_dir, str) or not data_dir.startswith("/") or re.search(r"\s", data_dir):
+            self.error(
+                "ollama_data_dir",
+                f"{data_dir!r} is not an absolute path without spaces",
+                "use an absolute path such as /var/lib/herd",
+            )
+        self._check_extra_env()
+        self.reserved = self._check_reserved_ports()
+        return k
+
+    @staticmethod
+    def _valid_address(text):
+        try:
+            ipaddress.ip_address(text.strip("[]"))
+            return True
+        except ValueError:
+            return bool(HOSTNAME.match(text))
+
+    def _check_keep_alive(self, value, var):
+        try:
+            parse_duration(value)
+        except _Invalid as exc:
+            self.error(
+                var,
+                str(exc),
+                'use a duration such as "5m" or "1h30m", a number of seconds, "-1" to keep models loaded forever, '
+                'or "0" to unload at once',
+            )
+            return False
+        return True
+
+    def _check_extra_env(self):
+        env = self.cfg["extra_env"]
+        if env is None:
+            self.cfg["extra_env"] = {}
+            return
+        if not isinstance(env, dict):
+            self.error("ollama_extra_env", f"{env!r} is not a mapping", 'use a mapping such as {OLLAMA_DEBUG: "1"}')
+            self.cfg["extra_env"] = {}
+            return
+        clean = {}
+        for name, value in env.items():
+            var = f"ollama_extra_env.{name}"
+            if not isinstance(name, str) or not ENV_NAME.match(name):
+                self.error(
+                    "ollama_extra_env",
+                    f"{name!r} is not an environment variable name",
+                    "use names of letters, digits and underscores that do not start with a digit",
+                )
+                continue
+            if name in MANAGED_ENV:
+                self.error(
+                    var,
+                    f"{name} is set by herd itself",
+                    f"remove it from ollama_extra_env and set {MANAGED_ENV[name]} instead",
+                )
+                continue
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            elif isinstance(value, (int, float)):
+                value = str(value)
+            if not isinstance(value, str):
+                self.error(var, f"{value!r} is not a string", 'quote the value, e.g. "1"')
+                continue
+            clean[name] = str(value)
+        self.cfg["extra_env"] = clean
+
+    def _check_reserved_ports(self):
+        reserved = {}
+        ports = self.cfg["reserved_ports"] or []
+        if not isinstance(ports, list):
+            self.error("ollama_reserved_ports", f"{ports!r} is not a list", "use a list of port numbers")
+            return reserved
+        for item in ports:
+            owner = "a port reserved on this host"
+            value = item
+            if isinstance(item, dict):
+                value, owner = item.get("port"), str(item.get("owner") or owner)
+            try:
+                reserved[_as_int(value)] = owner
+            except _Invalid as exc:
+                self.error("ollama_reserved_ports", str(exc), "use a list of port numbers")
+        return reserved
+
+    # -- GPUs ------------------------------------------------------------------------------------------------
+    def _check_gpus(self):
+        gpus = self.raw_gpus
+        if isinstance(gpus, dict) and "gpus" in gpus:
+            gpus = gpus["gpus"]
+        if gpus is None:
+            gpus = []
+        if not isinstance(gpus, list):
+            self.error(
+                "GPU list",
+                f"{type(gpus).__name__} given where the `gpus` list of nvidia_gpu_info belongs",
+                "pass the module's `gpus` result to the filter",
+            )
+            return []
+        clean = []
+        for pos, gpu in enumerate(gpus):
+            try:
+                if not isinstance(gpu, dict):
+                    raise _Invalid("is not a mapping")
+                index = _as_int(gpu.get("index"))
+                uuid = gpu.get("uuid")
+                if not isinstance(uuid, str) or not uuid:
+                    raise _Invalid("has no uuid")
+                memory = gpu.get("memory_total_mib")
+                memory = None if memory is None else _as_int(memory)
+            except _Invalid as exc:
+                self.error(
+                    f"GPU list entry {pos}",
+                    f"{gpu!r} {exc}",
+                    "pass the `gpus` list that nvidia_gpu_info returns",
+                )
+                continue
+            mig_devices = []
+            for dev in gpu.get("mig_devices") or []:
+                mem = dev.get("memory_mib")
+                mig_devices.append(
+                    {
+                        "uuid": str(dev.get("uuid")),
+                        "profile": str(dev.get("profile") or "MIG"),
+                        "memory_mib": None if mem is None else int(mem),
+                    }
+                )
+            clean.append(
+                {
+                    "index": index,
+                    "uuid": str(uuid),
+                    "name": str(gpu.get("name") or "GPU"),
+                    "memory_mib": memory,
+                    "mig": gpu.get("mig_mode") == "Enabled",
+                    "mig_devices": mig_devices,
+                }
+            )
+        seen = set()
+        for gpu in clean:
+            if gpu["index"] in seen:
+                self.error("GPU list", f"GPU index {gpu['index']} appears twice", "pass nvidia_gpu_info's `gpus` as is")
+            seen.add(gpu["index"])
+        return sorted(clean, key=lambda g: g["index"])
+
+    # -- models ----------------------------------------------------------------------------------------------
+    def _parse_model_entry(self, entry, var, allow_instances):
+        """Return {name, vram_gib, instances} or None (after recording an error)."""
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict):
+            self.error(
+                var, f"{entry!r} is not a model name or mapping", 'use "name:tag" or {name: "name:tag", vram_gib: 8}'
+            )
+            return None
+        allowed = MODEL_KEYS if allow_instances else ("name", "vram_gib")
+        unknown = [key for key in entry if key not in allowed]
+        if unknown:
+            self.error(var, f"unknown key(s) {', '.join(map(str, unknown))}", f"use only {', '.join(allowed)}")
+            return None
+        name = entry.get("name")
+        if not isinstance(name, str) or not MODEL_NAME.match(name):
+            self.error(var, f"{name!r} is not a model name", 'give the name as Ollama writes it, e.g. "qwen2.5:7b"')
+            return None
+        vram = entry.get("vram_gib")
+        if vram is not None:
+            try:
+                vram = _as_number(vram)
+                if vram <= 0:
+                    raise _Invalid(f"{vram!r} is not a positive size")
+            except _Invalid as exc:
+                self.error(f"{var}.vram_gib", str(exc), "give the model's VRAM need in GiB, e.g. 43, or leave it out")
+                return None
+        instances = entry.get("instances")
+        if instances is not None:
+            try:
+                if not isinstance(instances, list) or not instances:
+                    raise _Invalid(f"{instances!r} is not a non-empty list of instance ids")
+                instances = [_as_int(i) for i in instances]
+            except _Invalid as exc:
+                self.error(f"{var}.instances", str(exc), "list instance ids such as [0, 1], or leave it out for all")
+                return None
+        return {"name": name, "vram_gib": vram, "instances": instances}
+
+    def _check_models(self):
+        models = self.cfg["models"] or []
+        if not isinstance(models, list):
+            self.error("ollama_models", f"{models!r} is not a list", 'use a list such as ["qwen2.5:7b"]')
+            return []
+        parsed = []
+        names = set()
+        for pos, entry in enumerate(models):
+            model = self._parse_model_entry(entry, f"ollama_models[{pos}]", True)
+            if model is None:
+                continue
+            if model["name"] in names:
+                self.error(f"ollama_models[{pos}]", f"{model['name']} is listed twice", "list each model once")
+                continue
+            names.add(model["name"])
+            parsed.append(model)
+        return parsed
+
+    # -- groups ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _whole(gpu):
+        return {"gpu": gpu["index"], "uuid": gpu["uuid"], "name": gpu["name"], "memory_mib": gpu["memory_mib"]}
+
+    def _mig_slots(self, gpu):
+        return [
+            [
+                {
+                    "gpu": gpu["index"],
+                    "uuid": dev["uuid"],
+                    "name": f"{gpu['name']} MIG {dev['profile']}",
+                    "memory_mib": dev["memory_mib"],
+                }
+            ]
+            for dev in gpu["mig_devices"]
+        ]
+
+    def _mig_problem(self, gpu, var, knobs, strict=True):
+        """Record a problem and return True when a MIG GPU cannot serve as asked.
+
+        A MIG GPU without MIG devices is an error when a group names it (strict) and a warning otherwise.
+        """
+        if not knobs.get("use_mig", True):
+            self.error(
+                var,
+                f"GPU {gpu['index']} has MIG enabled but ollama_use_mig is false, so an instance pinned to the whole "
+                "GPU would see no device",
+                f"set ollama_use_mig: true, or disable MIG (nvidia-smi -i {gpu['index']} -mig 0 and reset the GPU)",
+            )
+            return True
+        if not gpu["mig_devices"]:
+            fix = (
+                f"create MIG instances on GPU {gpu['index']} (nvidia-smi mig -i {gpu['index']} -cgi <profiles> -C) "
+                f"or disable MIG on it (nvidia-smi -i {gpu['index']} -mig 0)"
+            )
+            if strict:
+                self.error(
+                    var,
+                    f"GPU {gpu['index']} has MIG enabled but no MIG devices",
+                    fix + ", or leave it out of ollama_gpu_groups",
+                )
+            else:
+                self.warn(var, f"GPU {gpu['index']} has MIG enabled but no MIG devices and stays idle", f"Fix: {fix}.")
+            return True
+        return False
+
+    def _explicit_slots(self, gpus, groups, knobs):
+        by_index = {g["index"]: g for g in gpus}
+        have = f"it has GPUs {_ranges(by_index)}" if by_index else "it has no GPU"
+        slots = []
+        owner = {}
+        for pos, group in enumerate(groups):
+            var = f"ollama_gpu_groups[{pos}]"
+            if isinstance(group, (int, str)) and not isinstance(group, bool):
+                group = [group]
+            if not isinstance(group, list) or not group:
+                self.error(
+                    var, f"{group!r} is not a non-empty list of GPU indices", "write each group as a list, e.g. [0, 1]"
+                )
+                continue
+            members = []
+            for item in group:
+                try:
+                    index = _as_int(item)
+                except _Invalid as exc:
+                    self.error(var, f"{exc} (GPU indices are whole numbers)", "use indices from `nvidia-smi -L`")
+                    continue
+                if index not in by_index:
+                    self.error(
+                        var,
+                        f"GPU {index} is not on this host ({have})",
+                        "use indices from `nvidia-smi -L`, or leave ollama_gpu_groups empty for one instance per GPU",
+                    )
+                    continue
+                if index in owner:
+                    where = (
+                        "twice in this group" if owner[index] == pos else f"also in ollama_gpu_groups[{owner[index]}]"
+                    )
+                    self.error(var, f"GPU {index} is {where}", "put every GPU in at most one group")
+                    continue
+                owner[index] = pos
+                members.append(by_index[index])
+            if len(members) != len(group):
+                continue
+            mig = [g for g in members if g["mig"]]
+            if mig and len(members) > 1:
+                self.error(
+                    var,
+                    f"GPU {mig[0]['index']} has MIG enabled and cannot share an instance with other GPUs",
+                    f"give GPU {mig[0]['index']} a group of its own ([{mig[0]['index']}]): it becomes one instance "
+                    "per MIG device",
+                )
+                continue
+            if mig:
+                if not self._mig_problem(mig[0], var, knobs):
+                    slots.extend(self._mig_slots(mig[0]))
+                continue
+            slots.append([self._whole(g) for g in members])
+        idle = [i for i in by_index if i not in owner]
+        if idle and slots:
+            self.warn(
+                "ollama_gpu_groups",
+                f"GPU(s) {_ranges(idle)} are in no group and stay idle",
+                "Add them to a group to use them.",
+            )
+        if knobs.get("gpus_per_instance"):
+            self.warn(
+                "ollama_gpus_per_instance",
+                "is ignored because ollama_gpu_groups is set",
+                "Set it to 0 to silence this.",
+            )
+        return slots
+
+    def _auto_slots(self, gpus, models, knobs):
+        whole = []
+        mig_slots = []
+        for gpu in gpus:
+            if gpu["mig"]:
+                if not self._mig_problem(gpu, "ollama_use_mig", knobs, strict=False):
+                    mig_slots.extend(self._mig_slots(gpu))
+            else:
+                whole.append(gpu)
+        per = knobs.get("gpus_per_instance") or 0
+        if whole and not per:
+            per = 1
+            needs = [m for m in models if m["vram_gib"]]
+            known = [g["memory_mib"] for g in whole if g["memory_mib"]]
+            if needs and known:
+                biggest = max(needs, key=lambda m: m["vram_gib"])
+                need_mib = biggest["vram_gib"] * 1024 * (1 + (knobs.get("vram_headroom_pct") or 0) / 100)
+                per = max(1, math.ceil(need_mib / min(known)))
+                if per > len(whole):
+                    self.error(
+                        "ollama_models",
+                        f"{biggest['name']} needs about {_gib(need_mib)} with headroom, which {per} GPUs of "
+                        f"{_gib(min(known))} would hold, but this host has {len(whole)} GPU(s)",
+                        "use a smaller model or quantization, lower ollama_vram_headroom_pct, or serve it from a "
+                        "host with more GPUs",
+                    )
+                    return []
+        elif per > len(whole):
+            self.error(
+                "ollama_gpus_per_instance",
+                f"{per} GPUs per instance but this host has {len(whole)} GPU(s) without MIG",
+                f"use at most {len(whole)}, or 0 to size groups from the models' vram_gib"
+                if whole
+                else "use 0, or set ollama_cpu_instances for a host without GPUs",
+            )
+            return []
+        slots = (
+            [[self._whole(g) for g in whole[i : i + per]] for i in range(0, len(whole) - per + 1, per)] if per else []
+        )
+        idle = [g["index"] for g in whole[len(slots) * per :]] if per else []
+        if idle:
+            self.warn(
+                "ollama_gpus_per_instance",
+                f"{per} GPUs per instance leaves GPU(s) {_ranges(idle)} idle",
+                "Set ollama_gpu_groups to use them in a smaller group.",
+            )
+        slots.extend(mig_slots)
+        # Stable sort: GPU index order, MIG devices of one GPU in their own order.
+        return sorted(slots, key=lambda slot: slot[0]["gpu"])
+
+    # -- the plan --------------------------------------------------------------------------------------------
+    def run(self):
+        config = self.raw_config
+        if not isinstance(config, dict):
+            self.error("planner config", f"{type(config).__name__} given", "pass a mapping of the ollama_* settings")
+            return self
+        for key in config:
+            if key not in DEFAULTS:
+                close = difflib.get_close_matches(str(key), list(DEFAULTS), n=1)
+                hint = f"did you mean ollama_{close[0]}? " if close else ""
+                self.error(
+                    f"ollama_{key}",
+                    "is not a setting of the planner",
+                    f"{hint}remove or rename it (see docs/planner.md)",
+                )
+        knobs = self._check_knobs()
+        gpus = self._check_gpus()
+        models = self._check_models()
+
+        groups = self.cfg["gpu_groups"] or []
+        if not isinstance(groups, list):
+            self.error(
+                "ollama_gpu_groups",
+                f"{groups!r} is not a list of groups",
+                "write e.g. [[0, 1], [2, 3]], or [] for automatic",
+            )
+            groups = []
+        cpu = knobs.get("cpu_instances") or 0
+        if cpu:
+            if groups:
+                self.error(
+                    "ollama_cpu_instances",
+                    "is set together with ollama_gpu_groups",
+                    "use CPU-only mode (ollama_cpu_instances) or GPU groups, not both",
+                )
+            if knobs.get("gpus_per_instance"):
+                self.error(
+                    "ollama_cpu_instances",
+                    "is set together with ollama_gpus_per_instance",
+                    "set ollama_gpus_per_instance to 0 in CPU-only mode",
+                )
+            if gpus:
+                self.warn(
+                    "ollama_cpu_instances",
+                    f"this host has {len(gpus)} GPU(s) but runs CPU-only instances",
+                    "Set ollama_cpu_instances to 0 to use the GPUs.",
+                )
+            slots = [[] for _ in range(cpu)]
+        elif groups:
+            slots = self._explicit_slots(gpus, groups, knobs)
+        else:
+            slots = self._auto_slots(gpus, models, knobs)
+
+        if not slots:
+            if not self.errors:
+                self.error(
+                    "ollama_cpu_instances" if not gpus else "ollama_gpu_groups",
+                    "the plan has zero instances" + ("" if gpus else " (no GPU found on this host)"),
+                    "install the NVIDIA driver so nvidia-smi lists the GPUs, or set ollama_cpu_instances to run "
+                    "CPU-only instances"
+                    if not gpus
+                    else "give at least one usable GPU group",
+                )
+            return self
+
+        count = len(slots)
+        self._check_ports(knobs.get("base_port"), count)
+        for model in models:
+            bad = [i for i in (model["instances"] or []) if not 0 <= i < count]
+            if bad:
+                self.error(
+                    f"ollama_models ({model['name']}).instances",
+                    f"instance(s) {_ranges(bad)} do not exist (this host has instances 0-{count - 1})",
+                    "list only existing instance ids, or leave `instances` out for all",
+                )
+        overrides = self._check_overrides(count)
+        if self.errors:
+            return self
+
+        plan = [self._instance(i, slot, knobs, models, overrides.get(i, {})) for i, slot in enumerate(slots)]
+        self._check_fit(plan, models, overrides, knobs)
+        if knobs.get("flash_attention") is not True and self.cfg["kv_cache_type"] in ("q8_0", "q4_0"):
+            self.warn(
+                "ollama_kv_cache_type",
+                f"{self.cfg['kv_cache_type']} needs flash attention, which is not on",
+                "Set ollama_flash_attention: true, or Ollama keeps an f16 cache.",
+            )
+        if not self.errors:
+            self.plan = plan
+        return self
+
+    def _check_ports(self, base, count):
+        if base is None:
+            return
+        last = base + count - 1
+        if last > 65535:
+            self.error(
+                "ollama_base_port",
+                f"{count} instances from port {base} would need ports up to {last}, beyond 65535",
+                f"set ollama_base_port to at most {65535 - count + 1}",
+            )
+            return
+        if base < 1024:
+            self.warn(
+                "ollama_base_port",
+                f"ports {base}-{last} are privileged",
+                "Instances running as an unprivileged user cannot bind them; prefer 11434.",
+            )
+        for port in range(base, last + 1):
+            if port in self.reserved:
+                self.error(
+                    "ollama_base_port",
+                    f"instance {port - base} would listen on port {port}, which {self.reserved[port]} already uses",
+                    f"move ollama_base_port so that ports {base}-{last} avoid {port} (e.g. 11434)",
+                )
+
+    def _check_overrides(self, count):
+        raw = self.cfg["instance_overrides"] or {}
+        if not isinstance(raw, dict):
+            self.error(
+                "ollama_instance_overrides",
+                f"{raw!r} is not a mapping",
+                "use a mapping by instance id, e.g. {1: {num_parallel: 8}}",
+            )
+            return {}
+        out = {}
+        for key, value in raw.items():
+            var = f"ollama_instance_overrides[{key}]"
+            try:
+                ident = _as_int(key)
+            except _Invalid:
+                self.error(var, f"{key!r} is not an instance id", f"use instance ids 0-{count - 1} as keys")
+                continue
+            if not 0 <= ident < count:
+                self.error(
+                    var,
+                    f"instance {ident} does not exist (this host has instances 0-{count - 1})",
+                    "use an existing instance id, or remove the override",
+                )
+                continue
+            if not isinstance(value, dict):
+                self.error(var, f"{value!r} is not a mapping", "use e.g. {num_parallel: 8}")
+                continue
+            clean = {}
+            for name, item in value.items():
+                item_var = f"{var}.{name}"
+                if name not in OVERRIDE_KEYS:
+                    self.error(item_var, "is not a per-instance setting", f"use only {', '.join(OVERRIDE_KEYS)}")
+                elif name == "num_parallel":
+                    clean[name] = self._int("num_parallel", 1, None, "use a whole number of at least 1", item_var, item)
+                elif name == "max_queue":
+                    clean[name] = self._int("max_queue", 1, None, "use a whole number of at least 1", item_var, item)
+                elif name == "keep_alive":
+                    if self._check_keep_alive(item, item_var):
+                        clean[name] = item
+                elif name == "models":
+                    if not isinstance(item, list):
+                        self.error(item_var, f"{item!r} is not a list", 'use a list such as ["qwen2.5:7b"]')
+                        continue
+                    parsed = [self._parse_model_entry(m, f"{item_var}[{i}]", False) for i, m in enumerate(item)]
+                    if all(parsed):
+                        clean[name] = parsed
+            out[ident] = clean
+        return out
+
+    def _instance(self, ident, slot, knobs, models, override):
+        c = self.cfg
+        port = knobs["base_port"] + ident
+        bind = c["bind_address"]
+        host_port = f"[{bind.strip('[]')}]:{port}" if ":" in bind else f"{bind}:{port}"
+        models_dir = f"{c['data_dir'].rstrip('/')}/instances/{ident}/models"
+        num_parallel = override.get("num_parallel") or knobs["num_parallel"]
+        max_queue = override.get("max_queue") or knobs["max_queue"]
+        keep_alive = override.get("keep_alive", c["keep_alive"])
+        if "models" in override:
+            names = [m["name"] for m in override["models"]]
+        else:
+            names = [m["name"] for m in models if m["instances"] is None or ident in m["instances"]]
+        uuids = [d["uuid"] for d in slot]
+        env = {
+            "CUDA_VISIBLE_DEVICES": ",".join(uuids) if uuids else "-1",
+            "OLLAMA_HOST": host_port,
+            "OLLAMA_MODELS": models_dir,
+            "OLLAMA_NUM_PARALLEL": str(num_parallel),
+            "OLLAMA_MAX_QUEUE": str(max_queue),
+            "OLLAMA_KEEP_ALIVE": str(keep_alive).strip(),
+            "OLLAMA_MAX_LOADED_MODELS": str(knobs["max_loaded_models"]),
+        }
+        if knobs.get("flash_attention") is not None:
+            env["OLLAMA_FLASH_ATTENTION"] = "1" if knobs["flash_attention"] else "0"
+        if c["load_timeout"] not in ("", None):
+            env["OLLAMA_LOAD_TIMEOUT"] = str(c["load_timeout"]).strip()
+        if knobs["context_length"]:
+            env["OLLAMA_CONTEXT_LENGTH"] = str(knobs["context_length"])
+        if c["kv_cache_type"]:
+            env["OLLAMA_KV_CACHE_TYPE"] = c["kv_cache_type"]
+        env.update(c["extra_env"])
+        if any(d["memory_mib"] is None for d in slot):
+            self.unknown_memory.add(ident)
+        names_in_group = sorted({d["name"] for d in slot})
+        if len(names_in_group) > 1:
+            self.warn(
+                f"instance {ident}",
+                f"mixes GPU models ({', '.join(names_in_group)})",
+                "Ollama splits layers by memory; the slower card sets the pace.",
+            )
+        return {
+            "id": ident,
+            "name": f"ollama-{ident}",
+            "port": port,
+            "bind_address": bind,
+            "gpus": [d["gpu"] for d in slot],
+            "gpu_uuids": uuids,
+            "gpu_names": [d["name"] for d in slot],
+            "vram_mib": sum(d["memory_mib"] or 0 for d in slot),
+            "num_parallel": num_parallel,
+            "max_queue": max_queue,
+            "models": names,
+            "models_dir": models_dir,
+            "env": env,
+        }
+
+    def _check_fit(self, plan, models, overrides, knobs):
+        headroom = (knobs.get("vram_headroom_pct") or 0) / 100
+        sizes = {m["name"]: m["vram_gib"] for m in models if m["vram_gib"]}
+        for inst in plan:
+            if not inst["gpus"]:
+                continue
+            override = overrides.get(inst["id"], {})
+            local = {m["name"]: m["vram_gib"] for m in override.get("models", []) if m["vram_gib"]}
+            var = f"ollama_instance_overrides[{inst['id']}].models" if "models" in override else "ollama_models"
+            unknown_memory = inst["id"] in self.unknown_memory
+            for name in inst["models"]:
+                vram = local.get(name) or sizes.get(name)
+                if not vram:
+                    continue
+                if unknown_memory:
+                    self.warn(
+                        var,
+                        f"cannot check that {name} fits instance {inst['id']}: nvidia-smi reports no memory size",
+                        "Check the GPU's memory by hand.",
+                    )
+                    continue
+                need = vram * 1024 * (1 + headroom)
+                if need > inst["vram_mib"]:
+                    gpus = ", ".join(f"{i}: {n}" for i, n in zip(inst["gpus"], inst["gpu_names"], strict=True))
+                    self.error(
+                        var,
+                        f"{name} needs about {_gib(need)} ({vram:g} GiB + {headroom * 100:g}% headroom) but instance "
+                        f"{inst['id']} has {_gib(inst['vram_mib'])} (GPU {gpus})",
+                        "give it a bigger group (ollama_gpu_groups, or ollama_gpus_per_instance 0 to size groups from "
+                        "vram_gib), restrict the model to bigger instances with `instances:`, or lower "
+                        "ollama_vram_headroom_pct",
+                    )
+
+
+def _plan(gpus, config):
+    return _Planner(gpus, config).run()
+
+
+def ollama_plan_errors(gpus, config):
+    """Every problem with the config for this host, as messages naming the variable and the fix; [] when valid."""
+    return list(_plan(gpus, config).errors)
+
+
+def ollama_plan_warnings(gpus, config):
+    """Questionable but valid choices (idle GPUs, mixed cards in a group, ...); [] when none."""
+    return list(_plan(gpus, config).warnings)
+
+
+def ollama_plan(gpus, config):
+    """The host's instance plan (docs/architecture.md); raises AnsibleFilterError listing every problem."""
+    planner = _plan(gpus, config)
+    if planner.errors:
+        host = planner.host
+        raise AnsibleFilterError(f"ollama instance plan for {host} is not valid:\n- " + "\n- ".join(planner.errors))
+    return planner.plan
+
+
+class FilterModule:
+    """herd's instance planner filters."""
+
+    def filters(self):
+        return {
+            "ollama_plan": ollama_plan,
+            "ollama_plan_errors": ollama_plan_errors,
+            "ollama_plan_warnings": ollama_plan_warnings,
+        }
