@@ -183,7 +183,8 @@ class _Planner:
             self.error(var, str(exc), fix)
             return None
         if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
-            self.error(var, f"{number} is out of range", fix)
+            span = f"{minimum}-{maximum}" if maximum is not None else f"at least {minimum}"
+            self.error(var, f"{number} is out of range ({span})", fix)
             return None
         return number
 
@@ -624,12 +625,8 @@ class _Planner:
         for key in config:
             if key not in DEFAULTS:
                 close = difflib.get_close_matches(str(key), list(DEFAULTS), n=1)
-                hint = f"did you mean ollama_{close[0]}? " if close else ""
-                self.error(
-                    f"ollama_{key}",
-                    "is not a setting of the planner",
-                    f"{hint}remove or rename it (see docs/planner.md)",
-                )
+                fix = f"rename it to ollama_{close[0]}" if close else "remove it (known settings: docs/planner.md)"
+                self.error(f"ollama_{key}", "is not a setting of the planner", fix)
         knobs = self._check_knobs()
         gpus = self._check_gpus()
         models = self._check_models()
