@@ -605,6 +605,11 @@ class Syncer:
                 f"another model sync into {self.dest} is running (lock {PARTIAL_DIR}/{LOCK_NAME})"
             ) from None
 
+    def unlock(self):
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the file releases the flock
+            self._lock_fd = None
+
     def stale_temporaries(self):
         try:
             names = os.listdir(self.partial_dir)
@@ -1035,19 +1040,25 @@ def main():
     syncer = None
     try:
         syncer = Syncer(module, module.params)
-        result = syncer.run(module.params["models"])
-    except SyncError as exc:
+        try:
+            result = syncer.run(module.params["models"])
+        finally:
+            syncer.unlock()
+    except (SyncError, OSError) as exc:
+        if isinstance(exc, SyncError):
+            msg = str(exc)
+        else:
+            msg = f"{exc.strerror or exc}: {exc.filename or ''}".strip()
+            if exc.errno == errno.ENOSPC:
+                msg += (
+                    "; the disk is full: free space and run again (the next run removes the partial copy and redoes it)"
+                )
         partial = syncer.result if syncer else {}
         module.fail_json(
-            msg=str(exc),
-            **{k: v for k, v in partial.items() if k not in ("changed", "msg")},
-            changed=bool(partial.get("copied") or partial.get("linked")),
+            msg=msg,
+            **{k: v for k, v in partial.items() if k not in ("changed", "msg", "diff")},
+            changed=bool(partial.get("changed") and not module.check_mode),
         )
-    except OSError as exc:
-        hint = ""
-        if exc.errno == errno.ENOSPC:
-            hint = "; the disk is full: free space and run again (the next run removes the partial copy and redoes it)"
-        module.fail_json(msg=f"{exc.strerror or exc}: {exc.filename or ''}{hint}".strip())
     module.exit_json(**result)
 
 
