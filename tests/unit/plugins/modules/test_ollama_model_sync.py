@@ -642,3 +642,70 @@ def test_a_second_concurrent_sync_is_refused(run, store, tmp_path):
     assert failed and "another model sync" in res["msg"]
     assert not blob(dest, store["beta"][1][-1]).exists()
     assert run(**args)[1]["copied"] == [store["beta"][1][-1]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ollama_model_info (read-only companion; tested here as the sync's observer)
+# ---------------------------------------------------------------------------------------------------------
+
+_ispec = importlib.util.spec_from_file_location("herd_ollama_model_info", ROOT / "plugins/modules/ollama_model_info.py")
+omi = importlib.util.module_from_spec(_ispec)
+_ispec.loader.exec_module(omi)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "qwen2.5:7b",
+        "llama3",
+        "myuser/mymodel:q4",
+        "mirror.local:5000/team/m:v1",
+        "https://mirror.local/team/m",
+        "team/skill/helper:v2",
+        "h/team/agent/x:y",
+    ],
+)
+def test_info_names_agree_with_sync(name):
+    assert omi.qualify(name) == oms.full_name(oms.parse_name(name))
+
+
+def run_info(monkeypatch, **args):
+    def exit_json(self, **kwargs):
+        raise ModuleExit(False, kwargs)
+
+    def fail_json(self, **kwargs):
+        raise ModuleExit(True, kwargs)
+
+    monkeypatch.setattr(basic.AnsibleModule, "exit_json", exit_json)
+    monkeypatch.setattr(basic.AnsibleModule, "fail_json", fail_json)
+    with patch_module_args(args), pytest.raises(ModuleExit) as info:
+        omi.main()
+    return info.value.failed, info.value.result
+
+
+def test_info_reports_synced_models_and_damage(run, store, tmp_path, monkeypatch):
+    dest = tmp_path / "inst0"
+    sync = run(src=str(store["path"]), dest=str(dest), models=["alpha:1b", "beta"])[1]
+    failed, res = run_info(monkeypatch, path=str(dest), verify=True)
+    assert not failed and res["ok"] is True and res["changed"] is False
+    assert [m["name"] for m in res["models"]] == [m["fullname"] for m in sync["models"]]
+    assert [m["id"] for m in res["models"]] == [m["id"] for m in sync["models"]]
+    assert all(m["complete"] and m["verified"] for m in res["models"])
+    assert res["orphan_blobs"] == [] and res["partial_files"] == []
+
+    big = max(store["alpha"][2], key=lambda d: len(store["alpha"][2][d]))
+    with open(blob(dest, big), "r+b") as f:
+        f.write(b"XX")
+    failed, res = run_info(monkeypatch, path=str(dest), models=["alpha:1b", "nope"], verify=True)
+    assert res["ok"] is False and res["missing"] == ["nope"]
+    (alpha,) = res["models"]
+    assert alpha["complete"] is True and alpha["verified"] is False
+    assert [b["digest"] for b in alpha["blobs"] if not b["verified"]] == [big]
+
+    blob(dest, big).unlink()
+    (dest / ".herd-partial" / "sha256-x-1").write_bytes(b"")
+    (dest / "manifests/registry.ollama.ai/library/beta/latest").unlink()
+    failed, res = run_info(monkeypatch, path=str(dest))
+    assert [m["complete"] for m in res["models"]] == [False]
+    assert sorted(res["orphan_blobs"]) == sorted(set(store["beta"][1]) - set(store["alpha"][1]))
+    assert res["partial_files"] == ["sha256-x-1"]
