@@ -1,0 +1,282 @@
+"""Filters of role gateway: turn the instance plans of the backend hosts into nginx upstream servers.
+
+Every decision about the upstream (address, max_conns, weight, backup, down) is made here, once, so the
+template only renders the list. The functions are plain and unit-tested in tests/unit/gateway/.
+"""
+
+import ipaddress
+import re
+
+try:
+    from ansible.errors import AnsibleFilterError
+except ImportError:  # pragma: no cover - lets the unit tests run without ansible installed
+
+    class AnsibleFilterError(Exception):
+        pass
+
+
+LOOPBACK_BINDS = ("", "0.0.0.0", "::", "[::]", "127.0.0.1", "localhost", "::1", "[::1]")
+ANY_BINDS = ("", "0.0.0.0", "::", "[::]")
+# Characters a key may hold: they go verbatim into an nginx map string and an HTTP header.
+KEY_RE = re.compile(r"^[A-Za-z0-9._~+/=-]{16,256}$")
+KEY_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+DURATION_RE = re.compile(r"^[0-9]+(ms|s|m|h|d)?$")
+
+
+def _get(mapping, key, default=None):
+    try:
+        value = mapping.get(key, default)
+    except AttributeError:
+        return default
+    return default if value is None else value
+
+
+def _server_key(host, instance_id):
+    return f"{host}:{instance_id}"
+
+
+def _dial_address(host, hostvars_of_host, gateway_host, bind_address):
+    """Address the gateway dials for an instance of `host` (see docs/architecture.md)."""
+    if host == gateway_host:
+        # Same host: loopback reaches an instance bound to loopback or to every address.
+        if bind_address in LOOPBACK_BINDS:
+            return "127.0.0.1"
+        return bind_address.strip("[]")
+    address = _get(hostvars_of_host, "ollama_advertise_address") or _get(hostvars_of_host, "ansible_host") or host
+    return str(address)
+
+
+def gateway_servers(
+    backend_hosts,
+    hostvars,
+    gateway_host,
+    queue_per_instance=2,
+    max_fails=1,
+    fail_timeout="10s",
+    weights=None,
+    backups=None,
+    weight_by_parallel=True,
+    previous=None,
+):
+    """Return the upstream servers of every instance of every backend host.
+
+    A backend host without `_ollama_plan` in this run (for example under `--limit`) keeps the servers it had
+    at the last run (`previous`, read from the gateway host); a host never planned is an error.
+    """
+    weights = dict(weights or {})
+    backups = list(backups or [])
+    previous = list(previous or [])
+    if int(queue_per_instance) < 0:
+        raise AnsibleFilterError("gateway_queue_per_instance must be 0 or more")
+    servers = []
+    missing = []
+    for host in backend_hosts or []:
+        try:
+            host_vars = hostvars[host]
+        except (KeyError, TypeError):
+            host_vars = {}
+        plan = _get(host_vars, "_ollama_plan")
+        if plan is None:
+            kept = [dict(s) for s in previous if s.get("host") == host]
+            if not kept:
+                missing.append(host)
+            servers.extend(kept)
+            continue
+        for inst in plan:
+            try:
+                instance_id = int(inst["id"])
+                port = int(inst["port"])
+                num_parallel = int(inst.get("num_parallel") or 1)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise AnsibleFilterError(f"instance plan of {host} has a bad entry {inst!r}: {exc}") from exc
+            bind = str(inst.get("bind_address") or "")
+            if host != gateway_host and bind in ("127.0.0.1", "localhost", "::1", "[::1]"):
+                raise AnsibleFilterError(
+                    f"instance {instance_id} of {host} listens on {bind} only, so gateway {gateway_host} cannot reach it: set "
+                    "ollama_bind_address to 0.0.0.0 or to the address in ollama_advertise_address"
+                )
+            key = _server_key(host, instance_id)
+            if key in weights:
+                weight = int(weights[key])
+            elif host in weights:
+                weight = int(weights[host])
+            elif weight_by_parallel:
+                weight = max(1, num_parallel)
+            else:
+                weight = 1
+            if weight < 1:
+                raise AnsibleFilterError(f"gateway_weights: weight of {key} must be 1 or more")
+            address = _dial_address(host, host_vars, gateway_host, bind)
+            servers.append(
+                {
+                    "key": key,
+                    "host": host,
+                    "id": instance_id,
+                    "name": str(inst.get("name") or f"ollama-{instance_id}"),
+                    "address": address,
+                    "port": port,
+                    "endpoint": "{}:{}".format(f"[{address}]" if ":" in address else address, port),
+                    "num_parallel": num_parallel,
+                    "max_conns": num_parallel + int(queue_per_instance),
+                    "max_fails": int(max_fails),
+                    "fail_timeout": str(fail_timeout),
+                    "weight": weight,
+                    "backup": key in backups or host in backups,
+                    "models": list(inst.get("models") or []),
+                }
+            )
+    if missing:
+        raise AnsibleFilterError(
+            "no instance plan for {}: run the play over these hosts too (role ollama sets _ollama_plan), "
+            "or remove them from gateway_backend_hosts".format(", ".join(missing))
+        )
+    seen = {}
+    for server in servers:
+        endpoint = server["endpoint"]
+        if endpoint in seen:
+            raise AnsibleFilterError(
+                "instances {} and {} are both reached at {}: give the hosts distinct addresses "
+                "(ollama_advertise_address)".format(seen[endpoint], server["key"], endpoint)
+            )
+        seen[endpoint] = server["key"]
+    return servers
+
+
+def gateway_select(servers, targets):
+    """Return the servers that drain targets ("host" or "host:instance_id") name; error on a target naming none."""
+    chosen = []
+    for target in targets or []:
+        target = str(target).strip()
+        if ":" in target:
+            matches = [s for s in servers if s["key"] == target]
+        else:
+            matches = [s for s in servers if s["host"] == target]
+        if not matches:
+            raise AnsibleFilterError(
+                "drain target {!r} names no gateway server; known: {}".format(target, ", ".join(s["key"] for s in servers) or "none")
+            )
+        chosen.extend(m for m in matches if m not in chosen)
+    return chosen
+
+
+def gateway_known_targets(targets, servers):
+    """Keep the targets that still name a server (a drained host may have left the backends)."""
+    known = []
+    for target in targets or []:
+        try:
+            gateway_select(servers, [target])
+        except AnsibleFilterError:
+            continue
+        if target not in known:
+            known.append(target)
+    return known
+
+
+def gateway_mark_down(servers, targets):
+    """Return a copy of the servers with `down: true` on those the targets name."""
+    down_keys = {s["key"] for s in gateway_select(servers, targets)}
+    result = []
+    for server in servers:
+        server = dict(server)
+        server["down"] = server["key"] in down_keys
+        result.append(server)
+    return result
+
+
+def gateway_cidr_errors(cidrs):
+    """Return one message per entry of an allowlist that is not an IPv4/IPv6 address or network."""
+    errors = []
+    if not cidrs:
+        return ["gateway_allow is empty: every client would be refused; list the client networks (CIDR)"]
+    for entry in cidrs:
+        try:
+            ipaddress.ip_network(str(entry), strict=True)
+        except ValueError as exc:
+            errors.append(f"gateway_allow entry {entry!r} is not a valid network: {exc}")
+    return errors
+
+
+def gateway_api_keys(keys):
+    """Normalise gateway_api_keys (strings or {name, key}) to a list of {name, key}; errors raise."""
+    result = []
+    names = set()
+    for index, entry in enumerate(keys or []):
+        if isinstance(entry, str):
+            name, key = f"key{index}", entry
+        else:
+            name, key = str(_get(entry, "name", f"key{index}")), _get(entry, "key", "")
+        key = str(key)
+        if not KEY_NAME_RE.match(name):
+            raise AnsibleFilterError(f"gateway_api_keys: name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        if not KEY_RE.match(key):
+            # The key itself is never echoed.
+            raise AnsibleFilterError(
+                f"gateway_api_keys: key of {name!r} must be 16-256 characters of A-Z a-z 0-9 . _ ~ + / = -"
+            )
+        if name in names:
+            raise AnsibleFilterError(f"gateway_api_keys: name {name!r} is used twice")
+        names.add(name)
+        result.append({"name": name, "key": key})
+    return result
+
+
+def gateway_duration_errors(values):
+    """Return messages for values (dict name -> value) that are not nginx durations such as 600s or 10."""
+    return [
+        f"{name}={value!r} is not an nginx time such as 600s, 10m or 500ms"
+        for name, value in sorted((values or {}).items())
+        if not DURATION_RE.match(str(value))
+    ]
+
+
+def parse_ss_established(text):
+    """Parse `ss -Htnp state established` lines into dicts {local, peer, processes}."""
+    rows = []
+    for line in (text or "").splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        # With `state established` ss omits the State column: Recv-Q Send-Q Local Peer [Process]
+        local, peer = fields[2], fields[3]
+        process = " ".join(fields[4:])
+        rows.append({"local": local, "peer": peer, "processes": re.findall(r'\("([^"]+)"', process)})
+    return rows
+
+
+def _norm_endpoint(endpoint):
+    host, _, port = endpoint.rpartition(":")
+    host = host.strip("[]")
+    if host.startswith("::ffff:"):
+        host = host[len("::ffff:"):]
+    return host, port
+
+
+def gateway_inflight(ss_text, servers, resolved=None):
+    """Count nginx's established connections to each server: {key: count}.
+
+    `resolved` maps a server address that is a name to its IP addresses (ss prints numbers).
+    """
+    resolved = dict(resolved or {})
+    counts = {}
+    rows = [r for r in parse_ss_established(ss_text) if "nginx" in r["processes"]]
+    for server in servers:
+        addresses = {str(server["address"])} | set(resolved.get(str(server["address"]), []))
+        port = str(server["port"])
+        counts[server["key"]] = sum(
+            1 for r in rows if _norm_endpoint(r["peer"])[1] == port and _norm_endpoint(r["peer"])[0] in addresses
+        )
+    return counts
+
+
+class FilterModule:
+    def filters(self):
+        return {
+            "gateway_servers": gateway_servers,
+            "gateway_select": gateway_select,
+            "gateway_mark_down": gateway_mark_down,
+            "gateway_known_targets": gateway_known_targets,
+            "gateway_cidr_errors": gateway_cidr_errors,
+            "gateway_api_keys": gateway_api_keys,
+            "gateway_duration_errors": gateway_duration_errors,
+            "gateway_inflight": gateway_inflight,
+        }

@@ -1,0 +1,134 @@
+"""Unit tests of roles/gateway/filter_plugins/gateway.py."""
+
+import pytest
+
+PLAN_GPU1 = [
+    {"id": 0, "name": "ollama-0", "port": 11434, "bind_address": "0.0.0.0", "num_parallel": 4, "models": ["a:1"]},
+    {"id": 1, "name": "ollama-1", "port": 11435, "bind_address": "0.0.0.0", "num_parallel": 2, "models": ["b:1"]},
+]
+PLAN_GW = [{"id": 0, "name": "ollama-0", "port": 11434, "bind_address": "127.0.0.1", "num_parallel": 1}]
+
+
+def hostvars():
+    return {
+        "gpu1": {"_ollama_plan": PLAN_GPU1, "ansible_host": "10.0.0.11"},
+        "gpu2": {"_ollama_plan": PLAN_GPU1, "ansible_host": "10.0.0.12", "ollama_advertise_address": "192.168.5.12"},
+        "gw": {"_ollama_plan": PLAN_GW, "ansible_host": "10.0.0.1"},
+        "bare": {"_ollama_plan": PLAN_GPU1},
+        "local-only": {"_ollama_plan": PLAN_GW, "ansible_host": "10.0.0.9"},
+        "unplanned": {"ansible_host": "10.0.0.13"},
+    }
+
+
+def test_servers_addresses_and_limits(gw):
+    servers = gw.gateway_servers(["gpu1", "gpu2", "gw", "bare"], hostvars(), "gw", queue_per_instance=2)
+    by_key = {s["key"]: s for s in servers}
+    assert by_key["gpu1:0"]["endpoint"] == "10.0.0.11:11434"
+    assert by_key["gpu2:1"]["endpoint"] == "192.168.5.12:11435"  # advertise address wins over ansible_host
+    assert by_key["gw:0"]["endpoint"] == "127.0.0.1:11434"  # the gateway itself dials loopback
+    assert by_key["bare:0"]["address"] == "bare"  # no ansible_host: the inventory name
+    assert by_key["gpu1:0"]["max_conns"] == 6 and by_key["gpu1:1"]["max_conns"] == 4
+    assert by_key["gpu1:0"]["weight"] == 4 and by_key["gw:0"]["weight"] == 1
+    assert by_key["gpu1:0"]["models"] == ["a:1"]
+    assert len(servers) == 7
+
+
+def test_weights_backups_and_flat_weight(gw):
+    servers = gw.gateway_servers(
+        ["gpu1"], hostvars(), "gw", weights={"gpu1:1": 7}, backups=["gpu1:0"], weight_by_parallel=False
+    )
+    assert [(s["weight"], s["backup"]) for s in servers] == [(1, True), (7, False)]
+    servers = gw.gateway_servers(["gpu1"], hostvars(), "gw", weights={"gpu1": 3})
+    assert [s["weight"] for s in servers] == [3, 3]
+    with pytest.raises(gw.AnsibleFilterError, match="1 or more"):
+        gw.gateway_servers(["gpu1"], hostvars(), "gw", weights={"gpu1": 0})
+
+
+def test_loopback_instance_of_remote_host_is_refused(gw):
+    with pytest.raises(gw.AnsibleFilterError, match="ollama_bind_address"):
+        gw.gateway_servers(["local-only"], hostvars(), "gw")
+
+
+def test_unplanned_host_keeps_previous_servers_or_fails(gw):
+    with pytest.raises(gw.AnsibleFilterError, match="no instance plan for unplanned"):
+        gw.gateway_servers(["gpu1", "unplanned"], hostvars(), "gw")
+    previous = [{"key": "unplanned:0", "host": "unplanned", "endpoint": "10.0.0.13:11434"}]
+    servers = gw.gateway_servers(["gpu1", "unplanned"], hostvars(), "gw", previous=previous)
+    assert [s["key"] for s in servers] == ["gpu1:0", "gpu1:1", "unplanned:0"]
+
+
+def test_duplicate_endpoint_is_refused(gw):
+    hv = hostvars()
+    hv["gpu3"] = {"_ollama_plan": PLAN_GPU1, "ansible_host": "10.0.0.11"}
+    with pytest.raises(gw.AnsibleFilterError, match="both reached at 10.0.0.11:11434"):
+        gw.gateway_servers(["gpu1", "gpu3"], hv, "gw")
+
+
+def test_negative_queue_and_bad_plan(gw):
+    with pytest.raises(gw.AnsibleFilterError, match="0 or more"):
+        gw.gateway_servers(["gpu1"], hostvars(), "gw", queue_per_instance=-1)
+    with pytest.raises(gw.AnsibleFilterError, match="bad entry"):
+        gw.gateway_servers(["x"], {"x": {"_ollama_plan": [{"id": 0}]}}, "gw")
+
+
+def test_ipv6_endpoint(gw):
+    servers = gw.gateway_servers(["v6"], {"v6": {"_ollama_plan": PLAN_GPU1, "ansible_host": "fd00::5"}}, "gw")
+    assert servers[0]["endpoint"] == "[fd00::5]:11434"
+
+
+def test_select_and_mark_down(gw):
+    servers = gw.gateway_servers(["gpu1", "gw"], hostvars(), "gw")
+    assert [s["key"] for s in gw.gateway_select(servers, ["gpu1"])] == ["gpu1:0", "gpu1:1"]
+    assert [s["key"] for s in gw.gateway_select(servers, ["gw:0", "gw"])] == ["gw:0"]
+    marked = gw.gateway_mark_down(servers, ["gpu1:1"])
+    assert [s["down"] for s in marked] == [False, True, False]
+    assert "down" not in servers[0]  # input untouched
+    with pytest.raises(gw.AnsibleFilterError, match="names no gateway server"):
+        gw.gateway_select(servers, ["gpu9"])
+    assert gw.gateway_known_targets(["gpu9", "gpu1:1", "gpu1:1", "gw"], servers) == ["gpu1:1", "gw"]
+
+
+def test_cidr_errors(gw):
+    assert gw.gateway_cidr_errors(["10.0.0.0/8", "127.0.0.1/32", "fd00::/8", "192.168.1.7"]) == []
+    errors = gw.gateway_cidr_errors(["10.0.0.1/8", "300.1.1.1/32", "lan"])
+    assert len(errors) == 3 and "10.0.0.1/8" in errors[0]
+    assert "empty" in gw.gateway_cidr_errors([])[0]
+
+
+def test_api_keys(gw):
+    keys = gw.gateway_api_keys(["k" * 20, {"name": "team-a", "key": "A" * 32}])
+    assert keys == [{"name": "key0", "key": "k" * 20}, {"name": "team-a", "key": "A" * 32}]
+    with pytest.raises(gw.AnsibleFilterError) as err:
+        gw.gateway_api_keys([{"name": "x", "key": 'short"; }'}])
+    assert "short" not in str(err.value)  # the key is never echoed
+    with pytest.raises(gw.AnsibleFilterError, match="twice"):
+        gw.gateway_api_keys([{"name": "a", "key": "k" * 20}, {"name": "a", "key": "j" * 20}])
+    with pytest.raises(gw.AnsibleFilterError, match="name"):
+        gw.gateway_api_keys([{"name": "a b", "key": "k" * 20}])
+
+
+def test_duration_errors(gw):
+    assert gw.gateway_duration_errors({"a": "600s", "b": "10", "c": "500ms", "d": "1h"}) == []
+    assert len(gw.gateway_duration_errors({"a": "10 minutes", "b": "banana", "c": "-1s"})) == 3
+
+
+# Captured on a lab gateway (`ss -H -t -n -p state established`) with one stream in flight to 172.18.0.3:11434.
+SS_OUTPUT = """\
+0      0          172.18.0.2:41878     172.18.0.3:11434 users:(("nginx",pid=2211,fd=14))
+0      0          172.18.0.2:41890     172.18.0.3:11435 users:(("python3",pid=99,fd=3))
+0      0           127.0.0.1:52004      127.0.0.1:11434 users:(("nginx",pid=2212,fd=9))
+0      0           127.0.0.1:11434      127.0.0.1:52004 users:(("python3",pid=1502,fd=7))
+0      0  [::ffff:172.18.0.2]:80  [::ffff:172.18.0.9]:5120 users:(("nginx",pid=2211,fd=3))
+"""
+
+
+def test_inflight_counts_nginx_connections_per_server(gw):
+    servers = [
+        {"key": "gpu1:0", "address": "h4-gpu1", "port": 11434},
+        {"key": "gpu1:1", "address": "h4-gpu1", "port": 11435},
+        {"key": "gw:0", "address": "127.0.0.1", "port": 11434},
+    ]
+    counts = gw.gateway_inflight(SS_OUTPUT, servers, {"h4-gpu1": ["172.18.0.3"]})
+    assert counts == {"gpu1:0": 1, "gpu1:1": 0, "gw:0": 1}
+    assert gw.gateway_inflight(SS_OUTPUT, servers) == {"gpu1:0": 0, "gpu1:1": 0, "gw:0": 1}
+    assert gw.gateway_inflight("", servers) == {"gpu1:0": 0, "gpu1:1": 0, "gw:0": 0}

@@ -1,0 +1,87 @@
+"""Render the gateway templates with sample servers and check them with the real nginx when it is installed."""
+
+import os
+import re
+
+import yaml
+from conftest import ROLE, nginx_test, render, role_defaults
+
+SERVERS = [
+    {"key": "gpu1:0", "name": "ollama-0", "endpoint": "10.0.0.11:11434", "num_parallel": 4, "max_conns": 6,
+     "max_fails": 1, "fail_timeout": "10s", "weight": 4, "backup": False, "down": False, "models": ["a:1"]},
+    {"key": "gpu1:1", "name": "ollama-1", "endpoint": "10.0.0.11:11435", "num_parallel": 2, "max_conns": 4,
+     "max_fails": 1, "fail_timeout": "10s", "weight": 2, "backup": True, "down": True, "models": []},
+]
+CONF = "etc/nginx/conf.d/herd-gateway.conf.j2"
+KEYS = [{"name": "team-a", "key": "A" * 32}]
+
+
+def server_lines(text):
+    return [line.strip() for line in text.splitlines() if line.strip().startswith("server 10.")]
+
+
+def test_default_render_is_valid_nginx(tmp_path):
+    text = render(CONF, _gateway_servers=SERVERS, _gateway_keys=[])
+    assert text.startswith("#\n# Managed by herd")
+    assert server_lines(text) == [
+        "server 10.0.0.11:11434 weight=4 max_conns=6 max_fails=1 fail_timeout=10s;",
+        "server 10.0.0.11:11435 weight=2 max_conns=4 max_fails=1 fail_timeout=10s backup down;",
+    ]
+    for directive in ("least_conn;", "zone herd_ollama 256k;", "keepalive 32;", "proxy_buffering off;",
+                      'proxy_set_header Connection "";', "proxy_http_version 1.1;", "proxy_read_timeout 600s;",
+                      "error_page 502 = @herd_unavailable;", "add_header Retry-After 2 always;",
+                      "return 503 '{\"error\":", "proxy_next_upstream error timeout non_idempotent;"):
+        assert directive in text, directive
+    assert "include /etc/nginx/herd/gateway-keys.conf" not in text
+    assert "limit_req" not in text
+    assert "listen 80 default_server;" in text and "ssl" not in text
+    result = nginx_test(tmp_path, text)
+    assert result.returncode == 0, result.stdout
+
+
+def test_everything_on_renders_valid_nginx(tmp_path):
+    keys = render("etc/nginx/herd/gateway-keys.conf.j2", _gateway_keys=KEYS)
+    assert '"Bearer %s" "team-a";' % ("A" * 32) in keys
+    text = render(
+        CONF, _gateway_servers=SERVERS, _gateway_keys=KEYS, gateway_rate_limit=5, gateway_busy_status=429,
+        gateway_tls_enabled=True, gateway_real_ip_from=["10.9.0.0/16"], gateway_block_model_management=False,
+        gateway_allow=["10.0.0.0/8", "fd00::/8"],
+    )
+    assert "return 429 '" in text and "limit_req zone=herd_gateway_rate burst=20 nodelay;" in text
+    assert "listen 443 ssl default_server;" in text and "set_real_ip_from 10.9.0.0/16;" in text
+    assert "    fd00::/8 1;" in text
+    # Model management is proxied without non_idempotent: a failed pull is never replayed elsewhere.
+    mgmt = text.split("location ~ ^/api/(pull")[1].split("location / {")[0]
+    assert "proxy_next_upstream error timeout;" in mgmt
+    tls = tmp_path / "etc/nginx/herd/tls"
+    tls.mkdir(parents=True)
+    os.system(f"openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=t -keyout {tls}/gateway.key -out {tls}/gateway.crt"
+              " >/dev/null 2>&1")
+    text = text.replace("/etc/nginx/herd/tls/", str(tls) + "/")
+    result = nginx_test(tmp_path, text, {"/etc/nginx/herd/gateway-keys.conf": keys})
+    assert result.returncode == 0, result.stdout
+
+
+def test_bad_extra_config_fails_nginx(tmp_path):
+    text = render(CONF, _gateway_servers=SERVERS, _gateway_keys=[], gateway_extra_config=["bogus_directive on;"])
+    result = nginx_test(tmp_path, text)
+    assert result.returncode != 0 and 'unknown directive "bogus_directive"' in result.stdout
+
+
+def test_argument_specs_match_defaults():
+    with open(os.path.join(ROLE, "meta", "argument_specs.yml"), encoding="utf-8") as handle:
+        specs = yaml.safe_load(handle)["argument_specs"]
+    defaults = role_defaults()
+    assert set(specs["main"]["options"]) == set(defaults)
+    for entry in ("drain", "undrain"):
+        assert set(specs[entry]["options"]) <= set(defaults)
+    for name, option in specs["main"]["options"].items():
+        assert option.get("description"), name
+
+
+def test_every_knob_is_commented_in_defaults():
+    with open(os.path.join(ROLE, "defaults", "main.yml"), encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    for index, line in enumerate(lines):
+        if re.match(r"^gateway_\w+:", line):
+            assert lines[index - 1].startswith("# "), line
