@@ -202,7 +202,7 @@ def write_models(outdir, names=None):
     changed = 0
     for name in names or sorted(MODELS):
         if name not in MODELS:
-            raise KeyError("unknown lab model %r (known: %s)" % (name, ", ".join(sorted(MODELS))))
+            raise KeyError("unknown lab model {!r} (known: {})".format(name, ", ".join(sorted(MODELS))))
         manifest, blobs = model_files(name, MODELS[name])
         for digest, data in sorted(blobs.items()):
             changed += _write_if_changed(os.path.join(outdir, "blobs", "sha256-" + digest), data)
@@ -227,9 +227,9 @@ def main(argv=None):
     try:
         changed = write_models(args.outdir, args.model)
     except KeyError as exc:
-        sys.stderr.write("mkmodels: %s\n" % exc.args[0])
+        sys.stderr.write(f"mkmodels: {exc.args[0]}\n")
         return 2
-    print("mkmodels: %d file(s) written under %s" % (changed, args.outdir))
+    print(f"mkmodels: {changed} file(s) written under {args.outdir}")
     return 0
 
 

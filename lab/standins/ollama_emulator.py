@@ -1,0 +1,1512 @@
+#!/usr/bin/env python3
+"""herd LAB STAND-IN: an Ollama API emulator. This is NOT Ollama and runs no model.
+
+herd's lab has no GPU and no Ollama binary, so lab hosts get this single file
+installed as ``bin/ollama`` (see lab/build-ollama-archive.sh) and started by the
+real systemd unit / container command, ``ollama serve``. It speaks Ollama's HTTP
+API with Ollama's JSON shapes and answers with made-up text at a configured
+token rate, so load balancing, admission control, warmup and rolling re-deploys
+are exercised for real. Python standard library only; asyncio; one process.
+
+Environment honoured (same meaning as Ollama's):
+  OLLAMA_HOST               bind address, parsed like envconfig.Host()
+  OLLAMA_MODELS             model store in Ollama's on-disk layout
+  OLLAMA_NUM_PARALLEL       slots per loaded model (default 1)
+  OLLAMA_MAX_QUEUE          scheduler pending queue length (default 512)
+  OLLAMA_KEEP_ALIVE         default keep-alive (default 5m; negative = forever; 0 = unload when idle)
+  OLLAMA_MAX_LOADED_MODELS  loaded models before eviction (0 = automatic: 3 per GPU, 1 on CPU)
+  CUDA_VISIBLE_DEVICES      simulated GPUs owned, by index or GPU-UUID ("-1" or "" = none, CPU)
+Lab-only environment:
+  HERD_LAB_GPU_SPEC              GPU spec file (default /etc/herd-lab/gpus.json); missing = CPU only
+  HERD_LAB_REGISTRY              directory or http(s) URL holding models in the on-disk layout, for /api/pull
+  HERD_EMU_TOKENS_PER_SECOND     override every model's per-slot generation rate
+  HERD_EMU_PROMPT_TOKENS_PER_SECOND  override every model's prompt-eval rate
+  HERD_EMU_LOAD_SECONDS          override every model's load time
+  HERD_EMU_RESPONSE_TOKENS       answer length when the request sets no num_predict (default 48)
+  HERD_EMU_CPU_FACTOR            rate multiplier when no simulated GPU is visible (default 0.15)
+  HERD_EMU_ACCESS_LOG            "0" turns off the per-request log line
+
+Where this differs from Ollama is written next to the code (look for "DIFFERS").
+"""
+
+import asyncio
+import contextlib
+import datetime
+import email.utils
+import hashlib
+import http
+import json
+import math
+import os
+import re
+import signal
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+VERSION = "0.12.6-herd-emulator"
+BANNER = (
+    f"herd LAB STAND-IN: this is herd's Ollama API emulator ({VERSION}), NOT Ollama. "
+    "It runs no model and answers with made-up text at simulated GPU speed."
+)
+
+REGISTRY_HOST = "registry.ollama.ai"
+DEFAULT_NAMESPACE = "library"
+FOREVER = math.inf
+GIB = 1024**3
+MIB = 1024**2
+
+# Texts taken from ollama/ollama server/sched.go and server/routes.go.
+ERR_MAX_QUEUE = "server busy, please try again.  maximum pending requests exceeded"
+WORDS = (
+    "The herd lab emulator streams this answer at the token rate of a simulated GPU so that "
+    "gateways queues and rolling deploys can be tested without a real model or accelerator"
+).split()
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def clean_env(value):
+    """envconfig.Var(): trim spaces and surrounding quotes."""
+    return (value or "").strip().strip("\"'").strip()
+
+
+def parse_ollama_host(value):
+    """Parse OLLAMA_HOST like Ollama's envconfig.Host(); return (scheme, host, port).
+
+    host "" means every address (Go's net.Listen(":PORT")).
+    """
+    text = clean_env(value)
+    default_port = 11434
+    scheme, sep, hostport = text.partition("://")
+    if not sep:
+        scheme, hostport = "http", text
+    elif scheme == "http":
+        default_port = 80
+    elif scheme == "https":
+        default_port = 443
+    hostport = hostport.split("/", 1)[0]
+    host, port = _split_host_port(hostport)
+    if host is None:
+        host, port = "127.0.0.1", str(default_port)
+        bare = hostport.strip("[]")
+        if _is_ip(bare):
+            host = bare
+        elif hostport:
+            host = hostport
+    try:
+        port_num = int(port)
+        if not 0 <= port_num <= 65535:
+            raise ValueError(port)
+    except ValueError:
+        port_num = default_port
+    return scheme, host, port_num
+
+
+def _split_host_port(hostport):
+    """Go's net.SplitHostPort: (host, port) or (None, None) when there is no port."""
+    if hostport.startswith("["):
+        end = hostport.find("]")
+        if end < 0 or not hostport[end + 1 :].startswith(":"):
+            return None, None
+        return hostport[1:end], hostport[end + 2 :]
+    if hostport.count(":") != 1:
+        return None, None
+    host, port = hostport.split(":")
+    return host, port
+
+
+def _is_ip(text):
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+
+
+def parse_go_duration(text):
+    """Go's time.ParseDuration, in seconds. Raises ValueError with Go's message."""
+    orig = text
+    sign = 1.0
+    if text[:1] in "+-":
+        sign = -1.0 if text[0] == "-" else 1.0
+        text = text[1:]
+    if text == "0":
+        return 0.0
+    if not text:
+        raise ValueError(f'time: invalid duration "{orig}"')
+    total, pos = 0.0, 0
+    while pos < len(text):
+        match = _DURATION_PART.match(text, pos)
+        if not match:
+            if re.match(r"(\d+(?:\.\d*)?|\.\d+)$", text[pos:]):
+                raise ValueError(f'time: missing unit in duration "{orig}"')
+            raise ValueError(f'time: invalid duration "{orig}"')
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    return sign * total
+
+
+def parse_keep_alive_env(value, default=300.0):
+    """OLLAMA_KEEP_ALIVE: integer seconds or Go duration; negative = forever; bad = default."""
+    text = clean_env(value)
+    if not text:
+        return default
+    try:
+        seconds = float(int(text))
+    except ValueError:
+        try:
+            seconds = parse_go_duration(text)
+        except ValueError:
+            return default
+    return FOREVER if seconds < 0 else seconds
+
+
+def parse_keep_alive_request(value):
+    """api.Duration from a request: number = seconds, string = Go duration; negative = forever."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError("json: cannot unmarshal bool into Go value of type api.Duration")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        seconds = parse_go_duration(value)
+    else:
+        raise ValueError(f"Unsupported type: '{type(value).__name__}'")
+    return FOREVER if seconds < 0 else seconds
+
+
+def env_int(environ, key, default, minimum=None):
+    text = clean_env(environ.get(key))
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        log("WARN", "invalid setting, ignoring", **{key: text})
+        return default
+    if minimum is not None and value < minimum:
+        log("WARN", "invalid setting, ignoring", **{key: text})
+        return default
+    return value
+
+
+def env_float(environ, key):
+    text = clean_env(environ.get(key))
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        log("WARN", "invalid setting, ignoring", **{key: text})
+        return None
+
+
+def load_gpu_spec(path):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return None
+
+
+def visible_gpus(spec, cuda_visible_devices):
+    """GPUs of the spec this instance owns, in CUDA_VISIBLE_DEVICES order.
+
+    None (unset) = all GPUs; "" or "-1" = none. Entries are indices or GPU-UUIDs;
+    like CUDA, listing stops at the first entry that matches no device.
+    """
+    if spec is None or spec.get("state", "ok") != "ok":
+        return []
+    gpus = sorted(spec.get("gpus", []), key=lambda gpu: gpu["index"])
+    if cuda_visible_devices is None:
+        return gpus
+    chosen = []
+    for ident in clean_env(cuda_visible_devices).split(","):
+        ident = ident.strip()
+        if not ident:
+            break
+        match = [gpu for gpu in gpus if str(gpu["index"]) == ident or gpu.get("uuid") == ident]
+        if not match or match[0] in chosen:
+            break
+        chosen.append(match[0])
+    return chosen
+
+
+class Settings:
+    def __init__(self, environ=None):
+        env = os.environ if environ is None else environ
+        self.scheme, self.host, self.port = parse_ollama_host(env.get("OLLAMA_HOST", ""))
+        models = env.get("OLLAMA_MODELS")
+        self.models_dir = clean_env(models) if models else os.path.join(os.path.expanduser("~"), ".ollama", "models")
+        # Ollama's default since 0.x: 1 slot per model. 0 also means default here.
+        self.num_parallel = env_int(env, "OLLAMA_NUM_PARALLEL", 1) or 1
+        self.max_queue = env_int(env, "OLLAMA_MAX_QUEUE", 512, minimum=1)
+        self.keep_alive = parse_keep_alive_env(env.get("OLLAMA_KEEP_ALIVE"))
+        self.max_loaded = env_int(env, "OLLAMA_MAX_LOADED_MODELS", 0, minimum=0)
+        self.gpu_spec_path = clean_env(env.get("HERD_LAB_GPU_SPEC")) or "/etc/herd-lab/gpus.json"
+        self.cuda_visible_devices = env.get("CUDA_VISIBLE_DEVICES")
+        self.registry = clean_env(env.get("HERD_LAB_REGISTRY"))
+        self.tokens_per_second = env_float(env, "HERD_EMU_TOKENS_PER_SECOND")
+        self.prompt_tokens_per_second = env_float(env, "HERD_EMU_PROMPT_TOKENS_PER_SECOND")
+        self.load_seconds = env_float(env, "HERD_EMU_LOAD_SECONDS")
+        self.response_tokens = env_int(env, "HERD_EMU_RESPONSE_TOKENS", 48, minimum=1)
+        self.cpu_factor = env_float(env, "HERD_EMU_CPU_FACTOR") or 0.15
+        self.access_log = clean_env(env.get("HERD_EMU_ACCESS_LOG")) != "0"
+
+    @property
+    def listen_address(self):
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+# --------------------------------------------------------------------------- logging and time
+
+
+def log(level, msg, **attrs):
+    parts = ["time={}".format(datetime.datetime.now().astimezone().isoformat(timespec="milliseconds")),
+             f"level={level}", "source=herd-emulator", f"msg={json.dumps(msg)}"]
+    parts += [f"{key}={json.dumps(value) if isinstance(value, str) else value}" for key, value in attrs.items()]
+    sys.stderr.write(" ".join(parts) + "\n")
+    sys.stderr.flush()
+
+
+_ts_cache = [0, ""]
+
+
+def go_time(epoch=None):
+    """UTC time as Go's JSON encoding writes it (RFC 3339 with fraction, Z)."""
+    epoch = time.time() if epoch is None else epoch
+    sec = int(epoch)
+    if _ts_cache[0] != sec:
+        _ts_cache[0] = sec
+        _ts_cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    frac = ("%.9f" % (epoch - sec))[2:].rstrip("0")
+    return _ts_cache[1] + ("." + frac if frac else "") + "Z"
+
+
+def go_time_far(seconds_from_now):
+    """expires_at for a keep-alive; 'forever' is Ollama's now + MaxInt64 ns (about 292 years)."""
+    if seconds_from_now == FOREVER:
+        seconds_from_now = (2**63 - 1) / 1e9
+    when = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds_from_now)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%f").rstrip("0").rstrip(".") + "Z"
+
+
+def human_gib(num_bytes):
+    return "%.1f GiB" % (num_bytes / GIB)
+
+
+# --------------------------------------------------------------------------- model store
+
+
+class ModelError(Exception):
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def parse_model_name(name):
+    """'herd-tiny:1b' -> (host, namespace, model, tag) with Ollama's defaults; None when invalid."""
+    name = (name or "").strip()
+    if not name:
+        return None
+    rest, tag = name, "latest"
+    last = name.rsplit("/", 1)[-1]
+    if ":" in last:
+        rest, tag = name.rsplit(":", 1)
+    parts = rest.split("/")
+    if len(parts) == 1:
+        host, namespace, model = REGISTRY_HOST, DEFAULT_NAMESPACE, parts[0]
+    elif len(parts) == 2:
+        host, namespace, model = REGISTRY_HOST, parts[0], parts[1]
+    elif len(parts) == 3:
+        host, namespace, model = parts
+    else:
+        return None
+    if not all(re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", part) for part in (namespace, model, tag)):
+        return None
+    return host, namespace, model, tag
+
+
+def display_name(parsed):
+    host, namespace, model, tag = parsed
+    if host == REGISTRY_HOST and namespace == DEFAULT_NAMESPACE:
+        return f"{model}:{tag}"
+    if host == REGISTRY_HOST:
+        return f"{namespace}/{model}:{tag}"
+    return f"{host}/{namespace}/{model}:{tag}"
+
+
+class ModelInfo:
+    """One model in the store: manifest, config and the emulator's timing metadata."""
+
+    def __init__(self, name, manifest_path, manifest_bytes, config, settings):
+        self.name = name
+        self.manifest_path = manifest_path
+        self.manifest = json.loads(manifest_bytes)
+        self.digest = hashlib.sha256(manifest_bytes).hexdigest()
+        self.config = config
+        self.modified = os.stat(manifest_path).st_mtime
+        layers = self.manifest.get("layers", [])
+        self.size = sum(layer.get("size", 0) for layer in layers) + self.manifest.get("config", {}).get("size", 0)
+        lab = config.get("herd_lab") or {}
+        model_bytes = sum(layer.get("size", 0) for layer in layers if layer.get("mediaType", "").endswith(".model"))
+        # A model without herd_lab metadata (a real GGUF copied in) is treated as needing 1.2x its file size.
+        self.vram_mib = int(lab.get("vram_mib") or max(1, model_bytes * 1.2 // MIB))
+        self.load_seconds = settings.load_seconds if settings.load_seconds is not None else float(
+            lab.get("load_seconds", 1.0))
+        self.tokens_per_second = settings.tokens_per_second or float(lab.get("tokens_per_second", 30.0))
+        self.prompt_tokens_per_second = settings.prompt_tokens_per_second or float(
+            lab.get("prompt_tokens_per_second", 1000.0))
+        self.busy_slowdown = float(lab.get("busy_slowdown", 0.8))
+        self.context_length = int(lab.get("context_length", 4096))
+        self.parameter_count = int(lab.get("parameter_count", 0))
+
+    @property
+    def key(self):
+        return self.manifest_path
+
+    def details(self):
+        family = self.config.get("model_family", "")
+        return {
+            "parent_model": "",
+            "format": self.config.get("model_format", "gguf"),
+            "family": family,
+            "families": self.config.get("model_families") or ([family] if family else None),
+            "parameter_size": self.config.get("model_type", ""),
+            "quantization_level": self.config.get("file_type", ""),
+        }
+
+
+class ModelStore:
+    def __init__(self, settings):
+        self.settings = settings
+        self.root = settings.models_dir
+
+    def manifest_path(self, parsed):
+        return os.path.join(self.root, "manifests", *parsed)
+
+    def blob_path(self, digest):
+        return os.path.join(self.root, "blobs", digest.replace(":", "-"))
+
+    def resolve(self, name):
+        """ModelInfo for a name, or None when the store does not hold it."""
+        parsed = parse_model_name(name)
+        if parsed is None:
+            return None
+        path = self.manifest_path(parsed)
+        try:
+            with open(path, "rb") as handle:
+                manifest_bytes = handle.read()
+            manifest = json.loads(manifest_bytes)
+            with open(self.blob_path(manifest["config"]["digest"]), "rb") as handle:
+                config = json.load(handle)
+        except (OSError, ValueError, KeyError):
+            return None
+        return ModelInfo(display_name(parsed), path, manifest_bytes, config, self.settings)
+
+    def list(self):
+        base = os.path.join(self.root, "manifests")
+        found = []
+        for dirpath, _dirs, files in os.walk(base):
+            for tag in files:
+                rel = os.path.relpath(os.path.join(dirpath, tag), base).split(os.sep)
+                if len(rel) != 4:
+                    continue
+                info = self.resolve(display_name(tuple(rel)))
+                if info is not None:
+                    found.append(info)
+        return sorted(found, key=lambda info: info.modified, reverse=True)
+
+    def referenced_digests(self):
+        refs = set()
+        for info in self.list():
+            refs.add(info.manifest["config"]["digest"])
+            refs.update(layer["digest"] for layer in info.manifest.get("layers", []))
+        return refs
+
+    def delete(self, name):
+        info = self.resolve(name)
+        if info is None:
+            return False
+        os.remove(info.manifest_path)
+        keep = self.referenced_digests()
+        for digest in [info.manifest["config"]["digest"]] + [layer["digest"] for layer in info.manifest["layers"]]:
+            if digest not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.blob_path(digest))
+        return True
+
+
+# --------------------------------------------------------------------------- scheduler
+
+
+class Runner:
+    """A loaded (or loading) model with NUM_PARALLEL slots, like server/sched.go's runnerRef."""
+
+    def __init__(self, model, settings, gpus, session):
+        self.model = model
+        self.gpus = gpus
+        self.num_parallel = settings.num_parallel
+        self.slots = asyncio.Semaphore(self.num_parallel)
+        self.active = 0
+        self.peak_active = 0
+        self.ref_count = 1
+        self.loading = True
+        self.ready = asyncio.Event()
+        self.gone = asyncio.Event()
+        self.load_error = None
+        self.session = session
+        self.expire_handle = None
+        self.expires_at = time.time() + (session if session != FOREVER else 0)
+        self.expires_in = session
+        self.last_used = time.monotonic()
+        self.size = model.vram_mib * MIB
+        self.size_vram = self.size if gpus else 0
+        self.rate_factor = 1.0 if gpus else settings.cpu_factor
+
+    def token_rate(self):
+        """Per-slot tokens/s now: full speed alone, busy_slowdown x when every slot generates."""
+        rate = self.model.tokens_per_second * self.rate_factor
+        if self.num_parallel > 1 and self.active > 1:
+            busy = (self.active - 1) / (self.num_parallel - 1)
+            rate *= 1.0 - (1.0 - self.model.busy_slowdown) * busy
+        return rate
+
+    @contextlib.asynccontextmanager
+    async def slot(self):
+        # DIFFERS: Ollama waits for a slot on the runner's semaphore (llm/server.go) the same way:
+        # unbounded, outside OLLAMA_MAX_QUEUE. Only the scheduler's pending queue is bounded.
+        async with self.slots:
+            self.active += 1
+            self.peak_active = max(self.peak_active, self.active)
+            try:
+                yield
+            finally:
+                self.active -= 1
+                self.last_used = time.monotonic()
+
+
+class Scheduler:
+    """Follows server/sched.go: one pending queue of OLLAMA_MAX_QUEUE, processed one request at a
+    time; a request for a model that is loading blocks the queue until the load ends; eviction
+    (OLLAMA_MAX_LOADED_MODELS or VRAM) waits for the victim to go idle, blocking the queue too."""
+
+    def __init__(self, settings, gpus):
+        self.settings = settings
+        self.gpus = gpus
+        self.pending = asyncio.Queue(maxsize=settings.max_queue)
+        self.loaded = {}
+        self.task = None
+        self.vram_total_mib = sum(int(g["memory_total_mib"]) - int(g.get("memory_used_mib") or 0) for g in gpus)
+
+    def start(self):
+        self.task = asyncio.get_running_loop().create_task(self.process_pending())
+
+    def get_runner(self, model, keep_alive):
+        """Queue a request; returns a future for its Runner. Raises ModelError(503) when the queue is full."""
+        fut = asyncio.get_running_loop().create_future()
+        try:
+            self.pending.put_nowait((model, keep_alive, fut))
+        except asyncio.QueueFull:
+            raise ModelError(503, ERR_MAX_QUEUE) from None
+        return fut
+
+    async def process_pending(self):
+        while True:
+            model, keep_alive, fut = await self.pending.get()
+            if fut.done():  # the client went away while queued
+                continue
+            try:
+                await self.schedule(model, keep_alive, fut)
+            except ModelError as exc:
+                if not fut.done():
+                    fut.set_exception(exc)
+            except Exception as exc:  # keep the scheduler alive whatever happens
+                log("ERROR", "scheduler error", error=repr(exc))
+                if not fut.done():
+                    fut.set_exception(ModelError(500, str(exc)))
+
+    def max_loaded(self):
+        if self.settings.max_loaded > 0:
+            return self.settings.max_loaded
+        return 3 * len(self.gpus) if self.gpus else 1
+
+    async def schedule(self, model, keep_alive, fut):
+        while True:
+            runner = self.loaded.get(model.key)
+            if runner is not None:
+                if runner.loading:
+                    await runner.ready.wait()
+                if runner.gone.is_set() or runner.load_error:
+                    continue
+                if fut.done():
+                    return
+                runner.ref_count += 1
+                self._cancel_expiry(runner)
+                if keep_alive is not None:
+                    runner.session = keep_alive
+                fut.set_result(runner)
+                return
+            if len(self.loaded) >= self.max_loaded():
+                log("DEBUG", "max runners achieved, unloading one to make room", runner_count=len(self.loaded))
+                await self.expire_and_wait(self.pick_victim())
+                continue
+            if self.gpus:
+                if model.vram_mib > self.vram_total_mib:
+                    # DIFFERS: Ollama would offload part of the model to CPU and fail only when system
+                    # RAM is short too; the lab models a GPU-only host and refuses with Ollama's message.
+                    raise ModelError(500, f"model requires more system memory ({human_gib(model.vram_mib * MIB)}) than is available ({human_gib(self.vram_total_mib * MIB)})")
+                used = sum(r.model.vram_mib for r in self.loaded.values())
+                if self.loaded and model.vram_mib > self.vram_total_mib - used:
+                    await self.expire_and_wait(self.pick_victim())
+                    continue
+            if fut.done():
+                return
+            self.load(model, keep_alive, fut)
+            return
+
+    def load(self, model, keep_alive, fut):
+        session = self.settings.keep_alive if keep_alive is None else keep_alive
+        runner = Runner(model, self.settings, self.gpus, session)
+        runner.load_started = time.monotonic()
+        self.loaded[model.key] = runner
+        log("INFO", "loading model (simulated)", model=model.name, vram_mib=model.vram_mib,
+            gpus=",".join(g["uuid"] for g in self.gpus) or "cpu", seconds=model.load_seconds)
+        asyncio.get_running_loop().create_task(self._finish_load(runner, fut))
+
+    async def _finish_load(self, runner, fut):
+        await asyncio.sleep(runner.model.load_seconds)
+        runner.loading = False
+        runner.load_duration = time.monotonic() - runner.load_started
+        runner.ready.set()
+        runner.expires_at = time.time() + (runner.session if runner.session != FOREVER else 0)
+        log("INFO", "model loaded (simulated)", model=runner.model.name)
+        if fut.done():
+            self.finished(runner)
+        else:
+            fut.set_result(runner)
+
+    def pick_victim(self):
+        """findRunnerToUnload: an idle runner first, else the least recently used."""
+        runners = sorted(self.loaded.values(), key=lambda r: (r.ref_count > 0, r.last_used))
+        return runners[0]
+
+    async def expire_and_wait(self, runner):
+        runner.session = 0
+        self._cancel_expiry(runner)
+        if runner.loading:
+            await runner.ready.wait()
+        if runner.ref_count <= 0:
+            self.unload(runner)
+        await runner.gone.wait()
+
+    def expire(self, model):
+        """expireRunner: unload as soon as idle (keep_alive 0 with an empty prompt)."""
+        runner = self.loaded.get(model.key)
+        if runner is None:
+            return
+        runner.session = 0
+        self._cancel_expiry(runner)
+        if runner.ref_count <= 0 and not runner.loading:
+            self.unload(runner)
+
+    def finished(self, runner):
+        """A request let go of the runner (its context ended)."""
+        runner.ref_count -= 1
+        runner.last_used = time.monotonic()
+        if runner.ref_count > 0 or runner.gone.is_set():
+            return
+        if runner.session <= 0:
+            self.unload(runner)
+            return
+        self._cancel_expiry(runner)
+        if runner.session != FOREVER:
+            runner.expire_handle = asyncio.get_running_loop().call_later(runner.session, self._expired, runner)
+            runner.expires_at = time.time() + runner.session
+        else:
+            runner.expires_at = time.time() + (2**63 - 1) / 1e9
+
+    def _expired(self, runner):
+        runner.expire_handle = None
+        if runner.ref_count <= 0:
+            self.unload(runner)
+
+    def _cancel_expiry(self, runner):
+        if runner.expire_handle is not None:
+            runner.expire_handle.cancel()
+            runner.expire_handle = None
+
+    def unload(self, runner):
+        self._cancel_expiry(runner)
+        if self.loaded.get(runner.model.key) is runner:
+            del self.loaded[runner.model.key]
+        if not runner.gone.is_set():
+            runner.gone.set()
+            log("INFO", "model unloaded (simulated)", model=runner.model.name)
+
+    def ps(self):
+        models = []
+        for runner in self.loaded.values():
+            if runner.session == FOREVER:
+                expires = go_time_far(FOREVER)
+            elif runner.ref_count > 0 or runner.loading:
+                expires = go_time_far(runner.session)
+            else:
+                expires = go_time_far(max(0.0, runner.expires_at - time.time()))
+            models.append({
+                "name": runner.model.name,
+                "model": runner.model.name,
+                "size": runner.size,
+                "digest": runner.model.digest,
+                "details": runner.model.details(),
+                "expires_at": expires,
+                "size_vram": runner.size_vram,
+                "context_length": runner.model.context_length,
+            })
+        return models
+
+
+# --------------------------------------------------------------------------- HTTP plumbing
+
+
+class Request:
+    def __init__(self, method, target, version, headers, body):
+        self.method = method
+        parts = urllib.parse.urlsplit(target)
+        self.path = parts.path
+        self.query = parts.query
+        self.version = version
+        self.headers = headers
+        self.body = body
+
+    @property
+    def keep_alive(self):
+        conn = self.headers.get("connection", "").lower()
+        if self.version == "HTTP/1.0":
+            return "keep-alive" in conn
+        return "close" not in conn
+
+
+class BadRequest(Exception):
+    pass
+
+
+class Connection:
+    """One client connection: HTTP/1.1 with keep-alive; chunked responses for streams."""
+
+    def __init__(self, reader, writer):
+        self.reader = reader
+        self.writer = writer
+        self.buf = bytearray()
+        self.eof = False
+
+    async def _fill(self):
+        data = await self.reader.read(65536)
+        if not data:
+            self.eof = True
+            return False
+        self.buf += data
+        return True
+
+    async def read_request(self):
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            if len(self.buf) > 65536:
+                raise BadRequest("header too large")
+            if self.eof or not await self._fill():
+                return None
+        head = bytes(self.buf[:end]).decode("latin-1")
+        del self.buf[: end + 4]
+        lines = head.split("\r\n")
+        try:
+            method, target, version = lines[0].split(" ")
+        except ValueError:
+            raise BadRequest("bad request line") from None
+        headers = {}
+        for line in lines[1:]:
+            key, _, value = line.partition(":")
+            headers[key.strip().lower()] = value.strip()
+        body = b""
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            body = await self._read_chunked()
+        elif headers.get("content-length"):
+            try:
+                length = int(headers["content-length"])
+            except ValueError:
+                raise BadRequest("bad content-length") from None
+            if length > 64 * MIB:
+                raise BadRequest("body too large")
+            while len(self.buf) < length:
+                if not await self._fill():
+                    return None
+            body = bytes(self.buf[:length])
+            del self.buf[:length]
+        return Request(method, target, version, headers, body)
+
+    async def _read_chunked(self):
+        body = bytearray()
+        while True:
+            while b"\r\n" not in self.buf:
+                if not await self._fill():
+                    raise BadRequest("truncated chunk")
+            line, _, _rest = bytes(self.buf).partition(b"\r\n")
+            del self.buf[: len(line) + 2]
+            size = int(line.split(b";")[0], 16)
+            while len(self.buf) < size + 2:
+                if not await self._fill():
+                    raise BadRequest("truncated chunk")
+            body += self.buf[:size]
+            del self.buf[: size + 2]
+            if size == 0:
+                return bytes(body)
+
+    async def watch_disconnect(self, task):
+        """While a request is handled, a client that closes its side cancels the handler."""
+        try:
+            while await self._fill():
+                pass
+        except (ConnectionError, OSError):
+            pass
+        task.cancel()
+
+
+_date_cache = [0, ""]
+
+
+def http_date():
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = email.utils.formatdate(now, usegmt=True)
+    return _date_cache[1]
+
+
+class Response:
+    def __init__(self, writer, request):
+        self.writer = writer
+        self.head_only = request.method == "HEAD"
+        self.keep_alive = request.keep_alive
+        self.status = 0
+        self.streaming = False
+        self.started = False
+
+    def _head(self, status, headers):
+        self.status = status
+        phrase = http.HTTPStatus(status).phrase if status != 499 else "Client Closed Request"
+        lines = [f"HTTP/1.1 {status} {phrase}"]
+        lines += ["{}: {}".format(*item) for item in headers]
+        lines.append("Date: " + http_date())
+        if not self.keep_alive:
+            lines.append("Connection: close")
+        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        self.started = True
+
+    def send(self, status, body, content_type="application/json; charset=utf-8"):
+        if isinstance(body, str):
+            body = body.encode()
+        self._head(status, [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+        if not self.head_only:
+            self.writer.write(body)
+
+    def json(self, status, obj):
+        self.send(status, json.dumps(obj, separators=(",", ":")))
+
+    def error(self, status, message):
+        self.json(status, {"error": message})
+
+    def start_stream(self, content_type, status=200):
+        self._head(status, [("Content-Type", content_type), ("Transfer-Encoding", "chunked")])
+        self.streaming = True
+
+    def chunk(self, data):
+        if isinstance(data, str):
+            data = data.encode()
+        if data:
+            self.writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def end_stream(self):
+        self.writer.write(b"0\r\n\r\n")
+
+    async def drain(self):
+        if self.writer.transport.is_closing():
+            raise ConnectionResetError("client closed")
+        await self.writer.drain()
+
+
+# --------------------------------------------------------------------------- the server
+
+
+def _ns(seconds):
+    return int(seconds * 1e9)
+
+
+def estimate_tokens(text):
+    return max(1, (len(text) + 3) // 4)
+
+
+class Emulator:
+    def __init__(self, settings):
+        self.settings = settings
+        self.spec = load_gpu_spec(settings.gpu_spec_path)
+        self.gpus = visible_gpus(self.spec, settings.cuda_visible_devices)
+        self.store = ModelStore(settings)
+        self.sched = None
+        self.server = None
+        self.counter = 0
+
+    async def start(self):
+        self.sched = Scheduler(self.settings, self.gpus)
+        self.sched.start()
+        host = self.settings.host or None
+        self.server = await asyncio.start_server(self.handle_client, host=host, port=self.settings.port,
+                                                 reuse_address=True, backlog=1024, limit=65536)
+        return self.server
+
+    # -- connection loop
+    async def handle_client(self, reader, writer):
+        conn = Connection(reader, writer)
+        peer = writer.get_extra_info("peername")
+        peer = peer[0] if peer else "-"
+        try:
+            while True:
+                try:
+                    request = await conn.read_request()
+                except BadRequest as exc:
+                    writer.write(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                                 % (len(str(exc)), str(exc).encode()))
+                    break
+                if request is None:
+                    break
+                response = Response(writer, request)
+                started = time.monotonic()
+                task = asyncio.current_task()
+                watcher = asyncio.get_running_loop().create_task(conn.watch_disconnect(task))
+                try:
+                    await self.dispatch(request, response)
+                except asyncio.CancelledError:
+                    if not conn.eof:
+                        raise
+                    response.status = response.status or 499
+                    self.access_log(response.status, started, peer, request)
+                    break
+                except (ConnectionError, OSError):
+                    break
+                finally:
+                    watcher.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watcher
+                if response.streaming:
+                    response.end_stream()
+                self.access_log(response.status, started, peer, request)
+                await writer.drain()
+                if not response.keep_alive or conn.eof:
+                    break
+        except (ConnectionError, OSError, asyncio.CancelledError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    def access_log(self, status, started, peer, request):
+        if self.settings.access_log:
+            took = f"{(time.monotonic() - started) * 1000:.3f}ms"
+            stamp = time.strftime("%Y/%m/%d - %H:%M:%S")
+            sys.stderr.write(f'[GIN] {stamp} | {status:3d} | {took:>13} | {peer:>15} | {request.method:<7} "{request.path}"\n')
+
+    async def dispatch(self, req, resp):
+        method = "GET" if req.method == "HEAD" else req.method
+        routes = {
+            ("GET", "/"): self.root,
+            ("GET", "/api/version"): self.version,
+            ("GET", "/api/tags"): self.tags,
+            ("GET", "/api/ps"): self.ps,
+            ("POST", "/api/show"): self.show,
+            ("POST", "/api/generate"): self.generate,
+            ("POST", "/api/chat"): self.chat,
+            ("POST", "/api/pull"): self.pull,
+            ("DELETE", "/api/delete"): self.delete,
+            ("POST", "/v1/chat/completions"): self.openai_chat,
+            ("GET", "/v1/models"): self.openai_models,
+        }
+        handler = routes.get((method, req.path.rstrip("/") or "/"))
+        if handler is None:
+            resp.send(404, "404 page not found", "text/plain")
+            return
+        await handler(req, resp)
+
+    def body_json(self, req, resp):
+        if not req.body:
+            resp.error(400, "missing request body")
+            return None
+        try:
+            data = json.loads(req.body)
+        except ValueError as exc:
+            resp.error(400, f"invalid character in JSON body: {exc}")
+            return None
+        if not isinstance(data, dict):
+            resp.error(400, "json: cannot unmarshal into Go value of type api.Request")
+            return None
+        return data
+
+    # -- simple endpoints
+    async def root(self, req, resp):
+        resp.send(200, "Ollama is running", "text/plain; charset=utf-8")
+
+    async def version(self, req, resp):
+        resp.json(200, {"version": VERSION})
+
+    async def tags(self, req, resp):
+        models = [{
+            "name": info.name, "model": info.name, "modified_at": go_time(info.modified),
+            "size": info.size, "digest": info.digest, "details": info.details(),
+        } for info in self.store.list()]
+        resp.json(200, {"models": models})
+
+    async def ps(self, req, resp):
+        resp.json(200, {"models": self.sched.ps()})
+
+    async def show(self, req, resp):
+        data = self.body_json(req, resp)
+        if data is None:
+            return
+        name = data.get("model") or data.get("name") or ""
+        info = self.store.resolve(name)
+        if info is None:
+            resp.error(404, f"model '{name}' not found")
+            return
+        template = self._read_layer(info, ".template")
+        params = self._read_layer(info, ".params")
+        arch = info.config.get("model_family", "llama")
+        resp.json(200, {
+            "license": self._read_layer(info, ".license"),
+            "modelfile": "# Modelfile generated by \"ollama show\" (herd emulator)\nFROM {}\nTEMPLATE \"\"\"{}\"\"\"\n".format(self.store.blob_path(self._layer_digest(info, ".model") or ""), template),
+            "parameters": "\n".join(f"{k:<30} {json.dumps(x)}" for k, v in (json.loads(params or "{}")).items()
+                                    for x in (v if isinstance(v, list) else [v])),
+            "template": template,
+            "details": info.details(),
+            "model_info": {
+                "general.architecture": arch,
+                "general.parameter_count": info.parameter_count,
+                "general.file_type": info.config.get("file_type", ""),
+                arch + ".context_length": info.context_length,
+                "herd_lab.vram_mib": info.vram_mib,
+                "herd_lab.tokens_per_second": info.tokens_per_second,
+            },
+            "capabilities": ["completion"],
+            "modified_at": go_time(info.modified),
+        })
+
+    def _layer_digest(self, info, suffix):
+        for layer in info.manifest.get("layers", []):
+            if layer.get("mediaType", "").endswith(suffix):
+                return layer["digest"]
+        return None
+
+    def _read_layer(self, info, suffix):
+        digest = self._layer_digest(info, suffix)
+        if digest is None:
+            return ""
+        try:
+            with open(self.store.blob_path(digest), encoding="utf-8", errors="replace") as handle:
+                return handle.read()
+        except OSError:
+            return ""
+
+    async def delete(self, req, resp):
+        data = self.body_json(req, resp)
+        if data is None:
+            return
+        name = data.get("model") or data.get("name") or ""
+        if not self.store.delete(name):
+            resp.error(404, f"model '{name}' not found")
+            return
+        resp.send(200, b"", "text/plain")
+
+    # -- inference
+    async def acquire(self, resp, info, keep_alive):
+        """Schedule like Ollama; returns the Runner or None after writing the error response."""
+        try:
+            fut = self.sched.get_runner(info, keep_alive)
+        except ModelError as exc:
+            resp.error(exc.status, exc.message)
+            return None
+        try:
+            return await fut
+        except ModelError as exc:
+            resp.error(exc.status, exc.message)
+            return None
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self.sched.finished(fut.result())
+            else:
+                fut.cancel()
+            raise
+
+    def _common_inference_checks(self, data, resp):
+        """Returns (info, keep_alive, options) or None after writing an error."""
+        name = data.get("model") or ""
+        if not name:
+            resp.error(400, "model is required")
+            return None
+        try:
+            keep_alive = parse_keep_alive_request(data.get("keep_alive"))
+        except ValueError as exc:
+            resp.error(400, str(exc))
+            return None
+        info = self.store.resolve(name)
+        if info is None:
+            # Text of current Ollama's GenerateHandler/ChatHandler (0.3.x said: model "x" not found, try pulling it first).
+            resp.error(404, f"model '{name}' not found")
+            return None
+        options = data.get("options") or {}
+        return info, keep_alive, options
+
+    def _answer_length(self, options, override=None):
+        num_predict = override if override is not None else options.get("num_predict")
+        if isinstance(num_predict, int) and num_predict > 0:
+            return num_predict, True
+        return self.settings.response_tokens, False
+
+    async def _run_tokens(self, runner, prompt_tokens, n_tokens, emit, resp):
+        """Simulate prompt eval then n_tokens at the runner's current rate; emit(i, text) per token."""
+        loop = asyncio.get_running_loop()
+        prompt_seconds = prompt_tokens / runner.model.prompt_tokens_per_second
+        t0 = loop.time()
+        if prompt_seconds > 0:
+            await asyncio.sleep(prompt_seconds)
+        t1 = loop.time()
+        target = t1
+        for i in range(n_tokens):
+            target += 1.0 / runner.token_rate()
+            delay = target - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            word = WORDS[i % len(WORDS)]
+            emit(i, word if i == 0 else " " + word)
+            if i % 16 == 15:
+                await resp.drain()
+        t2 = loop.time()
+        return t1 - t0, t2 - t1
+
+    async def generate(self, req, resp):
+        data = self.body_json(req, resp)
+        if data is None:
+            return
+        checked = self._common_inference_checks(data, resp)
+        if checked is None:
+            return
+        info, keep_alive, options = checked
+        prompt = data.get("prompt") or ""
+        stream = data.get("stream", True) is not False
+        started = time.monotonic()
+        if prompt == "" and keep_alive == 0:
+            self.sched.expire(info)
+            resp.json(200, {"model": data["model"], "created_at": go_time(), "response": "", "done": True,
+                            "done_reason": "unload"})
+            return
+        runner = await self.acquire(resp, info, keep_alive)
+        if runner is None:
+            return
+        try:
+            # Like Ollama: load_duration is the time from arrival until the scheduler handed over a runner.
+            load_duration = time.monotonic() - started
+            if prompt == "":
+                resp.json(200, {"model": data["model"], "created_at": go_time(), "response": "", "done": True,
+                                "done_reason": "load"})
+                return
+            n_tokens, limited = self._answer_length(options)
+            prompt_tokens = estimate_tokens((data.get("system") or "") + prompt) + 8
+            model_name = data["model"]
+            pieces = []
+            if stream:
+                resp.start_stream("application/x-ndjson")
+
+            def emit(_i, text):
+                if stream:
+                    line = f'{{"model":{json.dumps(model_name)},"created_at":"{go_time()}","response":{json.dumps(text)},"done":false}}\n'
+                    resp.chunk(line)
+                else:
+                    pieces.append(text)
+
+            async with runner.slot():
+                prompt_s, eval_s = await self._run_tokens(runner, prompt_tokens, n_tokens, emit, resp)
+            final = {
+                "model": model_name, "created_at": go_time(), "response": "".join(pieces), "done": True,
+                "done_reason": "length" if limited else "stop",
+                "context": list(range(1, min(prompt_tokens + n_tokens, 2048) + 1)),
+                "total_duration": _ns(time.monotonic() - started), "load_duration": _ns(load_duration),
+                "prompt_eval_count": prompt_tokens, "prompt_eval_duration": _ns(prompt_s),
+                "eval_count": n_tokens, "eval_duration": _ns(eval_s),
+            }
+            if stream:
+                resp.chunk(json.dumps(final, separators=(",", ":")) + "\n")
+            else:
+                resp.json(200, final)
+        finally:
+            self.sched.finished(runner)
+
+    def _chat_prompt_tokens(self, messages):
+        return sum(estimate_tokens(str(m.get("content") or "")) + 4 for m in messages if isinstance(m, dict)) + 4
+
+    async def chat(self, req, resp):
+        data = self.body_json(req, resp)
+        if data is None:
+            return
+        checked = self._common_inference_checks(data, resp)
+        if checked is None:
+            return
+        info, keep_alive, options = checked
+        messages = data.get("messages") or []
+        stream = data.get("stream", True) is not False
+        started = time.monotonic()
+        if not messages and keep_alive == 0:
+            self.sched.expire(info)
+            resp.json(200, {"model": data["model"], "created_at": go_time(),
+                            "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "unload"})
+            return
+        runner = await self.acquire(resp, info, keep_alive)
+        if runner is None:
+            return
+        try:
+            load_duration = time.monotonic() - started
+            if not messages:
+                resp.json(200, {"model": data["model"], "created_at": go_time(),
+                                "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"})
+                return
+            n_tokens, limited = self._answer_length(options)
+            prompt_tokens = self._chat_prompt_tokens(messages)
+            model_name = data["model"]
+            pieces = []
+            if stream:
+                resp.start_stream("application/x-ndjson")
+
+            def emit(_i, text):
+                if stream:
+                    resp.chunk(f'{{"model":{json.dumps(model_name)},"created_at":"{go_time()}","message":{{"role":"assistant","content":{json.dumps(text)}}},'
+                               '"done":false}\n')
+                else:
+                    pieces.append(text)
+
+            async with runner.slot():
+                prompt_s, eval_s = await self._run_tokens(runner, prompt_tokens, n_tokens, emit, resp)
+            final = {
+                "model": model_name, "created_at": go_time(),
+                "message": {"role": "assistant", "content": "".join(pieces)}, "done": True,
+                "done_reason": "length" if limited else "stop",
+                "total_duration": _ns(time.monotonic() - started), "load_duration": _ns(load_duration),
+                "prompt_eval_count": prompt_tokens, "prompt_eval_duration": _ns(prompt_s),
+                "eval_count": n_tokens, "eval_duration": _ns(eval_s),
+            }
+            if stream:
+                resp.chunk(json.dumps(final, separators=(",", ":")) + "\n")
+            else:
+                resp.json(200, final)
+        finally:
+            self.sched.finished(runner)
+
+    # -- OpenAI compatibility
+    def openai_error(self, resp, status, message):
+        etype = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+        resp.json(status, {"error": {"message": message, "type": etype, "param": None, "code": None}})
+
+    async def openai_models(self, req, resp):
+        resp.json(200, {"object": "list", "data": [
+            {"id": info.name, "object": "model", "created": int(info.modified), "owned_by": "library"}
+            for info in self.store.list()]})
+
+    async def openai_chat(self, req, resp):
+        try:
+            data = json.loads(req.body or b"")
+            assert isinstance(data, dict)
+        except (ValueError, AssertionError):
+            self.openai_error(resp, 400, "invalid request body")
+            return
+        if not data.get("messages"):
+            self.openai_error(resp, 400, "[] is too short - 'messages'")
+            return
+        name = data.get("model") or ""
+        info = self.store.resolve(name)
+        if info is None:
+            self.openai_error(resp, 404, f"model '{name}' not found")
+            return
+        stream = bool(data.get("stream"))
+        include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+        max_tokens = data.get("max_completion_tokens") or data.get("max_tokens")
+        try:
+            fut = self.sched.get_runner(info, None)
+        except ModelError as exc:
+            self.openai_error(resp, exc.status, exc.message)
+            return
+        try:
+            runner = await fut
+        except ModelError as exc:
+            self.openai_error(resp, exc.status, exc.message)
+            return
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self.sched.finished(fut.result())
+            else:
+                fut.cancel()
+            raise
+        try:
+            self.counter += 1
+            ident = f"chatcmpl-{self.counter % 1000}"
+            created = int(time.time())
+            n_tokens, limited = self._answer_length({}, max_tokens)
+            prompt_tokens = self._chat_prompt_tokens(data["messages"])
+            pieces = []
+            head = (f'{{"id":"{ident}","object":"chat.completion.chunk","created":{created},"model":{json.dumps(name)},'
+                    '"system_fingerprint":"fp_ollama","choices":[')
+            if stream:
+                resp.start_stream("text/event-stream")
+
+            def emit(_i, text):
+                if stream:
+                    resp.chunk(f'data: {head}{{"index":0,"delta":{{"role":"assistant","content":{json.dumps(text)}}},"finish_reason":null}}]}}'
+                               '\n\n')
+                else:
+                    pieces.append(text)
+
+            async with runner.slot():
+                await self._run_tokens(runner, prompt_tokens, n_tokens, emit, resp)
+            finish = "length" if limited else "stop"
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n_tokens,
+                     "total_tokens": prompt_tokens + n_tokens}
+            if stream:
+                resp.chunk(f'data: {head}{{"index":0,"delta":{{"role":"assistant","content":""}},"finish_reason":"{finish}"}}]}}\n\n')
+                if include_usage:
+                    resp.chunk("data: {}\n\n".format(json.dumps({
+                        "id": ident, "object": "chat.completion.chunk", "created": created, "model": name,
+                        "system_fingerprint": "fp_ollama", "choices": [], "usage": usage}, separators=(",", ":"))))
+                resp.chunk("data: [DONE]\n\n")
+            else:
+                resp.json(200, {
+                    "id": ident, "object": "chat.completion", "created": created, "model": name,
+                    "system_fingerprint": "fp_ollama",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
+                                 "finish_reason": finish}],
+                    "usage": usage,
+                })
+        finally:
+            self.sched.finished(runner)
+
+    # -- pull from the lab registry
+    async def pull(self, req, resp):
+        data = self.body_json(req, resp)
+        if data is None:
+            return
+        name = data.get("model") or data.get("name") or ""
+        stream = data.get("stream", True) is not False
+        parsed = parse_model_name(name)
+        events = []
+
+        def send(obj):
+            if stream:
+                resp.chunk(json.dumps(obj, separators=(",", ":")) + "\n")
+            else:
+                events.append(obj)
+
+        if parsed is None:
+            resp.error(400, "invalid model name")
+            return
+        if stream:
+            resp.start_stream("application/x-ndjson")
+        try:
+            await self._pull(parsed, send, resp)
+        except ModelError as exc:
+            if stream:
+                send({"error": exc.message})
+            else:
+                resp.error(exc.status, exc.message)
+            return
+        if not stream:
+            resp.json(200, events[-1])
+
+    def _registry_read(self, rel):
+        """Bytes of a file of the lab registry (directory or http URL)."""
+        reg = self.settings.registry
+        if not reg:
+            raise ModelError(500, "pull model manifest: no lab registry configured (HERD_LAB_REGISTRY is empty)")
+        if reg.startswith(("http://", "https://")):
+            url = reg.rstrip("/") + "/" + urllib.parse.quote(rel)
+            try:
+                with urllib.request.urlopen(url, timeout=30) as handle:
+                    return handle.read()
+            except urllib.error.HTTPError as exc:
+                if exc.code == 404:
+                    raise FileNotFoundError(rel) from None
+                raise
+        with open(os.path.join(reg, rel), "rb") as handle:
+            return handle.read()
+
+    async def _pull(self, parsed, send, resp):
+        send({"status": "pulling manifest"})
+        rel_manifest = "/".join(("manifests",) + tuple(parsed))
+        try:
+            manifest_bytes = await asyncio.to_thread(self._registry_read, rel_manifest)
+            manifest = json.loads(manifest_bytes)
+            layers = list(manifest["layers"]) + [manifest["config"]]
+            for layer in layers:
+                layer["digest"], layer["size"]  # noqa: B018 - validate the manifest before pulling
+        except FileNotFoundError:
+            raise ModelError(500, "pull model manifest: file does not exist") from None
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(500, f"pull model manifest: {exc}") from None
+        for layer in layers:
+            digest, size = layer["digest"], int(layer["size"])
+            target = self.store.blob_path(digest)
+            status = "pulling {}".format(digest.split(":", 1)[-1][:12])
+            if os.path.exists(target) and _file_sha256(target) == digest:
+                send({"status": status, "digest": digest, "total": size, "completed": size})
+                continue
+            send({"status": status, "digest": digest, "total": size})
+            try:
+                data = await asyncio.to_thread(self._registry_read, "blobs/" + digest.replace(":", "-"))
+            except (OSError, urllib.error.URLError) as exc:
+                raise ModelError(500, f"pull model blob {digest}: {exc}") from None
+            step = 256 * 1024
+            for done in range(step, len(data) + step, step):
+                send({"status": status, "digest": digest, "total": size, "completed": min(done, len(data))})
+            await resp.drain()
+            got = "sha256:" + hashlib.sha256(data).hexdigest()
+            if got != digest:
+                raise ModelError(500, f"digest mismatch, file must be downloaded again: want {digest}, got {got}")
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = target + "-partial"
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, target)
+        send({"status": "verifying sha256 digest"})
+        for layer in layers:
+            if _file_sha256(self.store.blob_path(layer["digest"])) != layer["digest"]:
+                raise ModelError(500, "digest mismatch, file must be downloaded again: want {}".format(layer["digest"]))
+        send({"status": "writing manifest"})
+        path = self.store.manifest_path(parsed)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "wb") as handle:
+            handle.write(manifest_bytes)
+        os.replace(path + ".tmp", path)
+        send({"status": "success"})
+
+
+def _file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- command line
+
+
+async def serve(settings):
+    emulator = Emulator(settings)
+    log("WARN", BANNER)
+    server = await emulator.start()
+    gpus = emulator.gpus
+    if gpus:
+        for gpu in gpus:
+            log("INFO", "inference compute (simulated)", id=gpu["uuid"], library="cuda", name=gpu["name"],
+                total="%.1f GiB" % (int(gpu["memory_total_mib"]) / 1024))
+    else:
+        log("INFO", "no compatible GPUs were discovered (simulated); running on CPU",
+            spec=settings.gpu_spec_path, CUDA_VISIBLE_DEVICES=settings.cuda_visible_devices or "")
+    log("INFO", f"Listening on {settings.listen_address} (version {VERSION})",
+        OLLAMA_NUM_PARALLEL=settings.num_parallel, OLLAMA_MAX_QUEUE=settings.max_queue,
+        OLLAMA_MODELS=settings.models_dir)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log("INFO", "shutting down")
+    server.close()
+    return 0
+
+
+def _client_base(settings):
+    host = settings.host
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{settings.scheme}://{host}:{settings.port}"
+
+
+def _client_get(path):
+    with urllib.request.urlopen(_client_base(Settings()) + path, timeout=10) as handle:
+        return json.load(handle)
+
+
+def _human_size(num):
+    for unit in ("B", "KB", "MB", "GB"):
+        if num < 1000 or unit == "GB":
+            return f"{num} {unit}" if unit == "B" else f"{num:.1f} {unit}"
+        num /= 1000.0
+    return str(num)
+
+
+def cli_list():
+    rows = [("NAME", "ID", "SIZE", "MODIFIED")]
+    for model in _client_get("/api/tags")["models"]:
+        rows.append((model["name"], model["digest"][:12], _human_size(model["size"]), model["modified_at"][:19]))
+    _print_table(rows)
+
+
+def cli_ps():
+    rows = [("NAME", "ID", "SIZE", "PROCESSOR", "UNTIL")]
+    for model in _client_get("/api/ps")["models"]:
+        proc = "100% GPU" if model["size_vram"] else "100% CPU"
+        rows.append((model["name"], model["digest"][:12], _human_size(model["size"]), proc, model["expires_at"][:19]))
+    _print_table(rows)
+
+
+def _print_table(rows):
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("    ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip())
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print("herd lab stand-in for Ollama (not Ollama).\n\nUsage:\n  ollama serve | list | ps | --version")
+        return 0
+    if argv[0] in ("-v", "--version"):
+        print(f"ollama version is {VERSION}")
+        return 0
+    if argv[0] == "serve":
+        try:
+            return asyncio.run(serve(Settings()))
+        except OSError as exc:
+            sys.stderr.write(f"Error: listen tcp {Settings().listen_address}: {exc.strerror or exc}\n")
+            return 1
+    if argv[0] in ("list", "ls", "ps"):
+        try:
+            cli_ps() if argv[0] == "ps" else cli_list()
+        except (urllib.error.URLError, OSError):
+            sys.stderr.write("Error: could not connect to ollama app, is it running?\n")
+            return 1
+        return 0
+    sys.stderr.write(f"Error: unknown command \"{argv[0]}\" for \"ollama\" (herd lab stand-in supports serve, list, ps)\n")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
