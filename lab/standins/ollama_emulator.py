@@ -137,7 +137,7 @@ def parse_go_duration(text):
     """Go's time.ParseDuration, in seconds. Raises ValueError with Go's message."""
     orig = text
     sign = 1.0
-    if text[:1] in "+-":
+    if text and text[0] in "+-":
         sign = -1.0 if text[0] == "-" else 1.0
         text = text[1:]
     if text == "0":
@@ -507,7 +507,8 @@ class Scheduler:
     def __init__(self, settings, gpus):
         self.settings = settings
         self.gpus = gpus
-        self.pending = asyncio.Queue(maxsize=settings.max_queue)
+        self.pending = asyncio.Queue()  # bounded by hand in get_runner
+        self.busy = False
         self.loaded = {}
         self.task = None
         self.vram_total_mib = sum(int(g["memory_total_mib"]) - int(g.get("memory_used_mib") or 0) for g in gpus)
@@ -518,17 +519,32 @@ class Scheduler:
     def get_runner(self, model, keep_alive):
         """Queue a request; returns a future for its Runner. Raises ModelError(503) when the queue is full."""
         fut = asyncio.get_running_loop().create_future()
-        try:
-            self.pending.put_nowait((model, keep_alive, fut))
-        except asyncio.QueueFull:
-            raise ModelError(503, ERR_MAX_QUEUE) from None
+        runner = self.loaded.get(model.key)
+        if not self.busy and self.pending.empty() and runner is not None and not runner.loading:
+            # Ollama's scheduler goroutine takes a request for a loaded model at once; asyncio would only
+            # get to it on the next loop turn, so hand the runner over here (same result, no queue slot).
+            self._use_loaded(runner, keep_alive, fut)
+            return fut
+        # pendingReqCh holds OLLAMA_MAX_QUEUE requests; an idle scheduler takes one more off it at once.
+        if self.pending.qsize() >= self.settings.max_queue + (0 if self.busy else 1):
+            raise ModelError(503, ERR_MAX_QUEUE)
+        self.pending.put_nowait((model, keep_alive, fut))
         return fut
+
+    def _use_loaded(self, runner, keep_alive, fut):
+        """useLoadedRunner: take a reference, stop the expiry timer, apply the request's keep_alive."""
+        runner.ref_count += 1
+        self._cancel_expiry(runner)
+        if keep_alive is not None:
+            runner.session = keep_alive
+        fut.set_result(runner)
 
     async def process_pending(self):
         while True:
             model, keep_alive, fut = await self.pending.get()
             if fut.done():  # the client went away while queued
                 continue
+            self.busy = True
             try:
                 await self.schedule(model, keep_alive, fut)
             except ModelError as exc:
@@ -538,6 +554,8 @@ class Scheduler:
                 log("ERROR", "scheduler error", error=repr(exc))
                 if not fut.done():
                     fut.set_exception(ModelError(500, str(exc)))
+            finally:
+                self.busy = False
 
     def max_loaded(self):
         if self.settings.max_loaded > 0:
@@ -552,13 +570,8 @@ class Scheduler:
                     await runner.ready.wait()
                 if runner.gone.is_set() or runner.load_error:
                     continue
-                if fut.done():
-                    return
-                runner.ref_count += 1
-                self._cancel_expiry(runner)
-                if keep_alive is not None:
-                    runner.session = keep_alive
-                fut.set_result(runner)
+                if not fut.done():
+                    self._use_loaded(runner, keep_alive, fut)
                 return
             if len(self.loaded) >= self.max_loaded():
                 log("DEBUG", "max runners achieved, unloading one to make room", runner_count=len(self.loaded))

@@ -1,0 +1,318 @@
+"""The Ollama emulator as a process: endpoints, JSON shapes, scheduling, keep-alive, VRAM, pull."""
+
+import concurrent.futures
+import json
+import shutil
+import time
+
+from standins_lab import GPUS
+
+ERR_MAX_QUEUE = "server busy, please try again.  maximum pending requests exceeded"
+FINAL_FIELDS = {"model", "created_at", "done", "done_reason", "total_duration", "load_duration",
+                "prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration"}
+L20 = str(GPUS / "l20x4.json")
+RTX = str(GPUS / "rtx4090x8.json")
+
+
+def fast(lab_models, **env):
+    base = {"OLLAMA_MODELS": lab_models, "HERD_LAB_GPU_SPEC": L20, "CUDA_VISIBLE_DEVICES": "0",
+            "HERD_EMU_LOAD_SECONDS": "0.05", "HERD_EMU_TOKENS_PER_SECOND": "400"}
+    base.update(env)
+    return base
+
+
+def test_health_version_tags(start_emulator, lab_models):
+    emu = start_emulator(**fast(lab_models))
+    assert emu.get("/") == (200, b"Ollama is running")
+    assert emu.get("/", method="HEAD") == (200, b"")
+    version = emu.get_json("/api/version")["version"]
+    assert version.endswith("-herd-emulator") and version.split("-")[0].count(".") == 2
+    tags = emu.get_json("/api/tags")["models"]
+    assert sorted(m["name"] for m in tags) == ["herd-large:70b", "herd-small:7b", "herd-tiny:1b"]
+    tiny = next(m for m in tags if m["name"] == "herd-tiny:1b")
+    assert set(tiny) == {"name", "model", "modified_at", "size", "digest", "details"}
+    assert tiny["details"]["parameter_size"] == "1.2B" and tiny["details"]["quantization_level"] == "Q4_K_M"
+    assert len(tiny["digest"]) == 64
+    assert emu.get("/api/nope")[0] == 404
+    assert "herd LAB STAND-IN" in emu.log() and "NOT Ollama" in emu.log()
+
+
+def test_show_and_unknown_model(start_emulator, lab_models):
+    emu = start_emulator(**fast(lab_models))
+    status, body = emu.post_json("/api/show", {"model": "herd-small:7b"})
+    assert status == 200
+    assert body["details"]["family"] == "qwen2"
+    assert body["model_info"]["general.architecture"] == "qwen2"
+    assert body["capabilities"] == ["completion"]
+    assert emu.post_json("/api/generate", {"model": "nope:1b", "prompt": "x"}) == (
+        404, {"error": "model 'nope:1b' not found"})
+    assert emu.post_json("/api/chat", {"model": "nope", "messages": []})[0] == 404
+    assert emu.post_json("/api/generate", {"prompt": "x"}) == (400, {"error": "model is required"})
+
+
+def test_generate_stream_shapes(start_emulator, lab_models):
+    emu = start_emulator(**fast(lab_models))
+    status, headers, lines = emu.post("/api/generate", {"model": "herd-tiny:1b", "prompt": "hello",
+                                                        "options": {"num_predict": 6}})
+    assert status == 200
+    assert headers["Content-Type"] == "application/x-ndjson"
+    assert headers["Transfer-Encoding"] == "chunked"
+    objs = [json.loads(line) for _t, line in lines]
+    assert len(objs) == 7
+    for obj in objs[:-1]:
+        assert set(obj) == {"model", "created_at", "response", "done"}
+        assert obj["done"] is False and obj["model"] == "herd-tiny:1b"
+        assert obj["created_at"].endswith("Z") and obj["created_at"][10] == "T"
+    final = objs[-1]
+    assert FINAL_FIELDS <= set(final) and final["done"] is True and final["response"] == ""
+    assert final["done_reason"] == "length" and final["eval_count"] == 6
+    assert all(isinstance(final[key], int) and final[key] > 0 for key in FINAL_FIELDS
+               if key.endswith(("_duration", "_count")))
+    assert final["total_duration"] >= final["load_duration"] + final["eval_duration"] * 0.9
+    assert "".join(o["response"] for o in objs[:-1]).split()[0] == "The"
+
+
+def test_generate_no_stream_and_chat_shapes(start_emulator, lab_models):
+    emu = start_emulator(**fast(lab_models, HERD_EMU_RESPONSE_TOKENS=5))
+    status, body = emu.post_json("/api/generate", {"model": "herd-tiny:1b", "prompt": "hi", "stream": False})
+    assert status == 200 and body["done"] is True and body["done_reason"] == "stop"
+    assert len(body["response"].split()) == 5 and body["eval_count"] == 5
+    status, headers, lines = emu.post("/api/chat", {"model": "herd-tiny:1b",
+                                                    "messages": [{"role": "user", "content": "hi"}]})
+    objs = [json.loads(line) for _t, line in lines]
+    assert status == 200 and len(objs) == 6
+    assert objs[0]["message"] == {"role": "assistant", "content": "The"}
+    assert set(objs[0]) == {"model", "created_at", "message", "done"}
+    assert FINAL_FIELDS <= set(objs[-1]) and objs[-1]["message"] == {"role": "assistant", "content": ""}
+    status, body = emu.post_json("/api/chat", {"model": "herd-tiny:1b", "stream": False,
+                                               "messages": [{"role": "user", "content": "hi"}]})
+    assert body["message"]["content"].startswith("The herd") and body["done_reason"] == "stop"
+
+
+def test_openai_chat_completions(start_emulator, lab_models):
+    emu = start_emulator(**fast(lab_models))
+    request = {"model": "herd-tiny:1b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    status, body = emu.post_json("/v1/chat/completions", request)
+    assert status == 200 and body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["role"] == "assistant" and body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 3
+    status, headers, lines = emu.post("/v1/chat/completions", dict(request, stream=True,
+                                                                   stream_options={"include_usage": True}))
+    assert headers["Content-Type"] == "text/event-stream"
+    events = [line for _t, line in lines if line]
+    assert all(line.startswith(b"data: ") for line in events)
+    assert events[-1] == b"data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in events[:-1]]
+    assert [c["object"] for c in chunks] == ["chat.completion.chunk"] * 5
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:4]] == [None, None, None, "length"]
+    assert chunks[0]["choices"][0]["delta"]["content"] == "The"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+    status, body = emu.post_json("/v1/chat/completions", dict(request, model="nope"))
+    assert status == 404 and body["error"]["type"] == "not_found_error"
+
+
+def _overlap(intervals):
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    peak = current = 0
+    for _when, delta in events:
+        current += delta
+        peak = max(peak, current)
+    return peak
+
+
+def test_slot_limit_honoured(start_emulator, lab_models):
+    """NUM_PARALLEL=2: of 6 concurrent streams at most 2 generate at once, and 2 really do."""
+    emu = start_emulator(**fast(lab_models, OLLAMA_NUM_PARALLEL=2, HERD_EMU_TOKENS_PER_SECOND=60))
+    assert emu.post_json("/api/generate", {"model": "herd-tiny:1b", "prompt": ""})[1]["done_reason"] == "load"
+    request = {"model": "herd-tiny:1b", "prompt": "hi", "options": {"num_predict": 12}}
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda _: emu.post("/api/generate", request), range(6)))
+    intervals = []
+    for status, _headers, lines in results:
+        assert status == 200 and len(lines) == 13
+        intervals.append((lines[0][0], lines[-1][0]))
+    assert _overlap(intervals) == 2
+    starts = sorted(start for start, _ in intervals)
+    # three waves of two: the 3rd and 5th streams start only after earlier ones finished
+    assert starts[2] - starts[0] > 0.12 and starts[4] - starts[2] > 0.12
+
+
+def test_busy_slots_generate_slower(start_emulator, lab_models):
+    emu = start_emulator(**fast(lab_models, OLLAMA_NUM_PARALLEL=4, HERD_EMU_TOKENS_PER_SECOND=100))
+    request = {"model": "herd-tiny:1b", "prompt": "hi", "stream": False, "options": {"num_predict": 20}}
+    alone = emu.post_json("/api/generate", request)[1]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        busy = list(pool.map(lambda _: emu.post_json("/api/generate", request)[1], range(4)))
+    rate_alone = alone["eval_count"] / (alone["eval_duration"] / 1e9)
+    rate_busy = sum(b["eval_count"] / (b["eval_duration"] / 1e9) for b in busy) / 4
+    assert 90 < rate_alone < 105
+    assert 0.7 < rate_busy / rate_alone < 0.92  # herd-tiny's busy_slowdown is 0.8 with all 4 slots busy
+
+
+def test_queue_overflow_503(start_emulator, lab_models):
+    """As in server/sched.go: while a model loads the scheduler is blocked, OLLAMA_MAX_QUEUE requests wait
+    in the pending queue, one is held by the scheduler, one is loading; every further request gets 503."""
+    emu = start_emulator(**fast(lab_models, OLLAMA_MAX_QUEUE=2, HERD_EMU_LOAD_SECONDS=1.5))
+    request = {"model": "herd-tiny:1b", "prompt": "hi", "stream": False, "options": {"num_predict": 2}}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: emu.post_json("/api/generate", request), range(8)))
+    statuses = sorted(status for status, _ in results)
+    assert statuses == [200] * 4 + [503] * 4
+    assert all(body == {"error": ERR_MAX_QUEUE} for status, body in results if status == 503)
+
+
+def test_loaded_model_waits_for_slots_without_503(start_emulator, lab_models):
+    """Ollama waits for a busy runner's slot outside the pending queue: no 503 once the model is loaded."""
+    emu = start_emulator(**fast(lab_models, OLLAMA_MAX_QUEUE=1, OLLAMA_NUM_PARALLEL=1))
+    emu.post_json("/api/generate", {"model": "herd-tiny:1b", "prompt": ""})
+    request = {"model": "herd-tiny:1b", "prompt": "hi", "stream": False, "options": {"num_predict": 10}}
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        statuses = [status for status, _ in pool.map(lambda _: emu.post_json("/api/generate", request), range(5))]
+    assert statuses == [200] * 5
+
+
+def test_keep_alive_zero_unloads_and_expiry(start_emulator, lab_models):
+    emu = start_emulator(**fast(lab_models))
+    base = {"model": "herd-tiny:1b", "prompt": "hi", "stream": False, "options": {"num_predict": 2}}
+    assert emu.post_json("/api/generate", dict(base, keep_alive=0))[0] == 200
+    assert emu.get_json("/api/ps")["models"] == []
+    assert emu.post_json("/api/generate", dict(base, keep_alive="1s"))[0] == 200
+    ps = emu.get_json("/api/ps")["models"]
+    assert [m["name"] for m in ps] == ["herd-tiny:1b"]
+    assert ps[0]["size"] == 1536 * 1024 * 1024 == ps[0]["size_vram"]
+    assert set(ps[0]) >= {"name", "model", "size", "digest", "details", "expires_at", "size_vram"}
+    time.sleep(1.4)
+    assert emu.get_json("/api/ps")["models"] == []
+    emu.post_json("/api/generate", dict(base, keep_alive=-1))
+    expires = emu.get_json("/api/ps")["models"][0]["expires_at"]
+    assert int(expires[:4]) > 2200  # "forever" is now + MaxInt64 ns, as in Ollama
+    status, body = emu.post_json("/api/generate", {"model": "herd-tiny:1b", "keep_alive": 0})
+    assert (status, body["done_reason"]) == (200, "unload")
+    assert emu.get_json("/api/ps")["models"] == []
+    status, body = emu.post_json("/api/chat", {"model": "herd-tiny:1b", "messages": []})
+    assert body["done_reason"] == "load" and body["message"]["role"] == "assistant"
+    assert [m["name"] for m in emu.get_json("/api/ps")["models"]] == ["herd-tiny:1b"]
+
+
+def test_keep_alive_env_default(start_emulator, lab_models):
+    emu = start_emulator(**fast(lab_models, OLLAMA_KEEP_ALIVE="0"))
+    emu.post_json("/api/generate", {"model": "herd-tiny:1b", "prompt": "hi", "stream": False,
+                                    "options": {"num_predict": 1}})
+    assert emu.get_json("/api/ps")["models"] == []
+    emu = start_emulator(**fast(lab_models, OLLAMA_KEEP_ALIVE="-1"))
+    emu.post_json("/api/generate", {"model": "herd-tiny:1b", "prompt": ""})
+    assert int(emu.get_json("/api/ps")["models"][0]["expires_at"][:4]) > 2200
+
+
+def test_max_loaded_models_evicts(start_emulator, lab_models):
+    emu = start_emulator(**fast(lab_models, OLLAMA_MAX_LOADED_MODELS=1))
+    emu.post_json("/api/generate", {"model": "herd-tiny:1b", "prompt": ""})
+    emu.post_json("/api/generate", {"model": "herd-small:7b", "prompt": ""})
+    assert [m["name"] for m in emu.get_json("/api/ps")["models"]] == ["herd-small:7b"]
+
+
+def test_vram_refusal_and_gpu_selection(start_emulator, lab_models):
+    one = start_emulator(**fast(lab_models, HERD_LAB_GPU_SPEC=RTX, CUDA_VISIBLE_DEVICES="0"))
+    status, body = one.post_json("/api/generate", {"model": "herd-large:70b", "prompt": ""})
+    assert status == 500
+    assert body == {"error": "model requires more system memory (42.0 GiB) than is available (24.0 GiB)"}
+    assert one.get_json("/api/ps")["models"] == []
+    uuids = [gpu["uuid"] for gpu in json.loads(open(RTX).read())["gpus"]]
+    two = start_emulator(**fast(lab_models, HERD_LAB_GPU_SPEC=RTX, CUDA_VISIBLE_DEVICES=f"{uuids[2]},{uuids[3]}"))
+    status, body = two.post_json("/api/generate", {"model": "herd-large:70b", "prompt": ""})
+    assert (status, body["done_reason"]) == (200, "load")
+    assert two.get_json("/api/ps")["models"][0]["size_vram"] == 43008 * 1024 * 1024
+    assert uuids[2] in two.log() and uuids[3] in two.log() and uuids[0] not in two.log()
+    cpu = start_emulator(**fast(lab_models, HERD_LAB_GPU_SPEC=RTX, CUDA_VISIBLE_DEVICES="-1"))
+    cpu.post_json("/api/generate", {"model": "herd-tiny:1b", "prompt": ""})
+    assert cpu.get_json("/api/ps")["models"][0]["size_vram"] == 0
+
+
+def test_ollama_host_with_scheme_and_slash(start_emulator, lab_models, tmp_path):
+    from standins_lab import free_port
+
+    port = free_port()
+    emu = start_emulator(port=port, **fast(lab_models, OLLAMA_HOST=f"http://127.0.0.1:{port}/"))
+    assert emu.get("/api/version")[0] == 200
+    assert f"Listening on 127.0.0.1:{port} " in emu.log()
+
+
+def _pull(emu, name):
+    status, _headers, lines = emu.post("/api/pull", {"model": name})
+    return status, [json.loads(line) for _t, line in lines]
+
+
+def test_pull_from_registry_directory_and_delete(start_emulator, lab_models, tmp_path):
+    store = tmp_path / "store"
+    emu = start_emulator(**fast(str(store), HERD_LAB_REGISTRY=lab_models))
+    assert emu.get_json("/api/tags")["models"] == []
+    status, events = _pull(emu, "herd-tiny:1b")
+    assert status == 200
+    statuses = [e["status"] for e in events]
+    assert statuses[0] == "pulling manifest" and statuses[-3:] == ["verifying sha256 digest", "writing manifest",
+                                                                   "success"]
+    layer_events = [e for e in events if e["status"].startswith("pulling ") and "digest" in e]
+    assert all(e["status"] == "pulling " + e["digest"][7:19] for e in layer_events)
+    assert any(e.get("completed") == e["total"] for e in layer_events)
+    assert [m["name"] for m in emu.get_json("/api/tags")["models"]] == ["herd-tiny:1b"]
+    src = lab_models / "manifests/registry.ollama.ai/library/herd-tiny/1b"
+    assert (store / "manifests/registry.ollama.ai/library/herd-tiny/1b").read_bytes() == src.read_bytes()
+    # a second pull finds every blob present and verified
+    status, events = _pull(emu, "herd-tiny:1b")
+    assert events[-1] == {"status": "success"}
+    assert emu.post_json("/api/generate", {"model": "herd-tiny:1b", "prompt": ""})[0] == 200
+    status, events = _pull(emu, "herd-missing:1b")
+    assert events[-1] == {"error": "pull model manifest: file does not exist"}
+    assert emu.post("/api/delete", {"model": "herd-tiny:1b"}, method="DELETE")[0] == 200
+    assert emu.get_json("/api/tags")["models"] == []
+    assert list((store / "blobs").iterdir()) == []
+    assert emu.post_json("/api/delete", {"model": "herd-tiny:1b"}, method="DELETE") == (
+        404, {"error": "model 'herd-tiny:1b' not found"})
+
+
+def test_pull_rejects_corrupt_blob(start_emulator, lab_models, tmp_path):
+    registry = tmp_path / "registry"
+    shutil.copytree(lab_models, registry)
+    manifest = json.loads((registry / "manifests/registry.ollama.ai/library/herd-small/7b").read_text())
+    blob = registry / "blobs" / manifest["layers"][0]["digest"].replace(":", "-")
+    data = bytearray(blob.read_bytes())
+    data[100] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    emu = start_emulator(**fast(str(tmp_path / "store"), HERD_LAB_REGISTRY=str(registry)))
+    status, events = _pull(emu, "herd-small:7b")
+    assert events[-1]["error"].startswith("digest mismatch, file must be downloaded again: want " +
+                                          manifest["layers"][0]["digest"])
+    assert emu.get_json("/api/tags")["models"] == []
+    status, body = emu.post_json("/api/pull", {"model": "herd-small:7b", "stream": False})
+    assert status == 500 and body["error"].startswith("digest mismatch")
+
+
+def test_client_disconnect_frees_slot(start_emulator, lab_models):
+    emu = start_emulator(**fast(lab_models, OLLAMA_NUM_PARALLEL=1, HERD_EMU_TOKENS_PER_SECOND=20))
+    emu.post_json("/api/generate", {"model": "herd-tiny:1b", "prompt": ""})
+    conn = emu.conn()
+    conn.request("POST", "/api/generate", body=json.dumps({"model": "herd-tiny:1b", "prompt": "x",
+                                                          "options": {"num_predict": 200}}))
+    resp = conn.getresponse()
+    assert resp.readline()  # generating: the only slot is taken for ~10 s
+    conn.sock.close()
+    conn.close()
+    started = time.monotonic()
+    status, body = emu.post_json("/api/generate", {"model": "herd-tiny:1b", "prompt": "x", "stream": False,
+                                                   "options": {"num_predict": 2}})
+    assert status == 200 and time.monotonic() - started < 2
+
+
+def test_cli_version_and_list(start_emulator, lab_models):
+    import subprocess
+    import sys
+
+    from standins_lab import EMULATOR
+
+    out = subprocess.run([sys.executable, str(EMULATOR), "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("ollama version is 0.") and out.stdout.strip().endswith("-herd-emulator")
+    emu = start_emulator(**fast(lab_models))
+    listing = subprocess.run([sys.executable, str(EMULATOR), "list"], capture_output=True, text=True, check=True,
+                             env={"OLLAMA_HOST": f"127.0.0.1:{emu.port}", "PATH": "/usr/bin:/bin"})
+    assert listing.stdout.splitlines()[0].split() == ["NAME", "ID", "SIZE", "MODIFIED"]
+    assert "herd-small:7b" in listing.stdout
