@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One command for herd's lab benchmark report: docs/benchmarks/<date>-lab.{md,json,png}.
+# Runs on this machine's loopback only: emulated GPUs (lab/standins/ollama_emulator.py), nginx started
+# from a private prefix, LiteLLM's proxy from a private venv. Needs root for apt-get when nginx is missing.
+#   benchmarks/run.sh [gateway_bench.py options]      e.g. --skip-litellm, --instances 4
+# HERD_BENCH_VENV  where the benchmark's Python environment lives (default /tmp/herd-bench/venv)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+LITELLM_VERSION=1.100.5     # newest release whose dependencies the project's PyPI mirror serves
+MATPLOTLIB_VERSION=3.11.2
+VENV=${HERD_BENCH_VENV:-/tmp/herd-bench/venv}
+
+if ! command -v nginx >/dev/null 2>&1; then
+    echo "run.sh: installing nginx-light" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" - "$LITELLM_VERSION" "$MATPLOTLIB_VERSION" <<'PY' 2>/dev/null
+import importlib.metadata as m, sys
+ok = m.version("litellm") == sys.argv[1] and m.version("matplotlib") == sys.argv[2]
+import jinja2, yaml  # noqa: F401
+sys.exit(0 if ok else 1)
+PY
+then
+    echo "run.sh: installing the benchmark environment into $VENV" >&2
+    if ! "$VENV/bin/pip" install -q "matplotlib==$MATPLOTLIB_VERSION" jinja2 pyyaml; then
+        echo "run.sh: matplotlib/jinja2/pyyaml could not be installed" >&2
+        exit 1
+    fi
+    # LiteLLM is optional: without it section 4 is reported as skipped with the reason.
+    "$VENV/bin/pip" install -q "litellm[proxy]==$LITELLM_VERSION" \
+        || echo "run.sh: litellm[proxy]==$LITELLM_VERSION could not be installed; section 4 will be skipped" >&2
+fi
+
+exec "$VENV/bin/python" benchmarks/gateway_bench.py --command "benchmarks/run.sh $*" "$@"
