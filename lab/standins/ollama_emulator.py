@@ -22,6 +22,7 @@ Lab-only environment:
   HERD_EMU_TOKENS_PER_SECOND     override every model's per-slot generation rate
   HERD_EMU_PROMPT_TOKENS_PER_SECOND  override every model's prompt-eval rate
   HERD_EMU_LOAD_SECONDS          override every model's load time
+  HERD_EMU_BUSY_SLOWDOWN         override every model's per-slot rate multiplier with all slots busy
   HERD_EMU_RESPONSE_TOKENS       answer length when the request sets no num_predict (default 48)
   HERD_EMU_CPU_FACTOR            rate multiplier when no simulated GPU is visible (default 0.15)
   HERD_EMU_ACCESS_LOG            "0" turns off the per-request log line
@@ -260,6 +261,7 @@ class Settings:
         self.tokens_per_second = env_float(env, "HERD_EMU_TOKENS_PER_SECOND")
         self.prompt_tokens_per_second = env_float(env, "HERD_EMU_PROMPT_TOKENS_PER_SECOND")
         self.load_seconds = env_float(env, "HERD_EMU_LOAD_SECONDS")
+        self.busy_slowdown = env_float(env, "HERD_EMU_BUSY_SLOWDOWN")
         self.response_tokens = env_int(env, "HERD_EMU_RESPONSE_TOKENS", 48, minimum=1)
         self.cpu_factor = env_float(env, "HERD_EMU_CPU_FACTOR") or 0.15
         self.access_log = clean_env(env.get("HERD_EMU_ACCESS_LOG")) != "0"
@@ -370,7 +372,8 @@ class ModelInfo:
         self.tokens_per_second = settings.tokens_per_second or float(lab.get("tokens_per_second", 30.0))
         self.prompt_tokens_per_second = settings.prompt_tokens_per_second or float(
             lab.get("prompt_tokens_per_second", 1000.0))
-        self.busy_slowdown = float(lab.get("busy_slowdown", 0.8))
+        self.busy_slowdown = settings.busy_slowdown if settings.busy_slowdown is not None else float(
+            lab.get("busy_slowdown", 0.8))
         self.context_length = int(lab.get("context_length", 4096))
         self.parameter_count = int(lab.get("parameter_count", 0))
 
