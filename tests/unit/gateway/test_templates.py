@@ -77,6 +77,7 @@ def test_argument_specs_match_defaults():
         assert set(specs[entry]["options"]) <= set(defaults)
     for name, option in specs["main"]["options"].items():
         assert option.get("description"), name
+        assert "{{" not in option["description"], name  # descriptions are templated by validate_argument_spec
 
 
 def test_every_knob_is_commented_in_defaults():

@@ -1,0 +1,105 @@
+#!/usr/bin/python3
+"""Test client of the gateway scenario: one HTTP request, or one streamed generation with chunk timestamps.
+
+  h4-client request METHOD URL [--key KEY] [--body JSON]
+  h4-client stream URL [--key KEY] [--model M] [--tokens N] [--out FILE]
+Prints (or writes to FILE) one JSON object; `stream` also writes FILE.upstream as soon as headers arrive.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import ssl
+import sys
+import time
+import urllib.parse
+
+
+def connect(url, timeout):
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=timeout, context=context)
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+    path = parts.path + ("?" + parts.query if parts.query else "")
+    return conn, path
+
+
+def headers_for(key):
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = "Bearer " + key
+    return headers
+
+
+def do_request(args):
+    conn, path = connect(args.url, 30)
+    conn.request(args.method, path, body=args.body, headers=headers_for(args.key))
+    resp = conn.getresponse()
+    body = resp.read().decode("utf-8", "replace")
+    return {"status": resp.status, "headers": {k.lower(): v for k, v in resp.getheaders()}, "body": body}
+
+
+def do_stream(args):
+    body = json.dumps({"model": args.model, "prompt": "count", "stream": True, "options": {"num_predict": args.tokens}})
+    start = time.monotonic()
+    conn, path = connect(args.url, 120)
+    conn.request("POST", path, body=body, headers=headers_for(args.key))
+    resp = conn.getresponse()
+    result = {"status": resp.status, "upstream": resp.getheader("X-Herd-Upstream", ""),
+              "t_headers": time.monotonic() - start, "chunk_times": [], "done": False, "error": None}
+    if args.out:
+        with open(args.out + ".upstream", "w", encoding="utf-8") as handle:
+            handle.write(result["upstream"])
+    if resp.status != 200:
+        result["error"] = resp.read().decode("utf-8", "replace")
+    else:
+        while True:
+            line = resp.readline()
+            if not line:
+                break
+            if not line.strip():
+                continue
+            result["chunk_times"].append(time.monotonic() - start)
+            chunk = json.loads(line)
+            if chunk.get("done"):
+                result["done"] = True
+    result["t_end"] = time.monotonic() - start
+    result["chunks"] = len(result["chunk_times"])
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    req = sub.add_parser("request")
+    req.add_argument("method")
+    req.add_argument("url")
+    req.add_argument("--key")
+    req.add_argument("--body")
+    stream = sub.add_parser("stream")
+    stream.add_argument("url")
+    stream.add_argument("--key")
+    stream.add_argument("--model", default="herd-tiny:1b")
+    stream.add_argument("--tokens", type=int, default=40)
+    stream.add_argument("--out")
+    args = parser.parse_args()
+    try:
+        result = do_request(args) if args.cmd == "request" else do_stream(args)
+    except (OSError, http.client.HTTPException) as exc:
+        result = {"status": 0, "error": repr(exc)}
+    text = json.dumps(result)
+    if getattr(args, "out", None):
+        with open(args.out + ".tmp", "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(args.out + ".tmp", args.out)
+    else:
+        sys.stdout.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
