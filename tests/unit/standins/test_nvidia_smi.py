@@ -80,6 +80,17 @@ def test_unknown_field_exit_2():
     assert out == 'Field "cuda_version" is not a valid field to query.\n\n'
 
 
+def test_older_driver_without_compute_cap(tmp_path):
+    spec = json.loads((GPUS / "l20x4.json").read_text())
+    spec["unsupported_fields"] = ["compute_cap"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(spec))
+    rc, out, _ = smi("--query-gpu=index,compute_cap", "--format=csv", env_extra={"HERD_LAB_GPU_SPEC": str(path)})
+    assert (rc, out) == (2, 'Field "compute_cap" is not a valid field to query.\n\n')
+    rc, out, _ = smi("--query-gpu=index,name", "--format=csv,noheader", env_extra={"HERD_LAB_GPU_SPEC": str(path)})
+    assert rc == 0 and out.startswith("0, NVIDIA L20\n")
+
+
 @pytest.mark.parametrize("args", [("-L",), ("--query-gpu=index", "--format=csv,noheader,nounits")])
 def test_no_devices_exit_6(args):
     rc, out, _ = smi(*args, spec="none")
