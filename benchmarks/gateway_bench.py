@@ -479,6 +479,15 @@ class Bench:
 # ---------------------------------------------------------------- report
 
 
+def token_cv(run: dict) -> float | None:
+    """Coefficient of variation of the output tokens each instance produced (0 = perfectly even work)."""
+    vals = [u["output_tokens"] for u in run["by_upstream"].values()]
+    if len(vals) < 2 or not sum(vals):
+        return None
+    mean = sum(vals) / len(vals)
+    return (sum((v - mean) ** 2 for v in vals) / len(vals)) ** 0.5 / mean
+
+
 def summary(run: dict) -> dict:
     return run["summary"]
 
@@ -494,7 +503,7 @@ def machine_facts() -> dict:
         "os": cmd_out(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
         "python_load_tool": cmd_out(["python3", "--version"]),
         "python_bench": platform.python_version(),
-        "nginx": cmd_out(["nginx", "-v"]).replace("nginx version: ", ""),
+        "nginx": cmd_out(["nginx", "-v"]).replace("nginx version: nginx/", ""),
         "emulator": cmd_out([sys.executable, str(EMULATOR), "--version"]).splitlines()[-1:] or ["?"],
         "herd_commit": cmd_out(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
     }
@@ -524,7 +533,8 @@ def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: 
         pol[name] = {"req_per_s": s["req_per_s"], "tok_per_s": s["output_tokens_per_s"],
                      "p50": s["latency_s"]["p50"], "p99": s["latency_s"]["p99"],
                      "short_p99": bench.runs[f"policy-{name}"]["by_class"].get("short", {}).get("latency_s", {}).get("p99"),
-                     "errors": s["errors_by_status"], "spread_cv": bench.runs[f"policy-{name}"]["spread"]["cv"]}
+                     "errors": s["errors_by_status"], "spread_cv": bench.runs[f"policy-{name}"]["spread"]["cv"],
+                     "token_cv": token_cv(bench.runs[f"policy-{name}"])}
     out["sections"]["policies"] = pol
 
     # 3. streaming
@@ -604,15 +614,20 @@ def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: 
              "max_conns = num_parallel + queue; the seed configs (001) drop least_conn and max_conns.")
     L.append("")
     L.append("| policy | req/s | tok/s | latency p50 | latency p99 | short-request p99 | p99 vs herd | "
-             "throughput vs herd | spread CV | errors |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|")
+             "throughput vs herd | requests CV | tokens CV | errors |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
     h = pol["herd"]
     for name, v in pol.items():
         label = "herd (least_conn + max_conns)" if name == "herd" else name
         errs = ", ".join(f"{k}: {c}" for k, c in v["errors"].items()) or "none"
         L.append(f"| {label} | {v['req_per_s']:.2f} | {v['tok_per_s']:.1f} | {fmt(v['p50'])} | {fmt(v['p99'])} | "
                  f"{fmt(v['short_p99'])} | {fmt(ratio(v['p99'], h['p99']), 2)} | "
-                 f"{fmt(ratio(v['tok_per_s'], h['tok_per_s']), 3)} | {fmt(v['spread_cv'])} | {errs} |")
+                 f"{fmt(ratio(v['tok_per_s'], h['tok_per_s']), 3)} | {fmt(v['spread_cv'])} | {fmt(v['token_cv'])} | "
+                 f"{errs} |")
+    L.append("")
+    L.append("CV = coefficient of variation over the instances of the requests served and of the output tokens "
+             "generated (the work). Round-robin evens out request counts, least_conn evens out the work in "
+             "flight.")
     L.append("")
 
     L.append("## 3. Streaming: time to first token")
@@ -669,16 +684,38 @@ def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: 
         added_l = 1000 * (peer["litellm-c1"]["ttft_p50"] - d["ttft_p50"]) if peer["litellm-c1"]["ttft_p50"] else None
         added_h = 1000 * (peer["herd-c1"]["ttft_p50"] - d["ttft_p50"]) if peer["herd-c1"]["ttft_p50"] else None
         L.append("")
-        L.append(f"Added TTFT p50 over a direct call: herd {fmt(added_h, 2)} ms, LiteLLM {fmt(added_l, 2)} ms. "
+        L.append(f"Added TTFT p50 over a direct call: herd {fmt(added_h, 2)} ms, LiteLLM {fmt(added_l, 2)} ms "
+                 "(differences under about 1 ms are within this run's noise). "
                  f"Saturated throughput LiteLLM / herd = "
                  f"{fmt(ratio(peer['litellm-sat']['tok_per_s'], peer['herd-sat']['tok_per_s']), 3)} (tokens).")
+        lc, hc = bench.cpu.get("peer-litellm-sat", {}), bench.cpu.get("peer-herd-sat", {})
+        if lc and hc:
+            L.append(f"Requests per instance while saturated (backend logs): LiteLLM "
+                     f"{' / '.join(map(str, lc['served_by_instance']))}, herd "
+                     f"{' / '.join(map(str, hc['served_by_instance']))}. LiteLLM's proxy used "
+                     f"{lc['litellm_cpu_s']:.1f} CPU s in {lc['elapsed_s']:.0f} s "
+                     f"({100 * lc['litellm_cpu_s'] / lc['elapsed_s']:.0f}% of one core), nginx "
+                     f"{hc['nginx_cpu_s']:.2f} CPU s in {hc['elapsed_s']:.0f} s. An uneven spread queues requests at the "
+                     "busiest instances while others have free slots; and on this shared 2-core machine a Python "
+                     "proxy feels CPU contention more than nginx does. Read the ratio as LiteLLM's cost in this "
+                     "setup, not as its speed on a dedicated host.")
     L.append("")
 
     L.append("## CPU use (is the machine the bottleneck?)")
     L.append("")
-    L.append(f"CPU seconds per run and whole-machine busy share ({facts['nproc']} CPUs; other work on the machine "
-             "counts too). If the emulators, nginx or the load tool were short of CPU, the machine would sit "
-             "near 100%.")
+    ours_max = max((c["emulators_cpu_s"] + c["nginx_cpu_s"] + c["load_tool_cpu_s"] + c["litellm_cpu_s"])
+                   / max(c["elapsed_s"] * c["cores"], 1e-9) for c in bench.cpu.values())
+    busy_mean = sum(c["machine_busy"] for c in bench.cpu.values()) / max(len(bench.cpu), 1)
+    sc = bench.cpu.get("scale-n", {})
+    emu_rate = r["scale-n"]["output_tokens"] / sc["emulators_cpu_s"] if sc.get("emulators_cpu_s") else None
+    L.append(f"CPU seconds of the benchmark's own processes per run ({facts['nproc']} CPUs). The machine is shared: "
+             f"'machine busy' counts every user's work and averaged {100 * busy_mean:.0f}% during this run, while "
+             f"the benchmark's processes used at most {100 * ours_max:.0f}% of the machine. The emulators cost "
+             f"{fmt(emu_rate, 0)} output tokens per CPU second in the N={n} run, so its "
+             f"{r['scale-n']['output_tokens_per_s']:.0f} tok/s took "
+             f"{fmt(100 * r['scale-n']['output_tokens_per_s'] / emu_rate if emu_rate else None, 0)}% of one core: "
+             "throughput followed the number of instances, not this machine's CPU (section 1). The last column "
+             "counts the requests each emulator logged during the run, whoever routed them.")
     L.append("")
     L.append("| run | wall s | output tokens | emulators CPU s | nginx CPU s | load tool CPU s | LiteLLM CPU s | "
              "benchmark's share of the machine | machine busy (all users) | requests per instance (backend logs) |")
@@ -726,7 +763,7 @@ def write_plot(bench: Bench, path: Path) -> bool:
         vals = sorted(s["ttft"] for s in run["samples"] if s["ok"] and s["ttft"] is not None)
         if vals:
             ax.plot(vals, [(i + 1) / len(vals) for i in range(len(vals))], label=name.replace("ttft-", ""))
-    ax.set_title("time to first token, 1 client")
+    ax.set_title("time to first token, one instance (CDF)")
     ax.set_xlabel("seconds")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -741,6 +778,7 @@ def write_plot(bench: Bench, path: Path) -> bool:
                width, label=name.replace("policy-", ""))
     ax.set_title("per-instance output tokens (mixed lengths)")
     ax.set_xlabel("instance")
+    ax.set_xticks(range(len(bench.ports)))
     ax.legend()
     fig.suptitle("herd gateway benchmark, lab, emulated backends")
     fig.tight_layout()

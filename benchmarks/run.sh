@@ -37,4 +37,4 @@ then
         || echo "run.sh: litellm[proxy]==$LITELLM_VERSION could not be installed; section 4 will be skipped" >&2
 fi
 
-exec "$VENV/bin/python" benchmarks/gateway_bench.py --command "benchmarks/run.sh $*" "$@"
+exec "$VENV/bin/python" benchmarks/gateway_bench.py --command "benchmarks/run.sh${*:+ $*}" "$@"
