@@ -204,3 +204,16 @@ def test_cli_writes_json_and_markdown(server, tmp_path, capsys):
     assert data["summary"]["ok"] == 4 and len(data["samples"]) == 4
     assert "| requests (ok / total) | 4 / 4 |" in out_md.read_text()
     assert "herd_load" in capsys.readouterr().out
+
+
+def test_plot_only_when_matplotlib_is_there(server, tmp_path):
+    result = hl.run(_cfg(server.url, requests=4))
+    png = tmp_path / "r.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert hl.plot(result, str(png)) is False
+        assert not png.exists()
+    else:
+        assert hl.plot(result, str(png)) is True
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
