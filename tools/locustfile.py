@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import sys
 import time
@@ -43,12 +44,16 @@ UPSTREAMS: collections.Counter = collections.Counter()
 def _check_target(environment, **_kwargs):
     parts = urlsplit(environment.host or "")
     if not parts.hostname:
-        raise SystemExit("herd locustfile: give --host http://GATEWAY[:PORT]")
+        logging.error("herd locustfile: give --host http://GATEWAY[:PORT]")
+        environment.process_exit_code = 2
+        environment.runner.quit()
+        return
     port = parts.port or (443 if parts.scheme == "https" else 80)
     allowed, why = herd_load.target_allowed(parts.hostname, herd_load.resolve(parts.hostname, port), ALLOW_REMOTE)
     if not allowed:
+        logging.error("herd locustfile: refused: %s (HERD_LOCUST_ALLOW_REMOTE=1 to override)", why)
+        environment.process_exit_code = 2
         environment.runner.quit()
-        raise SystemExit("herd locustfile: refused: " + why + " (HERD_LOCUST_ALLOW_REMOTE=1 to override)")
 
 
 @events.test_stop.add_listener
