@@ -1,0 +1,82 @@
+"""Central gateway over two GPU hosts: spread, a rolling re-deploy under streaming load with no failed
+request, and a failing host that stops the rollout while the rest keeps serving."""
+
+import json
+import os
+import subprocess
+import time
+
+testinfra_hosts = ["herd-mh-gw"]
+
+PROJECT = os.environ["MOLECULE_PROJECT_DIRECTORY"]
+INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
+GW = "herd-mh-gw"
+MODEL = "herd-tiny:1b"
+INSTANCES = {f"{h}:{p}" for h in ("herd-mh-gpu1", "herd-mh-gpu2") for p in (11434, 11435)}
+
+
+def _playbook(*args, timeout=900):
+    run = subprocess.run(["ansible-playbook", "-i", INVENTORY, *args], capture_output=True, text=True, timeout=timeout)
+    return run.returncode, run.stdout + run.stderr
+
+
+def _upstreams(host, n):
+    seen = []
+    for _ in range(n):
+        out = host.check_output(
+            "curl -sS -o /dev/null -D - http://127.0.0.1/api/generate "
+            f"""-d '{{"model":"{MODEL}","prompt":"hi","stream":false,"options":{{"num_predict":4}}}}'"""
+        )
+        assert out.splitlines()[0].split()[1] == "200", out
+        seen += [ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.lower().startswith("x-herd-upstream:")]
+    return seen
+
+
+def _resolve(host, addr):
+    name, port = addr.rsplit(":", 1)
+    return host.check_output(f"getent hosts {name}").split()[0] + ":" + port
+
+
+def test_gateway_spreads_over_every_instance_of_both_hosts(host):
+    expected = {_resolve(host, a) for a in INSTANCES}
+    assert set(_upstreams(host, 12)) == expected
+
+
+def test_rolling_redeploy_under_streaming_load_fails_no_request(host):
+    subprocess.run(["docker", "cp", f"{PROJECT}/tools/herd_load.py", f"{GW}:/tmp/herd_load.py"], check=True)
+    load = subprocess.Popen(
+        ["docker", "exec", GW, "python3", "/tmp/herd_load.py", "--url", "http://127.0.0.1", "--model", MODEL,
+         "--concurrency", "4", "--requests", "3000", "--duration", "150", "--stream", "--prompt-mix",
+         "short:16:24:1", "--progress", "0", "--quiet", "--json", "/tmp/rolling-load.json"],
+    )
+    try:
+        time.sleep(3)
+        rc, out = _playbook(f"{PROJECT}/playbooks/rolling.yml", "-e", "ollama_num_parallel=3")
+        assert rc == 0, out[-4000:]
+    finally:
+        # The load is bounded (--duration 150 s) and writes its result when it ends.
+        load.wait(timeout=400)
+    result = json.loads(host.file("/tmp/rolling-load.json").content_string)["summary"]
+    print(f"rolling re-deploy under load: {result['requests']} requests, {result['ok']} ok, "
+          f"{result['errors']} failed {result['errors_by_status']}")
+    assert result["requests"] >= 50
+    assert result["errors"] == 0, result["errors_by_status"]
+    for h in ("herd-mh-gpu1", "herd-mh-gpu2"):
+        env = subprocess.run(["docker", "exec", h, "cat", "/etc/herd/ollama/0.env"], capture_output=True, text=True)
+        assert 'OLLAMA_NUM_PARALLEL="3"' in env.stdout
+    conf = host.file("/etc/nginx/conf.d/herd-gateway.conf").content_string
+    assert "max_conns=5" in conf and " down" not in conf
+
+
+def test_failing_host_stops_the_rollout_and_the_rest_serves(host):
+    rc, out = _playbook(f"{PROJECT}/playbooks/rolling.yml", "-e", '{"ollama_models": [{"name": "herd-missing:1b"}]}')
+    assert rc != 0
+    assert "The rollout stopped at herd-mh-gpu1" in out, out[-4000:]
+    # gpu2 was never touched and serves every request; gpu1 is drained on the gateway.
+    seen = set(_upstreams(host, 8))
+    gpu2 = {_resolve(host, a) for a in INSTANCES if a.startswith("herd-mh-gpu2")}
+    assert seen == gpu2
+    # Put the cluster back as it was.
+    rc, out = _playbook(f"{PROJECT}/playbooks/rolling.yml")
+    assert rc == 0, out[-4000:]
+    assert set(_upstreams(host, 12)) == {_resolve(host, a) for a in INSTANCES}
