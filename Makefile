@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 SCENARIOS ?= $(sort $(notdir $(patsubst %/molecule.yml,%,$(wildcard molecule/*/molecule.yml))))
 
-.PHONY: demo test bootstrap lab-artifacts lab-up lab-down lint unit molecule plan status smoke clean help
+.PHONY: demo test bootstrap lab-artifacts lab-up lab-down lint unit molecule bench clean help
 
 help:
 	@echo "make demo      build and deploy the local lab cluster (3 systemd hosts) and smoke it through the gateway"
@@ -45,6 +45,9 @@ molecule: lab-artifacts
 
 test: lint unit molecule
 	@echo "make test: all stages passed"
+
+bench: bootstrap
+	@benchmarks/run.sh
 
 clean: lab-down
 	rm -rf lab/build
