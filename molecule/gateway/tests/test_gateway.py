@@ -20,6 +20,7 @@ def test_nginx_runs_and_config_is_valid(gw):
     conf = gw.file("/etc/nginx/conf.d/herd-gateway.conf")
     assert conf.mode == 0o644 and conf.user == "root"
     assert gw.file("/etc/nginx/herd/gateway-keys.conf").mode == 0o600
+    assert "least_conn;" in gw.file("/etc/nginx/herd/gateway-upstream.conf").content_string
     assert gw.socket("tcp://0.0.0.0:80").is_listening and gw.socket("tcp://0.0.0.0:443").is_listening
 
 
@@ -115,8 +116,8 @@ def test_drain_keeps_inflight_stream_and_removes_server(gw):
         assert "no request in flight" in out
         result = json.loads(gw.file("/tmp/drain.json").content_string)
         assert result["status"] == 200 and result["done"] and result["chunks"] >= 160, result
-        conf = gw.file("/etc/nginx/conf.d/herd-gateway.conf").content_string
-        assert any(line.strip().endswith(" down;") for line in conf.splitlines())
+        conf = gw.file("/etc/nginx/herd/gateway-upstream.conf").content_string
+        assert sum(line.strip().endswith(" down;") for line in conf.splitlines()) == 1, conf
         seen = {call(gw, "GET", GW + "/api/tags", key=KEY)["headers"]["x-herd-upstream"] for _ in range(9)}
         assert address not in seen and len(seen) == 2, seen
         assert json.loads(gw.file("/var/lib/herd/gateway/drained.json").content_string) == [target]
@@ -125,7 +126,7 @@ def test_drain_keeps_inflight_stream_and_removes_server(gw):
     assert rc == 0, out
     seen = {call(gw, "GET", GW + "/api/tags", key=KEY)["headers"]["x-herd-upstream"] for _ in range(12)}
     assert address in seen
-    assert " down;" not in gw.file("/etc/nginx/conf.d/herd-gateway.conf").content_string
+    assert " down;" not in gw.file("/etc/nginx/herd/gateway-upstream.conf").content_string
 
 
 def test_broken_config_is_never_loaded(gw):

@@ -13,6 +13,8 @@ SERVERS = [
      "max_fails": 1, "fail_timeout": "10s", "weight": 2, "backup": True, "down": True, "models": []},
 ]
 CONF = "etc/nginx/conf.d/herd-gateway.conf.j2"
+UPSTREAM = "etc/nginx/herd/gateway-upstream.conf.j2"
+UP = {"name": "herd_ollama", "zone_size": "256k", "keepalive": 32, "drain": []}
 KEYS = [{"name": "team-a", "key": "A" * 32}]
 
 
@@ -20,14 +22,22 @@ def server_lines(text):
     return [line.strip() for line in text.splitlines() if line.strip().startswith("server 10.")]
 
 
+def upstream_file():
+    return {"/etc/nginx/herd/gateway-upstream.conf": render(UPSTREAM, _gateway_servers=SERVERS, _gateway_upstream=UP)}
+
+
 def test_default_render_is_valid_nginx(tmp_path):
-    text = render(CONF, _gateway_servers=SERVERS, _gateway_keys=[])
-    assert text.startswith("#\n# Managed by herd")
-    assert server_lines(text) == [
+    text = render(CONF, _gateway_upstream=UP, _gateway_keys=[])
+    upstream = upstream_file()["/etc/nginx/herd/gateway-upstream.conf"]
+    assert text.startswith("#\n# Managed by herd") and upstream.startswith("#\n# Managed by herd")
+    assert "include /etc/nginx/herd/gateway-upstream.conf;" in text
+    assert server_lines(upstream) == [
         "server 10.0.0.11:11434 weight=4 max_conns=6 max_fails=1 fail_timeout=10s;",
         "server 10.0.0.11:11435 weight=2 max_conns=4 max_fails=1 fail_timeout=10s backup down;",
     ]
-    for directive in ("least_conn;", "zone herd_ollama 256k;", "keepalive 32;", "proxy_buffering off;",
+    for directive in ("least_conn;", "zone herd_ollama 256k;", "keepalive 32;"):
+        assert directive in upstream, directive
+    for directive in ("proxy_pass http://herd_ollama;", "proxy_buffering off;",
                       'proxy_set_header Connection "";', "proxy_http_version 1.1;", "proxy_read_timeout 600s;",
                       "error_page 502 = @herd_unavailable;", "add_header Retry-After 2 always;",
                       "return 503 '{\"error\":", "proxy_next_upstream error timeout non_idempotent;"):
@@ -35,7 +45,7 @@ def test_default_render_is_valid_nginx(tmp_path):
     assert "include /etc/nginx/herd/gateway-keys.conf" not in text
     assert "limit_req" not in text
     assert "listen 80 default_server;" in text and "ssl" not in text
-    result = nginx_test(tmp_path, text)
+    result = nginx_test(tmp_path, text, upstream_file())
     assert result.returncode == 0, result.stdout
 
 
@@ -43,7 +53,7 @@ def test_everything_on_renders_valid_nginx(tmp_path):
     keys = render("etc/nginx/herd/gateway-keys.conf.j2", _gateway_keys=KEYS)
     assert '"Bearer %s" "team-a";' % ("A" * 32) in keys
     text = render(
-        CONF, _gateway_servers=SERVERS, _gateway_keys=KEYS, gateway_rate_limit=5, gateway_busy_status=429,
+        CONF, _gateway_upstream=UP, _gateway_keys=KEYS, gateway_rate_limit=5, gateway_busy_status=429,
         gateway_tls_enabled=True, gateway_real_ip_from=["10.9.0.0/16"], gateway_block_model_management=False,
         gateway_allow=["10.0.0.0/8", "fd00::/8"],
     )
@@ -58,13 +68,13 @@ def test_everything_on_renders_valid_nginx(tmp_path):
     os.system(f"openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=t -keyout {tls}/gateway.key -out {tls}/gateway.crt"
               " >/dev/null 2>&1")
     text = text.replace("/etc/nginx/herd/tls/", str(tls) + "/")
-    result = nginx_test(tmp_path, text, {"/etc/nginx/herd/gateway-keys.conf": keys})
+    result = nginx_test(tmp_path, text, {"/etc/nginx/herd/gateway-keys.conf": keys, **upstream_file()})
     assert result.returncode == 0, result.stdout
 
 
 def test_bad_extra_config_fails_nginx(tmp_path):
-    text = render(CONF, _gateway_servers=SERVERS, _gateway_keys=[], gateway_extra_config=["bogus_directive on;"])
-    result = nginx_test(tmp_path, text)
+    text = render(CONF, _gateway_upstream=UP, _gateway_keys=[], gateway_extra_config=["bogus_directive on;"])
+    result = nginx_test(tmp_path, text, upstream_file())
     assert result.returncode != 0 and 'unknown directive "bogus_directive"' in result.stdout
 
 
