@@ -43,11 +43,11 @@ def test_gateway_spreads_over_every_instance_of_both_hosts(host):
 
 
 def test_rolling_redeploy_under_streaming_load_fails_no_request(host):
-    subprocess.run(["docker", "cp", f"{PROJECT}/tools/herd_load.py", f"{GW}:/tmp/herd_load.py"], check=True)
+    subprocess.run(["docker", "cp", f"{PROJECT}/tools/herd_load.py", f"{GW}:/root/herd_load.py"], check=True)
     load = subprocess.Popen(
-        ["docker", "exec", GW, "python3", "/tmp/herd_load.py", "--url", "http://127.0.0.1", "--model", MODEL,
+        ["docker", "exec", GW, "python3", "/root/herd_load.py", "--url", "http://127.0.0.1", "--model", MODEL,
          "--concurrency", "4", "--requests", "3000", "--duration", "150", "--stream", "--prompt-mix",
-         "short:16:24:1", "--progress", "0", "--quiet", "--json", "/tmp/rolling-load.json"],
+         "short:16:24:1", "--progress", "0", "--quiet", "--json", "/root/rolling-load.json"],
     )
     try:
         time.sleep(3)
@@ -56,7 +56,7 @@ def test_rolling_redeploy_under_streaming_load_fails_no_request(host):
     finally:
         # The load is bounded (--duration 150 s) and writes its result when it ends.
         load.wait(timeout=400)
-    result = json.loads(host.file("/tmp/rolling-load.json").content_string)["summary"]
+    result = json.loads(host.file("/root/rolling-load.json").content_string)["summary"]
     print(f"rolling re-deploy under load: {result['requests']} requests, {result['ok']} ok, "
           f"{result['errors']} failed {result['errors_by_status']}")
     assert result["requests"] >= 50
@@ -64,8 +64,11 @@ def test_rolling_redeploy_under_streaming_load_fails_no_request(host):
     for h in ("herd-mh-gpu1", "herd-mh-gpu2"):
         env = subprocess.run(["docker", "exec", h, "cat", "/etc/herd/ollama/0.env"], capture_output=True, text=True)
         assert 'OLLAMA_NUM_PARALLEL="3"' in env.stdout
-    conf = host.file("/etc/nginx/conf.d/herd-gateway.conf").content_string
-    assert "max_conns=5" in conf and " down" not in conf
+    # docker cp cannot write under the hosts' /tmp (a tmpfs), hence /root above.
+    conf = host.file("/etc/nginx/herd/gateway-upstream.conf").content_string
+    servers = [ln.strip() for ln in conf.splitlines() if ln.strip().startswith("server ")]
+    assert len(servers) == 4
+    assert all("max_conns=5" in ln and " down" not in ln for ln in servers), servers
 
 
 def test_failing_host_stops_the_rollout_and_the_rest_serves(host):
