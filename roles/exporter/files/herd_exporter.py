@@ -1,0 +1,728 @@
+#!/usr/bin/python3
+"""herd exporter: Prometheus metrics for a herd host (Ollama instances, GPUs, the nginx gateway).
+
+Ollama has no /metrics endpoint, so this exporter gathers what an operator needs and serves it in the
+Prometheus text exposition format (version 0.0.4) on /metrics:
+
+- every instance of the host's plan (read from the config file, never re-derived): up, models loaded and their
+  memory, from the instance's /api/ps;
+- every GPU: utilisation and memory, from `nvidia-smi --query-gpu=... --format=csv,noheader,nounits`;
+- the gateway on this host: requests by upstream and status, latency histograms (tailing the gateway's JSON
+  access log, across rotation) and requests in flight (from nginx stub_status).
+
+Standard library only: it runs on the target hosts with python3 alone.
+Usage: herd-exporter --config /etc/herd/exporter.json [--once]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+DEFAULT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+GPU_QUERY = "index,uuid,utilization.gpu,memory.used,memory.total"
+MIB = 1024 * 1024
+NONE = "none"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# A scrape reads at most this much new log; the rest waits for the next poll (bounded work per call).
+MAX_LOG_READ = 32 * MIB
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pure parsers: text -> data
+
+
+def _number(text):
+    """Float of an nvidia-smi field, or None for [N/A], [Not Supported] and empty fields."""
+    text = text.strip()
+    if not text or text.startswith("["):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def parse_nvidia_smi(text):
+    """Rows of `nvidia-smi --query-gpu=index,uuid,utilization.gpu,memory.used,memory.total` (csv, no units)."""
+    gpus = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) != 5:
+            raise ValueError(f"nvidia-smi line has {len(fields)} fields, expected 5: {line!r}")
+        index = _number(fields[0])
+        if index is None or not fields[1]:
+            raise ValueError(f"nvidia-smi line without index or uuid: {line!r}")
+        gpus.append(
+            {
+                "index": int(index),
+                "uuid": fields[1],
+                "utilization_percent": _number(fields[2]),
+                "memory_used_mib": _number(fields[3]),
+                "memory_total_mib": _number(fields[4]),
+            }
+        )
+    return gpus
+
+
+def parse_stub_status(text):
+    """nginx stub_status page -> {active, accepts, handled, requests, reading, writing, waiting}."""
+    lines = [line.strip() for line in text.strip().splitlines()]
+    try:
+        if not lines[0].startswith("Active connections:"):
+            raise ValueError
+        active = int(lines[0].split(":", 1)[1])
+        if lines[1].split() != ["server", "accepts", "handled", "requests"]:
+            raise ValueError
+        accepts, handled, requests = (int(v) for v in lines[2].split())
+        words = lines[3].split()
+        if [words[0], words[2], words[4]] != ["Reading:", "Writing:", "Waiting:"]:
+            raise ValueError
+        reading, writing, waiting = int(words[1]), int(words[3]), int(words[5])
+    except (IndexError, ValueError) as exc:
+        raise ValueError(f"not an nginx stub_status page: {text[:200]!r}") from exc
+    return {
+        "active": active,
+        "accepts": accepts,
+        "handled": handled,
+        "requests": requests,
+        "reading": reading,
+        "writing": writing,
+        "waiting": waiting,
+    }
+
+
+def parse_ps(text):
+    """Ollama /api/ps body -> [{name, size, size_vram}]."""
+    data = json.loads(text)
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, list):
+        raise ValueError("/api/ps answer has no models list")
+    out = []
+    for model in models:
+        out.append(
+            {
+                "name": str(model.get("name") or model.get("model") or ""),
+                "size": float(model.get("size") or 0),
+                "size_vram": float(model.get("size_vram") or 0),
+            }
+        )
+    return out
+
+
+def _last(value):
+    """Last entry of an nginx multi-value variable ("a, b : c" after retries and internal redirects)."""
+    value = (value or "").strip()
+    if not value or value == "-":
+        return ""
+    return value.replace(" : ", ", ").split(", ")[-1].strip()
+
+
+def _seconds(value):
+    last = _last(value)
+    try:
+        return float(last) if last else None
+    except ValueError:
+        return None
+
+
+def parse_log_line(line):
+    """One line of the gateway's JSON access log -> {upstream, status, request_time, header_time, bytes, attempts}.
+
+    `upstream` is the server that gave the final answer ("" when no instance was asked, or when nginx found no
+    live upstream and wrote the group's name); `attempts` lists (upstream, upstream_status) of every try.
+    Returns None for a line that is not a gateway log record.
+    """
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or "status" not in record:
+        return None
+    addrs = (record.get("upstream") or "").replace(" : ", ", ").split(", ")
+    codes = (record.get("upstream_status") or "").replace(" : ", ", ").split(", ")
+    attempts = []
+    for i, addr in enumerate(addrs):
+        addr = addr.strip()
+        if addr and addr != "-" and ":" in addr:
+            code = codes[i].strip() if i < len(codes) else ""
+            attempts.append((addr, code if code and code != "-" else NONE))
+    upstream = _last(record.get("upstream"))
+    if ":" not in upstream:  # "" or the group name (no live upstream)
+        upstream = ""
+    try:
+        size = float(record.get("bytes") or 0)
+    except ValueError:
+        size = 0.0
+    return {
+        "upstream": upstream,
+        "status": str(record.get("status")),
+        "request_time": _seconds(record.get("request_time")),
+        "header_time": _seconds(record.get("upstream_header_time")),
+        "bytes": size,
+        "attempts": attempts,
+    }
+
+
+def strip_comments(text):
+    """Config text without leading '#' lines (the rendered file starts with Ansible's managed comment)."""
+    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+
+
+def load_config(path):
+    with open(path, encoding="utf-8") as handle:
+        config = json.loads(strip_comments(handle.read()))
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: the config must be a JSON object")
+    config.setdefault("host", os.uname().nodename)
+    config.setdefault("instances", [])
+    config.setdefault("listen_address", "127.0.0.1")
+    config.setdefault("port", 9855)
+    config.setdefault("timeout", 2.0)
+    config.setdefault("buckets", list(DEFAULT_BUCKETS))
+    return config
+
+
+def dial_address(bind_address):
+    """Address to reach an instance bound to bind_address from the same host."""
+    bind = str(bind_address or "").strip("[]")
+    if bind in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if bind == "::":
+        return "::1"
+    return bind
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exposition
+
+
+def escape_label(value):
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def format_value(value):
+    value = float(value)
+    if value != value:
+        return "NaN"
+    if value == float("inf"):
+        return "+Inf"
+    if value == float("-inf"):
+        return "-Inf"
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+class Family:
+    """One metric family: name, type, help and its samples (suffix, labels, value)."""
+
+    def __init__(self, name, kind, help_text):
+        self.name, self.kind, self.help = name, kind, help_text
+        self.samples = []
+
+    def add(self, labels, value, suffix=""):
+        self.samples.append((suffix, dict(labels), value))
+        return self
+
+
+def render(families):
+    out = []
+    for fam in families:
+        out.append(f"# HELP {fam.name} {fam.help.replace(chr(92), chr(92) * 2).replace(chr(10), ' ')}")
+        out.append(f"# TYPE {fam.name} {fam.kind}")
+        for suffix, labels, value in fam.samples:
+            text = ",".join(f'{k}="{escape_label(v)}"' for k, v in labels.items())
+            out.append(
+                f"{fam.name}{suffix}{{{text}}} {format_value(value)}"
+                if text
+                else f"{fam.name}{suffix} {format_value(value)}"
+            )
+    return "\n".join(out) + "\n"
+
+
+class Histogram:
+    def __init__(self, buckets):
+        self.bounds = sorted(float(b) for b in buckets)
+        self.counts = [0] * len(self.bounds)
+        self.total = 0
+        self.sum = 0.0
+
+    def observe(self, value):
+        self.total += 1
+        self.sum += value
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+
+    def samples(self, labels):
+        acc = 0
+        for bound, count in zip(self.bounds, self.counts, strict=True):
+            acc += count
+            yield "_bucket", {**labels, "le": format_value(bound)}, acc
+        yield "_bucket", {**labels, "le": "+Inf"}, self.total
+        yield "_sum", labels, self.sum
+        yield "_count", labels, self.total
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gateway log: tail across rotation, keep counters and histograms per upstream
+
+
+class LogTailer:
+    """Reads the lines appended to a file since the last call; follows rename-rotation and truncation.
+
+    At start the tailer begins at the end of the file (counters start at zero with the process, like every
+    Prometheus counter). When the path points to a new file, the rest of the old one is read first.
+    """
+
+    def __init__(self, path, from_start=False):
+        self.path = path
+        self.handle = None
+        self.inode = None
+        self.partial = b""
+        self._open(seek_end=not from_start)
+
+    def _open(self, seek_end):
+        try:
+            handle = open(self.path, "rb")
+        except OSError:
+            self.handle, self.inode = None, None
+            return
+        stat = os.fstat(handle.fileno())
+        if seek_end:
+            handle.seek(0, os.SEEK_END)
+        self.handle, self.inode, self.partial = handle, (stat.st_dev, stat.st_ino), b""
+
+    def _split(self, data, flush=False):
+        """Whole lines of partial + data; with flush, also the unterminated rest (the old file is done)."""
+        lines = (self.partial + data).split(b"\n")
+        self.partial = b"" if flush else lines.pop()
+        return [line.decode("utf-8", "replace") for line in lines if line.strip()]
+
+    def read_lines(self, budget=MAX_LOG_READ):
+        if self.handle is None:
+            self._open(seek_end=False)  # the file appeared after start (or after rotation): read it whole
+            if self.handle is None:
+                return []
+        try:
+            stat = os.stat(self.path)
+            current = (stat.st_dev, stat.st_ino)
+        except OSError:
+            stat, current = None, None
+        if current == self.inode:
+            if stat.st_size < self.handle.tell():  # truncated in place (copytruncate)
+                self.handle.seek(0)
+                self.partial = b""
+            return self._split(self.handle.read(budget))
+        # Rotated away (renamed or removed): drain the old file, then go on with the new one from its start.
+        lines = self._split(self.handle.read(budget), flush=True)
+        self.handle.close()
+        self._open(seek_end=False)
+        if self.handle is not None:
+            lines += self._split(self.handle.read(budget))
+        return lines
+
+    def close(self):
+        if self.handle is not None:
+            self.handle.close()
+
+
+class GatewayStats:
+    def __init__(self, buckets):
+        self.buckets = buckets
+        self.requests = {}  # (upstream, status) -> count
+        self.bytes = {}  # upstream -> bytes
+        self.attempts = {}  # (upstream, upstream_status) -> count
+        self.duration = {}  # upstream -> Histogram
+        self.header = {}  # upstream -> Histogram
+        self.lines = {"parsed": 0, "invalid": 0}
+
+    def add_line(self, line):
+        rec = parse_log_line(line)
+        if rec is None:
+            self.lines["invalid"] += 1
+            return
+        self.lines["parsed"] += 1
+        up = rec["upstream"] or NONE
+        self.requests[(up, rec["status"])] = self.requests.get((up, rec["status"]), 0) + 1
+        self.bytes[up] = self.bytes.get(up, 0) + rec["bytes"]
+        for addr, code in rec["attempts"]:
+            self.attempts[(addr, code)] = self.attempts.get((addr, code), 0) + 1
+        if rec["request_time"] is not None:
+            self.duration.setdefault(up, Histogram(self.buckets)).observe(rec["request_time"])
+        if rec["header_time"] is not None and rec["upstream"]:
+            self.header.setdefault(up, Histogram(self.buckets)).observe(rec["header_time"])
+
+
+def load_servers(path):
+    """The gateway's record of its upstream servers (role gateway writes it): endpoint -> server."""
+    if not path:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    servers = data.get("servers") if isinstance(data, dict) else None
+    return {str(s.get("endpoint")): s for s in servers or [] if isinstance(s, dict) and s.get("endpoint")}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Collection
+
+
+def http_get(url, timeout):
+    request = urllib.request.Request(url, headers={"User-Agent": "herd-exporter"})
+    with urllib.request.urlopen(request, timeout=timeout) as answer:
+        return answer.read().decode("utf-8", "replace")
+
+
+def run_nvidia_smi(binary, timeout):
+    env = dict(os.environ, LC_ALL="C")
+    result = subprocess.run(
+        [binary, f"--query-gpu={GPU_QUERY}", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"nvidia-smi exited {result.returncode}: {(result.stdout + result.stderr).strip()[:200]}")
+    return result.stdout
+
+
+class Exporter:
+    def __init__(self, config, fetch=http_get, smi=run_nvidia_smi):
+        self.config = config
+        self.fetch = fetch
+        self.smi = smi
+        self.lock = threading.Lock()
+        gateway = config.get("gateway") or {}
+        self.gateway = gateway if gateway.get("enabled", bool(gateway)) else {}
+        self.stats = GatewayStats(config.get("buckets") or DEFAULT_BUCKETS)
+        self.tailer = LogTailer(self.gateway["access_log"]) if self.gateway.get("access_log") else None
+        self._servers_file = self.gateway.get("servers_file")
+        self._servers_mtime = None
+        self.servers = {}
+
+    # Gateway log polling (also run by a background thread so that rotation between scrapes is not missed).
+    def poll_log(self):
+        if self.tailer is None:
+            return True
+        with self.lock:
+            try:
+                for line in self.tailer.read_lines():
+                    self.stats.add_line(line)
+            except OSError:
+                return False
+        return self.tailer.handle is not None
+
+    def _refresh_servers(self):
+        if not self._servers_file:
+            return
+        try:
+            mtime = os.stat(self._servers_file).st_mtime_ns
+        except OSError:
+            self.servers, self._servers_mtime = {}, None
+            return
+        if mtime != self._servers_mtime:
+            self.servers, self._servers_mtime = load_servers(self._servers_file), mtime
+
+    def _upstream_labels(self, upstream):
+        server = self.servers.get(upstream, {})
+        port = upstream.rsplit(":", 1)[1] if ":" in upstream else ""
+        return {
+            "host": self.config["host"],
+            "upstream": upstream,
+            "backend_host": str(server.get("host", "")),
+            "instance_id": str(server.get("id", "")),
+            "port": port,
+        }
+
+    def collect(self):
+        started = time.monotonic()
+        host = self.config["host"]
+        timeout = float(self.config.get("timeout") or 2.0)
+        fams = {}
+
+        def fam(name, kind, help_text):
+            if name not in fams:
+                fams[name] = Family(name, kind, help_text)
+            return fams[name]
+
+        collector_ok = fam("herd_exporter_collector_success", "gauge", "1 when the collector's last run succeeded")
+
+        # Instances of the plan.
+        instances = self.config.get("instances") or []
+        uuid_owner = {}
+        if instances:
+            ok = True
+            for inst in instances:
+                uuids = [str(u) for u in inst.get("gpu_uuids") or []]
+                for uuid in uuids:
+                    uuid_owner[uuid] = str(inst["id"])
+                labels = {
+                    "host": host,
+                    "instance_id": str(inst["id"]),
+                    "port": str(inst["port"]),
+                    "gpu_uuid": ",".join(uuids),
+                }
+                address = dial_address(inst.get("bind_address"))
+                url = "http://{}:{}/api/ps".format(f"[{address}]" if ":" in address else address, inst["port"])
+                t0 = time.monotonic()
+                try:
+                    models = parse_ps(self.fetch(url, timeout))
+                    up = 1
+                except (OSError, ValueError, urllib.error.URLError):
+                    models, up = [], 0
+                    ok = False
+                elapsed = time.monotonic() - t0
+                fam("herd_instance_up", "gauge", "1 when the Ollama instance answered /api/ps").add(labels, up)
+                fam("herd_instance_probe_duration_seconds", "gauge", "Time the instance took to answer /api/ps").add(
+                    labels, elapsed
+                )
+                fam("herd_instance_num_parallel", "gauge", "Requests the instance serves at once (plan)").add(
+                    labels, int(inst.get("num_parallel") or 0)
+                )
+                fam("herd_instance_max_queue", "gauge", "Requests the instance queues beyond num_parallel (plan)").add(
+                    labels, int(inst.get("max_queue") or 0)
+                )
+                fam("herd_instance_models_loaded", "gauge", "Models loaded in the instance (/api/ps)").add(
+                    labels, len(models)
+                )
+                for model in models:
+                    mlabels = {**labels, "model": model["name"]}
+                    fam("herd_instance_model_size_bytes", "gauge", "Memory of a loaded model (/api/ps size)").add(
+                        mlabels, model["size"]
+                    )
+                    fam(
+                        "herd_instance_model_vram_bytes", "gauge", "GPU memory of a loaded model (/api/ps size_vram)"
+                    ).add(mlabels, model["size_vram"])
+            collector_ok.add({"host": host, "collector": "instances"}, 1 if ok else 0)
+
+        # GPUs.
+        smi = self.config.get("nvidia_smi")
+        if smi:
+            try:
+                gpus = parse_nvidia_smi(self.smi(smi, timeout))
+                ok = 1
+            except (OSError, ValueError, RuntimeError, subprocess.SubprocessError):
+                gpus, ok = [], 0
+            collector_ok.add({"host": host, "collector": "gpu"}, ok)
+            for gpu in gpus:
+                labels = {
+                    "host": host,
+                    "gpu": str(gpu["index"]),
+                    "gpu_uuid": gpu["uuid"],
+                    "instance_id": uuid_owner.get(gpu["uuid"], ""),
+                }
+                if gpu["utilization_percent"] is not None:
+                    fam(
+                        "herd_gpu_utilization_percent",
+                        "gauge",
+                        "GPU utilisation over the last sample period (nvidia-smi)",
+                    ).add(labels, gpu["utilization_percent"])
+                if gpu["memory_used_mib"] is not None:
+                    fam("herd_gpu_memory_used_bytes", "gauge", "GPU memory in use (nvidia-smi)").add(
+                        labels, gpu["memory_used_mib"] * MIB
+                    )
+                if gpu["memory_total_mib"] is not None:
+                    fam("herd_gpu_memory_total_bytes", "gauge", "GPU memory in total (nvidia-smi)").add(
+                        labels, gpu["memory_total_mib"] * MIB
+                    )
+
+        # Gateway.
+        if self.gateway:
+            self._gateway(fam, collector_ok, timeout)
+
+        fam("herd_exporter_scrape_duration_seconds", "gauge", "Time this scrape took").add(
+            {"host": host}, time.monotonic() - started
+        )
+        return list(fams.values())
+
+    def _gateway(self, fam, collector_ok, timeout):
+        host = self.config["host"]
+        if self.tailer is not None:
+            collector_ok.add({"host": host, "collector": "gateway_log"}, 1 if self.poll_log() else 0)
+        with self.lock:
+            self._refresh_servers()
+            stats = self.stats
+            req = fam(
+                "herd_gateway_requests_total",
+                "counter",
+                "Requests answered by the gateway, by final upstream and status",
+            )
+            for (up, status), count in sorted(stats.requests.items()):
+                req.add({**self._upstream_labels(up), "status": status}, count)
+            byt = fam("herd_gateway_response_bytes_total", "counter", "Body bytes sent to clients, by final upstream")
+            for up, count in sorted(stats.bytes.items()):
+                byt.add(self._upstream_labels(up), count)
+            att = fam(
+                "herd_gateway_upstream_attempts_total",
+                "counter",
+                "Tries of an instance (retries included), by its status",
+            )
+            for (up, code), count in sorted(stats.attempts.items()):
+                att.add({**self._upstream_labels(up), "upstream_status": code}, count)
+            for name, source, help_text in (
+                (
+                    "herd_gateway_request_duration_seconds",
+                    stats.duration,
+                    "Time from the request's first byte to the answer's last (request_time)",
+                ),
+                (
+                    "herd_gateway_upstream_header_duration_seconds",
+                    stats.header,
+                    "Time until the instance's answer headers (upstream_header_time), the time to first token when streaming",
+                ),
+            ):
+                hist = fam(name, "histogram", help_text)
+                for up, histogram in sorted(source.items()):
+                    for suffix, labels, value in histogram.samples(self._upstream_labels(up)):
+                        hist.add(labels, value, suffix)
+            lines = fam("herd_gateway_log_lines_total", "counter", "Access log lines read, by result")
+            for result, count in sorted(stats.lines.items()):
+                lines.add({"host": host, "result": result}, count)
+            servers = list(self.servers.values())
+
+        labels = {"host": host}
+        if servers:
+            fam(
+                "herd_gateway_capacity_requests",
+                "gauge",
+                "Requests the gateway's instances serve at once (sum of num_parallel)",
+            ).add(labels, sum(int(s.get("num_parallel") or 0) for s in servers))
+            fam(
+                "herd_gateway_admission_limit",
+                "gauge",
+                "Requests the gateway admits before answering busy (sum of max_conns)",
+            ).add(labels, sum(int(s.get("max_conns") or 0) for s in servers))
+        url = self.gateway.get("status_url")
+        if not url:
+            return
+        try:
+            status = parse_stub_status(self.fetch(url, timeout))
+        except (OSError, ValueError, urllib.error.URLError):
+            collector_ok.add({"host": host, "collector": "gateway_status"}, 0)
+            return
+        collector_ok.add({"host": host, "collector": "gateway_status"}, 1)
+        # The stub_status request of this scrape is itself one request being written.
+        in_flight = max(0, status["reading"] + status["writing"] - 1)
+        fam(
+            "herd_gateway_connections_active", "gauge", "Open client connections, idle ones included (stub_status)"
+        ).add(labels, status["active"])
+        fam("herd_gateway_connections_waiting", "gauge", "Idle keepalive client connections (stub_status)").add(
+            labels, status["waiting"]
+        )
+        fam("herd_gateway_connections_accepted_total", "counter", "Client connections accepted (stub_status)").add(
+            labels, status["accepts"]
+        )
+        fam(
+            "herd_gateway_http_requests_total",
+            "counter",
+            "Client requests of every nginx server, this scrape's included (stub_status)",
+        ).add(labels, status["requests"])
+        fam(
+            "herd_gateway_requests_in_flight",
+            "gauge",
+            "Requests being read or answered now, this scrape excluded (stub_status)",
+        ).add(labels, in_flight)
+        if servers:
+            capacity = sum(int(s.get("num_parallel") or 0) for s in servers)
+            fam(
+                "herd_gateway_requests_queued_estimate",
+                "gauge",
+                "Requests in flight beyond the instances' num_parallel: waiting in Ollama queues",
+            ).add(labels, max(0, in_flight - capacity))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HTTP server
+
+
+def make_handler(exporter):
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "herd-exporter"
+
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                try:
+                    body, code, ctype = render(exporter.collect()).encode(), 200, CONTENT_TYPE
+                except Exception as exc:  # noqa: BLE001 - a failed scrape answers 500 with the reason
+                    body, code, ctype = f"scrape failed: {exc}\n".encode(), 500, "text/plain; charset=utf-8"
+            elif path == "/":
+                body, code, ctype = b"herd exporter: metrics at /metrics\n", 200, "text/plain; charset=utf-8"
+            else:
+                body, code, ctype = b"not found\n", 404, "text/plain; charset=utf-8"
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args):
+            pass
+
+    return Handler
+
+
+def _poll_forever(exporter, interval, stop):
+    while not stop.wait(interval):
+        exporter.poll_log()
+
+
+def serve(exporter, address, port):
+    server_cls = ThreadingHTTPServer
+    if ":" in address:
+        import socket
+
+        class V6Server(ThreadingHTTPServer):
+            address_family = socket.AF_INET6
+
+        server_cls = V6Server
+    server = server_cls((address, int(port)), make_handler(exporter))
+    server.daemon_threads = True
+    return server
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Prometheus exporter for a herd host")
+    parser.add_argument("--config", default="/etc/herd/exporter.json")
+    parser.add_argument("--once", action="store_true", help="print one scrape on stdout and exit")
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    exporter = Exporter(config)
+    if args.once:
+        sys.stdout.write(render(exporter.collect()))
+        return 0
+    stop = threading.Event()
+    interval = float(config.get("log_poll_interval") or 1.0)
+    threading.Thread(target=_poll_forever, args=(exporter, interval, stop), daemon=True).start()
+    server = serve(exporter, config["listen_address"], config["port"])
+    print(f"herd exporter listening on {config['listen_address']}:{config['port']}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop.set()
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
