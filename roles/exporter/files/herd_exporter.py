@@ -193,6 +193,24 @@ def load_config(path):
     return config
 
 
+def check_config(config):
+    """Raise ValueError on a config the exporter cannot run with; return it otherwise."""
+    port = int(config["port"])
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} is not a TCP port")
+    buckets = [float(b) for b in config["buckets"]]
+    if not buckets or buckets != sorted(set(buckets)) or buckets[0] <= 0:
+        raise ValueError("buckets must be positive and strictly increasing")
+    for inst in config["instances"]:
+        int(inst["id"]), int(inst["port"])
+        if not isinstance(inst.get("gpu_uuids", []), list):
+            raise ValueError(f"instance {inst['id']}: gpu_uuids must be a list")
+    gateway = config.get("gateway")
+    if gateway is not None and not isinstance(gateway, dict):
+        raise ValueError("gateway must be an object or null")
+    return config
+
+
 def dial_address(bind_address):
     """Address to reach an instance bound to bind_address from the same host."""
     bind = str(bind_address or "").strip("[]")
@@ -703,8 +721,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Prometheus exporter for a herd host")
     parser.add_argument("--config", default="/etc/herd/exporter.json")
     parser.add_argument("--once", action="store_true", help="print one scrape on stdout and exit")
+    parser.add_argument("--check", action="store_true", help="only check the config file and exit")
     args = parser.parse_args(argv)
-    config = load_config(args.config)
+    try:
+        config = check_config(load_config(args.config))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"herd-exporter: bad config {args.config}: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        return 0
     exporter = Exporter(config)
     if args.once:
         sys.stdout.write(render(exporter.collect()))
