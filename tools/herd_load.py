@@ -35,11 +35,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import math
 import os
 import random
+import signal
 import socket
 import ssl
 import sys
@@ -117,6 +119,7 @@ class Record:
     upstream: str = UNKNOWN_UPSTREAM
     error: str | None = None  # error key: "http_503", "timeout", "connect", ...
     detail: str = ""
+    stale_retries: int = 0  # resent once because a reused keep-alive connection was closed before a response
 
 
 @dataclass
@@ -322,6 +325,7 @@ def summarize(records: Sequence[Record], wall: float) -> dict:
         "ok": len(ok),
         "errors": len(records) - len(ok),
         "errors_by_status": dict(sorted(errors.items())),
+        "stale_keepalive_retries": sum(r.stale_retries for r in records),
         "wall_s": wall,
         "req_per_s": len(ok) / wall,
         "output_tokens": tokens,
@@ -479,12 +483,17 @@ class Target:
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def acquire(self):
+        conn, _reused = await self.acquire_tracked()
+        return conn
+
+    async def acquire_tracked(self):
+        """A connection and whether it is an idle keep-alive one (the server may have closed it meanwhile)."""
         while self._idle:
             reader, writer = self._idle.pop()
             if not reader.at_eof() and not writer.is_closing():
-                return reader, writer
+                return (reader, writer), True
             writer.close()
-        return await asyncio.open_connection(self.host, self.port, ssl=self.ssl)
+        return await asyncio.open_connection(self.host, self.port, ssl=self.ssl), False
 
     def release(self, conn, reusable: bool) -> None:
         reader, writer = conn
@@ -562,13 +571,27 @@ async def one_request(target: Target, cfg: Config, rec: Record, body: bytes, t0:
     if cfg.api_key:
         head.append(f"Authorization: Bearer {cfg.api_key}")
     raw = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
-    conn = await target.acquire()
+    # Like Go's and curl's HTTP clients, resend once on a fresh connection when a reused keep-alive connection
+    # was closed by the server before any byte of a response (nginx closes idle client connections when it
+    # reloads); such a request never reached the server. Counted in rec.stale_retries.
+    while True:
+        conn, reused = await target.acquire_tracked()
+        reader, writer = conn
+        try:
+            writer.write(raw)
+            await writer.drain()
+            status, version, headers = await _read_head(reader)
+            break
+        except (ConnectionError, HTTPError) as exc:
+            writer.close()
+            if reused and rec.stale_retries == 0 and (
+                isinstance(exc, ConnectionError) or str(exc) == "connection closed before a response"
+            ):
+                rec.stale_retries += 1
+                continue
+            raise
     reusable = False
     try:
-        reader, writer = conn
-        writer.write(raw)
-        await writer.drain()
-        status, version, headers = await _read_head(reader)
         rec.status = status
         rec.upstream = headers.get(UPSTREAM_HEADER) or UNKNOWN_UPSTREAM
         framed = "chunked" in headers.get("transfer-encoding", "").lower() or "content-length" in headers
@@ -725,9 +748,17 @@ class Runner:
             self.out.write(("\r" if tty else "") + self._progress_line() + ("" if tty else "\n"))
             self.out.flush()
 
+    def stop(self) -> None:
+        """Issue no new request; the ones in flight finish and are counted (SIGINT/SIGTERM)."""
+        self.stop_at = 0.0
+
     async def run(self) -> float:
         self.t0 = time.perf_counter()
         self.stop_at = self.t0 + self.cfg.duration
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
         prog = asyncio.ensure_future(self._progress()) if self.cfg.progress > 0 else None
         try:
             if self.cfg.concurrency:
