@@ -183,16 +183,23 @@ def gateway_mark_down(servers, targets):
     return result
 
 
-def gateway_cidr_errors(cidrs):
-    """Return one message per entry of an allowlist that is not an IPv4/IPv6 address or network."""
+def gateway_cidr_errors(cidrs, variable="gateway_allow"):
+    """Return one message per entry of a CIDR list (gateway_allow, gateway_real_ip_from) that is not an
+    IPv4/IPv6 address or network; each names the variable and the fix."""
     errors = []
     if not cidrs:
-        return ["gateway_allow is empty: every client would be refused; list the client networks (CIDR)"]
+        if variable == "gateway_allow":
+            return ["gateway_allow is empty: every client would be refused. Fix: list the client networks in CIDR "
+                    "form, e.g. [10.0.0.0/16]"]
+        return []
     for entry in cidrs:
         try:
             ipaddress.ip_network(str(entry), strict=True)
         except ValueError as exc:
-            errors.append(f"gateway_allow entry {entry!r} is not a valid network: {exc}")
+            errors.append(
+                f"{variable} entry {entry!r} is not a valid network ({exc}). Fix: write an address or a network in "
+                "CIDR form with the host bits zero, e.g. 10.0.0.0/16 or 192.0.2.7/32"
+            )
     return errors
 
 

@@ -154,3 +154,11 @@ def test_inflight_counts_nginx_connections_per_server(gw):
     assert gw.gateway_inflight("", servers) == {"gpu1:0": 0, "gpu1:1": 0, "gw:0": 0}
     remote = [{"key": "gpu1:0", "address": "10.0.0.11", "port": 11434}]
     assert gw.gateway_inflight(SS_OUTPUT_P, remote) == {"gpu1:0": 1}
+
+
+def test_cidr_errors_name_the_variable_and_the_fix(gw):
+    (allow,) = gw.gateway_cidr_errors(["10.0.0.1/8"])
+    assert allow.startswith("gateway_allow entry '10.0.0.1/8'") and "Fix:" in allow
+    (proxy,) = gw.gateway_cidr_errors(["lan"], "gateway_real_ip_from")
+    assert proxy.startswith("gateway_real_ip_from entry 'lan'") and "Fix:" in proxy
+    assert gw.gateway_cidr_errors([], "gateway_real_ip_from") == []
