@@ -5,7 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
-SCENARIOS ?= $(sort $(notdir $(patsubst %/molecule.yml,%,$(wildcard molecule/*/molecule.yml))))
+ALL_SCENARIOS := $(sort $(notdir $(patsubst %/molecule.yml,%,$(wildcard molecule/*/molecule.yml))))
+# The longest scenarios first, so that the parallel lanes finish together.
+SCENARIOS ?= $(filter multihost default,$(ALL_SCENARIOS)) $(filter-out multihost default,$(ALL_SCENARIOS))
 
 .PHONY: demo test bootstrap lab-artifacts lab-up lab-down lint unit molecule bench clean help
 
@@ -37,11 +39,23 @@ lint: bootstrap
 unit: bootstrap
 	$(BIN)/pytest tests/unit -q
 
+# Scenarios run MOLECULE_JOBS at a time (their hosts and networks have distinct names); each one's log is
+# kept in .molecule-logs/ and printed whole when it fails.
+MOLECULE_JOBS ?= 2
+
 molecule: lab-artifacts
-	@set -e; for s in $(SCENARIOS); do \
-	  echo "=== molecule test -s $$s"; \
-	  $(BIN)/molecule test -s $$s; \
-	done
+	@rm -rf .molecule-logs && mkdir -p .molecule-logs
+	@$(MAKE) --no-print-directory -k -j$(MOLECULE_JOBS) $(addprefix molecule-,$(SCENARIOS))
+
+molecule-%:
+	@echo "=== molecule test -s $* (log: .molecule-logs/$*.log)"
+	@start=$$(date +%s); \
+	if $(BIN)/molecule test -s $* > .molecule-logs/$*.log 2>&1; then \
+	  echo "=== molecule test -s $*: passed in $$(( $$(date +%s) - start )) s"; \
+	  grep -a -o -E "[0-9]+ passed[^=]* in [0-9.]+s" .molecule-logs/$*.log | tail -n 1 | sed 's/^/    testinfra: /' || true; \
+	else \
+	  cat .molecule-logs/$*.log; echo "=== molecule test -s $*: FAILED after $$(( $$(date +%s) - start )) s"; exit 1; \
+	fi
 
 test: lint unit molecule
 	@echo "make test: all stages passed"
