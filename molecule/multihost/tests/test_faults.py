@@ -98,7 +98,7 @@ def test_kill_9_one_instance_under_streaming_load():
         result = _load_result(load, "kill9")
     s = result["summary"]
     broken = [r for r in result["samples"] if not r["ok"]]
-    elsewhere = [r for r in broken if r["upstream"] != victim]
+    elsewhere = [r for r in broken if not _tried(r) <= {victim}]
     print(f"kill -9 ollama@0 on {GPU1}: restarted and answering after {restart_s:.1f} s; load {s['requests']} "
           f"requests, {s['ok']} ok, {len(broken)} broken (all on the killed instance: {not elsewhere}) "
           f"{s['errors_by_status']}")
@@ -111,25 +111,33 @@ def test_kill_9_one_instance_under_streaming_load():
     assert _spread() == _all_instances()
 
 
+def _tried(record):
+    """Addresses a request was sent to: nginx's $upstream_addr lists every attempt ("a:1, b:2 : c:3")."""
+    return set(re.split(r",\s*|\s+:\s+", record["upstream"]))
+
+
 def test_stopped_gpu_host_is_routed_around_and_rejoins():
     gpu2 = {f"{_ip(GPU2)}:{p}" for p in PORTS}
-    load = _start_load("hostdown", duration=40)
     try:
-        time.sleep(6)
-        stop_started = time.monotonic()
-        subprocess.run(["docker", "stop", "-t", "10", GPU2], check=True, capture_output=True, timeout=60)
-        stopped_at = time.monotonic()
-    finally:
-        result_during = _load_result(load, "hostdown")
-    s = result_during["summary"]
-    broken = [r for r in result_during["samples"] if not r["ok"]]
-    not_gpu2 = [r for r in broken if r["upstream"] not in gpu2]
-    print(f"docker stop {GPU2} under load (stop took {stopped_at - stop_started:.1f} s): {s['requests']} requests, "
-          f"{s['ok']} ok, {len(broken)} broken, {len(not_gpu2)} of them not on {GPU2} {s['errors_by_status']}")
-    by_up = result_during["by_upstream"]
-    assert sum(v["requests"] for k, v in by_up.items() if k not in gpu2) > 0
-    assert not not_gpu2, not_gpu2[:5]
-    try:
+        load_t0 = time.monotonic()
+        load = _start_load("hostdown", duration=40)
+        try:
+            time.sleep(6)
+            stop_started = time.monotonic()
+            subprocess.run(["docker", "stop", "-t", "10", GPU2], check=True, capture_output=True, timeout=60)
+            stopped_at = time.monotonic()
+        finally:
+            result = _load_result(load, "hostdown")
+        s = result["summary"]
+        broken = [r for r in result["samples"] if not r["ok"]]
+        # Only requests that had been sent to gpu2 may break (a retry may have gone to gpu2's other instance).
+        elsewhere = [r for r in broken if not _tried(r) <= gpu2]
+        print(f"docker stop {GPU2} under load (stop took {stopped_at - stop_started:.1f} s): {s['requests']} requests, "
+              f"{s['ok']} ok, {len(broken)} broken {s['errors_by_status']}, started at "
+              f"{[round(r['start'], 1) for r in broken]} s (stop at about {stop_started - load_t0:.1f} s), tried "
+              f"{[r['upstream'] for r in broken]}; {len(elsewhere)} broken that had tried another host")
+        assert sum(v["requests"] for k, v in result["by_upstream"].items() if k not in gpu2) > 0
+        assert not elsewhere, elsewhere[:5]
         # With gpu2 down every request is served by gpu1.
         seen = _spread(8)
         assert seen and not seen & gpu2, seen
@@ -138,7 +146,7 @@ def test_stopped_gpu_host_is_routed_around_and_rejoins():
     up = _wait(lambda: all(_answers(GPU2, p) for p in PORTS), 90, step=1)
     assert up is not None, _sh(GPU2, "systemctl --failed; journalctl -u 'ollama@*' -n 30").stdout
     print(f"{GPU2} instances answer {up:.1f} s after docker start")
-    # The address may change on restart; the gateway's names resolve at reload, so compare what it uses.
+    # The gateway resolved the names at its last reload: gpu2 must come back with the same address.
     assert _ip(GPU2) in {a.rsplit(":", 1)[0] for a in gpu2}, "gpu2 came back with another address"
     rejoined = _wait(lambda: _spread(8) >= gpu2, 40, step=2)
     assert rejoined is not None, "gpu2 did not rejoin the gateway"
