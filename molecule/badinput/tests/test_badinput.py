@@ -69,7 +69,8 @@ CASES = [
      ["gateway_api_keys", "'team-a' is used twice"]),
     ("api_key_too_short", {"gateway_api_keys": ["herd-short"]}, ["gateway_api_keys", "16-256 characters"]),
     ("unknown_mode", {"ollama_mode": "kubernetes"}, ["ollama_mode", "systemd"]),
-    ("container_mode_unproven", {"ollama_mode": "container"}, ["ollama_mode=container", "Fix: set ollama_mode: systemd"]),
+    ("container_bad_volume", {"ollama_mode": "container", "ollama_container_volumes": ["relative:/x"]},
+     ["ollama_container_volumes entries must be", "relative:/x"]),
     ("unknown_copy_method", {"ollama_copy_method": "symlink"}, ["ollama_copy_method must be one of: copy, hardlink, reflink"]),
     ("path_source_without_bundle", {"ollama_model_source": "path"},
      ["ollama_model_bundle_path must name the bundle directory"]),
@@ -91,14 +92,9 @@ CASES = [
     ("busy_status_not_allowed", {"gateway_busy_status": 500}, ["gateway_busy_status", "503"]),
 ]
 
-# Cases that do not yet fail cleanly in preflight: real defects in files this scenario does not own, reported
-# to their owners with the fix (docs/reliability.md). strict=True: the mark must go when the defect is fixed.
-KNOWN_DEFECTS = {
-    "non_cidr_allowlist_entry": "gateway_cidr_errors names no fix",
-    "allowlist_host_bits_set": "gateway_cidr_errors names no fix",
-    "trusted_proxy_not_cidr": "gateway_cidr_errors calls every entry a gateway_allow entry and names no fix",
-    "busy_status_not_allowed": "the gateway's argument spec is not checked in preflight",
-}
+# Cases that do not yet fail cleanly in preflight, marked strict xfail with the reason (none left: the four
+# gateway defects this suite found are fixed). strict=True: a mark must go when its defect is fixed.
+KNOWN_DEFECTS: dict[str, str] = {}
 
 _RESULTS = {}
 
