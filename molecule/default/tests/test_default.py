@@ -102,3 +102,16 @@ def test_changing_one_instance_restarts_only_that_instance(host):
     assert after[1] != before[1], "ollama@1 should have restarted"
     assert {i: after[i] for i in after if i != 1} == {i: before[i] for i in before if i != 1}
     assert env_file(host, 1)["OLLAMA_NUM_PARALLEL"] == "3"
+
+
+def test_status_playbook_prints_every_instance_healthy(host):
+    project = os.environ["MOLECULE_PROJECT_DIRECTORY"]
+    run = subprocess.run(
+        ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], f"{project}/playbooks/status.yml"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:]
+    rows = [ln for ln in run.stdout.splitlines() if "- ollama@" in ln]
+    assert len(rows) == len(GPUS), run.stdout[-3000:]
+    for i, row in enumerate(rows):
+        assert f"ollama@{i}" in row and f"{BASE_PORT + i}" in row and " active " in row and " ok " in row
