@@ -23,7 +23,7 @@ boot_host() {
     return
   fi
   docker run -d --name "$name" --hostname "$name" --network "$NET" \
-    --cap-add SYS_ADMIN --cgroupns=host -v /sys/fs/cgroup:/sys/fs/cgroup:rw \
+    --cap-add SYS_ADMIN --cap-add NET_ADMIN --cgroupns=host -v /sys/fs/cgroup:/sys/fs/cgroup:rw \
     --tmpfs /run --tmpfs /tmp --stop-signal SIGRTMIN+3 \
     --label herd.lab=1 "$@" "$IMAGE" >/dev/null
 }
