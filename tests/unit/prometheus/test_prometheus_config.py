@@ -79,6 +79,8 @@ def test_three_hosts_render_one_labelled_target_each():
     assert config["global"]["scrape_timeout"] == "10s"
     (job,) = config["scrape_configs"]
     assert job["job_name"] == "herd"
+    # the exporter's own `host` label must not be renamed exported_host
+    assert job["honor_labels"] is True
     assert targets_by_host(config) == {
         "gpu1": "10.0.0.11:9855",
         "gpu2": "10.0.0.12:9900",
