@@ -45,7 +45,9 @@ MOLECULE_JOBS ?= 2
 
 molecule: lab-artifacts
 	@rm -rf .molecule-logs && mkdir -p .molecule-logs
-	@$(MAKE) --no-print-directory -k -j$(MOLECULE_JOBS) $(addprefix molecule-,$(SCENARIOS))
+	@$(MAKE) --no-print-directory -k -j$(MOLECULE_JOBS) $(addprefix molecule-,$(SCENARIOS)); rc=$$?; \
+	if [ -s .molecule-logs/measurements.txt ]; then echo "=== measured by the scenarios"; cat .molecule-logs/measurements.txt; fi; \
+	exit $$rc
 
 molecule-%:
 	@echo "=== molecule test -s $* (log: .molecule-logs/$*.log)"

@@ -16,6 +16,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+
+def _measured(line):
+    """Print a measurement and keep it for `make test`'s summary (.molecule-logs/measurements.txt)."""
+    print(line)
+    logs = os.path.join(os.environ.get("MOLECULE_PROJECT_DIRECTORY", "."), ".molecule-logs")
+    os.makedirs(logs, exist_ok=True)
+    with open(os.path.join(logs, "measurements.txt"), "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+
+
 testinfra_hosts = ["herd-mol-bad"]
 
 PROJECT = os.environ["MOLECULE_PROJECT_DIRECTORY"]
@@ -180,7 +190,7 @@ def test_counts_and_host_unchanged(results):
             clean.append(cid)
         except AssertionError:
             pass
-    print(f"bad input: {len(CASES)} cases, {len(clean)} fail cleanly in preflight, "
+    _measured(f"bad input: {len(CASES)} cases, {len(clean)} fail cleanly in preflight, "
           f"{len(CASES) - len(clean)} known defects: {sorted(set(c for c, _, _ in CASES) - set(clean))}")
     assert len(CASES) >= 25
     assert set(clean) == {c for c, _, _ in CASES} - set(KNOWN_DEFECTS)

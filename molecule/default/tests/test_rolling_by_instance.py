@@ -5,6 +5,16 @@ import os
 import subprocess
 import time
 
+
+def _measured(line):
+    """Print a measurement and keep it for `make test`'s summary (.molecule-logs/measurements.txt)."""
+    print(line)
+    logs = os.path.join(os.environ.get("MOLECULE_PROJECT_DIRECTORY", "."), ".molecule-logs")
+    os.makedirs(logs, exist_ok=True)
+    with open(os.path.join(logs, "measurements.txt"), "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+
+
 HOST = "herd-mol-aio"
 PROJECT = os.environ["MOLECULE_PROJECT_DIRECTORY"]
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
@@ -36,7 +46,7 @@ def test_rolling_by_instance_keeps_a_single_host_serving(host):
         subprocess.run(["docker", "exec", HOST, "pkill", "-TERM", "-f", "herd_load.py"], check=False)
         load.wait(timeout=120)
     summary = json.loads(host.file("/root/by-instance.json").content_string)["summary"]
-    print(f"rolling by instance under load: {summary['requests']} requests, {summary['ok']} ok, "
+    _measured(f"rolling by instance under load: {summary['requests']} requests, {summary['ok']} ok, "
           f"{summary['errors']} failed {summary['errors_by_status']}, "
           f"{summary['stale_keepalive_retries']} resent on a closed keep-alive connection")
     assert summary["requests"] >= 100

@@ -8,6 +8,15 @@ import time
 from conftest import GW, KEY, SCENARIO, call, dump_journal, playbook, stream
 
 
+def _measured(line):
+    """Print a measurement and keep it for `make test`'s summary (.molecule-logs/measurements.txt)."""
+    print(line)
+    logs = os.path.join(os.environ.get("MOLECULE_PROJECT_DIRECTORY", "."), ".molecule-logs")
+    os.makedirs(logs, exist_ok=True)
+    with open(os.path.join(logs, "measurements.txt"), "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+
+
 def upstreams_of(gw):
     """Every instance's address as nginx reports it in X-Herd-Upstream."""
     ip = gw.check_output("getent ahostsv4 h4-gpu1 | awk 'NR==1{print $1}'")
@@ -72,7 +81,7 @@ def test_stream_chunks_arrive_before_the_end_and_ttft_matches_direct(gw):
     assert result["chunk_times"][len(result["chunk_times"]) // 2] < result["t_end"] - 0.5, result
     gateway = [stream(gw, tokens=3)["chunk_times"][0] for _ in range(8)]
     direct = [stream(gw, url="http://127.0.0.1:11434/api/generate", tokens=3)["chunk_times"][0] for _ in range(8)]
-    print(f"TTFT median gateway {statistics.median(gateway) * 1000:.1f} ms, "
+    _measured(f"TTFT median gateway {statistics.median(gateway) * 1000:.1f} ms, "
           f"direct {statistics.median(direct) * 1000:.1f} ms")
     assert statistics.median(gateway) - statistics.median(direct) < 0.05, (gateway, direct)
 

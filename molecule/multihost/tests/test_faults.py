@@ -11,6 +11,16 @@ import re
 import subprocess
 import time
 
+
+def _measured(line):
+    """Print a measurement and keep it for `make test`'s summary (.molecule-logs/measurements.txt)."""
+    print(line)
+    logs = os.path.join(os.environ.get("MOLECULE_PROJECT_DIRECTORY", "."), ".molecule-logs")
+    os.makedirs(logs, exist_ok=True)
+    with open(os.path.join(logs, "measurements.txt"), "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+
+
 testinfra_hosts = ["herd-mh-gw"]
 
 PROJECT = os.environ["MOLECULE_PROJECT_DIRECTORY"]
@@ -99,7 +109,7 @@ def test_kill_9_one_instance_under_streaming_load():
     s = result["summary"]
     broken = [r for r in result["samples"] if not r["ok"]]
     elsewhere = [r for r in broken if not _tried(r) <= {victim}]
-    print(f"kill -9 ollama@0 on {GPU1}: restarted and answering after {restart_s:.1f} s; load {s['requests']} "
+    _measured(f"kill -9 ollama@0 on {GPU1}: restarted and answering after {restart_s:.1f} s; load {s['requests']} "
           f"requests, {s['ok']} ok, {len(broken)} broken (all on the killed instance: {not elsewhere}) "
           f"{s['errors_by_status']}")
     assert back is not None, "ollama@0 did not come back within 30 s"
@@ -132,7 +142,7 @@ def test_stopped_gpu_host_is_routed_around_and_rejoins():
         broken = [r for r in result["samples"] if not r["ok"]]
         # Only requests that had been sent to gpu2 may break (a retry may have gone to gpu2's other instance).
         elsewhere = [r for r in broken if not _tried(r) <= gpu2]
-        print(f"docker stop {GPU2} under load (stop took {stopped_at - stop_started:.1f} s): {s['requests']} requests, "
+        _measured(f"docker stop {GPU2} under load (stop took {stopped_at - stop_started:.1f} s): {s['requests']} requests, "
               f"{s['ok']} ok, {len(broken)} broken {s['errors_by_status']}, started at "
               f"{[round(r['start'], 1) for r in broken]} s (stop at about {stop_started - load_t0:.1f} s), tried "
               f"{[r['upstream'] for r in broken]}; {len(elsewhere)} broken that had tried another host")
@@ -145,7 +155,7 @@ def test_stopped_gpu_host_is_routed_around_and_rejoins():
         subprocess.run(["docker", "start", GPU2], check=True, capture_output=True, timeout=60)
     up = _wait(lambda: all(_answers(GPU2, p) for p in PORTS), 90, step=1)
     assert up is not None, _sh(GPU2, "systemctl --failed; journalctl -u 'ollama@*' -n 30").stdout
-    print(f"{GPU2} instances answer {up:.1f} s after docker start")
+    _measured(f"{GPU2} instances answer {up:.1f} s after docker start")
     # The gateway resolved the names at its last reload: gpu2 must come back with the same address.
     assert _ip(GPU2) in {a.rsplit(":", 1)[0] for a in gpu2}, "gpu2 came back with another address"
     rejoined = _wait(lambda: _spread(8) >= gpu2, 40, step=2)
@@ -166,7 +176,7 @@ def test_only_the_gateway_reaches_instance_ports():
             refused = _sh(outsider, f"curl -sS -m 3 -o /dev/null {url}")
             # 7: the connection was refused (the firewall's TCP reset), not a name or routing problem.
             assert refused.returncode == 7, f"{outsider} (not a gateway) reached {url}: {refused.stderr}"
-    print("instance firewall: gateway and loopback reach every instance port; the other GPU host is refused")
+    _measured("instance firewall: gateway and loopback reach every instance port; the other GPU host is refused")
 
 
 def test_systemd_exposure_of_instances():
@@ -174,7 +184,7 @@ def test_systemd_exposure_of_instances():
     m = re.search(r"Overall exposure level for ollama@0\.service:\s*([0-9.]+)\s+(\S+)", out)
     assert m, out[-2000:]
     exposure = float(m.group(1))
-    print(f"systemd-analyze security ollama@0.service: {exposure} {m.group(2)} (limit {EXPOSURE_LIMIT})")
+    _measured(f"systemd-analyze security ollama@0.service: {exposure} {m.group(2)} (limit {EXPOSURE_LIMIT})")
     # The sandbox still lets the unit see the NVIDIA device nodes (CUDA): DevicePolicy=closed with the allowlist.
     props = _sh(GPU1, "systemctl show -p DevicePolicy -p DeviceAllow ollama@0.service").stdout
     assert "DevicePolicy=closed" in props and "char-nvidiactl rw" in props and "char-nvidia-uvm rw" in props

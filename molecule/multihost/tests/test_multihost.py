@@ -6,6 +6,16 @@ import os
 import subprocess
 import time
 
+
+def _measured(line):
+    """Print a measurement and keep it for `make test`'s summary (.molecule-logs/measurements.txt)."""
+    print(line)
+    logs = os.path.join(os.environ.get("MOLECULE_PROJECT_DIRECTORY", "."), ".molecule-logs")
+    os.makedirs(logs, exist_ok=True)
+    with open(os.path.join(logs, "measurements.txt"), "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+
+
 testinfra_hosts = ["herd-mh-gw"]
 
 PROJECT = os.environ["MOLECULE_PROJECT_DIRECTORY"]
@@ -57,7 +67,7 @@ def test_rolling_redeploy_under_streaming_load_fails_no_request(host):
         # The load is bounded (--duration 150 s) and writes its result when it ends.
         load.wait(timeout=400)
     result = json.loads(host.file("/root/rolling-load.json").content_string)["summary"]
-    print(f"rolling re-deploy under load: {result['requests']} requests, {result['ok']} ok, "
+    _measured(f"rolling re-deploy under load: {result['requests']} requests, {result['ok']} ok, "
           f"{result['errors']} failed {result['errors_by_status']}")
     assert result["requests"] >= 50
     assert result["errors"] == 0, result["errors_by_status"]
