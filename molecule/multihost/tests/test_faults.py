@@ -9,17 +9,11 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 
-
-def _measured(line):
-    """Print a measurement and keep it for `make test`'s summary (.molecule-logs/measurements.txt)."""
-    print(line)
-    logs = os.path.join(os.environ.get("MOLECULE_PROJECT_DIRECTORY", "."), ".molecule-logs")
-    os.makedirs(logs, exist_ok=True)
-    with open(os.path.join(logs, "measurements.txt"), "a", encoding="utf-8") as fh:
-        fh.write(line + "\n")
-
+sys.path.insert(0, os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "molecule"))
+from herd_measure import measured as _measured  # noqa: E402
 
 testinfra_hosts = ["herd-mh-gw"]
 
