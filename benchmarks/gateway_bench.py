@@ -1,21 +1,20 @@
 #!/usr/bin/env python3
-"""herd gateway benchmark on loopback: emulated GPUs, one run, ratios.
+"""herd gateway benchmark on loopback: overload, balancing policies and the ideal central FIFO.
 
-Starts N Ollama emulator processes (lab/standins/ollama_emulator.py, fixed
-token rate per slot) on 127.0.0.1, nginx with herd's gateway config rendered
-from roles/gateway's template and defaults (and with the seed configs to
-compare), optionally LiteLLM's proxy, and drives them with tools/herd_load.py.
-Writes docs/benchmarks/<date>-lab.{md,json,png}.
+Starts N Ollama emulator processes (lab/standins/ollama_emulator.py: fixed token rate per slot, no
+slowdown when busy) on 127.0.0.1, nginx with herd's gateway rendered by role gateway's own tasks
+(benchmarks/herd_render.py: every file the role renders, its filters, defaults and vars) and with the seed
+configurations to compare, optionally LiteLLM's proxy, and drives them with tools/herd_load.py (closed loop,
+the same request list for every run). Writes docs/benchmarks/<date>-lab.{md,json,png}.
 
-Run it through benchmarks/run.sh, which prepares the Python environment
-(jinja2, PyYAML, matplotlib, litellm) this script needs; the load tool itself
-runs with the system python3 and the standard library only.
+Run it through benchmarks/run.sh (full report) or with --short (a quick pass that `make unit` runs through
+tests/unit/benchmarks, so that a change of the role cannot break the benchmark unseen).
 
 Sections:
-  1. scaling      1 instance vs N through the gateway: throughput ratio / N
-  2. policies     least_conn + max_conns (herd) vs round-robin vs random under mixed lengths
-  3. streaming    TTFT through the gateway vs direct, and vs proxy_buffering on
-  4. peer router  the same N instances behind LiteLLM's proxy vs herd's gateway
+  1. overload     herd, seed 000, seed 003, round-robin and random at concurrency = slots, 2x and 3x,
+                  beside the ideal central FIFO computed from the same request list
+  2. streaming    TTFT through the gateway vs direct to the instance, at the instance's slots
+  3. peer router  the same instances behind LiteLLM's proxy vs herd's gateway
 Every target is 127.0.0.1; every run is bounded in requests and seconds.
 """
 
@@ -23,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import heapq
 import importlib.util
 import json
 import os
@@ -36,21 +36,44 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import herd_render  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATOR = ROOT / "lab" / "standins" / "ollama_emulator.py"
 MKMODELS = ROOT / "lab" / "standins" / "mkmodels.py"
 LOAD_TOOL = ROOT / "tools" / "herd_load.py"
-GATEWAY_ROLE = ROOT / "roles" / "gateway"
-GATEWAY_TEMPLATE = GATEWAY_ROLE / "templates" / "etc" / "nginx" / "conf.d" / "herd-gateway.conf.j2"
-GATEWAY_FILTERS = GATEWAY_ROLE / "filter_plugins" / "gateway.py"
 GPU_SPEC = ROOT / "lab" / "gpus" / "rtx4090x8.json"
 
 MODEL = "herd-tiny:1b"
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+CONFIGS = ("herd", "seed-000", "seed-003", "round-robin", "random")
+LABELS = {
+    "herd": "herd (role gateway)",
+    "seed-000": "seed 000: least_conn + zone + keepalive",
+    "seed-003": "seed 003: least_conn, max_conns = slots",
+    "round-robin": "round-robin + zone + keepalive",
+    "random": "random + zone + keepalive",
+    "baseline": "herd before (role gateway at the baseline ref)",
+    "ideal": "ideal central FIFO (computed)",
+}
+
+
+def _load_module(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+herd_load = _load_module(LOAD_TOOL, "herd_load_for_bench")
+percentile = herd_load.percentile
 
 
 # ---------------------------------------------------------------- helpers
@@ -67,6 +90,7 @@ def free_port() -> int:
 
 
 def wait_http(url: str, timeout: float = 30.0) -> None:
+    """Wait until `url` answers HTTP (any status below 500)."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -74,6 +98,10 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
             with urllib.request.urlopen(url, timeout=2) as resp:
                 if resp.status < 500:
                     return
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500:
+                return
+            last = exc
         except Exception as exc:  # noqa: BLE001 - any failure means "not up yet"
             last = exc
         time.sleep(0.2)
@@ -167,128 +195,133 @@ class Procs:
         return total
 
 
-# ---------------------------------------------------------------- gateway config
+# ---------------------------------------------------------------- gateway configurations
 
 
-def _load_module(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _comment(text: str) -> str:
-    """Ansible's `comment` filter with its defaults."""
-    return "#\n" + "\n".join("# " + line if line else "#" for line in text.splitlines()) + "\n#"
-
-
-def render_herd_conf(ports: list[int], listen: int, num_parallel: int, access_log: Path) -> tuple[str, str]:
-    """herd's gateway config for `ports`, from the role's template, defaults and filters.
-
-    Returns (config, origin) where origin says what it was rendered from.
-    """
-    import jinja2
-    import yaml
-
-    defaults = yaml.safe_load((GATEWAY_ROLE / "defaults" / "main.yml").read_text())
-    internals = yaml.safe_load((GATEWAY_ROLE / "vars" / "main.yml").read_text())
-    filters = _load_module(GATEWAY_FILTERS, "herd_gateway_filters")
-    plan = [
-        {"id": i, "name": f"ollama-{i}", "port": p, "bind_address": HOST, "num_parallel": num_parallel,
-         "models": [MODEL]}
-        for i, p in enumerate(ports)
-    ]
-    servers = filters.gateway_servers(
-        ["bench"], {"bench": {"_ollama_plan": plan}}, "bench",
-        queue_per_instance=defaults["gateway_queue_per_instance"], max_fails=defaults["gateway_max_fails"],
-        fail_timeout=defaults["gateway_fail_timeout"], weights=defaults["gateway_weights"],
-        backups=defaults["gateway_backups"], weight_by_parallel=defaults["gateway_weight_by_parallel"],
-    )
-    # nothing drained (gateway_drain is empty by default): every server is up
-    servers = filters.gateway_mark_down(servers, defaults["gateway_drain"])
-    variables = dict(defaults)
-    variables.update(internals)
-    variables.update({
-        "ansible_managed": "Managed by herd (Ansible); rendered by benchmarks/gateway_bench.py",
-        "gateway_http_port": listen,
-        "gateway_access_log": str(access_log),
-        "gateway_allow": ["127.0.0.1/32"],
-        "_gateway_servers": servers,
-        "_gateway_keys": [],
-    })
-    env = jinja2.Environment(trim_blocks=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-    env.filters["comment"] = _comment
-    conf = env.from_string(GATEWAY_TEMPLATE.read_text()).render(**variables)
-    rev = cmd_out(["git", "-C", str(ROOT), "log", "-1", "--format=%h", "--", str(GATEWAY_ROLE)]) or "uncommitted"
-    dirty = cmd_out(["git", "-C", str(ROOT), "status", "--porcelain", "--", str(GATEWAY_ROLE)])
-    origin = f"roles/gateway template + defaults at {rev}{' (with uncommitted changes)' if dirty else ''}"
-    return conf, origin
-
-
-def variant(conf: str, name: str) -> str:
-    """Seed configurations derived from herd's: same file, one policy or buffering change."""
-    if name == "herd":
-        return conf
-    if name in ("round-robin", "random"):
-        # Seed 001: no least_conn and no max_conns (nginx's default round-robin, or `random`).
-        out = re.sub(r"^\s*least_conn;\n", "" if name == "round-robin" else "    random;\n", conf, flags=re.M)
-        out = re.sub(r" max_conns=\d+", "", out)
-        assert out != conf, "gateway template changed: cannot derive the seed config"
-        return out
-    if name == "buffered":
-        # Seed 000: proxy_buffering on (nginx's default).
-        out = conf.replace("proxy_buffering off;", "proxy_buffering on;")
-        assert out != conf, "gateway template changed: cannot derive the buffered config"
-        return out
-    raise ValueError(name)
-
-
-NGINX_MAIN = """\
-# nginx main config of the benchmark (prefix {prefix}); includes one rendered gateway config.
-daemon off;
-master_process on;
-worker_processes {workers};
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{
-    worker_connections 4096;
+def seed_conf(name: str, ports: list[int], slots: int, listen: int) -> str:
+    """One seed configuration: an upstream over every instance with one of nginx's own policies."""
+    policy = {"seed-000": "least_conn;", "seed-003": "least_conn;", "round-robin": "", "random": "random;"}[name]
+    limit = f" max_conns={slots}" if name == "seed-003" else ""
+    servers = "\n".join(f"    server {HOST}:{p}{limit};" for p in ports)
+    return f"""\
+# {LABELS[name]} (written by benchmarks/gateway_bench.py)
+upstream bench_seed {{
+    zone bench_seed 256k;
+    {policy}
+{servers}
+    keepalive 32;
 }}
-http {{
-    client_body_temp_path {prefix}/tmp/body;
-    proxy_temp_path {prefix}/tmp/proxy;
-    fastcgi_temp_path {prefix}/tmp/fastcgi;
-    uwsgi_temp_path {prefix}/tmp/uwsgi;
-    scgi_temp_path {prefix}/tmp/scgi;
-    include {conf};
+server {{
+    listen {HOST}:{listen};
+    access_log off;
+    add_header X-Herd-Upstream $upstream_addr always;
+    location / {{
+        proxy_pass http://bench_seed;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_buffering off;
+        proxy_read_timeout 600s;
+    }}
 }}
 """
 
 
+def instance_plan(ports: list[int], num_parallel: int) -> list[dict]:
+    """One host's _ollama_plan (the fields role gateway reads) for emulators on `ports`."""
+    return [{"id": i, "name": f"ollama-{i}", "port": p, "bind_address": HOST, "num_parallel": num_parallel,
+             "models": [MODEL]} for i, p in enumerate(ports)]
+
+
 class Gateway:
-    def __init__(self, procs: Procs, work: Path, workers: int):
+    """nginx from one prefix at a time, on one fixed loopback port."""
+
+    def __init__(self, procs: Procs, work: Path, workers: int | str | None):
         self.procs = procs
         self.work = work
         self.workers = workers
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
+        self.prefixes: dict[str, herd_render.Prefix] = {}
 
-    def start(self, name: str, conf: str) -> None:
-        prefix = self.work / f"nginx-{name}"
-        (prefix / "tmp").mkdir(parents=True, exist_ok=True)
-        (prefix / "gateway.conf").write_text(conf)
-        (prefix / "nginx.conf").write_text(
-            NGINX_MAIN.format(prefix=prefix, workers=self.workers, conf=prefix / "gateway.conf"))
-        test = subprocess.run(["nginx", "-t", "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
-                              capture_output=True, text=True, check=False)
-        if test.returncode != 0:
-            raise RuntimeError(f"nginx -t failed for {name}:\n{test.stderr}")
-        self.procs.start("nginx", ["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
-                         log_path=prefix / "stdout.log")
-        wait_http(self.url + "/herd/health", 15)
+    def render_herd(self, name: str, ports: list[int], num_parallel: int, roles: Path | None = None,
+                    overrides: dict | None = None) -> herd_render.Prefix:
+        log(f"rendering {name} with role gateway's tasks ({len(ports)} instances)")
+        pre = herd_render.render_gateway(self.work / f"nginx-{name}", instance_plan(ports, num_parallel), self.port,
+                                         overrides=overrides, workers=self.workers, roles=roles)
+        log(f"  -> {len(pre.files)} files in {pre.render_seconds:.0f} s: "
+            + ", ".join(str(p.relative_to(pre.path)) for p in pre.files))
+        self.prefixes[name] = pre
+        return pre
+
+    def write_seed(self, name: str, ports: list[int], slots: int) -> herd_render.Prefix:
+        pre = herd_render.write_conf(self.work / f"nginx-{name}", "bench-seed.conf",
+                                     seed_conf(name, ports, slots, self.port), self.workers)
+        self.prefixes[name] = pre
+        return pre
+
+    def start(self, name: str) -> None:
+        pre = self.prefixes[name]
+        self.procs.start("nginx", pre.nginx_argv(), log_path=pre.path / "stdout.log")
+        try:
+            wait_http(self.url + "/api/version", 15)
+        except RuntimeError as exc:
+            tail = pre.error_log.read_text(errors="replace")[-2000:] if pre.error_log.exists() else ""
+            raise RuntimeError(f"nginx for {name} did not come up: {exc}\n{tail}") from exc
 
     def stop(self) -> None:
         self.procs.stop("nginx", sig=signal.SIGQUIT)
+
+
+# ---------------------------------------------------------------- the ideal central FIFO
+
+
+def ideal_fifo(tokens: list[int], concurrency: int, slots: int, token_s: float, first_s: float = 0.0) -> dict:
+    """Closed loop through one FIFO queue in front of `slots` identical slots (what a perfect gateway does).
+
+    `concurrency` clients each send request i+1.. as soon as their previous answer ends, taking the next
+    request of `tokens` (answer lengths, in order). A request starts on the first slot that frees, waits in
+    arrival order, and streams `first_s` + n * `token_s`; its first token comes `first_s` + `token_s` after
+    it starts. Returns the same figures as a measured run.
+    """
+    n = len(tokens)
+    events: list[tuple[float, int, str, int]] = []  # (time, seq, kind, request)
+    seq = 0
+    arrivals: list[float] = [0.0] * n
+    ttft: list[float] = [0.0] * n
+    latency: list[float] = [0.0] * n
+    queue: list[int] = []
+    free = slots
+    issued = 0
+    for _ in range(min(concurrency, n)):
+        heapq.heappush(events, (0.0, seq, "arrive", issued))
+        seq += 1
+        issued += 1
+    end = 0.0
+    qhead = 0
+    while events:
+        t, _s, kind, i = heapq.heappop(events)
+        if kind == "arrive":
+            arrivals[i] = t
+            queue.append(i)
+        else:  # done
+            free += 1
+            latency[i] = t - arrivals[i]
+            end = max(end, t)
+            if issued < n:
+                heapq.heappush(events, (t, seq, "arrive", issued))
+                seq += 1
+                issued += 1
+        while free and qhead < len(queue):
+            j = queue[qhead]
+            qhead += 1
+            free -= 1
+            ttft[j] = t - arrivals[j] + first_s + token_s
+            heapq.heappush(events, (t + first_s + tokens[j] * token_s, seq, "done", j))
+            seq += 1
+    total = sum(tokens)
+    return {"requests": n, "ok": n, "errors_by_status": {}, "wall_s": end, "output_tokens": total,
+            "output_tokens_per_s": total / end if end else None,
+            "ttft_s": herd_load.distribution(ttft), "latency_s": herd_load.distribution(latency)}
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -302,6 +335,15 @@ class Bench:
         self.ports: list[int] = []
         self.runs: dict[str, dict] = {}
         self.cpu: dict[str, dict] = {}
+
+    @property
+    def slots(self) -> int:
+        return self.args.instances * self.args.num_parallel
+
+    def mix(self) -> str:
+        a = self.args
+        return (f"short:{a.prompt_words}:{a.short_tokens}:{a.short_weight},"
+                f"long:{a.prompt_words}:{a.long_tokens}:{a.long_weight}")
 
     # -- setup
 
@@ -319,18 +361,21 @@ class Bench:
                 "OLLAMA_NUM_PARALLEL": str(a.num_parallel),
                 "OLLAMA_MAX_QUEUE": "512",
                 "OLLAMA_KEEP_ALIVE": "-1",
-                "CUDA_VISIBLE_DEVICES": str(i),
+                "CUDA_VISIBLE_DEVICES": str(i % 8),
                 "HERD_LAB_GPU_SPEC": str(GPU_SPEC),
-                "HERD_EMU_TOKENS_PER_SECOND": str(a.tokens_per_second),
-                "HERD_EMU_RESPONSE_TOKENS": str(a.answer_tokens),
+                "HERD_EMU_TOKENS_PER_SECOND": str(1.0 / a.token_seconds),
+                # no prompt time and no slowdown with every slot busy: a slot is a fixed-rate server,
+                # which is what the ideal FIFO computes with
+                "HERD_EMU_PROMPT_TOKENS_PER_SECOND": "1000000",
+                "HERD_EMU_BUSY_SLOWDOWN": "1",
+                "HERD_EMU_RESPONSE_TOKENS": str(a.short_tokens),
                 "TMPDIR": str(self.work / "tmp"),
             })
-            env.update(dict(kv.split("=", 1) for kv in a.emulator_env))
             self.procs.start(f"emu{i}", [sys.executable, str(EMULATOR), "serve"], env=env,
                              log_path=self.work / f"emu{i}.log")
             self.ports.append(port)
         for port in self.ports:
-            wait_http(f"http://{HOST}:{port}/api/version", 30)
+            wait_http(f"http://{HOST}:{port}/api/version", 60)
         # load the model on every instance before measuring (not part of any number)
         for port in self.ports:
             self.load(f"warm-{port}", f"http://{HOST}:{port}", "generate", concurrency=1, requests=1,
@@ -347,15 +392,13 @@ class Bench:
     # -- one load run
 
     def load(self, name: str, url: str, api: str, concurrency: int, requests: int, mix: str,
-             stream: bool = True, record: bool = True, duration: float | None = None) -> dict:
+             record: bool = True) -> dict:
         out = self.work / "runs" / f"{name}.json"
         out.parent.mkdir(exist_ok=True)
         argv = ["python3", str(LOAD_TOOL), "--url", url, "--api", api, "--model", MODEL,
-                "--concurrency", str(concurrency), "--requests", str(requests),
-                "--duration", str(duration or self.args.max_run_seconds), "--prompt-mix", mix,
-                "--timeout", "120", "--json", str(out), "--quiet" if not record else "--progress=2"]
-        if not stream:
-            argv.append("--no-stream")
+                "--concurrency", str(concurrency), "--requests", str(requests), "--seed", str(self.args.seed),
+                "--duration", str(self.args.max_run_seconds), "--prompt-mix", mix,
+                "--timeout", "120", "--json", str(out), "--quiet" if not record else "--progress=5"]
         if record:
             log(f"run {name}: {api} {url} c={concurrency} n={requests} mix={mix}")
         served0 = self.served()
@@ -371,23 +414,19 @@ class Bench:
             raise RuntimeError(f"load run {name} failed with {res.returncode}")
         data = json.loads(out.read_text())
         if record:
-            ncpu = os.cpu_count() or 1
-            cpu = {
+            self.cpu[name] = {
                 "elapsed_s": elapsed,
                 "machine_busy": (busy1 - busy0) / max(total1 - total0, 1),
                 "emulators_cpu_s": self.procs.cpu("emu") - emu0,
                 "nginx_cpu_s": self.procs.cpu("nginx") - ngx0,
                 "litellm_cpu_s": self.procs.cpu("litellm") - llm0,
                 "load_tool_cpu_s": (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime),
-                "cores": ncpu,
-                # requests each instance logged during the run (from the emulators' access logs)
+                "cores": os.cpu_count() or 1,
                 "served_by_instance": [b - a for a, b in zip(served0, self.served(), strict=True)],
             }
-            self.cpu[name] = cpu
             s = data["summary"]
-            log(f"  -> ok {s['ok']}/{s['requests']} {s['req_per_s']:.2f} req/s {s['output_tokens_per_s']:.1f} tok/s "
-                f"p99 {fmt(s['latency_s']['p99'])} s, machine busy {100 * cpu['machine_busy']:.0f}%")
-            data.pop("samples_path", None)
+            log(f"  -> ok {s['ok']}/{s['requests']} {s['output_tokens_per_s']:.1f} tok/s "
+                f"TTFT p99 {fmt(s['ttft_s']['p99'])} s errors {s['errors_by_status'] or 'none'}")
             self.runs[name] = data
         return data
 
@@ -395,48 +434,56 @@ class Bench:
 
     def run_all(self) -> dict:
         a = self.args
-        n, p = a.instances, a.num_parallel
         gw = Gateway(self.procs, self.work, a.nginx_workers)
-        herd_all, origin = render_herd_conf(self.ports, gw.port, p, self.work / "access.log")
-        herd_one, _ = render_herd_conf(self.ports[:1], gw.port, p, self.work / "access.log")
-        short = f"short:{a.prompt_words}:{a.answer_tokens}"
-        rounds = a.rounds
+        extra: dict = {"files": {}}
+        for name in a.configs:
+            if name == "herd":
+                pre = gw.render_herd("herd", self.ports, a.num_parallel)
+                extra["gateway_origin"] = pre.origin
+            elif name == "baseline":
+                pre = gw.render_herd("baseline", self.ports, a.num_parallel, roles=self.baseline_roles())
+                extra["baseline_origin"] = f"role gateway at {a.baseline_ref}"
+            else:
+                pre = gw.write_seed(name, self.ports, a.num_parallel)
+            extra["files"][name] = [str(p.relative_to(pre.path)) for p in pre.files]
 
-        # 1. scaling
-        gw.start("herd-1", herd_one)
-        self.load("scale-1", gw.url, "generate", p, p * rounds, short)
-        gw.stop()
-        gw.start("herd-n", herd_all)
-        self.load("scale-n", gw.url, "generate", n * p, n * p * rounds, short)
+        # 1. overload: every configuration at concurrency = slots x each multiplier, same request list
+        for name in a.configs:
+            gw.start(name)
+            try:
+                for m in a.multipliers:
+                    self.load(f"{name}-x{m}", gw.url, "generate", self.slots * m, a.requests, self.mix())
+            finally:
+                gw.stop()
 
-        # 2. policies under mixed lengths
-        mixed = f"short:{a.prompt_words}:{a.mixed_short}:{a.mixed_weight},long:{a.prompt_words}:{a.mixed_long}:1"
-        mixed_requests = n * p * a.mixed_rounds
-        self.load("policy-herd", gw.url, "generate", n * p, mixed_requests, mixed)
-        gw.stop()
-        for pol in ("round-robin", "random"):
-            gw.start(pol, variant(herd_all, pol))
-            self.load(f"policy-{pol}", gw.url, "generate", n * p, mixed_requests, mixed)
-            gw.stop()
+        # 2. streaming: TTFT at one instance's slots, direct vs through herd's gateway
+        if a.ttft_requests:
+            short = f"short:{a.prompt_words}:{a.short_tokens}"
+            self.load("ttft-direct", f"http://{HOST}:{self.ports[0]}", "generate", a.num_parallel,
+                      a.ttft_requests, short)
+            gw.render_herd("herd-1", self.ports[:1], a.num_parallel)
+            gw.start("herd-1")
+            try:
+                self.load("ttft-gateway", gw.url, "generate", a.num_parallel, a.ttft_requests, short)
+            finally:
+                gw.stop()
 
-        # 3. streaming: one instance, its slots full
-        direct = f"http://{HOST}:{self.ports[0]}"
-        c = a.ttft_concurrency
-        self.load("ttft-direct", direct, "generate", c, a.ttft_requests, short)
-        gw.start("herd-1", herd_one)
-        self.load("ttft-gateway", gw.url, "generate", c, a.ttft_requests, short)
-        gw.stop()
-        gw.start("buffered", variant(herd_one, "buffered"))
-        self.load("ttft-buffered", gw.url, "generate", c, a.ttft_requests, short)
-        gw.stop()
+        # 3. peer router
+        extra["litellm"] = self.section_litellm(gw) if "herd" in a.configs else {"status": "skipped",
+                                                                                  "reason": "herd not run"}
+        return extra
 
-        # 4. peer router
-        litellm = self.section_litellm(gw, herd_all, short)
-        return {"gateway_origin": origin, "litellm": litellm}
+    def baseline_roles(self) -> Path:
+        """The roles folder at --baseline-ref (git archive), for the 'before' row."""
+        dest = self.work / "baseline"
+        dest.mkdir(exist_ok=True)
+        arch = subprocess.run(["git", "-C", str(ROOT), "archive", self.args.baseline_ref, "roles"],
+                              capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=arch, check=True)
+        return dest / "roles"
 
-    def section_litellm(self, gw: Gateway, herd_all: str, short: str) -> dict:
+    def section_litellm(self, gw: Gateway) -> dict:
         a = self.args
-        n, p = a.instances, a.num_parallel
         exe = shutil.which("litellm", path=str(Path(sys.executable).parent)) if not a.skip_litellm else None
         if not exe:
             return {"status": "skipped", "reason": "--skip-litellm" if a.skip_litellm else "litellm not installed"}
@@ -455,41 +502,31 @@ class Bench:
                                      "--num_workers", "1"], env=env, log_path=self.work / "litellm.log")
         url = f"http://{HOST}:{port}"
         try:
-            wait_http(url + "/health/liveliness", 90)
+            wait_http(url + "/health/liveliness", 120)
         except RuntimeError as exc:
             tail = (self.work / "litellm.log").read_text(errors="replace")[-1500:]
             self.procs.stop("litellm")
             return {"status": "failed", "reason": f"{exc}\n{tail}"}
         self.load("warm-litellm", url, "openai", 1, 2, "w:8:2", record=False)
-        # low load: added latency over a direct call; high load: throughput
-        low = f"short:{a.prompt_words}:{a.low_load_tokens}"
-        self.load("peer-direct-c1", f"http://{HOST}:{self.ports[0]}", "openai", 1, a.low_load_requests, low)
-        self.load("peer-litellm-c1", url, "openai", 1, a.low_load_requests, low)
-        self.load("peer-litellm-sat", url, "openai", n * p, n * p * a.rounds, short)
-        self.procs.stop("litellm")
-        gw.start("herd-n", herd_all)
-        self.load("peer-herd-c1", gw.url, "openai", 1, a.low_load_requests, low)
-        self.load("peer-herd-sat", gw.url, "openai", n * p, n * p * a.rounds, short)
-        gw.stop()
+        low = f"short:{a.prompt_words}:{a.short_tokens}"
+        try:
+            self.load("peer-direct-c1", f"http://{HOST}:{self.ports[0]}", "openai", 1, a.low_load_requests, low)
+            self.load("peer-litellm-c1", url, "openai", 1, a.low_load_requests, low)
+            self.load("peer-litellm-sat", url, "openai", self.slots, a.requests, self.mix())
+        finally:
+            self.procs.stop("litellm")
+        gw.start("herd")
+        try:
+            self.load("peer-herd-c1", gw.url, "openai", 1, a.low_load_requests, low)
+            self.load("peer-herd-sat", gw.url, "openai", self.slots, a.requests, self.mix())
+        finally:
+            gw.stop()
         version = cmd_out([sys.executable, "-c", "import importlib.metadata as m; print(m.version('litellm'))"])
         return {"status": "ran", "version": version, "routing_strategy": a.litellm_routing,
                 "config": cfg.read_text()}
 
 
 # ---------------------------------------------------------------- report
-
-
-def token_cv(run: dict) -> float | None:
-    """Coefficient of variation of the output tokens each instance produced (0 = perfectly even work)."""
-    vals = [u["output_tokens"] for u in run["by_upstream"].values()]
-    if len(vals) < 2 or not sum(vals):
-        return None
-    mean = sum(vals) / len(vals)
-    return (sum((v - mean) ** 2 for v in vals) / len(vals)) ** 0.5 / mean
-
-
-def summary(run: dict) -> dict:
-    return run["summary"]
 
 
 def machine_facts() -> dict:
@@ -506,66 +543,119 @@ def machine_facts() -> dict:
         "nginx": cmd_out(["nginx", "-v"]).replace("nginx version: nginx/", ""),
         "emulator": cmd_out([sys.executable, str(EMULATOR), "--version"]).splitlines()[-1:] or ["?"],
         "herd_commit": cmd_out(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
+        "herd_dirty": bool(cmd_out(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"])),
     }
+
+
+def request_list(run: dict, classes: dict[str, int]) -> list[int]:
+    """Answer lengths of a run's requests in the order they were issued."""
+    samples = sorted(run["samples"], key=lambda s: s["index"])
+    return [classes[s["cls"]] for s in samples]
+
+
+def row(summary: dict, slots: int, token_s: float) -> dict:
+    errs = dict(summary["errors_by_status"])
+    capacity = slots / token_s  # tokens/s with every slot streaming
+    return {
+        "requests": summary["requests"], "served": summary["ok"], "busy_503": errs.pop("http_503", 0),
+        "other_errors": errs, "tok_per_s": summary["output_tokens_per_s"],
+        "scaling": ratio(summary["output_tokens_per_s"], capacity),
+        "ttft_p50": summary["ttft_s"]["p50"], "ttft_p99": summary["ttft_s"]["p99"],
+        "latency_p50": summary["latency_s"]["p50"], "latency_p99": summary["latency_s"]["p99"],
+        "wall_s": summary["wall_s"],
+    }
+
+
+def goals(tab: dict, mults: list[int], ttft: dict) -> list[tuple[str, str, bool | None]]:
+    """The issue's goals: (goal, measured, met)."""
+    out = []
+    h = {m: tab[m].get("herd") for m in mults}
+    ideal = {m: tab[m]["ideal"] for m in mults}
+    if 3 in mults and h[3]:
+        r = ratio(h[3]["ttft_p99"], ideal[3]["ttft_p99"])
+        out.append(("3x slots: 240/240 served" if h[3]["requests"] == 240 else "3x slots: every request served",
+                    f"{h[3]['served']}/{h[3]['requests']}", h[3]["served"] == h[3]["requests"]))
+        out.append(("3x slots: TTFT p99 within 1.15x of the ideal",
+                    f"{fmt(h[3]['ttft_p99'])} s vs ideal {fmt(ideal[3]['ttft_p99'])} s = {fmt(r, 2)}x",
+                    r is not None and r <= 1.15))
+        out.append(("3x slots: scaling >= 0.93", fmt(h[3]["scaling"]),
+                    h[3]["scaling"] is not None and h[3]["scaling"] >= 0.93))
+    if 2 in mults and h[2]:
+        r = ratio(h[2]["ttft_p99"], ideal[2]["ttft_p99"])
+        out.append(("2x slots: TTFT p99 within 1.15x of the ideal",
+                    f"{fmt(h[2]['ttft_p99'])} s vs ideal {fmt(ideal[2]['ttft_p99'])} s = {fmt(r, 2)}x",
+                    r is not None and r <= 1.15))
+    if 1 in mults and h[1] and tab[1].get("seed-000"):
+        s0 = tab[1]["seed-000"]["scaling"]
+        out.append(("concurrency = slots: scaling at least seed 000's",
+                    f"herd {fmt(h[1]['scaling'])}, seed 000 {fmt(s0)}",
+                    h[1]["scaling"] is not None and s0 is not None and h[1]["scaling"] >= s0))
+    if ttft.get("direct") and ttft.get("gateway"):
+        g, d = ttft["gateway"]["ttft_p99"], ttft["direct"]["ttft_p99"]
+        d99 = 1000 * (g - d) if g is not None and d is not None else None
+        out.append(("concurrency = slots: TTFT overhead over direct <= 2 ms p99",
+                    f"{fmt(d99, 2)} ms (gateway {fmt(g)} s, direct {fmt(d)} s)", d99 is not None and d99 <= 2.0))
+    if 1 in mults and h[1] and tab[1].get("baseline"):
+        b = tab[1]["baseline"]
+        r = ratio(h[1]["tok_per_s"], b["tok_per_s"])
+        out.append(("queue costs nothing at concurrency = slots: within 2% of the gateway before",
+                    f"throughput {fmt(r, 3)}x of before; TTFT p99 {fmt(h[1]['ttft_p99'])} s vs "
+                    f"{fmt(b['ttft_p99'])} s", r is not None and r >= 0.98))
+    return out
 
 
 def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: str, took: float) -> tuple[str, dict]:
     a = bench.args
-    r = {k: summary(v) for k, v in bench.runs.items()}
-    n, p = a.instances, a.num_parallel
-    out: dict = {"sections": {}}
-
-    def lat(name, key="latency_s", q="p99"):
-        return r[name][key][q] if name in r else None
-
-    # 1. scaling
-    t1, tn = r["scale-1"]["output_tokens_per_s"], r["scale-n"]["output_tokens_per_s"]
-    q1, qn = r["scale-1"]["req_per_s"], r["scale-n"]["req_per_s"]
-    scaling = {"tok_per_s_1": t1, "tok_per_s_n": tn, "req_per_s_1": q1, "req_per_s_n": qn,
-               "efficiency_tokens": ratio(tn, n * t1), "efficiency_requests": ratio(qn, n * q1),
-               "spread_n": bench.runs["scale-n"]["spread"]}
-    out["sections"]["scaling"] = scaling
-
-    # 2. policies
-    pol = {}
-    for name in ("herd", "round-robin", "random"):
-        s = r[f"policy-{name}"]
-        pol[name] = {"req_per_s": s["req_per_s"], "tok_per_s": s["output_tokens_per_s"],
-                     "p50": s["latency_s"]["p50"], "p99": s["latency_s"]["p99"],
-                     "short_p99": bench.runs[f"policy-{name}"]["by_class"].get("short", {}).get("latency_s", {}).get("p99"),
-                     "errors": s["errors_by_status"], "spread_cv": bench.runs[f"policy-{name}"]["spread"]["cv"],
-                     "token_cv": token_cv(bench.runs[f"policy-{name}"])}
-    out["sections"]["policies"] = pol
-
-    # 3. streaming
-    st = {k: {"ttft_p50": lat(f"ttft-{k}", "ttft_s", "p50"), "ttft_p99": lat(f"ttft-{k}", "ttft_s", "p99"),
-              "latency_p50": lat(f"ttft-{k}", "latency_s", "p50")} for k in ("direct", "gateway", "buffered")}
-    out["sections"]["streaming"] = st
-
-    # 4. peer router
+    n, p, slots = a.instances, a.num_parallel, bench.slots
+    classes = {"short": a.short_tokens, "long": a.long_tokens}
+    tab: dict[int, dict[str, dict]] = {}
+    reference = None
+    for m in a.multipliers:
+        tab[m] = {}
+        for name in a.configs:
+            run = bench.runs[f"{name}-x{m}"]
+            tab[m][name] = row(run["summary"], slots, a.token_seconds)
+            rl = request_list(run, classes)
+            if reference is None:
+                reference = rl
+            elif rl != reference:
+                raise RuntimeError(f"run {name}-x{m} sent another request list than the first run")
+        sim = ideal_fifo(reference, slots * m, slots, a.token_seconds)
+        tab[m]["ideal"] = row(sim, slots, a.token_seconds)
+    longs = sum(1 for t in reference if t == a.long_tokens)
+    ttft = {}
+    for k in ("direct", "gateway"):
+        if f"ttft-{k}" in bench.runs:
+            s = bench.runs[f"ttft-{k}"]["summary"]
+            ttft[k] = {"ttft_p50": s["ttft_s"]["p50"], "ttft_p99": s["ttft_s"]["p99"],
+                       "latency_p50": s["latency_s"]["p50"], "ok": s["ok"], "requests": s["requests"]}
     peer = dict(extra["litellm"])
     if peer.get("status") == "ran":
         for k in ("direct-c1", "litellm-c1", "herd-c1", "litellm-sat", "herd-sat"):
-            s = r[f"peer-{k}"]
-            peer[k] = {"ttft_p50": s["ttft_s"]["p50"], "latency_p50": s["latency_s"]["p50"],
-                       "latency_p99": s["latency_s"]["p99"], "req_per_s": s["req_per_s"],
-                       "tok_per_s": s["output_tokens_per_s"], "errors": s["errors_by_status"]}
-    out["sections"]["peer_router"] = peer
-    out.update({"facts": facts, "command": command, "started": started, "took_s": took,
-                "settings": vars(a), "cpu": bench.cpu, "gateway_origin": extra["gateway_origin"],
-                "runs": {k: {kk: vv for kk, vv in v.items() if kk != "samples"} for k, v in bench.runs.items()}})
+            peer[k] = row(bench.runs[f"peer-{k}"]["summary"], slots, a.token_seconds)
+    checks = goals(tab, a.multipliers, ttft)
+    out = {"overload": {str(m): v for m, v in tab.items()}, "request_list": {"requests": len(reference),
+           "long": longs, "short": len(reference) - longs}, "ttft": ttft, "peer_router": peer,
+           "goals": [{"goal": g, "measured": v, "met": ok} for g, v, ok in checks],
+           "facts": facts, "command": command, "started": started, "took_s": took, "settings": vars(a),
+           "cpu": bench.cpu, "gateway_origin": extra.get("gateway_origin"), "rendered_files": extra["files"],
+           "note": a.note,
+           "runs": {k: {kk: vv for kk, vv in v.items() if kk != "samples"} for k, v in bench.runs.items()}}
 
-    # ---- markdown
     L = []
     L.append(f"# herd gateway benchmark, lab, {started[:10]}")
     L.append("")
     L.append("**Backends are emulated.** Every instance is herd's Ollama emulator "
-             "(`lab/standins/ollama_emulator.py`), not a GPU: it streams tokens at a fixed rate per slot "
-             f"({a.tokens_per_second:g} tokens/s, {p} slots per instance). The numbers measure herd's gateway "
-             "(nginx config and balancing policy) and the load tool, not model speed. "
-             "All figures come from this one run; ratios matter, absolute values do not carry to real GPUs.")
+             "(`lab/standins/ollama_emulator.py`), not a GPU: each slot streams tokens at a fixed rate "
+             f"({1000 * a.token_seconds:g} ms per token, no prompt time, no slowdown when every slot is busy). "
+             "The numbers measure herd's gateway (nginx config, balancing and queueing) and the load tool, not "
+             "model speed. All figures come from this one run on a shared machine.")
     L.append("")
-    L.append("Reproduce (from the repository root, as root, on Debian/Ubuntu):")
+    if a.note:
+        L.append(f"**Note:** {a.note}")
+        L.append("")
+    L.append(f"Made with (from the repository root, as root, on Debian/Ubuntu), at herd commit "
+             f"`{facts['herd_commit']}`{' (with uncommitted changes)' if facts['herd_dirty'] else ''}:")
     L.append("")
     L.append("```sh")
     L.append(command)
@@ -578,163 +668,122 @@ def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: 
     L.append(f"| machine | {facts['nproc']} CPUs ({facts['cpu']}), {facts['memory_gib']} GiB, "
              f"kernel {facts['kernel']}, {facts['os']} |")
     L.append(f"| versions | nginx {facts['nginx']}, load tool on {facts['python_load_tool']}, bench on Python "
-             f"{facts['python_bench']}, emulator `{facts['emulator'][0]}`, LiteLLM {peer.get('version', '-')}, "
-             f"herd {facts['herd_commit']} |")
-    L.append(f"| gateway config | rendered from {extra['gateway_origin']}; nginx `worker_processes {a.nginx_workers}` |")
-    L.append(f"| instances | {n} emulator processes on 127.0.0.1, model `{MODEL}`, OLLAMA_NUM_PARALLEL={p}, "
-             f"{a.tokens_per_second:g} tok/s per slot |")
-    L.append(f"| load | tools/herd_load.py, closed loop, streaming `/api/generate` unless noted; prompts "
-             f"{a.prompt_words} words; answers {a.answer_tokens} tokens |")
+             f"{facts['python_bench']}, emulator `{facts['emulator'][0]}`, LiteLLM {peer.get('version', '-')} |")
+    origin = extra.get("gateway_origin") or "-"
+    files = ", ".join(f"`{f}`" for f in extra["files"].get("herd", []))
+    L.append(f"| herd's gateway | rendered by {origin}'s own tasks (benchmarks/render_gateway.yml: preflight, "
+             f"servers, configure) into a private prefix: {files}; this machine's nginx.conf (worker_processes "
+             f"{a.nginx_workers or 'as installed'}) |")
+    L.append("| seeds | one upstream over every instance with nginx's own balancing, zone, keepalive 32, "
+             "proxy_buffering off (benchmarks/gateway_bench.py `seed_conf`) |")
+    L.append(f"| instances | {n} emulator processes on 127.0.0.1, model `{MODEL}`, OLLAMA_NUM_PARALLEL={p} "
+             f"({slots} slots) |")
+    L.append(f"| load | tools/herd_load.py, closed loop, streaming `/api/generate`, {len(reference)} requests "
+             f"(seed {a.seed}: {longs} ask {a.long_tokens} tokens, {len(reference) - longs} ask {a.short_tokens}); "
+             "the same request list for every run |")
     L.append(f"| wall time | {took:.0f} s for the whole run |")
     L.append("")
+    L.append("## 1. Overload: concurrency = slots, 2x and 3x")
+    L.append("")
+    L.append("Served = answered 200 with a complete stream. Scaling = output tokens/s / (slots x tokens/s of one "
+             "slot): the share of the cluster's capacity used from the first request to the last answer. "
+             "The ideal central FIFO is computed, not measured: the same request list, the same closed loop, "
+             "one queue in arrival order, each request started on the first slot that frees, no overhead.")
+    L.append("")
+    L.append("| concurrency | configuration | served | 503 | other errors | scaling | TTFT p50 | TTFT p99 | "
+             "TTFT p99 / ideal | latency p99 |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|")
+    for m in a.multipliers:
+        ideal = tab[m]["ideal"]
+        for name in (*a.configs, "ideal"):
+            v = tab[m][name]
+            errs = ", ".join(f"{k}: {c}" for k, c in v["other_errors"].items()) or "0"
+            L.append(f"| {slots * m} ({m}x) | {LABELS[name]} | {v['served']}/{v['requests']} | {v['busy_503']} | "
+                     f"{errs} | {fmt(v['scaling'])} | {fmt(v['ttft_p50'])} s | {fmt(v['ttft_p99'])} s | "
+                     f"{fmt(ratio(v['ttft_p99'], ideal['ttft_p99']), 2)} | {fmt(v['latency_p99'])} s |")
+    L.append("")
+    if checks:
+        L.append("### The issue's goals (issue 15), from this run")
+        L.append("")
+        L.append("| goal | measured | met |")
+        L.append("|---|---|---|")
+        for g, v, ok in checks:
+            L.append(f"| {g} | {v} | {'yes' if ok else 'NO'} |")
+        L.append("")
 
-    L.append("## 1. Scaling: 1 instance vs N through the gateway")
-    L.append("")
-    L.append(f"Concurrency = instances x {p} slots, {a.rounds} rounds.")
-    L.append("")
-    L.append("| instances | req/s | output tok/s | latency p50 / p99 (s) |")
-    L.append("|---|---|---|---|")
-    for k, cnt in (("scale-1", 1), ("scale-n", n)):
-        s = r[k]
-        L.append(f"| {cnt} | {s['req_per_s']:.2f} | {s['output_tokens_per_s']:.1f} | "
-                 f"{fmt(s['latency_s']['p50'])} / {fmt(s['latency_s']['p99'])} |")
-    eff = scaling["efficiency_tokens"]
-    L.append("")
-    L.append(f"**Scaling efficiency at N={n}: throughput ratio / N = {fmt(eff)} (tokens), "
-             f"{fmt(scaling['efficiency_requests'])} (requests); goal >= 0.95: "
-             f"{'met' if eff is not None and eff >= 0.95 else 'NOT met'}.** "
-             f"Per-instance spread at N={n}: max/min requests {fmt(scaling['spread_n']['max_over_min'], 2)}, "
-             f"CV {fmt(scaling['spread_n']['cv'])}.")
-    L.append("")
+    if ttft:
+        L.append("## 2. Streaming: time to first token, gateway vs direct")
+        L.append("")
+        L.append(f"One instance, {p} clients (its slots), {a.ttft_requests} requests of {a.short_tokens} tokens: "
+                 "nothing waits, so the difference is what the gateway adds.")
+        L.append("")
+        L.append("| path | TTFT p50 | TTFT p99 | latency p50 | served |")
+        L.append("|---|---|---|---|---|")
+        for k, label in (("direct", "direct to the instance"), ("gateway", "herd gateway (one instance)")):
+            if k in ttft:
+                v = ttft[k]
+                L.append(f"| {label} | {fmt(v['ttft_p50'])} s | {fmt(v['ttft_p99'])} s | {fmt(v['latency_p50'])} s | "
+                         f"{v['ok']}/{v['requests']} |")
+        if "direct" in ttft and "gateway" in ttft:
+            d50 = 1000 * (ttft["gateway"]["ttft_p50"] - ttft["direct"]["ttft_p50"])
+            d99 = 1000 * (ttft["gateway"]["ttft_p99"] - ttft["direct"]["ttft_p99"])
+            L.append("")
+            L.append(f"The gateway adds {d50:.2f} ms to TTFT p50 and {d99:.2f} ms to TTFT p99.")
+        L.append("")
 
-    L.append("## 2. Balancing policies under mixed request lengths")
-    L.append("")
-    L.append(f"{n} instances, concurrency {n * p}, {n * p * a.mixed_rounds} requests; mix: {a.mixed_weight}:1 short "
-             f"({a.mixed_short} tokens) to long ({a.mixed_long} tokens). herd = least_conn + shared zone + "
-             "max_conns = num_parallel + queue; the seed configs (001) drop least_conn and max_conns.")
-    L.append("")
-    L.append("| policy | req/s | tok/s | latency p50 | latency p99 | short-request p99 | p99 vs herd | "
-             "throughput vs herd | requests CV | tokens CV | errors |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
-    h = pol["herd"]
-    for name, v in pol.items():
-        label = "herd (least_conn + max_conns)" if name == "herd" else name
-        errs = ", ".join(f"{k}: {c}" for k, c in v["errors"].items()) or "none"
-        L.append(f"| {label} | {v['req_per_s']:.2f} | {v['tok_per_s']:.1f} | {fmt(v['p50'])} | {fmt(v['p99'])} | "
-                 f"{fmt(v['short_p99'])} | {fmt(ratio(v['p99'], h['p99']), 2)} | "
-                 f"{fmt(ratio(v['tok_per_s'], h['tok_per_s']), 3)} | {fmt(v['spread_cv'])} | {fmt(v['token_cv'])} | "
-                 f"{errs} |")
-    L.append("")
-    L.append("CV = coefficient of variation over the instances of the requests served and of the output tokens "
-             "generated (the work). Round-robin evens out request counts, least_conn evens out the work in "
-             "flight.")
-    L.append("")
-
-    L.append("## 3. Streaming: time to first token")
-    L.append("")
-    L.append(f"One instance, {a.ttft_concurrency} clients, {a.ttft_requests} requests of {a.answer_tokens} tokens each "
-             "(the first token includes the emulated prompt evaluation).")
-    L.append("")
-    L.append("| path | TTFT p50 | TTFT p99 | latency p50 | TTFT p50 vs direct |")
-    L.append("|---|---|---|---|---|")
-    labels = {"direct": "direct to the instance", "gateway": "herd gateway (proxy_buffering off)",
-              "buffered": "seed 000 config (proxy_buffering on)"}
-    for k, v in st.items():
-        L.append(f"| {labels[k]} | {fmt(v['ttft_p50'])} s | {fmt(v['ttft_p99'])} s | {fmt(v['latency_p50'])} s | "
-                 f"{fmt(ratio(v['ttft_p50'], st['direct']['ttft_p50']), 2)} |")
-    add = None
-    if st["gateway"]["ttft_p50"] is not None and st["direct"]["ttft_p50"] is not None:
-        add = 1000 * (st["gateway"]["ttft_p50"] - st["direct"]["ttft_p50"])
-    L.append("")
-    held = None
-    if st["buffered"]["ttft_p50"] is not None and st["buffered"]["latency_p50"]:
-        held = st["buffered"]["ttft_p50"] / st["buffered"]["latency_p50"]
-    L.append(f"The gateway adds {fmt(add, 2)} ms to TTFT p50.")
-    if held is not None and held > 0.5:
-        L.append(f"With `proxy_buffering on` the first token arrives at {100 * held:.0f}% of the whole answer's time: "
-                 "the stream is held back.")
-    elif held is not None:
-        L.append(f"With `proxy_buffering on` the first token still arrives at {100 * held:.0f}% of the answer's time: "
-                 f"nginx {facts['nginx']} passed each chunk on as it arrived from the instance, so in this run "
-                 "buffering cost no TTFT. herd keeps it off anyway: with buffering on nginx reads the whole answer "
-                 "into its buffers (and temp files) regardless of the client, and any buffer-filling layer (gzip, "
-                 "a slow client) would hold tokens back.")
-    L.append("")
-
-    L.append("## 4. Peer router: LiteLLM proxy vs herd's gateway")
+    L.append("## 3. Peer router: LiteLLM proxy vs herd's gateway")
     L.append("")
     if peer.get("status") != "ran":
         L.append(f"Skipped: {peer.get('status')}: {peer.get('reason')}")
     else:
         L.append(f"Same {n} instances behind LiteLLM {peer['version']} (`litellm --config`, routing "
                  f"`{peer['routing_strategy']}`, OpenAI provider to each instance's `/v1`, 1 worker) and behind herd's "
-                 "gateway; streaming `/v1/chat/completions`. Low load: 1 client. Saturation: concurrency "
-                 f"{n * p}.")
+                 f"gateway; streaming `/v1/chat/completions`. Low load: 1 client, {a.low_load_requests} requests of "
+                 f"{a.short_tokens} tokens. Saturation: concurrency {slots} (= slots), the request list of section 1.")
         L.append("")
-        L.append("| path | TTFT p50 (1 client) | latency p50 (1 client) | req/s saturated | tok/s saturated | "
-                 "latency p99 saturated | errors saturated |")
+        L.append("| path | TTFT p50 (1 client) | latency p50 (1 client) | served saturated | scaling saturated | "
+                 "TTFT p99 saturated | latency p99 saturated |")
         L.append("|---|---|---|---|---|---|---|")
         d = peer["direct-c1"]
-        L.append(f"| direct to one instance | {fmt(d['ttft_p50'])} | {fmt(d['latency_p50'])} | - | - | - | - |")
+        L.append(f"| direct to one instance | {fmt(d['ttft_p50'])} s | {fmt(d['latency_p50'])} s | - | - | - | - |")
         for k, label in (("herd", "herd gateway"), ("litellm", "LiteLLM proxy")):
             lo, hi = peer[f"{k}-c1"], peer[f"{k}-sat"]
-            errs = ", ".join(f"{e}: {c}" for e, c in hi["errors"].items()) or "none"
-            L.append(f"| {label} | {fmt(lo['ttft_p50'])} | {fmt(lo['latency_p50'])} | {hi['req_per_s']:.2f} | "
-                     f"{hi['tok_per_s']:.1f} | {fmt(hi['latency_p99'])} | {errs} |")
+            L.append(f"| {label} | {fmt(lo['ttft_p50'])} s | {fmt(lo['latency_p50'])} s | "
+                     f"{hi['served']}/{hi['requests']} | {fmt(hi['scaling'])} | {fmt(hi['ttft_p99'])} s | "
+                     f"{fmt(hi['latency_p99'])} s |")
         added_l = 1000 * (peer["litellm-c1"]["ttft_p50"] - d["ttft_p50"]) if peer["litellm-c1"]["ttft_p50"] else None
         added_h = 1000 * (peer["herd-c1"]["ttft_p50"] - d["ttft_p50"]) if peer["herd-c1"]["ttft_p50"] else None
         L.append("")
-        L.append(f"Added TTFT p50 over a direct call: herd {fmt(added_h, 2)} ms, LiteLLM {fmt(added_l, 2)} ms "
-                 "(differences under about 1 ms are within this run's noise). "
-                 f"Saturated throughput LiteLLM / herd = "
-                 f"{fmt(ratio(peer['litellm-sat']['tok_per_s'], peer['herd-sat']['tok_per_s']), 3)} (tokens).")
+        L.append(f"Added TTFT p50 over a direct call: herd {fmt(added_h, 2)} ms, LiteLLM {fmt(added_l, 2)} ms.")
         lc, hc = bench.cpu.get("peer-litellm-sat", {}), bench.cpu.get("peer-herd-sat", {})
         if lc and hc:
-            L.append(f"Requests per instance while saturated (backend logs): LiteLLM "
-                     f"{' / '.join(map(str, lc['served_by_instance']))}, herd "
-                     f"{' / '.join(map(str, hc['served_by_instance']))}. LiteLLM's proxy used "
-                     f"{lc['litellm_cpu_s']:.1f} CPU s in {lc['elapsed_s']:.0f} s "
-                     f"({100 * lc['litellm_cpu_s'] / lc['elapsed_s']:.0f}% of one core), nginx "
-                     f"{hc['nginx_cpu_s']:.2f} CPU s in {hc['elapsed_s']:.0f} s. An uneven spread queues requests at the "
-                     "busiest instances while others have free slots; and on this shared 2-core machine a Python "
-                     "proxy feels CPU contention more than nginx does. Read the ratio as LiteLLM's cost in this "
-                     "setup, not as its speed on a dedicated host.")
+            L.append(f"CPU while saturated: LiteLLM's proxy {lc['litellm_cpu_s']:.1f} CPU s in {lc['elapsed_s']:.0f} s, "
+                     f"nginx {hc['nginx_cpu_s']:.2f} CPU s in {hc['elapsed_s']:.0f} s (a shared 2-core machine: read "
+                     "LiteLLM's figures as its cost in this setup, not its speed on a dedicated host).")
     L.append("")
 
     L.append("## CPU use (is the machine the bottleneck?)")
     L.append("")
-    ours_max = max((c["emulators_cpu_s"] + c["nginx_cpu_s"] + c["load_tool_cpu_s"] + c["litellm_cpu_s"])
-                   / max(c["elapsed_s"] * c["cores"], 1e-9) for c in bench.cpu.values())
     busy_mean = sum(c["machine_busy"] for c in bench.cpu.values()) / max(len(bench.cpu), 1)
-    sc = bench.cpu.get("scale-n", {})
-    emu_rate = r["scale-n"]["output_tokens"] / sc["emulators_cpu_s"] if sc.get("emulators_cpu_s") else None
-    L.append(f"CPU seconds of the benchmark's own processes per run ({facts['nproc']} CPUs). The machine is shared: "
-             f"'machine busy' counts every user's work and averaged {100 * busy_mean:.0f}% during this run, while "
-             f"the benchmark's processes used at most {100 * ours_max:.0f}% of the machine. The emulators cost "
-             f"{fmt(emu_rate, 0)} output tokens per CPU second in the N={n} run, so its "
-             f"{r['scale-n']['output_tokens_per_s']:.0f} tok/s took "
-             f"{fmt(100 * r['scale-n']['output_tokens_per_s'] / emu_rate if emu_rate else None, 0)}% of one core: "
-             "throughput followed the number of instances, not this machine's CPU (section 1). The last column "
-             "counts the requests each emulator logged during the run, whoever routed them.")
+    L.append(f"CPU seconds of the benchmark's own processes per run ({facts['nproc']} CPUs). 'machine busy' counts "
+             f"every user's work on this shared machine (mean {100 * busy_mean:.0f}% over the runs). The last column "
+             "counts the requests each emulator logged during the run.")
     L.append("")
-    L.append("| run | wall s | output tokens | emulators CPU s | nginx CPU s | load tool CPU s | LiteLLM CPU s | "
-             "benchmark's share of the machine | machine busy (all users) | requests per instance (backend logs) |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|")
+    L.append("| run | wall s | emulators CPU s | nginx CPU s | load tool CPU s | LiteLLM CPU s | machine busy | "
+             "requests per instance |")
+    L.append("|---|---|---|---|---|---|---|---|")
     for k, c in bench.cpu.items():
-        ours = c["emulators_cpu_s"] + c["nginx_cpu_s"] + c["load_tool_cpu_s"] + c["litellm_cpu_s"]
-        share = ours / max(c["elapsed_s"] * c["cores"], 1e-9)
-        L.append(f"| {k} | {c['elapsed_s']:.1f} | {r[k]['output_tokens']} | {c['emulators_cpu_s']:.2f} | "
-                 f"{c['nginx_cpu_s']:.2f} | {c['load_tool_cpu_s']:.2f} | {c['litellm_cpu_s']:.2f} | "
-                 f"{100 * share:.0f}% | {100 * c['machine_busy']:.0f}% | "
+        L.append(f"| {k} | {c['elapsed_s']:.1f} | {c['emulators_cpu_s']:.2f} | {c['nginx_cpu_s']:.2f} | "
+                 f"{c['load_tool_cpu_s']:.2f} | {c['litellm_cpu_s']:.2f} | {100 * c['machine_busy']:.0f}% | "
                  f"{' / '.join(str(x) for x in c['served_by_instance'])} |")
     L.append("")
-    L.append(f"Raw results (every run's summary, per-instance spread and settings): `{started[:10]}-lab.json`; "
-             f"plot: `{started[:10]}-lab.png`.")
+    L.append(f"Raw results (every run's summary, per-instance spread, settings, the rendered files): "
+             f"`{started[:10]}-lab.json`; plot: `{started[:10]}-lab.png`.")
     L.append("")
     return "\n".join(L), out
 
 
-def write_plot(bench: Bench, path: Path) -> bool:
+def write_plot(bench: Bench, data: dict, path: Path) -> bool:
     try:
         import matplotlib
 
@@ -742,43 +791,30 @@ def write_plot(bench: Bench, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    a = bench.args
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
     ax = axes[0]
-    for name in ("policy-herd", "policy-round-robin", "policy-random"):
-        run = bench.runs.get(name)
-        if not run:
-            continue
-        vals = sorted(s["latency"] for s in run["samples"] if s["ok"])
-        ax.plot(vals, [(i + 1) / len(vals) for i in range(len(vals))], label=name.replace("policy-", ""))
-    ax.set_title("mixed lengths: latency CDF by policy")
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("fraction of requests")
+    xs = [bench.slots * m for m in a.multipliers]
+    for name in (*a.configs, "ideal"):
+        ys = [data["overload"][str(m)][name]["ttft_p99"] for m in a.multipliers]
+        ax.plot(xs, ys, marker="o", linestyle="--" if name == "ideal" else "-", label=name)
+    ax.set_title("TTFT p99 by concurrency")
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("seconds")
+    ax.set_xticks(xs)
     ax.grid(alpha=0.3)
     ax.legend()
     ax = axes[1]
-    for name in ("ttft-direct", "ttft-gateway", "ttft-buffered"):
-        run = bench.runs.get(name)
-        if not run:
-            continue
+    top = max(a.multipliers)
+    for name in a.configs:
+        run = bench.runs.get(f"{name}-x{top}")
         vals = sorted(s["ttft"] for s in run["samples"] if s["ok"] and s["ttft"] is not None)
         if vals:
-            ax.plot(vals, [(i + 1) / len(vals) for i in range(len(vals))], label=name.replace("ttft-", ""))
-    ax.set_title("time to first token, one instance (CDF)")
+            ax.plot(vals, [(i + 1) / run["summary"]["requests"] for i in range(len(vals))], label=name)
+    ax.set_title(f"TTFT CDF at {top}x slots (curves end at the share served)")
     ax.set_xlabel("seconds")
+    ax.set_ylabel("fraction of requests")
     ax.grid(alpha=0.3)
-    ax.legend()
-    ax = axes[2]
-    width = 0.27
-    for j, name in enumerate(("policy-herd", "policy-round-robin", "policy-random")):
-        run = bench.runs.get(name)
-        if not run:
-            continue
-        ups = sorted(run["by_upstream"])
-        ax.bar([i + (j - 1) * width for i in range(len(ups))], [run["by_upstream"][u]["output_tokens"] for u in ups],
-               width, label=name.replace("policy-", ""))
-    ax.set_title("per-instance output tokens (mixed lengths)")
-    ax.set_xlabel("instance")
-    ax.set_xticks(range(len(bench.ports)))
     ax.legend()
     fig.suptitle("herd gateway benchmark, lab, emulated backends")
     fig.tight_layout()
@@ -789,29 +825,46 @@ def write_plot(bench: Bench, path: Path) -> bool:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--short", action="store_true",
+                   help="quick pass for make unit: 2 instances, 2 ms/token, 24 requests, 1x and 3x, no LiteLLM, "
+                        "no TTFT section, report under --out")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"), help="report folder")
     p.add_argument("--work", default=None, help="scratch folder (default: a new temp dir)")
     p.add_argument("--instances", type=int, default=8)
-    p.add_argument("--num-parallel", type=int, default=4, help="OLLAMA_NUM_PARALLEL of each instance")
-    p.add_argument("--tokens-per-second", type=float, default=20.0, help="emulated tokens/s per slot")
-    p.add_argument("--answer-tokens", type=int, default=32, help="answer length of the uniform runs")
-    p.add_argument("--prompt-words", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=6, help="requests per client in the saturating runs")
-    p.add_argument("--mixed-short", type=int, default=16)
-    p.add_argument("--mixed-long", type=int, default=128)
-    p.add_argument("--mixed-weight", type=int, default=4, help="short requests per long one")
-    p.add_argument("--mixed-rounds", type=int, default=8)
-    p.add_argument("--ttft-requests", type=int, default=40, help="requests of each streaming (TTFT) run")
-    p.add_argument("--ttft-concurrency", type=int, default=4, help="clients of each streaming (TTFT) run")
+    p.add_argument("--num-parallel", type=int, default=2, help="OLLAMA_NUM_PARALLEL (slots) of each instance")
+    p.add_argument("--token-seconds", type=float, default=0.01, help="emulated seconds per token per slot")
+    p.add_argument("--requests", type=int, default=240, help="requests of every overload run")
+    p.add_argument("--multipliers", default="1,2,3", help="concurrency = slots x each of these")
+    p.add_argument("--configs", default=",".join(CONFIGS),
+                   help=f"configurations to run, from {', '.join(CONFIGS)}, baseline (needs --baseline-ref)")
+    p.add_argument("--baseline-ref", default=None, help="git ref whose role gateway is run as 'baseline'")
+    p.add_argument("--prompt-words", type=int, default=8)
+    p.add_argument("--short-tokens", type=int, default=20)
+    p.add_argument("--long-tokens", type=int, default=200)
+    p.add_argument("--short-weight", type=int, default=3, help="short requests per --long-weight long ones")
+    p.add_argument("--long-weight", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="seed of the request list (herd_load --seed)")
+    p.add_argument("--ttft-requests", type=int, default=60, help="requests of each TTFT run (0: no section 2)")
     p.add_argument("--low-load-requests", type=int, default=20, help="requests of the 1-client peer-router runs")
-    p.add_argument("--low-load-tokens", type=int, default=16, help="answer length of the 1-client peer-router runs")
-    p.add_argument("--nginx-workers", type=int, default=1)
+    p.add_argument("--nginx-workers", default="2", help="worker_processes (empty: as this machine's nginx.conf)")
     p.add_argument("--max-run-seconds", type=float, default=120.0, help="bound of every load run")
     p.add_argument("--litellm-routing", default="least-busy")
     p.add_argument("--skip-litellm", action="store_true")
-    p.add_argument("--emulator-env", action="append", default=[], metavar="K=V", help="extra emulator environment")
+    p.add_argument("--note", default="", help="a sentence printed at the top of the report")
     p.add_argument("--command", default=None, help="command line recorded in the report")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.short:
+        a.instances, a.token_seconds, a.requests, a.multipliers = 2, 0.002, 24, "1,3"
+        a.ttft_requests, a.skip_litellm = 0, True
+    a.multipliers = [int(x) for x in str(a.multipliers).split(",") if x]
+    a.configs = [x for x in str(a.configs).split(",") if x]
+    unknown = set(a.configs) - set(CONFIGS) - {"baseline"}
+    if unknown:
+        p.error(f"unknown configuration(s): {', '.join(sorted(unknown))}")
+    if "baseline" in a.configs and not a.baseline_ref:
+        p.error("configuration baseline needs --baseline-ref")
+    a.nginx_workers = a.nginx_workers or None
+    return a
 
 
 def main(argv=None) -> int:
@@ -820,7 +873,7 @@ def main(argv=None) -> int:
         print(f"gateway_bench: {EMULATOR} is missing", file=sys.stderr)
         return 2
     if not shutil.which("nginx"):
-        print("gateway_bench: nginx is not installed (benchmarks/run.sh installs nginx-light)", file=sys.stderr)
+        print("gateway_bench: nginx is not installed (make bootstrap / benchmarks/run.sh install it)", file=sys.stderr)
         return 2
     own_work = args.work is None
     args.work = args.work or tempfile.mkdtemp(prefix="herd-bench-")
@@ -843,7 +896,7 @@ def main(argv=None) -> int:
     stem = out / f"{started[:10]}-lab"
     stem.with_suffix(".md").write_text(md)
     stem.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str) + "\n")
-    if not write_plot(bench, stem.with_suffix(".png")):
+    if not write_plot(bench, data, stem.with_suffix(".png")):
         log("matplotlib not importable: no plot")
     log(f"report: {stem}.md ({took:.0f} s)")
     if own_work:

@@ -15,7 +15,9 @@ need_root() {
 
 apt_packages() {
   local missing=()
-  for p in docker.io debootstrap python3-venv python3-pip iproute2 curl ca-certificates zstd; do
+  # nginx with Debian's Lua module: the unit tests run the gateway benchmark's short mode with real nginx.
+  for p in docker.io debootstrap python3-venv python3-pip iproute2 curl ca-certificates zstd \
+           nginx-light libnginx-mod-http-lua lua-cjson; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   if [ "${#missing[@]}" -gt 0 ]; then

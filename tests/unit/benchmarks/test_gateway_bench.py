@@ -1,0 +1,114 @@
+"""The benchmark cannot rot: its short mode runs here (make unit), with the gateway rendered by role gateway's
+own tasks, real nginx and emulated instances on loopback; and its ideal FIFO is checked on hand-made cases."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+BENCH = ROOT / "benchmarks"
+
+
+def _load(name, path):
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load("herd_gateway_bench", BENCH / "gateway_bench.py")
+
+
+@pytest.fixture(scope="module")
+def render():
+    return _load("herd_render", BENCH / "herd_render.py")
+
+
+def _need_nginx():
+    # make unit runs make bootstrap first, which installs nginx and its Lua module: a missing nginx is a
+    # broken machine, not a reason to skip.
+    assert shutil.which("nginx") or os.path.exists("/usr/sbin/nginx"), "nginx is missing: run make bootstrap"
+
+
+def test_ideal_fifo_hand_made_cases(bench):
+    # 2 slots, 2 clients, 4 equal requests of 10 tokens at 0.1 s: two waves, nobody waits.
+    r = bench.ideal_fifo([10, 10, 10, 10], concurrency=2, slots=2, token_s=0.1)
+    assert r["wall_s"] == pytest.approx(2.0)
+    assert r["ttft_s"]["max"] == pytest.approx(0.1)
+    assert r["latency_s"]["max"] == pytest.approx(1.0)
+    # 1 slot, 2 clients: the second request waits for the first (1 s), the third for the second.
+    r = bench.ideal_fifo([10, 10, 10], concurrency=2, slots=1, token_s=0.1)
+    assert r["wall_s"] == pytest.approx(3.0)
+    assert sorted(round(x, 6) for x in [r["ttft_s"]["min"], r["ttft_s"]["max"]]) == [0.1, 1.1]
+    # a long answer holds one slot while short ones go through the other: FIFO order, first free slot
+    r = bench.ideal_fifo([30, 10, 10, 10], concurrency=3, slots=2, token_s=0.1)
+    # t=0: #0 (3 s) and #1 (1 s) start, #2 waits; t=1: #2 starts, client of #1 sends #3 which waits;
+    # t=2: #3 starts, ends at 3; #0 ends at 3.
+    assert r["wall_s"] == pytest.approx(3.0)
+    assert r["ttft_s"]["max"] == pytest.approx(1.1)
+    assert r["output_tokens"] == 60
+
+
+def test_relocate_moves_only_filesystem_paths(render, tmp_path):
+    assert render.relocate("/etc/nginx/herd/x.conf", tmp_path) == f"{tmp_path}/etc/nginx/herd/x.conf"
+    assert render.relocate("/var/log/nginx/a.log", tmp_path) == f"{tmp_path}/var/log/nginx/a.log"
+    assert render.relocate("/herd/pools", tmp_path) is None  # a URL path, not a file
+    assert render.relocate("{{ groups['x'] }}", tmp_path) is None
+    assert render.relocate(["/etc/x"], tmp_path) is None
+    assert render.relocate(80, tmp_path) is None
+
+
+def test_a_template_error_fails_loudly(render, tmp_path):
+    """A role whose template uses an undefined variable: the render stops with Ansible's message."""
+    _need_nginx()
+    roles = tmp_path / "roles"
+    shutil.copytree(ROOT / "roles" / "gateway", roles / "gateway")
+    conf = roles / "gateway" / "templates" / "etc" / "nginx" / "conf.d" / "herd-gateway.conf.j2"
+    conf.write_text(conf.read_text() + "\n# {{ herd_bench_no_such_variable }}\n")
+    plan = [{"id": 0, "name": "ollama-0", "port": 1, "bind_address": "127.0.0.1", "num_parallel": 1, "models": []}]
+    with pytest.raises(render.RenderError, match="herd_bench_no_such_variable"):
+        render.render_gateway(tmp_path / "prefix", plan, 18099, roles=roles)
+    # nothing landed in conf.d: the role's validate step never saw a rendered file
+    assert not list((tmp_path / "prefix" / "etc" / "nginx" / "conf.d").iterdir())
+
+
+def test_short_mode_runs_every_configuration(tmp_path):
+    """benchmarks/gateway_bench.py --short: herd (rendered by the role), the seeds and the ideal, 1x and 3x."""
+    _need_nginx()
+    out = tmp_path / "report"
+    res = subprocess.run(
+        [sys.executable, str(BENCH / "gateway_bench.py"), "--short", "--out", str(out), "--work", str(tmp_path / "w"),
+         "--command", "pytest tests/unit/benchmarks"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-4000:]
+    (md,) = out.glob("*-lab.md")
+    (js,) = out.glob("*-lab.json")
+    data = json.loads(js.read_text())
+    text = md.read_text()
+    # herd's files came from the role's own tasks
+    assert "etc/nginx/conf.d/herd-gateway.conf" in data["rendered_files"]["herd"]
+    conf = (tmp_path / "w" / "nginx-herd" / "etc" / "nginx" / "conf.d" / "herd-gateway.conf").read_text()
+    assert "Ansible managed" in conf  # rendered by Ansible itself
+    assert str(tmp_path / "w" / "nginx-herd") in conf  # the role's paths moved under the prefix
+    for mult in ("1", "3"):
+        rows = data["overload"][mult]
+        assert set(rows) == {"herd", "seed-000", "seed-003", "round-robin", "random", "ideal"}
+        for name, row in rows.items():
+            # every request got an answer: served, or an explicit busy/unavailable status
+            assert row["served"] + row["busy_503"] + sum(row["other_errors"].values()) == 24, (mult, name, row)
+        assert not rows["herd"]["other_errors"], rows["herd"]  # herd answers 200 or 503, never 502/transport
+    # at concurrency = slots nothing waits: herd serves everything, and so does the ideal
+    assert data["overload"]["1"]["herd"]["served"] == 24
+    assert data["overload"]["1"]["ideal"]["served"] == 24
+    assert data["request_list"]["requests"] == 24
+    assert "| 12 (3x) | ideal central FIFO (computed) | 24/24 |" in text
+    assert "pytest tests/unit/benchmarks" in text and data["facts"]["herd_commit"] in text
