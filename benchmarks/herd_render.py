@@ -1,9 +1,11 @@
 """Render herd's gateway for the benchmark exactly as role gateway renders it, into a private prefix.
 
-The role's own tasks do the work (benchmarks/render_gateway.yml runs its preflight, servers and configure
-task files with ansible-playbook from the project's venv): every template and file configure.yml writes,
-the role's filter plugins, defaults and vars, each file checked by the role's nginx -t checker before it
-lands. Only what the benchmark must change is overridden:
+The role's own tasks do the work: benchmarks/render_gateway.yml runs role gateway's main entry point with
+ansible-playbook from the project's venv, on a copy of the role from which only the tasks that install
+packages or drive services are removed (apt, package, service, systemd...: the benchmark uses this machine's
+nginx and starts its own). So every template and file the role writes, its filter plugins, defaults, vars and
+argument specs, and the role's nginx -t checker on each file before it lands, are the deployment's own. Only
+what the benchmark must change is overridden:
 
 - every absolute filesystem path among the role's defaults and vars is moved under the prefix
   (/etc/nginx/herd/x.conf -> PREFIX/etc/nginx/herd/x.conf), so a new file or path variable of the role
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -34,8 +37,15 @@ PLAYBOOK = ROOT / "benchmarks" / "render_gateway.yml"
 SYSTEM_NGINX = Path("/etc/nginx")
 # Values of the role's defaults and vars that are filesystem paths (moved under the prefix).
 FS_ROOTS = ("/etc/", "/var/", "/usr/", "/run/", "/opt/", "/srv/", "/lib/", "/tmp/")
-# Task files of the role that render the gateway (install.yml and tls.yml install packages and keys).
-ROLE_TASKS = ("preflight", "servers", "configure")
+# Modules whose tasks are removed from the benchmark's copy of the role: they install packages or drive this
+# machine's services, which the benchmark must leave alone.
+SKIPPED_MODULES = {
+    f"{ns}{m}" for ns in ("", "ansible.builtin.", "ansible.legacy.")
+    for m in ("apt", "package", "dnf", "yum", "apt_key", "apt_repository", "deb822_repository", "service",
+              "systemd", "systemd_service", "reboot")
+}
+# A task argument naming a fixed system path (not a variable): it would write outside the prefix.
+FIXED_PATH = re.compile(r"^\s*(dest|path|src|file):\s*[\"']?/(etc|var|usr|run|opt|srv|lib)/", re.M)
 
 
 class RenderError(RuntimeError):
@@ -50,6 +60,7 @@ class Prefix:
     files: list[Path] = field(default_factory=list)
     origin: str = ""
     render_seconds: float = 0.0
+    skipped_tasks: list[str] = field(default_factory=list)
 
     @property
     def conf(self) -> Path:
@@ -153,6 +164,42 @@ def role_origin(roles: Path) -> str:
     return f"role gateway at {rev or 'uncommitted'}{' (with uncommitted changes)' if dirty else ''}"
 
 
+def _filter_tasks(tasks, removed: list[str]):
+    """Tasks without the SKIPPED_MODULES ones (recursing into blocks)."""
+    out = []
+    for task in tasks or []:
+        if not isinstance(task, dict):
+            out.append(task)
+            continue
+        if SKIPPED_MODULES & set(task):
+            removed.append(task.get("name") or str(sorted(SKIPPED_MODULES & set(task))))
+            continue
+        for key in ("block", "rescue", "always"):
+            if key in task:
+                task = dict(task, **{key: _filter_tasks(task[key], removed)})
+        out.append(task)
+    return out
+
+
+def copy_role(roles: Path, dest: Path) -> list[str]:
+    """Copy role gateway to dest/gateway without the tasks that install packages or drive services."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(roles / "gateway", dest / "gateway")
+    removed: list[str] = []
+    for sub in ("tasks", "handlers"):
+        for f in sorted((dest / "gateway" / sub).glob("*.y*ml")):
+            text = f.read_text()
+            fixed = FIXED_PATH.search(text)
+            if fixed:
+                raise RenderError(f"roles/gateway/{sub}/{f.name} names a fixed system path ({fixed.group(0).strip()}): "
+                                  "the benchmark can only move paths that come from the role's vars or defaults")
+            tasks = yaml.safe_load(text)
+            if isinstance(tasks, list):
+                f.write_text(yaml.safe_dump(_filter_tasks(tasks, removed), sort_keys=False, width=1000))
+    return removed
+
+
 def render_gateway(prefix: Path, plan: list[dict], port: int, overrides: dict | None = None,
                    workers: int | str | None = None, roles: Path | None = None, timeout: float = 300) -> Prefix:
     """Render role gateway for instances `plan` (one host's _ollama_plan) listening on 127.0.0.1:`port`."""
@@ -175,9 +222,7 @@ def render_gateway(prefix: Path, plan: list[dict], port: int, overrides: dict | 
                 dirs.add(moved)
     extra.update({
         "herd_bench_prefix": str(prefix),
-        "herd_bench_roles": str(roles),
         "herd_bench_dirs": sorted(dirs),
-        "herd_bench_role_tasks": list(ROLE_TASKS),
         "gateway_http_port": int(port),
     })
     extra.update(overrides or {})
@@ -189,9 +234,10 @@ def render_gateway(prefix: Path, plan: list[dict], port: int, overrides: dict | 
     }}
     (work / "inventory.yml").write_text(yaml.safe_dump(inventory, sort_keys=False))
     (work / "extra.json").write_text(json.dumps(extra, indent=1))
+    removed = copy_role(roles, work / "roles")
     before = _files(prefix)
     playbook = ansible_playbook()
-    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_ROLES_PATH=str(roles),
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_ROLES_PATH=str(work / "roles"),
                ANSIBLE_PYTHON_INTERPRETER=str(Path(playbook).parent / "python"), ANSIBLE_NOCOLOR="1",
                ANSIBLE_RETRY_FILES_ENABLED="0", ANSIBLE_LOCAL_TEMP=str(work / "tmp"))
     if not os.access(env["ANSIBLE_PYTHON_INTERPRETER"], os.X_OK):
@@ -213,6 +259,7 @@ def render_gateway(prefix: Path, plan: list[dict], port: int, overrides: dict | 
     if not any(p.parent == prefix / "etc" / "nginx" / "conf.d" for p in pre.files):
         raise RenderError(f"role gateway rendered nothing into {prefix}/etc/nginx/conf.d: {pre.files}")
     pre.origin = role_origin(roles)
+    pre.skipped_tasks = removed
     pre.render_seconds = time.monotonic() - t0
     pre.test()
     return pre
