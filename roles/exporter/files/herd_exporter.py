@@ -8,7 +8,8 @@ Prometheus text exposition format (version 0.0.4) on /metrics:
   memory, from the instance's /api/ps;
 - every GPU: utilisation and memory, from `nvidia-smi --query-gpu=... --format=csv,noheader,nounits`;
 - the gateway on this host: requests by upstream and status, latency histograms (tailing the gateway's JSON
-  access log, across rotation) and requests in flight (from nginx stub_status).
+  access log, across rotation), requests in flight (from nginx stub_status) and, per model pool, the wait
+  queue's depth, admissions, rejections and wait-time histogram (the gateway's loopback JSON /herd/pools).
 
 Standard library only: it runs on the target hosts with python3 alone.
 Usage: herd-exporter --config /etc/herd/exporter.json [--once]
@@ -100,6 +101,69 @@ def parse_stub_status(text):
         "writing": writing,
         "waiting": waiting,
     }
+
+
+POOL_COUNTERS = ("admitted", "rejected_full", "rejected_timeout", "abandoned")
+
+
+def _count(value, what):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
+        raise ValueError(f"{what} must be a number >= 0, got {value!r}")
+    return value
+
+
+def parse_pools(text):
+    """The gateway's GET /herd/pools JSON -> [{name, queued, queue_max, counters..., wait, instances}].
+
+    wait = {"buckets": [(upper bound as float, cumulative count)...] ending with +Inf, "sum": S, "count": N}.
+    Raises ValueError on anything else, so that a wrong answer is a failed collector and never wrong numbers.
+    """
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("pools"), list):
+        raise ValueError('no "pools" list')
+    pools = []
+    for raw in data["pools"]:
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or not raw["name"]:
+            raise ValueError(f"pool without a name: {raw!r}"[:200])
+        name = raw["name"]
+        pool = {"name": name, "queued": _count(raw.get("queued"), f"pool {name}: queued"),
+                "queue_max": _count(raw.get("queue_max"), f"pool {name}: queue_max")}
+        for key in POOL_COUNTERS:
+            pool[key] = _count(raw.get(key), f"pool {name}: {key}")
+        wait = raw.get("wait_seconds")
+        if not isinstance(wait, dict) or not isinstance(wait.get("buckets"), dict):
+            raise ValueError(f"pool {name}: wait_seconds.buckets missing")
+        buckets = []
+        for bound, value in wait["buckets"].items():
+            try:
+                upper = float(bound)
+            except ValueError as exc:
+                raise ValueError(f"pool {name}: bucket bound {bound!r}") from exc
+            buckets.append((upper, _count(value, f"pool {name}: bucket {bound}")))
+        buckets.sort()
+        if not buckets or buckets[-1][0] != float("inf"):
+            raise ValueError(f"pool {name}: wait_seconds has no +Inf bucket")
+        if any(b[1] > c[1] for b, c in zip(buckets, buckets[1:], strict=False)):
+            raise ValueError(f"pool {name}: wait_seconds buckets are not cumulative")
+        count = _count(wait.get("count"), f"pool {name}: wait_seconds.count")
+        if buckets[-1][1] != count:
+            raise ValueError(f"pool {name}: +Inf bucket {buckets[-1][1]} != count {count}")
+        pool["wait"] = {"buckets": buckets, "sum": _count(wait.get("sum"), f"pool {name}: wait_seconds.sum"),
+                        "count": count}
+        instances = []
+        for inst in raw.get("instances") or []:
+            if not isinstance(inst, dict) or not inst.get("key"):
+                raise ValueError(f"pool {name}: instance without a key")
+            instances.append({"key": str(inst["key"]), "endpoint": str(inst.get("endpoint") or ""),
+                              "inflight": _count(inst.get("inflight", 0), f"pool {name}: inflight"),
+                              "max_conns": _count(inst.get("max_conns", 0), f"pool {name}: max_conns"),
+                              "down": bool(inst.get("down"))})
+        pool["instances"] = instances
+        pools.append(pool)
+    return pools
 
 
 def parse_ps(text):
@@ -628,6 +692,7 @@ class Exporter:
                 "gauge",
                 "Requests the gateway admits before answering busy (sum of max_conns)",
             ).add(labels, sum(int(s.get("max_conns") or 0) for s in servers))
+        self._pools(fam, collector_ok, timeout)
         url = self.gateway.get("status_url")
         if not url:
             return
@@ -665,6 +730,68 @@ class Exporter:
                 "gauge",
                 "Requests in flight beyond the instances' num_parallel: waiting in Ollama queues",
             ).add(labels, max(0, in_flight - capacity))
+
+
+    def _pools(self, fam, collector_ok, timeout):
+        """Per model pool: the gateway's wait queue (GET /herd/pools on loopback)."""
+        url = self.gateway.get("pools_url")
+        if not url:
+            return
+        host = self.config["host"]
+        available = fam(
+            "herd_gateway_pools_available",
+            "gauge",
+            "1 when the gateway answers /herd/pools (0: a gateway without model pools, 404, or no answer)",
+        )
+        try:
+            pools = parse_pools(self.fetch(url, timeout))
+        except urllib.error.HTTPError as exc:
+            # 404: a gateway from before the wait queue; nothing to publish, and nothing failed.
+            collector_ok.add({"host": host, "collector": "gateway_pools"}, 1 if exc.code == 404 else 0)
+            available.add({"host": host}, 0)
+            return
+        except (OSError, ValueError, urllib.error.URLError):
+            collector_ok.add({"host": host, "collector": "gateway_pools"}, 0)
+            available.add({"host": host}, 0)
+            return
+        collector_ok.add({"host": host, "collector": "gateway_pools"}, 1)
+        available.add({"host": host}, 1)
+        if not pools:
+            return
+        depth = fam("herd_gateway_pool_queue_depth", "gauge", "Requests waiting in the pool's queue now")
+        qmax = fam("herd_gateway_pool_queue_max", "gauge", "Requests the pool's queue holds at most (gateway_queue_max)")
+        admitted = fam("herd_gateway_pool_admitted_total", "counter", "Requests of the pool sent to an instance")
+        rejected = fam(
+            "herd_gateway_pool_rejected_total",
+            "counter",
+            "Requests of the pool answered busy, by reason (full: queue at its max, timeout: waited too long)",
+        )
+        abandoned = fam("herd_gateway_pool_abandoned_total", "counter", "Clients that hung up while queued")
+        wait = fam("herd_gateway_pool_wait_seconds", "histogram", "Time requests of the pool waited in its queue")
+        inflight = fam(
+            "herd_gateway_pool_instance_inflight",
+            "gauge",
+            "Requests in flight on an instance of the pool (all pools of the instance together)",
+        )
+        conns = fam("herd_gateway_pool_instance_max_conns", "gauge", "Requests an instance of the pool takes at once")
+        down = fam("herd_gateway_pool_instance_down", "gauge", "1 when the instance is drained or failed")
+        for pool in pools:
+            labels = {"host": host, "pool": pool["name"]}
+            depth.add(labels, pool["queued"])
+            qmax.add(labels, pool["queue_max"])
+            admitted.add(labels, pool["admitted"])
+            rejected.add({**labels, "reason": "full"}, pool["rejected_full"])
+            rejected.add({**labels, "reason": "timeout"}, pool["rejected_timeout"])
+            abandoned.add(labels, pool["abandoned"])
+            for bound, value in pool["wait"]["buckets"]:
+                wait.add({**labels, "le": format_value(bound)}, value, "_bucket")
+            wait.add(labels, pool["wait"]["sum"], "_sum")
+            wait.add(labels, pool["wait"]["count"], "_count")
+            for inst in pool["instances"]:
+                ilabels = {**labels, "server": inst["key"], "endpoint": inst["endpoint"]}
+                inflight.add(ilabels, inst["inflight"])
+                conns.add(ilabels, inst["max_conns"])
+                down.add(ilabels, 1 if inst["down"] else 0)
 
 
 # ---------------------------------------------------------------------------------------------------------

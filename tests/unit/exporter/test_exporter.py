@@ -174,6 +174,7 @@ def _config(tmp_path, log, servers=True):
         "gateway": {
             "access_log": str(log),
             "status_url": "http://127.0.0.1:80/herd/nginx_status",
+            "pools_url": "http://127.0.0.1:80/herd/pools",
             "servers_file": str(servers_file),
         },
         "buckets": [0.01, 0.1, 1],
@@ -181,6 +182,8 @@ def _config(tmp_path, log, servers=True):
 
 
 def _fake_fetch(url, _timeout):
+    if url.endswith("/herd/pools"):
+        return fixture_text("herd_pools.json")
     if url.endswith("/herd/nginx_status"):
         return (
             "Active connections: 9 \nserver accepts handled requests\n 20 20 40 \nReading: 1 Writing: 7 Waiting: 1 \n"
@@ -190,11 +193,11 @@ def _fake_fetch(url, _timeout):
     raise urllib.error.URLError("connection refused")
 
 
-def _exporter(ex, tmp_path, **kw):
+def _exporter(ex, tmp_path, fetch=_fake_fetch, **kw):
     log = tmp_path / "access.log"
     log.write_text("")
     exporter = ex.Exporter(
-        _config(tmp_path, log, **kw), fetch=_fake_fetch, smi=lambda *_: fixture_text("nvidia-smi-query.csv")
+        _config(tmp_path, log, **kw), fetch=fetch, smi=lambda *_: fixture_text("nvidia-smi-query.csv")
     )
     with open(log, "a") as handle:
         handle.write(fixture_text("gateway-access.log") + "garbage line\n")
@@ -232,6 +235,89 @@ def test_scrape_is_valid_exposition_with_the_right_numbers(ex, tmp_path):
     assert v(fams, "herd_gateway_capacity_requests") == 4
     assert v(fams, "herd_gateway_requests_queued_estimate") == 3
     assert v(fams, "herd_gateway_connections_active") == 9
+
+
+def test_pool_queue_metrics_from_the_gateways_pools_json(ex, tmp_path):
+    text = ex.render(_exporter(ex, tmp_path).collect())
+    fams = promcheck.parse(text)
+    v = promcheck.sample_value
+    pool = {"host": "gpu1", "pool": "qwen2.5:7b"}
+    assert v(fams, "herd_gateway_pools_available") == 1
+    assert v(fams, "herd_exporter_collector_success", collector="gateway_pools") == 1
+    assert v(fams, "herd_gateway_pool_queue_depth", **pool) == 3
+    assert v(fams, "herd_gateway_pool_queue_max", **pool) == 64
+    assert v(fams, "herd_gateway_pool_admitted_total", **pool) == 120
+    assert v(fams, "herd_gateway_pool_rejected_total", reason="full", **pool) == 2
+    assert v(fams, "herd_gateway_pool_rejected_total", reason="timeout", **pool) == 1
+    assert v(fams, "herd_gateway_pool_abandoned_total", **pool) == 4
+    # the histogram keeps the gateway's cumulative buckets, with Prometheus' spelling of the bounds
+    assert v(fams, "herd_gateway_pool_wait_seconds_bucket", le="0.005", **pool) == 50
+    assert v(fams, "herd_gateway_pool_wait_seconds_bucket", le="1", **pool) == 115
+    assert v(fams, "herd_gateway_pool_wait_seconds_bucket", le="+Inf", **pool) == 121
+    assert v(fams, "herd_gateway_pool_wait_seconds_count", **pool) == 121
+    assert v(fams, "herd_gateway_pool_wait_seconds_sum", **pool) == 37.5
+    les = [lab["le"] for name, lab, _ in fams["herd_gateway_pool_wait_seconds"]["samples"]
+           if name.endswith("_bucket") and lab["pool"] == "qwen2.5:7b"]
+    assert les == ["0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10", "30", "+Inf"]
+    assert v(fams, "herd_gateway_pool_queue_depth", pool="llama3.2:1b") == 0
+    assert v(fams, "herd_gateway_pool_instance_inflight", server="gpu1:0", endpoint="127.0.0.1:18951", **pool) == 2
+    assert v(fams, "herd_gateway_pool_instance_down", server="gpu1:1", **pool) == 1
+    assert v(fams, "herd_gateway_pool_instance_max_conns", server="gpu1:1", **pool) == 4
+
+
+def _fetch_with_pools(answer):
+    def fetch(url, timeout):
+        if url.endswith("/herd/pools"):
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+        return _fake_fetch(url, timeout)
+
+    return fetch
+
+
+@pytest.mark.parametrize(
+    "answer, collector_ok",
+    [
+        (urllib.error.HTTPError("http://127.0.0.1:80/herd/pools", 404, "Not Found", {}, None), 1),  # older gateway
+        (urllib.error.HTTPError("http://127.0.0.1:80/herd/pools", 500, "Error", {}, None), 0),
+        (urllib.error.URLError("connection refused"), 0),
+        ("<html>not json</html>", 0),
+        ('{"pools": [{"name": "m", "queued": -1}]}', 0),
+    ],
+    ids=["404", "500", "refused", "html", "bad-pool"],
+)
+def test_without_pools_nothing_is_published_and_a_gauge_says_so(ex, tmp_path, answer, collector_ok):
+    text = ex.render(_exporter(ex, tmp_path, fetch=_fetch_with_pools(answer)).collect())
+    fams = promcheck.parse(text)
+    assert promcheck.sample_value(fams, "herd_gateway_pools_available") == 0
+    assert promcheck.sample_value(fams, "herd_exporter_collector_success", collector="gateway_pools") == collector_ok
+    assert not [name for name in fams if name.startswith("herd_gateway_pool_")]
+    # the rest of the gateway's metrics are still there
+    assert promcheck.sample_value(fams, "herd_gateway_requests_in_flight") == 7
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda p: p["wait_seconds"]["buckets"].pop("+Inf"), "no \\+Inf bucket"),
+        (lambda p: p["wait_seconds"]["buckets"].update({"0.01": 1}), "not cumulative"),
+        (lambda p: p["wait_seconds"].update({"count": 7}), "!= count"),
+        (lambda p: p.update({"admitted": "12"}), "admitted must be a number"),
+        (lambda p: p.pop("name"), "without a name"),
+    ],
+)
+def test_pools_parser_rejects_what_it_cannot_publish_truthfully(ex, mutate, message):
+    data = json.loads(fixture_text("herd_pools.json"))
+    mutate(data["pools"][0])
+    with pytest.raises(ValueError, match=message):
+        ex.parse_pools(json.dumps(data))
+
+
+def test_an_empty_pool_list_publishes_only_the_gauge(ex, tmp_path):
+    fams = promcheck.parse(ex.render(_exporter(ex, tmp_path, fetch=_fetch_with_pools('{"pools": []}')).collect()))
+    assert promcheck.sample_value(fams, "herd_gateway_pools_available") == 1
+    assert not [name for name in fams if name.startswith("herd_gateway_pool_")]
 
 
 def test_counters_only_grow_across_scrapes(ex, tmp_path):
