@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One command for herd's lab benchmark report: docs/benchmarks/<date>-lab.{md,json,png}.
+# One command for herd's lab benchmark report: docs/benchmarks/<date>-lab.{md,json,png} (make bench).
 # Runs on this machine's loopback only: emulated GPUs (lab/standins/ollama_emulator.py), nginx started
-# from a private prefix, LiteLLM's proxy from a private venv. Needs root for apt-get when nginx is missing.
-#   benchmarks/run.sh [gateway_bench.py options]      e.g. --skip-litellm, --instances 4
+# from a private prefix with herd's gateway rendered by role gateway's own tasks (the project's .venv runs
+# ansible-playbook: make bootstrap builds it), LiteLLM's proxy from a private venv. Needs root for apt-get
+# when nginx or its Lua module is missing.
+#   benchmarks/run.sh [gateway_bench.py options]      e.g. --skip-litellm, --short, --baseline-ref main
 # HERD_BENCH_VENV  where the benchmark's Python environment lives (default /tmp/herd-bench/venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,10 +13,19 @@ LITELLM_VERSION=1.100.5     # newest release whose dependencies the project's Py
 MATPLOTLIB_VERSION=3.11.2
 VENV=${HERD_BENCH_VENV:-/tmp/herd-bench/venv}
 
-if ! command -v nginx >/dev/null 2>&1; then
-    echo "run.sh: installing nginx-light" >&2
+# nginx and the Lua module herd's gateway loads (Debian 12 main), as scripts/bootstrap.sh installs them.
+missing=()
+for p in nginx-light libnginx-mod-http-lua lua-cjson; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "run.sh: installing ${missing[*]}" >&2
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if [ ! -x .venv/bin/ansible-playbook ]; then
+    echo "run.sh: .venv/bin/ansible-playbook is missing: run make bootstrap first (make bench does)" >&2
+    exit 1
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
