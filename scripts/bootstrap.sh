@@ -15,7 +15,9 @@ need_root() {
 
 apt_packages() {
   local missing=()
-  for p in docker.io debootstrap python3-venv python3-pip iproute2 curl ca-certificates zstd; do
+  # nginx + Lua: the gateway unit tests run the real nginx -t and the gateway's Lua module.
+  for p in docker.io debootstrap python3-venv python3-pip iproute2 curl ca-certificates zstd \
+      nginx libnginx-mod-http-ndk libnginx-mod-http-lua lua-resty-core lua-cjson; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   if [ "${#missing[@]}" -gt 0 ]; then

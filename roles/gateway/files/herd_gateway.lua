@@ -215,6 +215,12 @@ function _M.init(settings_json)
     _M.cfg = cfg
 end
 
+-- Tests: use a configuration built with _M.build.
+function _M._set_cfg(value)
+    cfg = value
+    _M.cfg = value
+end
+
 -- ------------------------------------------------------------------------------------------ slots
 
 local function dict()
@@ -250,12 +256,17 @@ local function give_back(key)
 end
 _M.give_back = give_back
 
--- Servers of a pool that may receive a request now, least loaded (by weight) first, backups last.
+-- Servers of a pool that may receive a request now, least loaded (in flight / weight) first, backups last;
+-- equally loaded servers take turns (a rotating start, like nginx's least_conn falls back to round-robin).
 local function candidates(pool, exclude)
     local list = {}
-    for _, server in ipairs(cfg.pools[pool] or {}) do
+    local servers = cfg.pools[pool] or {}
+    local n = #servers
+    local turn = n > 1 and (dict():incr("r:" .. pool, 1, 0) or 0) or 0
+    for index, server in ipairs(servers) do
         if not server.down and not failed(server) and not (exclude and exclude[server.key]) then
-            list[#list + 1] = { server = server, load = inflight(server) / server.weight }
+            list[#list + 1] = { server = server, load = inflight(server) / server.weight,
+                                order = (index - 1 - turn) % n }
         end
     end
     table.sort(list, function(a, b)
@@ -265,7 +276,7 @@ local function candidates(pool, exclude)
         if a.load ~= b.load then
             return a.load < b.load
         end
-        return a.server.key < b.server.key
+        return a.order < b.order
     end)
     return list
 end
@@ -472,19 +483,22 @@ end
 -- ------------------------------------------------------------------------------------------ the wait queue
 
 local function queue_leave(pool, ticket)
-    local d = dict()
-    d:set("q:" .. pool .. ":g:" .. ticket, 1, 3600)
+    dict():set("q:" .. pool .. ":g:" .. ticket, 1, 3600)
 end
 
--- Move the head past tickets that left (only one worker wins each step, through add()).
+-- Move the head past tickets that left. Only one worker wins each step (add() of a short-lived marker), so
+-- two workers never skip the same ticket twice.
 local function advance_head(pool)
     local d = dict()
     for _ = 1, 1000 do
         local head = d:get("q:" .. pool .. ":h") or 1
-        if not d:get("q:" .. pool .. ":g:" .. head) then
+        -- A ticket whose holder stopped polling (its worker died) counts as gone.
+        local gone = d:get("q:" .. pool .. ":g:" .. head)
+            or (head <= (d:get("q:" .. pool .. ":t") or 0) and not d:get("q:" .. pool .. ":l:" .. head))
+        if not gone then
             return head
         end
-        if d:add("q:" .. pool .. ":a:" .. head, 1, 3600) then
+        if d:add("q:" .. pool .. ":a:" .. head, 1, 10) then
             d:delete("q:" .. pool .. ":g:" .. head)
             d:incr("q:" .. pool .. ":h", 1, 1)
         else
@@ -494,12 +508,10 @@ local function advance_head(pool)
     return d:get("q:" .. pool .. ":h") or 1
 end
 
--- Pass the head on to the next ticket (the head's holder only).
-local function pop_head(pool, ticket)
-    local d = dict()
-    if d:add("q:" .. pool .. ":a:" .. ticket, 1, 3600) then
-        d:incr("q:" .. pool .. ":h", 1, 1)
-    end
+-- Pass the head on to the next ticket. Only the head's holder calls it (a ticket that leaves while not at
+-- the head is marked gone instead), so a plain increment is enough.
+local function pop_head(pool)
+    dict():incr("q:" .. pool .. ":h", 1, 1)
 end
 
 -- Wait in the pool's FIFO until this request is at the head and a candidate has a free slot.
@@ -507,19 +519,22 @@ end
 local function admit(pool)
     local d = dict()
     local ticket = d:incr("q:" .. pool .. ":t", 1, 0)
+    local alive = "q:" .. pool .. ":l:" .. ticket
+    d:set(alive, 1, 1)
     local ctx = ngx.ctx
     local start = ngx.now()
     local waiting = false
     local deadline = start + cfg.queue_timeout
 
     local function leave(kind)
+        d:delete(alive)
         if waiting then
             d:incr("q:" .. pool .. ":w", -1, 0)
             waiting = false
         end
         local head = d:get("q:" .. pool .. ":h") or 1
         if head == ticket then
-            pop_head(pool, ticket)
+            pop_head(pool)
         else
             queue_leave(pool, ticket)
         end
@@ -530,11 +545,16 @@ local function admit(pool)
 
     ctx.herd_leave = leave
     while true do
+        d:set(alive, 1, 1)
         local head = advance_head(pool)
-        if head == ticket then
+        -- head > ticket: this ticket was skipped as dead by mistake; it competes as if at the head.
+        if head >= ticket then
             local server, any = acquire(pool)
             if server then
-                pop_head(pool, ticket)
+                d:delete(alive)
+                if head == ticket then
+                    pop_head(pool)
+                end
                 if waiting then
                     d:incr("q:" .. pool .. ":w", -1, 0)
                     waiting = false
@@ -567,7 +587,7 @@ local function admit(pool)
             ctx.herd_leave = nil
             return busy("server busy, please try again: waited " .. cfg.queue_timeout .. "s for a free herd instance")
         end
-        local position = ticket - head
+        local position = math.max(0, ticket - head)
         ngx.sleep(math.min(0.002 + 0.001 * position, 0.02, deadline - now))
     end
 end
@@ -681,8 +701,9 @@ function _M.log()
     if key and key ~= "" then
         give_back(key)
     end
+    local status = ngx.var.status
     local header_times = ngx.var.upstream_header_time
-    if header_times and header_times:match("%-$") then
+    if (status == "502" or status == "504") and header_times and header_times:match("%-$") then
         local addr = (ngx.var.upstream_addr or ""):match("([^, ]+)$")
         local server = addr and cfg.by_endpoint[addr]
         if server then
