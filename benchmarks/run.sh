@@ -15,7 +15,7 @@ VENV=${HERD_BENCH_VENV:-/tmp/herd-bench/venv}
 
 # nginx and the Lua module herd's gateway loads (Debian 12 main), as scripts/bootstrap.sh installs them.
 missing=()
-for p in nginx-light libnginx-mod-http-lua lua-cjson; do
+for p in nginx libnginx-mod-http-ndk libnginx-mod-http-lua lua-resty-core lua-cjson; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ "${#missing[@]}" -gt 0 ]; then

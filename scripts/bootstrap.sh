@@ -15,9 +15,10 @@ need_root() {
 
 apt_packages() {
   local missing=()
-  # nginx with Debian's Lua module: the unit tests run the gateway benchmark's short mode with real nginx.
+  # nginx + Lua: the gateway unit tests run the real nginx -t and the gateway's Lua module, and the gateway
+  # benchmark's short mode (tests/unit/benchmarks) runs the rendered gateway in the real nginx.
   for p in docker.io debootstrap python3-venv python3-pip iproute2 curl ca-certificates zstd \
-           nginx-light libnginx-mod-http-lua lua-cjson; do
+      nginx libnginx-mod-http-ndk libnginx-mod-http-lua lua-resty-core lua-cjson; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   if [ "${#missing[@]}" -gt 0 ]; then

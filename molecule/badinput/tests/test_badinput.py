@@ -94,6 +94,13 @@ CASES = [
     ("bad_gateway_timeout", {"gateway_read_timeout": "10 minutes"}, ["gateway_read_timeout", "600s, 10m or 500ms"]),
     ("next_upstream_tries_zero", {"gateway_next_upstream_tries": 0}, ["gateway_next_upstream_tries", "1 or more"]),
     ("busy_status_not_allowed", {"gateway_busy_status": 500}, ["gateway_busy_status", "503"]),
+    ("model_options_unknown_model", {"gateway_model_options": {"llama9:70b": {"num_ctx": 8192}}},
+     ["gateway_model_options", "'llama9:70b' is held by no instance", "Fix:"]),
+    ("model_options_not_a_mapping", {"gateway_model_options": ["num_ctx"]}, ["gateway_model_options", "mapping"]),
+    ("client_keep_alive_unknown", {"gateway_client_keep_alive": "never"},
+     ["gateway_client_keep_alive", "'never'", "Fix: ignore"]),
+    ("queue_max_negative", {"gateway_queue_max": -1}, ["gateway_queue_max", "0 or more"]),
+    ("queue_timeout_not_a_time", {"gateway_queue_timeout": "2 minutes"}, ["gateway_queue_timeout", "600s, 10m or 500ms"]),
 ]
 
 # Cases that do not yet fail cleanly in preflight, marked strict xfail with the reason (none left: the four

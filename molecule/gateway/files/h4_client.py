@@ -2,7 +2,8 @@
 """Test client of the gateway scenario: one HTTP request, or one streamed generation with chunk timestamps.
 
   h4-client request METHOD URL [--key KEY] [--body JSON]
-  h4-client stream URL [--key KEY] [--model M] [--tokens N] [--out FILE]
+  h4-client stream URL [--key KEY] [--model M] [--tokens N] [--out FILE] [--hangup SECONDS]
+  h4-client batch BASE_URL SPEC_FILE [--key KEY] [--concurrency N]
 Prints (or writes to FILE) one JSON object; `stream` also writes FILE.upstream as soon as headers arrive.
 """
 
@@ -49,6 +50,11 @@ def do_stream(args):
     start = time.monotonic()
     conn, path = connect(args.url, 120)
     conn.request("POST", path, body=body, headers=headers_for(args.key))
+    if args.hangup:
+        # Hang up before any answer (a client that gives up while queued).
+        time.sleep(args.hangup)
+        conn.sock.close()
+        return {"status": 0, "hangup": args.hangup, "t_end": time.monotonic() - start}
     resp = conn.getresponse()
     result = {"status": resp.status, "upstream": resp.getheader("X-Herd-Upstream", ""),
               "t_headers": time.monotonic() - start, "chunk_times": [], "done": False, "error": None}
@@ -73,6 +79,31 @@ def do_stream(args):
     return result
 
 
+def one_of_batch(base, key, item):
+    start = time.monotonic()
+    conn, path = connect(base + item["path"], 120)
+    try:
+        conn.request(item.get("method", "POST"), path, body=json.dumps(item["body"]) if "body" in item else None,
+                     headers=headers_for(key))
+        resp = conn.getresponse()
+        body = resp.read().decode("utf-8", "replace")
+        return {"i": item.get("i"), "status": resp.status, "upstream": resp.getheader("X-Herd-Upstream", ""),
+                "t_end": time.monotonic() - start, "body": body[-300:]}
+    except (OSError, http.client.HTTPException) as exc:
+        return {"i": item.get("i"), "status": 0, "error": repr(exc)}
+    finally:
+        conn.close()
+
+
+def do_batch(args):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with open(args.spec, encoding="utf-8") as handle:
+        items = json.load(handle)
+    with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+        return list(pool.map(lambda item: one_of_batch(args.url, args.key, item), items))
+
+
 def main():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -87,9 +118,15 @@ def main():
     stream.add_argument("--model", default="herd-tiny:1b")
     stream.add_argument("--tokens", type=int, default=40)
     stream.add_argument("--out")
+    stream.add_argument("--hangup", type=float, default=0)
+    batch = sub.add_parser("batch")
+    batch.add_argument("url")
+    batch.add_argument("spec")
+    batch.add_argument("--key")
+    batch.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args()
     try:
-        result = do_request(args) if args.cmd == "request" else do_stream(args)
+        result = {"request": do_request, "stream": do_stream, "batch": do_batch}[args.cmd](args)
     except (OSError, http.client.HTTPException) as exc:
         result = {"status": 0, "error": repr(exc)}
     text = json.dumps(result)

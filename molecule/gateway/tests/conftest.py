@@ -38,8 +38,18 @@ def call(host, method, url, key=None, body=None):
     return json.loads(out)
 
 
-def stream(host, url=GW + "/api/generate", tokens=40, key=KEY):
-    return json.loads(host.check_output("h4-client stream %s --key %s --tokens %s", url, key, str(tokens)))
+def stream(host, url=GW + "/api/generate", tokens=40, key=KEY, model="herd-tiny:1b"):
+    return json.loads(host.check_output("h4-client stream %s --key %s --tokens %s --model %s", url, key, str(tokens),
+                                        model))
+
+
+def access_log(host):
+    text = host.file("/var/log/nginx/herd-gateway.access.log").content_string
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def pools(host):
+    return {p["name"]: p for p in json.loads(host.check_output("curl -sf http://127.0.0.1/herd/pools"))["pools"]}
 
 
 def playbook(path, *extra):

@@ -1,4 +1,8 @@
-"""Real HTTP behaviour through the gateway on h4-gw (nginx from roles nginx + gateway, lab Ollama emulators)."""
+"""Real HTTP behaviour through the gateway on h4-gw (nginx + Lua from roles nginx + gateway, lab Ollama emulators).
+
+Pools (molecule.yml): herd-tiny:1b = h4-gw:0 (1 slot) + h4-gpu1:0 (2 slots); herd-small:7b = h4-gpu1:1 (1 slot)
++ h4-gpu1:2 (2 slots). gateway_queue_per_instance 0, so max_conns = num_parallel and 3 slots per pool.
+"""
 
 import json
 import os
@@ -6,26 +10,66 @@ import statistics
 import sys
 import time
 
-from conftest import GW, KEY, SCENARIO, call, dump_journal, playbook, stream
+from conftest import GW, KEY, SCENARIO, access_log, call, dump_journal, playbook, pools, stream
 
 sys.path.insert(0, os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "molecule"))
 from herd_measure import measured as _measured  # noqa: E402
 
+TINY, SMALL = "herd-tiny:1b", "herd-small:7b"
+
 
 def upstreams_of(gw):
-    """Every instance's address as nginx reports it in X-Herd-Upstream."""
+    """Every instance's address as nginx reports it in X-Herd-Upstream -> its key."""
     ip = gw.check_output("getent ahostsv4 h4-gpu1 | awk 'NR==1{print $1}'")
-    return {f"{ip}:11434": "h4-gpu1:0", f"{ip}:11435": "h4-gpu1:1", "127.0.0.1:11434": "h4-gw:0"}
+    return {f"{ip}:11434": "h4-gpu1:0", f"{ip}:11435": "h4-gpu1:1", f"{ip}:11436": "h4-gpu1:2",
+            "127.0.0.1:11434": "h4-gw:0"}
 
 
-def test_nginx_runs_and_config_is_valid(gw):
+POOL_OF = {"h4-gw:0": TINY, "h4-gpu1:0": TINY, "h4-gpu1:1": SMALL, "h4-gpu1:2": SMALL}
+
+
+def wait_files(gw, pattern, count, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if gw.run(f"ls {pattern} 2>/dev/null | wc -l").stdout.strip() == str(count):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def wait_idle(gw, timeout=30):
+    """Until no request is in flight or queued at the gateway (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = pools(gw)
+        if all(p["queued"] == 0 and all(i["inflight"] == 0 for i in p["instances"]) for p in state.values()):
+            return state
+        time.sleep(0.3)
+    raise AssertionError(f"gateway not idle after {timeout}s: {pools(gw)}")
+
+
+def start_streams(gw, prefix, count, tokens, model=TINY):
+    gw.check_output(f"rm -f /tmp/{prefix}*.json*; for i in $(seq 1 {count}); do "
+                    f"nohup h4-client stream {GW}/api/generate --key {KEY} --model {model} --tokens {tokens} "
+                    f"--out /tmp/{prefix}$i.json >/dev/null 2>&1 & done")
+
+
+def read_results(gw, prefix, count):
+    return [json.loads(gw.file(f"/tmp/{prefix}{i}.json").content_string) for i in range(1, count + 1)]
+
+
+def test_nginx_runs_with_lua_and_config_is_valid(gw):
     assert gw.service("nginx").is_running, dump_journal(gw)
     assert gw.run("nginx -t -q").rc == 0
+    full = gw.check_output("nginx -T 2>/dev/null")
+    assert "ngx_http_lua_module.so" in full and "balancer_by_lua_block" in full
     conf = gw.file("/etc/nginx/conf.d/herd-gateway.conf")
     assert conf.mode == 0o644 and conf.user == "root"
     assert gw.file("/etc/nginx/herd/gateway-keys.conf").mode == 0o600
-    assert "least_conn;" in gw.file("/etc/nginx/herd/gateway-upstream.conf").content_string
+    assert gw.file("/usr/local/share/herd/lua/herd_gateway.lua").exists
+    assert gw.file("/usr/local/sbin/herd-gateway-drain").mode == 0o755
     assert gw.socket("tcp://0.0.0.0:80").is_listening and gw.socket("tcp://0.0.0.0:443").is_listening
+    assert "[error]" not in gw.run("tail -n 50 /var/log/nginx/error.log").stdout
 
 
 def test_health_answers_without_backend(gw):
@@ -34,23 +78,96 @@ def test_health_answers_without_backend(gw):
     assert reply["headers"].get("x-herd-upstream", "") == ""
 
 
-def test_requests_reach_every_instance(gw):
-    seen = [call(gw, "GET", GW + "/api/tags", key=KEY)["headers"]["x-herd-upstream"] for _ in range(12)]
-    assert set(seen) == set(upstreams_of(gw)), seen
-    log = gw.file("/var/log/nginx/herd-gateway.access.log").content_string.splitlines()
-    entry = json.loads(log[-1])
-    for field in ("upstream", "upstream_status", "upstream_connect_time", "upstream_header_time",
-                  "upstream_response_time", "request_time"):
-        assert entry[field] != "", field
-    assert entry["key"] == "team-a" and entry["upstream"] in upstreams_of(gw)
+def test_pool_status_lists_pools_and_instances(gw):
+    state = pools(gw)
+    assert set(state) == {TINY, SMALL}
+    assert {i["key"]: i["max_conns"] for i in state[TINY]["instances"]} == {"h4-gw:0": 1, "h4-gpu1:0": 2}
+    assert {i["key"]: i["max_conns"] for i in state[SMALL]["instances"]} == {"h4-gpu1:1": 1, "h4-gpu1:2": 2}
+    assert state[TINY]["queue_max"] == 32 and "+Inf" in state[TINY]["wait_seconds"]["buckets"]
+    # Loopback only, like stub_status.
+    assert gw.run("curl -s -o /dev/null -w '%{http_code}' http://$(hostname -i | awk '{print $1}')/herd/pools"
+                  ).stdout in ("403",)
+
+
+def test_one_catalogue_same_answer_every_time(gw):
+    answers = [call(gw, "GET", GW + "/api/tags", key=KEY) for _ in range(20)]
+    assert all(a["status"] == 200 for a in answers), answers[0]
+    assert len({a["body"] for a in answers}) == 1
+    names = [m["name"] for m in json.loads(answers[0]["body"])["models"]]
+    assert sorted(names) == [SMALL, TINY], names
+    models = json.loads(call(gw, "GET", GW + "/v1/models", key=KEY)["body"])
+    assert models["object"] == "list" and sorted(m["id"] for m in models["data"]) == [SMALL, TINY]
+    ps = json.loads(call(gw, "GET", GW + "/api/ps", key=KEY)["body"])["models"]
+    assert {(m["herd_instance"], m["name"]) for m in ps} == {(k, POOL_OF[k]) for k in POOL_OF}
+    assert call(gw, "GET", GW + "/api/tags")["status"] == 401
+
+
+def test_answers_from_the_gateway_itself(gw):
+    before = len(access_log(gw))
+    reply = call(gw, "POST", GW + "/api/generate", key=KEY, body={"model": "llama9:70b", "prompt": "x"})
+    assert reply["status"] == 404, reply
+    assert json.loads(reply["body"]) == {"error": 'model "llama9:70b" not found, try pulling it first'}
+    reply = call(gw, "POST", GW + "/api/chat", key=KEY, body={"messages": []})
+    assert reply["status"] == 400 and "model" in json.loads(reply["body"])["error"]
+    out = gw.check_output(f"curl -s -w ' %{{http_code}}' -H 'Authorization: Bearer {KEY}' -d 'not json' "
+                          f"{GW}/v1/chat/completions")
+    assert out.endswith(" 400") and "error" in json.loads(out[:-4])
+    entries = access_log(gw)[before:]
+    assert [e["status"] for e in entries] == ["404", "400", "400"]
+    assert all(e["upstream"] == "" for e in entries), entries
+
+
+def test_200_mixed_requests_each_reach_an_instance_of_its_model(gw):
+    addresses = upstreams_of(gw)
+    spec = []
+    for i in range(200):
+        model = (TINY, SMALL, "herd-tiny", "registry.ollama.ai/library/herd-small:7b")[i % 4]
+        kind = i % 3
+        if kind == 0:
+            spec.append({"i": i, "path": "/api/generate",
+                         "body": {"model": model, "prompt": "hi", "stream": False, "options": {"num_predict": 2}}})
+        elif kind == 1:
+            spec.append({"i": i, "path": "/api/chat", "body": {"model": model, "stream": False,
+                         "messages": [{"role": "user", "content": "hi"}], "options": {"num_predict": 2}}})
+        else:
+            spec.append({"i": i, "path": "/v1/chat/completions", "body": {"model": model, "max_tokens": 2,
+                         "messages": [{"role": "user", "content": "hi"}]}})
+    gw.check_output(f"cat > /tmp/mixed.json <<'EOF'\n{json.dumps(spec)}\nEOF")
+    before = len(access_log(gw))
+    start = time.monotonic()
+    results = json.loads(gw.check_output(f"h4-client batch {GW} /tmp/mixed.json --key {KEY} --concurrency 12"))
+    took = time.monotonic() - start
+    assert all(r["status"] == 200 for r in results), [r for r in results if r["status"] != 200][:3]
+    wanted = {i: (TINY if i % 2 == 0 else SMALL) for i in range(200)}
+    for r in results:
+        assert POOL_OF[addresses[r["upstream"]]] == wanted[r["i"]], r
+    entries = [e for e in access_log(gw)[before:] if e["uri"] in ("/api/generate", "/api/chat", "/v1/chat/completions")]
+    assert len(entries) == 200
+    for e in entries:
+        assert POOL_OF[addresses[e["upstream"]]] == e["pool"], e
+    assert {addresses[e["upstream"]] for e in entries} == set(POOL_OF)
+    _measured(f"200 mixed requests (2 models, 3 endpoints, 12 at once) in {took:.1f} s, every one on its pool")
+    wait_idle(gw)
+
+
+def test_client_keep_alive_zero_leaves_models_loaded(gw):
+    for model in (TINY, SMALL):
+        for _ in range(3):
+            reply = call(gw, "POST", GW + "/api/generate", key=KEY, body={"model": model, "keep_alive": 0})
+            assert reply["status"] == 200, reply
+            assert json.loads(reply["body"]).get("done_reason") != "unload", reply
+    ip = upstreams_of(gw)
+    for address, key in ip.items():
+        ps = json.loads(gw.check_output(f"curl -sf http://{address}/api/ps"))["models"]
+        assert [m["name"] for m in ps] == [POOL_OF[key]], (key, ps)
 
 
 def test_allowlist_and_keys(gw, client):
-    assert call(gw, "GET", GW + "/api/tags", key=KEY)["status"] == 200
-    missing = call(gw, "GET", GW + "/api/tags")
+    assert call(gw, "GET", GW + "/api/version", key=KEY)["status"] == 200
+    missing = call(gw, "GET", GW + "/api/version")
     assert missing["status"] == 401 and "error" in json.loads(missing["body"])
     assert missing["headers"]["www-authenticate"].startswith("Bearer")
-    assert call(gw, "GET", GW + "/api/tags", key="h4-wrong-key-000000000000")["status"] == 401
+    assert call(gw, "GET", GW + "/api/version", key="h4-wrong-key-000000000000")["status"] == 401
     # h4-client is outside gateway_allow: 403 even with the right key.
     for key in (KEY, None):
         denied = call(client, "GET", "http://h4-gw/api/tags", key=key)
@@ -74,63 +191,119 @@ def test_stream_chunks_arrive_before_the_end_and_ttft_matches_direct(gw):
     # 40 tokens at 20 tokens/s: about 2 s; the first chunk must come long before the end.
     assert result["chunk_times"][0] < 0.5 and result["t_end"] > 1.5, result
     assert result["chunk_times"][len(result["chunk_times"]) // 2] < result["t_end"] - 0.5, result
-    gateway = [stream(gw, tokens=3)["chunk_times"][0] for _ in range(8)]
-    direct = [stream(gw, url="http://127.0.0.1:11434/api/generate", tokens=3)["chunk_times"][0] for _ in range(8)]
-    _measured(f"TTFT median gateway {statistics.median(gateway) * 1000:.1f} ms, "
-          f"direct {statistics.median(direct) * 1000:.1f} ms")
+    # Sequential pairs: one request through the gateway, then one straight to the instance it chose.
+    addresses = upstreams_of(gw)
+    gateway, direct = [], []
+    for _ in range(25):
+        g = stream(gw, tokens=1)
+        assert g["status"] == 200 and g["upstream"] in addresses, g
+        gateway.append(g["chunk_times"][0])
+        direct.append(stream(gw, url=f"http://{g['upstream']}/api/generate", tokens=1)["chunk_times"][0])
+
+    def p(values, q):
+        values = sorted(values)
+        return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] * 1000
+
+    _measured(f"TTFT through the gateway p50 {p(gateway, 0.5):.1f} ms p99 {p(gateway, 0.99):.1f} ms, direct p50 "
+              f"{p(direct, 0.5):.1f} ms p99 {p(direct, 0.99):.1f} ms (25 pairs, same instance each, lab containers)")
     assert statistics.median(gateway) - statistics.median(direct) < 0.05, (gateway, direct)
 
 
-def test_all_busy_answers_explicit_503_not_502(gw):
-    # max_conns: h4-gpu1:0 2+1, h4-gpu1:1 1+1, h4-gw:0 1+1 = 7 admitted at once.
-    gw.check_output("rm -f /tmp/busy*.json*; for i in 1 2 3 4 5 6 7; do "
-                    f"nohup h4-client stream {GW}/api/generate --key {KEY} --tokens 60 --out /tmp/busy$i.json "
-                    ">/dev/null 2>&1 & done")
-    time.sleep(1.5)
-    reply = call(gw, "POST", GW + "/api/generate", key=KEY, body={"model": "herd-tiny:1b", "prompt": "x"})
-    assert reply["status"] == 503, reply
-    assert reply["headers"]["retry-after"] == "3"
-    assert "server busy" in json.loads(reply["body"])["error"]
-    # Answered at once by the gateway (no instance touched), as the access log shows.
-    busy = [json.loads(line) for line in gw.file("/var/log/nginx/herd-gateway.access.log").content_string.splitlines()
-            if '"status":"503"' in line][-1]
-    assert busy["upstream"] == "herd_ollama" and float(busy["request_time"]) < 0.1, busy
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and gw.run("ls /tmp/busy?.json 2>/dev/null | wc -l").stdout.strip() != "7":
-        time.sleep(0.5)
-    results = [json.loads(gw.file(f"/tmp/busy{i}.json").content_string) for i in range(1, 8)]
-    assert all(r["status"] == 200 and r["done"] for r in results), results
-    assert {r["upstream"] for r in results} == set(upstreams_of(gw))
+def test_three_times_the_slots_all_served_in_turn(gw):
+    wait_idle(gw)
+    before = pools(gw)[TINY]
+    start_streams(gw, "q3x", 9, 20)  # 3 slots in the pool; 20 tokens at 20/s = 1 s each
+    assert wait_files(gw, "/tmp/q3x?.json", 9, timeout=60)
+    results = read_results(gw, "q3x", 9)
+    assert all(r["status"] == 200 and r["done"] and r["chunks"] >= 20 for r in results), results
+    after = wait_idle(gw)[TINY]
+    assert after["admitted"] - before["admitted"] == 9
+    assert after["rejected_full"] == before["rejected_full"] and after["rejected_timeout"] == before["rejected_timeout"]
+    waited = after["wait_seconds"]["buckets"]["+Inf"] - after["wait_seconds"]["buckets"]["0.1"]
+    waited_before = before["wait_seconds"]["buckets"]["+Inf"] - before["wait_seconds"]["buckets"]["0.1"]
+    assert waited - waited_before >= 3, after  # 6 of the 9 had to wait for a slot
+    firsts = sorted(r["chunk_times"][0] for r in results)
+    _measured(f"3x slots (9 streams, 3 slots): all 200; first tokens at {', '.join(f'{t:.1f}' for t in firsts)} s")
 
 
-def test_drain_keeps_inflight_stream_and_removes_server(gw):
-    gw.check_output("rm -f /tmp/drain.json*; "
-                    f"nohup h4-client stream {GW}/api/generate --key {KEY} --tokens 160 --out /tmp/drain.json "
-                    ">/dev/null 2>&1 &")
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not gw.file("/tmp/drain.json.upstream").exists:
-        time.sleep(0.1)
-    address = gw.file("/tmp/drain.json.upstream").content_string.strip()
-    target = upstreams_of(gw)[address]
+def test_client_that_hangs_up_while_queued_holds_no_slot(gw):
+    wait_idle(gw)
+    before = pools(gw)[TINY]
+    start_streams(gw, "hold", 3, 40)  # the pool's 3 slots for 2 s
+    time.sleep(0.5)
+    gw.check_output(f"h4-client stream {GW}/api/generate --key {KEY} --tokens 5 --hangup 0.5")
+    mid = pools(gw)[TINY]
+    assert mid["abandoned"] - before["abandoned"] == 1 and mid["queued"] == 0, mid
+    nxt = stream(gw, tokens=5)
+    assert nxt["status"] == 200 and nxt["done"], nxt
+    assert wait_files(gw, "/tmp/hold?.json", 3)
+    after = wait_idle(gw)[TINY]
+    assert after["admitted"] - before["admitted"] == 4, after
+
+
+def test_drain_one_instance_of_a_pool_keeps_the_pool_served(gw):
+    addresses = upstreams_of(gw)
+    start_streams(gw, "drain", 1, 60, model=SMALL)
+    assert wait_files(gw, "/tmp/drain1.json.upstream", 1, timeout=10)
+    address = gw.file("/tmp/drain1.json.upstream").content_string.strip()
+    target = addresses[address]
     try:
         rc, out = playbook("playbooks/drain.yml", "-e", f"drain={target}")
         assert rc == 0, out
         # The playbook returned only once the in-flight stream had ended (its result file is written at the end).
-        assert gw.file("/tmp/drain.json").exists, "drain returned while the stream was still running"
+        assert gw.file("/tmp/drain1.json").exists, "drain returned while the stream was still running"
         assert "no request in flight" in out
-        result = json.loads(gw.file("/tmp/drain.json").content_string)
-        assert result["status"] == 200 and result["done"] and result["chunks"] >= 160, result
-        conf = gw.file("/etc/nginx/herd/gateway-upstream.conf").content_string
-        assert sum(line.strip().endswith(" down;") for line in conf.splitlines()) == 1, conf
-        seen = {call(gw, "GET", GW + "/api/tags", key=KEY)["headers"]["x-herd-upstream"] for _ in range(9)}
-        assert address not in seen and len(seen) == 2, seen
+        result = json.loads(gw.file("/tmp/drain1.json").content_string)
+        assert result["status"] == 200 and result["done"] and result["chunks"] >= 60, result
+        assert json.loads(gw.file("/var/lib/herd/gateway/drained.json").content_string) == [target]
+        seen = set()
+        for _ in range(6):
+            reply = call(gw, "POST", GW + "/api/generate", key=KEY,
+                         body={"model": SMALL, "prompt": "x", "stream": False, "options": {"num_predict": 1}})
+            assert reply["status"] == 200, reply
+            seen.add(addresses[reply["headers"]["x-herd-upstream"]])
+        assert seen == {k for k in POOL_OF if POOL_OF[k] == SMALL and k != target}, seen
+        state = {i["key"]: i["down"] for i in pools(gw)[SMALL]["instances"]}
+        assert state[target] is True
+        # The command itself: unknown target -> non-zero naming it, nothing changed.
+        bad = gw.run("herd-gateway-drain drain h4-nope:9")
+        assert bad.rc != 0 and "h4-nope:9" in bad.stderr
         assert json.loads(gw.file("/var/lib/herd/gateway/drained.json").content_string) == [target]
     finally:
         rc, out = playbook("playbooks/drain.yml", "-e", f"undrain={target}")
     assert rc == 0, out
-    seen = {call(gw, "GET", GW + "/api/tags", key=KEY)["headers"]["x-herd-upstream"] for _ in range(12)}
-    assert address in seen
-    assert " down;" not in gw.file("/etc/nginx/herd/gateway-upstream.conf").content_string
+    seen = set()
+    for _ in range(12):
+        reply = call(gw, "POST", GW + "/api/generate", key=KEY,
+                     body={"model": SMALL, "prompt": "x", "stream": False, "options": {"num_predict": 1}})
+        seen.add(addresses[reply["headers"]["x-herd-upstream"]])
+        if target in seen:
+            break
+    assert target in seen
+    assert json.loads(gw.file("/var/lib/herd/gateway/drained.json").content_string) == []
+
+
+def test_small_queue_max_answers_503_at_once_for_the_excess(gw):
+    wait_idle(gw)
+    rc, out = playbook(os.path.join(SCENARIO, "converge.yml"), "-e", json.dumps({"gateway_queue_max": 1}))
+    assert rc == 0, out[-3000:]
+    try:
+        start_streams(gw, "qmax", 4, 40)  # 3 slots + 1 waiting place
+        time.sleep(1.0)
+        start = time.monotonic()
+        reply = call(gw, "POST", GW + "/api/generate", key=KEY, body={"model": TINY, "prompt": "x"})
+        took = time.monotonic() - start
+        assert reply["status"] == 503 and reply["headers"]["retry-after"] == "3", reply
+        assert "server busy" in json.loads(reply["body"])["error"]
+        assert took < 0.5, took
+        busy = [e for e in access_log(gw) if e["status"] == "503"][-1]
+        assert busy["upstream"] == "" and busy["pool"] == TINY and float(busy["request_time"]) < 0.1, busy
+        assert wait_files(gw, "/tmp/qmax?.json", 4)
+        assert all(r["status"] == 200 and r["done"] for r in read_results(gw, "qmax", 4))
+    finally:
+        rc, out = playbook(os.path.join(SCENARIO, "converge.yml"))
+    assert rc == 0, out[-3000:]
+    assert pools(gw)[TINY]["queue_max"] == 32
 
 
 def test_broken_config_is_never_loaded(gw):

@@ -69,10 +69,11 @@ def test_rolling_redeploy_under_streaming_load_fails_no_request(host):
         env = subprocess.run(["docker", "exec", h, "cat", "/etc/herd/ollama/0.env"], capture_output=True, text=True)
         assert 'OLLAMA_NUM_PARALLEL="3"' in env.stdout
     # docker cp cannot write under the hosts' /tmp (a tmpfs), hence /root above.
-    conf = host.file("/etc/nginx/herd/gateway-upstream.conf").content_string
-    servers = [ln.strip() for ln in conf.splitlines() if ln.strip().startswith("server ")]
+    # The gateway's servers record (read by nginx at every reload): slots follow num_parallel, nothing drained.
+    servers = json.loads(host.file("/var/lib/herd/gateway/servers.json").content_string)["servers"]
     assert len(servers) == 4
-    assert all("max_conns=5" in ln and " down" not in ln for ln in servers), servers
+    assert all(s["max_conns"] == 3 for s in servers), servers
+    assert json.loads(host.file("/var/lib/herd/gateway/drained.json").content_string) == []
 
 
 def test_failing_host_stops_the_rollout_and_the_rest_serves(host):

@@ -1,0 +1,171 @@
+"""Routing logic of the gateway: model names as Ollama matches them, pools from the plan, per-instance totals.
+
+The Python rule (filter gateway_model_key) and the Lua rule (herd_gateway.lua, run inside the real nginx with
+the Lua module) are tested on the same case table, model_names.json.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import LUA_DIR, NGINX, main_config
+
+CASES = json.load(open(os.path.join(os.path.dirname(__file__), "model_names.json"), encoding="utf-8"))
+
+
+@pytest.mark.parametrize("name,expected", CASES)
+def test_model_key_python(gw, name, expected):
+    assert gw.gateway_model_key(name) == expected
+
+
+def _server(key, models, max_conns=2, **extra):
+    host, _, port = key.partition(":")
+    return {"key": key, "host": host, "address": "127.0.0.1", "port": 11434 + int(port),
+            "endpoint": f"127.0.0.1:{11434 + int(port)}", "max_conns": max_conns, "weight": max_conns,
+            "backup": False, "models": models, **extra}
+
+
+def test_pools_from_the_plan(gw):
+    hostvars = {
+        "gpu1": {"_ollama_plan": [
+            {"id": 0, "port": 11434, "num_parallel": 1, "models": ["Llama3:70b"]},
+            {"id": 1, "port": 11435, "num_parallel": 4, "models": ["library/qwen2.5:7b", "nomic-embed-text"]},
+            {"id": 2, "port": 11436, "num_parallel": 4, "models": ["qwen2.5:7b"]},
+        ]},
+    }
+    servers = gw.gateway_servers(["gpu1"], hostvars, "gw", queue_per_instance=0)
+    assert [s["models"] for s in servers] == [["llama3:70b"], ["qwen2.5:7b", "nomic-embed-text:latest"], ["qwen2.5:7b"]]
+    assert gw.gateway_pools(servers) == {
+        "llama3:70b": ["gpu1:0"], "qwen2.5:7b": ["gpu1:1", "gpu1:2"], "nomic-embed-text:latest": ["gpu1:1"]}
+    # One limit per instance over all its pools: gpu1:1 serves two models with 4 slots in total.
+    assert gw.gateway_instance_limits(servers) == {"gpu1:0": 1, "gpu1:1": 4, "gpu1:2": 4}
+    assert [s["max_conns"] for s in gw.gateway_servers(["gpu1"], hostvars, "gw", queue_per_instance=2)] == [3, 6, 6]
+
+
+def test_routing_settings_errors_name_the_variable(gw):
+    hostvars = {"gpu1": {"_ollama_plan": [{"id": 0, "port": 1, "models": ["qwen2.5:7b"]}]}}
+    assert gw.gateway_routing_errors(["gpu1"], hostvars, {"qwen2.5:7b": {"num_ctx": 8192}}) == []
+    assert gw.gateway_routing_errors(["gpu1"], hostvars, {"library/qwen2.5:7b": {"num_ctx": 1}}) == []
+    errors = gw.gateway_routing_errors(["gpu1"], hostvars, {"llama3": {"num_ctx": 1}}, client_keep_alive="never",
+                                       queue_max=-1, queue_timeout="soon")
+    text = "; ".join(errors)
+    assert "gateway_client_keep_alive='never'" in text and "ignore" in text
+    assert "gateway_model_options: model 'llama3' is held by no instance" in text and "Fix:" in text
+    assert "gateway_queue_max=-1" in text and "gateway_queue_timeout='soon'" in text
+    assert "mapping" in gw.gateway_routing_errors(["gpu1"], hostvars, ["x"])[0]
+
+
+# ------------------------------------------------------------------------------------- Lua, in the real nginx
+
+LUA_TEST = r"""
+local herd = require("herd_gateway")
+local cjson = require("cjson.safe")
+local out = {}
+-- names
+local cases = cjson.decode(io.open(CASES_FILE):read("*a"))
+out.names = {}
+for i, case in ipairs(cases) do
+    local got = herd.model_key(case[1])
+    out.names[i] = got == nil and cjson.null or got
+end
+-- pools and per-instance totals (the shared dict is the real one)
+local record = cjson.decode(io.open(SERVERS_FILE):read("*a"))
+local cfg = herd.build({queue_max = 4, client_keep_alive = "ignore", model_options = {["Small:7b"] = {num_ctx = 8192}}},
+                       record, {"b:2"}, function(a) return "127.0.0.1" end)
+herd.cfg = cfg
+herd._set_cfg(cfg)
+out.pools = {}
+for _, name in ipairs(cfg.pool_names) do
+    local keys = {}
+    for _, s in ipairs(cfg.pools[name]) do keys[#keys + 1] = s.key .. (s.down and "(down)" or "") end
+    out.pools[name] = keys
+end
+-- b:0 holds both models with 2 slots in total; b:1 holds tiny only, 1 slot; b:2 is drained.
+local taken = {}
+for i = 1, 6 do
+    local model = (i % 2 == 1) and "tiny:latest" or "small:7b"
+    local server = herd.acquire(model)
+    taken[i] = server and server.key or "none"
+end
+out.taken = taken
+herd.give_back("b:0")
+out.after_release = (herd.acquire("small:7b") or {key = "none"}).key
+-- body rewrite: keep_alive dropped, options forced, every other member byte for byte
+local body = '{"model":"small:7b","messages":[],"keep_alive":0,"options":{"num_ctx":99,"stop":[]},"x":{"y":[1,"a\\"}"]}}'
+out.rewritten = herd.rewrite_body(body, cjson.decode(body), "native", cfg.model_options["small:7b"])
+out.unchanged = herd.rewrite_body('{"model":"tiny"}', {model = "tiny"}, "native", nil) or cjson.null
+out.openai = herd.rewrite_body('{"model":"small:7b","keep_alive":"5m"}', {model = "small:7b", keep_alive = "5m"},
+                               "openai", cfg.model_options["small:7b"])
+ngx.say(cjson.encode(out))
+"""
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lua_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lua")
+    cases_file = os.path.join(os.path.dirname(__file__), "model_names.json")
+    servers = {"servers": [_server("b:0", ["tiny", "Small:7b"], 2), _server("b:1", ["tiny:latest"], 1),
+                           _server("b:2", ["small:7b"], 4)]}
+    (tmp / "servers.json").write_text(json.dumps(servers))
+    port = _free_port()
+    code = LUA_TEST.replace("CASES_FILE", json.dumps(cases_file)).replace("SERVERS_FILE", json.dumps(str(tmp / "servers.json")))
+    (tmp / "test.lua").write_text(code)
+    main = main_config(tmp, f"""
+  lua_package_path "{LUA_DIR}/?.lua;;";
+  lua_shared_dict herd_gateway 1m;
+  server {{
+    listen 127.0.0.1:{port};
+    location = /t {{ content_by_lua_file {tmp}/test.lua; }}
+  }}""")
+    (tmp / "logs").mkdir()
+    with open(main, "a", encoding="utf-8") as handle:
+        handle.write("daemon off;\nmaster_process off;\n")
+    proc = subprocess.Popen([NGINX, "-p", str(tmp), "-c", str(main)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/t", timeout=5) as resp:
+                    return json.loads(resp.read())
+            except (urllib.error.URLError, ConnectionError) as exc:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise AssertionError(f"nginx test server failed: {exc}; {(tmp / 'error.log').read_text()}") from exc
+                time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_model_key_lua_same_case_table(lua_results):
+    assert lua_results["names"] == [expected for _name, expected in CASES]
+
+
+def test_lua_pools_and_drained_servers(lua_results):
+    assert lua_results["pools"] == {"small:7b": ["b:0", "b:2(down)"], "tiny:latest": ["b:0", "b:1"]}
+
+
+def test_lua_instance_limit_counts_every_pool(lua_results):
+    # b:0 (2 slots, both models) and b:1 (1 slot, tiny): 3 requests in all, whichever models they name;
+    # b:2 is drained and gets nothing.
+    taken = lua_results["taken"]
+    assert sorted(taken[:3]) == ["b:0", "b:0", "b:1"] and taken[3:] == ["none", "none", "none"], taken
+    assert lua_results["after_release"] == "b:0"
+
+
+def test_lua_body_rewrite_keeps_every_other_member_exact(lua_results):
+    assert lua_results["rewritten"] == (
+        '{"model":"small:7b","messages":[],"options":{"stop":[],"num_ctx":8192},"x":{"y":[1,"a\\"}"]}}')
+    assert lua_results["unchanged"] is None
+    # OpenAI endpoints take no Ollama options; keep_alive is still dropped.
+    assert lua_results["openai"] == '{"model":"small:7b"}'
