@@ -222,9 +222,10 @@ def render_gateway(prefix: Path, plan: list[dict], port: int, overrides: dict | 
                 dirs.add(moved)
     extra.update({
         "herd_bench_prefix": str(prefix),
-        "herd_bench_dirs": sorted(dirs),
         "gateway_http_port": int(port),
     })
+    for d in dirs:  # the folders the role expects its host to have (the role creates its own)
+        Path(d).mkdir(parents=True, exist_ok=True)
     extra.update(overrides or {})
     work = prefix / "ansible"
     work.mkdir(exist_ok=True)
@@ -239,7 +240,7 @@ def render_gateway(prefix: Path, plan: list[dict], port: int, overrides: dict | 
     playbook = ansible_playbook()
     env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_ROLES_PATH=str(work / "roles"),
                ANSIBLE_PYTHON_INTERPRETER=str(Path(playbook).parent / "python"), ANSIBLE_NOCOLOR="1",
-               ANSIBLE_RETRY_FILES_ENABLED="0", ANSIBLE_LOCAL_TEMP=str(work / "tmp"))
+               ANSIBLE_RETRY_FILES_ENABLED="0", ANSIBLE_LOCAL_TEMP=str(work / "tmp"), ANSIBLE_PIPELINING="1")
     if not os.access(env["ANSIBLE_PYTHON_INTERPRETER"], os.X_OK):
         env.pop("ANSIBLE_PYTHON_INTERPRETER")
     argv = [playbook, "-i", str(work / "inventory.yml"), str(PLAYBOOK), "-e", f"@{work / 'extra.json'}"]
