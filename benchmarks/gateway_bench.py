@@ -59,7 +59,7 @@ LABELS = {
     "seed-003": "seed 003: least_conn, max_conns = slots",
     "round-robin": "round-robin + zone + keepalive",
     "random": "random + zone + keepalive",
-    "baseline": "herd before (role gateway at the baseline ref)",
+    "baseline": "herd before the queue (role gateway at --baseline-ref)",
     "ideal": "ideal central FIFO (computed)",
 }
 
@@ -451,7 +451,7 @@ class Bench:
         for name in a.configs:
             gw.start(name)
             try:
-                for m in a.multipliers:
+                for m in self.multipliers(name):
                     self.load(f"{name}-x{m}", gw.url, "generate", self.slots * m, a.requests, self.mix())
             finally:
                 gw.stop()
@@ -472,6 +472,11 @@ class Bench:
         extra["litellm"] = self.section_litellm(gw) if "herd" in a.configs else {"status": "skipped",
                                                                                   "reason": "herd not run"}
         return extra
+
+    def multipliers(self, name: str) -> list[int]:
+        """The baseline ('herd before') runs at concurrency = slots only: its goal is about that load."""
+        m = self.args.multipliers
+        return [x for x in m if x == 1] or m[:1] if name == "baseline" else m
 
     def baseline_roles(self) -> Path:
         """The roles folder at --baseline-ref (git archive), for the 'before' row."""
@@ -570,6 +575,8 @@ def goals(tab: dict, mults: list[int], ttft: dict) -> list[tuple[str, str, bool 
     """The issue's goals: (goal, measured, met)."""
     out = []
     h = {m: tab[m].get("herd") for m in mults}
+    if not all(h.values()):
+        return out
     ideal = {m: tab[m]["ideal"] for m in mults}
     if 3 in mults and h[3]:
         r = ratio(h[3]["ttft_p99"], ideal[3]["ttft_p99"])
@@ -613,6 +620,8 @@ def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: 
     for m in a.multipliers:
         tab[m] = {}
         for name in a.configs:
+            if m not in bench.multipliers(name):
+                continue
             run = bench.runs[f"{name}-x{m}"]
             tab[m][name] = row(run["summary"], slots, a.token_seconds)
             rl = request_list(run, classes)
@@ -696,6 +705,8 @@ def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: 
     for m in a.multipliers:
         ideal = tab[m]["ideal"]
         for name in (*a.configs, "ideal"):
+            if name not in tab[m]:
+                continue
             v = tab[m][name]
             errs = ", ".join(f"{k}: {c}" for k, c in v["other_errors"].items()) or "0"
             L.append(f"| {slots * m} ({m}x) | {LABELS[name]} | {v['served']}/{v['requests']} | {v['busy_503']} | "
@@ -796,8 +807,10 @@ def write_plot(bench: Bench, data: dict, path: Path) -> bool:
     ax = axes[0]
     xs = [bench.slots * m for m in a.multipliers]
     for name in (*a.configs, "ideal"):
-        ys = [data["overload"][str(m)][name]["ttft_p99"] for m in a.multipliers]
-        ax.plot(xs, ys, marker="o", linestyle="--" if name == "ideal" else "-", label=name)
+        pts = [(bench.slots * m, data["overload"][str(m)][name]["ttft_p99"]) for m in a.multipliers
+               if name in data["overload"][str(m)]]
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", linestyle="--" if name == "ideal" else "-",
+                label=name)
     ax.set_title("TTFT p99 by concurrency")
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("seconds")
@@ -808,6 +821,8 @@ def write_plot(bench: Bench, data: dict, path: Path) -> bool:
     top = max(a.multipliers)
     for name in a.configs:
         run = bench.runs.get(f"{name}-x{top}")
+        if not run:
+            continue
         vals = sorted(s["ttft"] for s in run["samples"] if s["ok"] and s["ttft"] is not None)
         if vals:
             ax.plot(vals, [(i + 1) / run["summary"]["requests"] for i in range(len(vals))], label=name)
