@@ -453,18 +453,18 @@ class Bench:
             try:
                 for m in self.multipliers(name):
                     self.load(f"{name}-x{m}", gw.url, "generate", self.slots * m, a.requests, self.mix())
+                if name == "herd":
+                    extra["herd_pools"] = self.snapshot(gw.url + "/herd/pools")
             finally:
                 gw.stop()
 
-        # 2. streaming: TTFT at one instance's slots, direct vs through herd's gateway
-        if a.ttft_requests:
+        # 2. streaming: TTFT at concurrency = slots with nothing to wait for, direct vs through herd's gateway
+        if a.ttft_requests and "herd" in a.configs:
             short = f"short:{a.prompt_words}:{a.short_tokens}"
-            self.load("ttft-direct", f"http://{HOST}:{self.ports[0]}", "generate", a.num_parallel,
-                      a.ttft_requests, short)
-            gw.render_herd("herd-1", self.ports[:1], a.num_parallel)
-            gw.start("herd-1")
+            self.load_direct("ttft-direct", a.ttft_requests, short)
+            gw.start("herd")
             try:
-                self.load("ttft-gateway", gw.url, "generate", a.num_parallel, a.ttft_requests, short)
+                self.load("ttft-gateway", gw.url, "generate", self.slots, a.ttft_requests, short)
             finally:
                 gw.stop()
 
@@ -472,6 +472,48 @@ class Bench:
         extra["litellm"] = self.section_litellm(gw) if "herd" in a.configs else {"status": "skipped",
                                                                                   "reason": "herd not run"}
         return extra
+
+    def snapshot(self, url: str) -> dict:
+        """One GET of the gateway's own status (e.g. /herd/pools), kept raw in the report's JSON."""
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return {"url": url, "status": resp.status, "body": resp.read().decode("utf-8", "replace")}
+        except urllib.error.HTTPError as exc:
+            return {"url": url, "status": exc.code, "body": exc.read().decode("utf-8", "replace")[:2000]}
+        except OSError as exc:
+            return {"url": url, "status": None, "body": str(exc)}
+
+    def load_direct(self, name: str, requests: int, mix: str) -> dict:
+        """Every instance at its slots at once, each with its own clients and no gateway: the 'direct' figures
+        at concurrency = slots (the requests split evenly over the instances)."""
+        a = self.args
+        per = max(1, requests // a.instances)
+        log(f"run {name}: direct to each of {a.instances} instances, c={a.num_parallel} n={per} each, mix={mix}")
+        outs, procs = [], []
+        t0 = time.monotonic()
+        for i, port in enumerate(self.ports):
+            out = self.work / "runs" / f"{name}-{i}.json"
+            out.parent.mkdir(exist_ok=True)
+            outs.append(out)
+            procs.append(subprocess.Popen(
+                ["python3", str(LOAD_TOOL), "--url", f"http://{HOST}:{port}", "--api", "generate", "--model", MODEL,
+                 "--concurrency", str(a.num_parallel), "--requests", str(per), "--seed", str(a.seed + i),
+                 "--duration", str(a.max_run_seconds), "--prompt-mix", mix, "--timeout", "120",
+                 "--json", str(out), "--quiet"], stdout=subprocess.DEVNULL))
+        for p in procs:
+            if p.wait() not in (0, 1):
+                raise RuntimeError(f"load run {name} failed with {p.returncode}")
+        samples = []
+        for out in outs:
+            samples += json.loads(out.read_text())["samples"]
+        ok = [x for x in samples if x["ok"]]
+        summary = {"requests": len(samples), "ok": len(ok), "wall_s": time.monotonic() - t0,
+                   "ttft_s": herd_load.distribution(x["ttft"] for x in ok),
+                   "latency_s": herd_load.distribution(x["latency"] for x in ok)}
+        log(f"  -> ok {len(ok)}/{len(samples)} TTFT p50 {fmt(summary['ttft_s']['p50'])} s "
+            f"p99 {fmt(summary['ttft_s']['p99'])} s")
+        self.runs[name] = {"summary": summary, "samples": samples}
+        return self.runs[name]
 
     def multipliers(self, name: str) -> list[int]:
         """The baseline ('herd before') runs at concurrency = slots only: its goal is about that load."""
@@ -585,7 +627,9 @@ def goals(tab: dict, mults: list[int], ttft: dict) -> list[tuple[str, str, bool 
         out.append(("3x slots: TTFT p99 within 1.15x of the ideal",
                     f"{fmt(h[3]['ttft_p99'])} s vs ideal {fmt(ideal[3]['ttft_p99'])} s = {fmt(r, 2)}x",
                     r is not None and r <= 1.15))
-        out.append(("3x slots: scaling >= 0.93", fmt(h[3]["scaling"]),
+        out.append(("3x slots: scaling >= 0.93",
+                    f"{fmt(h[3]['scaling'])} (the ideal FIFO on this request list: {fmt(ideal[3]['scaling'])}; herd = "
+                    f"{fmt(ratio(h[3]['scaling'], ideal[3]['scaling']), 3)} of it)",
                     h[3]["scaling"] is not None and h[3]["scaling"] >= 0.93))
     if 2 in mults and h[2]:
         r = ratio(h[2]["ttft_p99"], ideal[2]["ttft_p99"])
@@ -602,7 +646,7 @@ def goals(tab: dict, mults: list[int], ttft: dict) -> list[tuple[str, str, bool 
         d99 = 1000 * (g - d) if g is not None and d is not None else None
         out.append(("concurrency = slots: TTFT overhead over direct <= 2 ms p99",
                     f"{fmt(d99, 2)} ms (gateway {fmt(g)} s, direct {fmt(d)} s)", d99 is not None and d99 <= 2.0))
-    if 1 in mults and h[1] and tab[1].get("baseline"):
+    if 1 in mults and tab[1].get("baseline"):
         b = tab[1]["baseline"]
         r = ratio(h[1]["tok_per_s"], b["tok_per_s"])
         out.append(("queue costs nothing at concurrency = slots: within 2% of the gateway before",
@@ -648,7 +692,7 @@ def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: 
            "goals": [{"goal": g, "measured": v, "met": ok} for g, v, ok in checks],
            "facts": facts, "command": command, "started": started, "took_s": took, "settings": vars(a),
            "cpu": bench.cpu, "gateway_origin": extra.get("gateway_origin"), "rendered_files": extra["files"],
-           "note": a.note,
+           "note": a.note, "herd_pools": extra.get("herd_pools"),
            "runs": {k: {kk: vv for kk, vv in v.items() if kk != "samples"} for k, v in bench.runs.items()}}
 
     L = []
@@ -722,15 +766,31 @@ def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: 
             L.append(f"| {g} | {v} | {'yes' if ok else 'NO'} |")
         L.append("")
 
+    pools = extra.get("herd_pools")
+    if pools:
+        L.append(f"The gateway's own status after herd's runs (`GET /herd/pools`, HTTP {pools['status']}):")
+        L.append("")
+        try:
+            for pool in json.loads(pools["body"]).get("pools", []):
+                w = pool.get("wait_seconds", {})
+                L.append(f"- pool `{pool.get('name')}`: admitted {pool.get('admitted')}, busy (queue full) "
+                         f"{pool.get('rejected_full')}, busy (wait timeout) {pool.get('rejected_timeout')}, abandoned "
+                         f"{pool.get('abandoned')}, queued now {pool.get('queued')}, waits counted {w.get('count')}, "
+                         f"total wait {fmt(w.get('sum'), 1)} s")
+        except (ValueError, AttributeError):
+            L.append(f"- not the pool JSON: `{pools['body'][:200]}`")
+        L.append("")
     if ttft:
         L.append("## 2. Streaming: time to first token, gateway vs direct")
         L.append("")
-        L.append(f"One instance, {p} clients (its slots), {a.ttft_requests} requests of {a.short_tokens} tokens: "
-                 "nothing waits, so the difference is what the gateway adds.")
+        L.append(f"Concurrency = slots ({slots}), {a.ttft_requests} requests of {a.short_tokens} tokens, so no request "
+                 f"has to wait for a slot. Direct: {p} clients on each of the {n} instances at once (its own load "
+                 f"tool each); gateway: {slots} clients through herd's gateway. The difference is what the gateway "
+                 "adds, on this shared machine's noise.")
         L.append("")
         L.append("| path | TTFT p50 | TTFT p99 | latency p50 | served |")
         L.append("|---|---|---|---|---|")
-        for k, label in (("direct", "direct to the instance"), ("gateway", "herd gateway (one instance)")):
+        for k, label in (("direct", "direct to the instances"), ("gateway", "herd gateway")):
             if k in ttft:
                 v = ttft[k]
                 L.append(f"| {label} | {fmt(v['ttft_p50'])} s | {fmt(v['ttft_p99'])} s | {fmt(v['latency_p50'])} s | "
@@ -841,8 +901,8 @@ def write_plot(bench: Bench, data: dict, path: Path) -> bool:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--short", action="store_true",
-                   help="quick pass for make unit: 2 instances, 2 ms/token, 24 requests, 1x and 3x, no LiteLLM, "
-                        "no TTFT section, report under --out")
+                   help="quick pass for make unit: 2 instances, 2 ms/token, 24 requests, 1x and 3x, 24 TTFT "
+                        "requests, no LiteLLM, report under --out")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"), help="report folder")
     p.add_argument("--work", default=None, help="scratch folder (default: a new temp dir)")
     p.add_argument("--instances", type=int, default=8)
@@ -859,7 +919,7 @@ def parse_args(argv=None):
     p.add_argument("--short-weight", type=int, default=3, help="short requests per --long-weight long ones")
     p.add_argument("--long-weight", type=int, default=1)
     p.add_argument("--seed", type=int, default=1, help="seed of the request list (herd_load --seed)")
-    p.add_argument("--ttft-requests", type=int, default=60, help="requests of each TTFT run (0: no section 2)")
+    p.add_argument("--ttft-requests", type=int, default=480, help="requests of each TTFT run (0: no section 2)")
     p.add_argument("--low-load-requests", type=int, default=20, help="requests of the 1-client peer-router runs")
     p.add_argument("--nginx-workers", default="2", help="worker_processes (empty: as this machine's nginx.conf)")
     p.add_argument("--max-run-seconds", type=float, default=120.0, help="bound of every load run")
@@ -870,7 +930,7 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.short:
         a.instances, a.token_seconds, a.requests, a.multipliers = 2, 0.002, 24, "1,3"
-        a.ttft_requests, a.skip_litellm = 0, True
+        a.ttft_requests, a.skip_litellm = 24, True
     a.multipliers = [int(x) for x in str(a.multipliers).split(",") if x]
     a.configs = [x for x in str(a.configs).split(",") if x]
     unknown = set(a.configs) - set(CONFIGS) - {"baseline"}
@@ -896,6 +956,7 @@ def main(argv=None) -> int:
     started = dt.datetime.now().astimezone().isoformat(timespec="seconds")
     command = args.command or "python3 " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:])
     bench = Bench(args)
+    facts = machine_facts()  # the commit and the state of the tree the run starts from
     t0 = time.monotonic()
     try:
         log(f"work dir {args.work}; starting {args.instances} emulators")
@@ -904,7 +965,6 @@ def main(argv=None) -> int:
     finally:
         bench.procs.stop_all()
     took = time.monotonic() - t0
-    facts = machine_facts()
     md, data = build_report(bench, extra, facts, command, started, took)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

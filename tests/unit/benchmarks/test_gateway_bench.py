@@ -111,4 +111,20 @@ def test_short_mode_runs_every_configuration(tmp_path):
     assert data["overload"]["1"]["ideal"]["served"] == 24
     assert data["request_list"]["requests"] == 24
     assert "| 12 (3x) | ideal central FIFO (computed) | 24/24 |" in text
+    # the gateway's own pool status, read by herd-exporter: the contract between the two holds on the real thing
+    pools = data["herd_pools"]
+    assert pools["status"] == 200, pools
+    ex = _load("herd_exporter_for_bench", ROOT / "roles" / "exporter" / "files" / "herd_exporter.py")
+    (pool,) = ex.parse_pools(pools["body"])
+    served = data["overload"]["1"]["herd"]["served"] + data["overload"]["3"]["herd"]["served"]
+    rejected = data["overload"]["1"]["herd"]["busy_503"] + data["overload"]["3"]["herd"]["busy_503"]
+    assert pool["admitted"] == served and pool["rejected_full"] + pool["rejected_timeout"] == rejected, pool
+    assert pool["queued"] == 0  # nothing waits once the runs are over
+    sys.path.insert(0, str(ROOT / "tests" / "unit" / "exporter"))
+    import promcheck
+
+    exporter = ex.Exporter({"host": "bench", "instances": [], "gateway": {"pools_url": pools["url"]}},
+                           fetch=lambda _url, _timeout: pools["body"])
+    fams = promcheck.parse(ex.render(exporter.collect()))
+    assert promcheck.sample_value(fams, "herd_gateway_pool_admitted_total", pool="herd-tiny:1b") == served
     assert "pytest tests/unit/benchmarks" in text and data["facts"]["herd_commit"] in text

@@ -265,6 +265,14 @@ def test_pool_queue_metrics_from_the_gateways_pools_json(ex, tmp_path):
     assert v(fams, "herd_gateway_pool_instance_max_conns", server="gpu1:1", **pool) == 4
 
 
+def test_pools_answer_captured_from_the_gateway(ex):
+    """/herd/pools as role gateway's Lua answered it (benchmark short mode, 2 instances, 48 requests)."""
+    (pool,) = ex.parse_pools(fixture_text("herd_pools_captured.json"))
+    assert pool["name"] == "herd-tiny:1b" and pool["admitted"] == 48 and pool["queued"] == 0
+    assert pool["wait"]["count"] == 48 and pool["wait"]["buckets"][-1] == (float("inf"), 48)
+    assert [i["key"] for i in pool["instances"]] == ["bench:0", "bench:1"]
+
+
 def _fetch_with_pools(answer):
     def fetch(url, timeout):
         if url.endswith("/herd/pools"):
