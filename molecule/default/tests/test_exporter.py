@@ -61,8 +61,11 @@ def test_metrics_describe_every_planned_instance_and_gpu(host):
         assert value(fams, "herd_gpu_memory_total_bytes", **gpu_labels) == gpu["memory_total_mib"] * 1024 * 1024
         assert len([s for s in fams["herd_gpu_utilization_percent"]["samples"] if s[1]["gpu_uuid"] == gpu["uuid"]]) == 1
     assert value(fams, "herd_instance_up") == len(GPUS)
-    for collector in ("instances", "gpu", "gateway_log", "gateway_status"):
+    for collector in ("instances", "gpu", "gateway_log", "gateway_status", "gateway_pools"):
         assert value(fams, "herd_exporter_collector_success", collector=collector) == 1, collector
+    # the gateway's model pools (/herd/pools): the lab's model has its pool and wait queue
+    assert value(fams, "herd_gateway_pools_available") == 1
+    assert value(fams, "herd_gateway_pool_queue_max", pool=MODEL) > 0
     assert value(fams, "herd_gateway_capacity_requests") == 2 * len(GPUS)
 
 
@@ -88,6 +91,11 @@ def test_gateway_counters_and_histograms_move_with_requests(host):
     assert grown == n, journal(host)
     count = "herd_gateway_request_duration_seconds_count"
     assert value(after, count) - value(before, count) == n
+    # the pool's own counters (the gateway's, read at the scrape) counted every request and its wait
+    admitted = "herd_gateway_pool_admitted_total"
+    assert value(after, admitted, pool=MODEL) - value(before, admitted, pool=MODEL) == n
+    waits = "herd_gateway_pool_wait_seconds_count"
+    assert value(after, waits, pool=MODEL) - value(before, waits, pool=MODEL) == n
     assert value(after, "herd_gateway_upstream_header_duration_seconds_sum") > value(
         before, "herd_gateway_upstream_header_duration_seconds_sum"
     )
