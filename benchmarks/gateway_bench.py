@@ -724,9 +724,9 @@ def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: 
              f"{facts['python_bench']}, emulator `{facts['emulator'][0]}`, LiteLLM {peer.get('version', '-')} |")
     origin = extra.get("gateway_origin") or "-"
     files = ", ".join(f"`{f}`" for f in extra["files"].get("herd", []))
-    L.append(f"| herd's gateway | rendered by {origin}'s own tasks (benchmarks/render_gateway.yml: preflight, "
-             f"servers, configure) into a private prefix: {files}; this machine's nginx.conf (worker_processes "
-             f"{a.nginx_workers or 'as installed'}) |")
+    L.append(f"| herd's gateway | rendered by {origin} itself (benchmarks/render_gateway.yml runs the role's main "
+             "entry point without its package and service tasks) into a private prefix: "
+             f"{files}; this machine's nginx.conf (worker_processes {a.nginx_workers or 'as installed'}) |")
     L.append("| seeds | one upstream over every instance with nginx's own balancing, zone, keepalive 32, "
              "proxy_buffering off (benchmarks/gateway_bench.py `seed_conf`) |")
     L.append(f"| instances | {n} emulator processes on 127.0.0.1, model `{MODEL}`, OLLAMA_NUM_PARALLEL={p} "

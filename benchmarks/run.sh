@@ -48,4 +48,7 @@ then
         || echo "run.sh: litellm[proxy]==$LITELLM_VERSION could not be installed; section 4 will be skipped" >&2
 fi
 
-exec "$VENV/bin/python" benchmarks/gateway_bench.py --command "benchmarks/run.sh${*:+ $*}" "$@"
+# The command recorded in the report, quoted so that it can be pasted back into a shell.
+command="benchmarks/run.sh"
+for arg in "$@"; do command+=" $(printf '%q' "$arg")"; done
+exec "$VENV/bin/python" benchmarks/gateway_bench.py --command "$command" "$@"
