@@ -4,6 +4,7 @@
   h4-client request METHOD URL [--key KEY] [--body JSON]
   h4-client stream URL [--key KEY] [--model M] [--tokens N] [--out FILE] [--hangup SECONDS]
   h4-client batch BASE_URL SPEC_FILE [--key KEY] [--concurrency N]
+  h4-client ttft URL [--key KEY] [--count N]
 Prints (or writes to FILE) one JSON object; `stream` also writes FILE.upstream as soon as headers arrive.
 """
 
@@ -104,6 +105,21 @@ def do_batch(args):
         return list(pool.map(lambda item: one_of_batch(args.url, args.key, item), items))
 
 
+def do_ttft(args):
+    """Pairs: one streamed request through the gateway, then one straight to the instance that served it."""
+    gateway, direct = [], []
+    for _ in range(args.count):
+        one = argparse.Namespace(url=args.url, key=args.key, model=args.model, tokens=1, out=None, hangup=0)
+        g = do_stream(one)
+        if g["status"] != 200 or not g["chunk_times"]:
+            return {"error": g}
+        gateway.append(g["chunk_times"][0])
+        one.url = "http://" + g["upstream"] + "/api/generate"
+        d = do_stream(one)
+        direct.append(d["chunk_times"][0])
+    return {"gateway": gateway, "direct": direct}
+
+
 def main():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -124,9 +140,14 @@ def main():
     batch.add_argument("spec")
     batch.add_argument("--key")
     batch.add_argument("--concurrency", type=int, default=8)
+    ttft = sub.add_parser("ttft")
+    ttft.add_argument("url")
+    ttft.add_argument("--key")
+    ttft.add_argument("--model", default="herd-tiny:1b")
+    ttft.add_argument("--count", type=int, default=40)
     args = parser.parse_args()
     try:
-        result = {"request": do_request, "stream": do_stream, "batch": do_batch}[args.cmd](args)
+        result = {"request": do_request, "stream": do_stream, "batch": do_batch, "ttft": do_ttft}[args.cmd](args)
     except (OSError, http.client.HTTPException) as exc:
         result = {"status": 0, "error": repr(exc)}
     text = json.dumps(result)
