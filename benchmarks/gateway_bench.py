@@ -955,6 +955,8 @@ def main(argv=None) -> int:
     Path(args.work, "tmp").mkdir(parents=True, exist_ok=True)
     started = dt.datetime.now().astimezone().isoformat(timespec="seconds")
     command = args.command or "python3 " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:])
+    # SIGTERM (a test's timeout, Ctrl-C's cousin) still stops every process this run started (finally below)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     bench = Bench(args)
     facts = machine_facts()  # the commit and the state of the tree the run starts from
     t0 = time.monotonic()
