@@ -315,15 +315,40 @@ end
 
 -- ------------------------------------------------------------------------------------------ answers
 
+-- JSON with object keys in sorted order, so that every worker writes the same text for the same data (cjson
+-- follows Lua's table order). Empty tables are written as {} (as cjson does).
+local function canonical(value)
+    if type(value) ~= "table" then
+        return cjson.encode(value)
+    end
+    local n = #value
+    local parts = {}
+    if n > 0 then
+        for index = 1, n do
+            parts[index] = canonical(value[index])
+        end
+        return "[" .. table.concat(parts, ",") .. "]"
+    end
+    local keys = {}
+    for key in pairs(value) do
+        keys[#keys + 1] = tostring(key)
+    end
+    table.sort(keys)
+    for index, key in ipairs(keys) do
+        parts[index] = cjson.encode(key) .. ":" .. canonical(value[key])
+    end
+    return "{" .. table.concat(parts, ",") .. "}"
+end
+_M.canonical = canonical
+
 -- {"<name>":[...]} with the list written as a JSON array even when empty (cjson writes {} for an empty table).
 local function encode_list(name, items, prefix)
     local parts = {}
     for index, item in ipairs(items) do
-        parts[index] = cjson.encode(item)
+        parts[index] = type(item) == "string" and item or canonical(item)
     end
     return "{" .. (prefix or "") .. cjson.encode(name) .. ":[" .. table.concat(parts, ",") .. "]}"
 end
-
 
 local function answer(status, message, retry_after)
     ngx.status = status
@@ -804,38 +829,38 @@ local function gather(path)
     return results
 end
 
-local function merge_tags(results)
-    local seen, models = {}, {}
+-- Every model once: of the instances' entries for one model, the smallest canonical text (the same answer
+-- whichever instance answered first), in name order.
+local function merge_unique(results, list_field, name_of)
+    local best, names = {}, {}
     for _, r in ipairs(results) do
-        for _, m in ipairs(type(r.doc.models) == "table" and r.doc.models or {}) do
-            local key = _M.model_key(m.name or m.model)
-            if key and not seen[key] then
-                seen[key] = true
-                models[#models + 1] = m
+        for _, m in ipairs(type(r.doc[list_field]) == "table" and r.doc[list_field] or {}) do
+            local key = type(m) == "table" and _M.model_key(name_of(m))
+            if key then
+                local text = canonical(m)
+                if not best[key] then
+                    names[#names + 1] = key
+                    best[key] = text
+                elseif text < best[key] then
+                    best[key] = text
+                end
             end
         end
     end
-    table.sort(models, function(a, b)
-        return tostring(a.name or a.model) < tostring(b.name or b.model)
-    end)
-    return encode_list("models", models)
+    table.sort(names)
+    local items = {}
+    for index, key in ipairs(names) do
+        items[index] = best[key]
+    end
+    return items
+end
+
+local function merge_tags(results)
+    return encode_list("models", merge_unique(results, "models", function(m) return m.name or m.model end))
 end
 
 local function merge_openai(results)
-    local seen, data = {}, {}
-    for _, r in ipairs(results) do
-        for _, m in ipairs(type(r.doc.data) == "table" and r.doc.data or {}) do
-            local key = _M.model_key(m.id)
-            if key and not seen[key] then
-                seen[key] = true
-                data[#data + 1] = m
-            end
-        end
-    end
-    table.sort(data, function(a, b)
-        return tostring(a.id) < tostring(b.id)
-    end)
-    return encode_list("data", data, '"object":"list",')
+    return encode_list("data", merge_unique(results, "data", function(m) return m.id end), '"object":"list",')
 end
 
 local function merge_ps(results)

@@ -101,6 +101,7 @@ out.rewritten = herd.rewrite_body(body, cjson.decode(body), "native", cfg.model_
 out.unchanged = herd.rewrite_body('{"model":"tiny"}', {model = "tiny"}, "native", nil) or cjson.null
 out.openai = herd.rewrite_body('{"model":"small:7b","keep_alive":"5m"}', {model = "small:7b", keep_alive = "5m"},
                                "openai", cfg.model_options["small:7b"])
+out.canonical = herd.canonical(cjson.decode('{"b":1,"a":[1,{"d":2,"c":null}],"e":"/"}'))
 ngx.say(cjson.encode(out))
 """
 
@@ -169,3 +170,9 @@ def test_lua_body_rewrite_keeps_every_other_member_exact(lua_results):
     assert lua_results["unchanged"] is None
     # OpenAI endpoints take no Ollama options; keep_alive is still dropped.
     assert lua_results["openai"] == '{"model":"small:7b"}'
+
+
+def test_lua_catalogue_json_is_canonical(lua_results):
+    # Sorted keys: every worker writes the same text for the same models.
+    assert json.loads(lua_results["canonical"]) == {"a": [1, {"c": None, "d": 2}], "b": 1, "e": "/"}
+    assert lua_results["canonical"].replace("\\/", "/") == '{"a":[1,{"c":null,"d":2}],"b":1,"e":"/"}'
