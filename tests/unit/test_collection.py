@@ -97,6 +97,17 @@ def test_site_syntax_checks_from_another_directory(installed):
     print("collection timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in installed["timings"].items()))
 
 
+def test_every_collection_playbook_syntax_checks(installed):
+    playbooks = sorted(p.stem for p in (installed["root"] / "playbooks").glob("*.yml"))
+    assert "site" in playbooks and "rolling" in playbooks and "lab" not in playbooks, playbooks
+    proc, _ = _run(
+        [BIN / "ansible-playbook", "--syntax-check", "-i", REPO / "inventories" / "lab" / "hosts.yml",
+         *[f"{FQCN}.{name}" for name in playbooks]],
+        installed["workdir"], installed["env"],
+    )
+    assert proc.stdout.count("playbook: ") == len(playbooks), proc.stdout
+
+
 def test_site_roles_come_from_the_collection(installed):
     proc, _ = _run(
         [BIN / "ansible-playbook", f"{FQCN}.site", "-i", REPO / "inventories" / "lab" / "hosts.yml", "--list-tasks"],
