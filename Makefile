@@ -6,10 +6,12 @@ BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 ALL_SCENARIOS := $(sort $(notdir $(patsubst %/molecule.yml,%,$(wildcard molecule/*/molecule.yml))))
-# The longest scenarios first, so that the parallel lanes finish together.
-SCENARIOS ?= $(filter multihost default,$(ALL_SCENARIOS)) $(filter-out multihost default,$(ALL_SCENARIOS))
+# The longest scenarios first (multihost, default, then the Debian 13 all-in-one), so that the parallel lanes
+# finish together.
+LONGEST := multihost default trixie_aio
+SCENARIOS ?= $(filter $(LONGEST),$(ALL_SCENARIOS)) $(filter-out $(LONGEST),$(ALL_SCENARIOS))
 
-.PHONY: demo test bootstrap lab-artifacts lab-up lab-down lint unit molecule bench clean help
+.PHONY: demo test bootstrap lab-images lab-artifacts lab-up lab-down lint unit molecule bench clean help
 
 help:
 	@echo "make demo      build and deploy the local lab cluster (3 systemd hosts) and smoke it through the gateway"
@@ -18,6 +20,11 @@ help:
 
 bootstrap:
 	@scripts/bootstrap.sh
+
+# The scenarios boot Debian 12 hosts (herd-base:bookworm, built by bootstrap) and Debian 13 hosts (herd-base:trixie,
+# molecule/trixie_*); each image is rebuilt only when its recipe changes.
+lab-images: bootstrap
+	@scripts/build-image.sh trixie
 
 lab-artifacts: bootstrap
 	@lab/build-ollama-archive.sh lab/build
@@ -43,7 +50,7 @@ unit: bootstrap
 # kept in .molecule-logs/ and printed whole when it fails.
 MOLECULE_JOBS ?= 2
 
-molecule: lab-artifacts
+molecule: lab-artifacts lab-images
 	@rm -rf .molecule-logs && mkdir -p .molecule-logs
 	@$(MAKE) --no-print-directory -k -j$(MOLECULE_JOBS) $(addprefix molecule-,$(SCENARIOS)); rc=$$?; \
 	if [ -s .molecule-logs/measurements.txt ]; then echo "=== measured by the scenarios"; cat .molecule-logs/measurements.txt; fi; \

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepare this machine to run herd's lab and tests: Debian packages, a Docker engine, the Python venv and the
-# lab base image. Safe to run again: every step checks first and is skipped when already done.
+# lab base image herd-base:bookworm (`scripts/bootstrap.sh bookworm trixie` builds the Debian 13 one too).
+# Safe to run again: every step checks first and is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -68,5 +69,7 @@ python_venv() {
 apt_packages
 docker_engine
 python_venv
-scripts/build-image.sh
+for release in "${@:-bookworm}"; do
+  scripts/build-image.sh "$release"
+done
 log "ready"

@@ -2,7 +2,8 @@
 
 import json
 
-testinfra_hosts = ["ansible://h3-host"]
+# By group, so that the trixie scenario (molecule/trixie_host_roles) runs these tests on its own hosts.
+testinfra_hosts = ["ansible://h3_gpu_hosts"]
 
 
 def daemon_json(host):

@@ -1,6 +1,7 @@
 """A host whose plan uses containers but whose GPU facts list no GPU: the toolkit role must leave it alone."""
 
-testinfra_hosts = ["ansible://h3-nogpu"]
+# By group, so that the trixie scenario (molecule/trixie_host_roles) runs these tests on its own hosts.
+testinfra_hosts = ["ansible://h3_nogpu_hosts"]
 
 
 def test_toolkit_not_installed(host):

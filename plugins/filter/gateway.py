@@ -1,0 +1,1 @@
+../../roles/gateway/filter_plugins/gateway.py
