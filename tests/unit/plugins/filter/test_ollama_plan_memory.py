@@ -181,7 +181,7 @@ def test_h100_context_length_default_and_ollama_default(planner, lab_gpus):
     assert found[0].startswith(
         "ollama_models on gpu1: llama3.3:70b needs about 399.3 GiB (43 GiB + KV 4 x 262144 tokens 320.0 GiB")
     assert "OLLAMA_CONTEXT_LENGTH" not in planner.ollama_plan(gpus, cfg(context_length=0))[0]["env"]
-    # Two 70B models do not fit one H100 together: 2 x 54272 x 1.1 = 119398 MiB.
+    # Two 70B models do not fit one H100 together: (44032 + 10240 + 45056 + 10240) x 1.1 = 120525 MiB.
     two = [llama, {"name": "qwen2.5:72b", "vram_gib": 44}]
     msg = planner.ollama_plan_errors(gpus, cfg(models=two, gpu_groups=[[0], [1]]))[0]
     assert "instance 0 holds 2 models" in msg and "but instance 0 has 79.6 GiB (GPU 0: NVIDIA H100 80GB HBM3)" in msg
