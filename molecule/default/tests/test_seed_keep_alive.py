@@ -5,6 +5,7 @@ Runs last in the scenario (after the rolling test): it redeploys the instances w
 
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -37,7 +38,10 @@ def test_keep_alive_15s_deploys_smokes_and_reports_unloaded_models(host):
     # Smoke passes with nothing resident: every model on every instance loads and answers.
     out = _playbook(f"{PROJECT}/playbooks/smoke.yml", "-e", extra)
     assert "models may unload: keep_alive 15s" in out
-    # The status table says which models are resident now (the smoke just loaded them again).
+    # The status table says, per model, whether it is resident now (the smoke loaded them again; they unload
+    # 15 s after it, so either word may show).
     out = _playbook(f"{PROJECT}/playbooks/status.yml", "-e", extra)
     rows = [ln for ln in out.splitlines() if "- ollama@" in ln]
-    assert len(rows) == GPUS and all(" ok " in r and " resident" in r for r in rows), out[-3000:]
+    assert len(rows) == GPUS, out[-3000:]
+    for row in rows:
+        assert " ok " in row and re.search(r"herd-tiny:1b (resident|unloaded), herd-small:7b (resident|unloaded)", row)
