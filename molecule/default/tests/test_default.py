@@ -110,12 +110,13 @@ def test_changing_one_instance_restarts_only_that_instance(host):
 
 def test_status_playbook_prints_every_instance_healthy(host):
     project = os.environ["MOLECULE_PROJECT_DIRECTORY"]
+    # JSON result format: one table row per output line (the YAML format folds long rows).
     run = subprocess.run(
         ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], f"{project}/playbooks/status.yml"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, ANSIBLE_CALLBACK_RESULT_FORMAT="json"),
     )
     assert run.returncode == 0, run.stdout[-3000:]
-    rows = [ln for ln in run.stdout.splitlines() if "- ollama@" in ln]
+    rows = [ln for ln in run.stdout.splitlines() if '"ollama@' in ln]
     assert len(rows) == len(GPUS), run.stdout[-3000:]
     for i, row in enumerate(rows):
         assert f"ollama@{i}" in row and f"{BASE_PORT + i}" in row and " active " in row and " ok " in row

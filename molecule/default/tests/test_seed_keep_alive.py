@@ -16,7 +16,9 @@ BASE_PORT = 11434
 
 
 def _playbook(*args, timeout=600):
-    run = subprocess.run(["ansible-playbook", "-i", INVENTORY, *args], capture_output=True, text=True, timeout=timeout)
+    # JSON result format: one table row per output line (the YAML format folds long rows).
+    run = subprocess.run(["ansible-playbook", "-i", INVENTORY, *args], capture_output=True, text=True, timeout=timeout,
+                         env=dict(os.environ, ANSIBLE_CALLBACK_RESULT_FORMAT="json"))
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     return run.stdout
 
@@ -41,7 +43,7 @@ def test_keep_alive_15s_deploys_smokes_and_reports_unloaded_models(host):
     # The status table says, per model, whether it is resident now (the smoke loaded them again; they unload
     # 15 s after it, so either word may show).
     out = _playbook(f"{PROJECT}/playbooks/status.yml", "-e", extra)
-    rows = [ln for ln in out.splitlines() if "- ollama@" in ln]
+    rows = [ln for ln in out.splitlines() if '"ollama@' in ln]
     assert len(rows) == GPUS, out[-3000:]
     for row in rows:
         assert " ok " in row and re.search(r"herd-tiny:1b (resident|unloaded), herd-small:7b (resident|unloaded)", row)
