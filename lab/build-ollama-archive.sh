@@ -5,8 +5,9 @@
 #   lab/build-ollama-archive.sh OUTDIR
 #
 # Writes, deterministically (same input -> same bytes and sha256):
-#   OUTDIR/ollama-linux-amd64.tgz         bin/ollama (the emulator), lib/ollama/README (says it is a stand-in)
-#   OUTDIR/ollama-linux-amd64.tgz.sha256  "<hex>  ollama-linux-amd64.tgz"
+#   OUTDIR/ollama-linux-amd64.tar.zst         bin/ollama (the emulator), lib/ollama/README (says it is a stand-in),
+#                                             zstd-compressed like Ollama's Linux release since 0.14
+#   OUTDIR/ollama-linux-amd64.tar.zst.sha256  "<hex>  ollama-linux-amd64.tar.zst"
 #   OUTDIR/registry/                      lab models in Ollama's on-disk layout (HERD_LAB_REGISTRY)
 # Files whose content did not change are left untouched, so a second run changes nothing.
 set -euo pipefail
@@ -18,7 +19,7 @@ fi
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 outdir="$1"
-archive="ollama-linux-amd64.tgz"
+archive="ollama-linux-amd64.tar.zst"
 mkdir -p "$outdir"
 
 stage="$(mktemp -d)"
@@ -37,7 +38,7 @@ EOF
 chmod 0644 "$stage/lib/ollama/README.herd-standin"
 
 tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner --format=gnu \
-    -C "$stage" -cf - bin lib | gzip -n -9 > "$stage/$archive"
+    -C "$stage" -cf - bin lib | zstd -q -19 --no-progress -c > "$stage/$archive"
 (cd "$stage" && sha256sum "$archive" > "$archive.sha256")
 
 changed=0

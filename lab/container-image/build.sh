@@ -6,7 +6,7 @@
 # models under /root/.ollama/models. It is NOT Ollama. Lab only: never push it, never run it on a real host.
 #
 # Usage (on a lab host with python3 and a running Docker engine):
-#   build.sh EMULATOR TAG      e.g. build.sh /usr/local/lib/herd-lab/ollama_emulator.py herd-lab/ollama:0.12.6-herd-emulator
+#   build.sh EMULATOR TAG      e.g. build.sh /usr/local/lib/herd-lab/ollama_emulator.py herd-lab/ollama:0.34.2-herd-emulator
 # Prints "built TAG" when it imported a new image, "up to date TAG" when TAG already holds this emulator.
 set -euo pipefail
 

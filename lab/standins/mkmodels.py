@@ -37,8 +37,9 @@ MEDIA_LICENSE = "application/vnd.ollama.image.license"
 # GGUF file_type numbers (llama.cpp's llama_ftype) for the quantizations used here.
 GGUF_FILE_TYPES = {"F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17}
 
-# The lab catalogue. vram_mib is what the emulator needs on the instance's GPUs
-# (weights + KV cache at the default context); the rates are per slot.
+# The lab catalogue. vram_mib is the weights' GPU memory; the emulator adds the KV cache,
+# num_parallel x context x kv_mib_per_1k_ctx / 1024 (the figure of the real architecture
+# the model stands in for: Llama 3.2 1B, Qwen2.5 7B, Llama 3.x 70B); the rates are per slot.
 MODELS = {
     "herd-tiny:1b": {
         "family": "llama",
@@ -47,6 +48,7 @@ MODELS = {
         "quantization": "Q4_K_M",
         "context_length": 8192,
         "vram_mib": 1536,
+        "kv_mib_per_1k_ctx": 32,
         "load_seconds": 0.4,
         "tokens_per_second": 140.0,
         "prompt_tokens_per_second": 4000.0,
@@ -60,6 +62,7 @@ MODELS = {
         "quantization": "Q4_K_M",
         "context_length": 32768,
         "vram_mib": 5632,
+        "kv_mib_per_1k_ctx": 56,
         "load_seconds": 1.5,
         "tokens_per_second": 55.0,
         "prompt_tokens_per_second": 1800.0,
@@ -73,6 +76,7 @@ MODELS = {
         "quantization": "Q4_K_M",
         "context_length": 8192,
         "vram_mib": 43008,
+        "kv_mib_per_1k_ctx": 320,
         "load_seconds": 6.0,
         "tokens_per_second": 14.0,
         "prompt_tokens_per_second": 400.0,
@@ -164,6 +168,7 @@ def model_files(name, spec):
             "parameter_count": spec["parameter_count"],
             "context_length": spec["context_length"],
             "vram_mib": spec["vram_mib"],
+            "kv_mib_per_1k_ctx": spec["kv_mib_per_1k_ctx"],
             "load_seconds": spec["load_seconds"],
             "tokens_per_second": spec["tokens_per_second"],
             "prompt_tokens_per_second": spec["prompt_tokens_per_second"],

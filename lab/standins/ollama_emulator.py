@@ -15,6 +15,11 @@ Environment honoured (same meaning as Ollama's):
   OLLAMA_MAX_QUEUE          scheduler pending queue length (default 512)
   OLLAMA_KEEP_ALIVE         default keep-alive (default 5m; negative = forever; 0 = unload when idle)
   OLLAMA_MAX_LOADED_MODELS  loaded models before eviction (0 = automatic: 3 per GPU, 1 on CPU)
+  OLLAMA_CONTEXT_LENGTH     context per slot (unset/0 = from GPU memory as since 0.15.5: under 24 GiB
+                            4096, 24-48 GiB 32768, more 262144), capped at the model's trained context;
+                            a loaded model takes weights + num_parallel x context of KV cache
+  OLLAMA_NOPRUNE            "1": keep blobs no manifest references at start (default: delete them)
+  OLLAMA_NO_CLOUD           "1": cloud models off (accepted and reported; the emulator has none)
   CUDA_VISIBLE_DEVICES      simulated GPUs owned, by index or GPU-UUID ("-1" or "" = none, CPU)
 Lab-only environment:
   HERD_LAB_GPU_SPEC              GPU spec file (default /etc/herd-lab/gpus.json); missing = CPU only
@@ -47,7 +52,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-VERSION = "0.12.6-herd-emulator"
+VERSION = "0.34.2-herd-emulator"
 BANNER = (
     f"herd LAB STAND-IN: this is herd's Ollama API emulator ({VERSION}), NOT Ollama. "
     "It runs no model and answers with made-up text at simulated GPU speed."
@@ -255,6 +260,9 @@ class Settings:
         self.max_queue = env_int(env, "OLLAMA_MAX_QUEUE", 512, minimum=1)
         self.keep_alive = parse_keep_alive_env(env.get("OLLAMA_KEEP_ALIVE"))
         self.max_loaded = env_int(env, "OLLAMA_MAX_LOADED_MODELS", 0, minimum=0)
+        self.context_length = env_int(env, "OLLAMA_CONTEXT_LENGTH", 0, minimum=0)
+        self.noprune = clean_env(env.get("OLLAMA_NOPRUNE")) not in ("", "0", "false")
+        self.no_cloud = clean_env(env.get("OLLAMA_NO_CLOUD")) not in ("", "0", "false")
         self.gpu_spec_path = clean_env(env.get("HERD_LAB_GPU_SPEC")) or "/etc/herd-lab/gpus.json"
         self.cuda_visible_devices = env.get("CUDA_VISIBLE_DEVICES")
         self.registry = clean_env(env.get("HERD_LAB_REGISTRY"))
@@ -375,6 +383,8 @@ class ModelInfo:
         self.busy_slowdown = settings.busy_slowdown if settings.busy_slowdown is not None else float(
             lab.get("busy_slowdown", 0.8))
         self.context_length = int(lab.get("context_length", 4096))
+        # KV cache per 1024 tokens per slot (f16). A model without it is counted like an 8B model.
+        self.kv_mib_per_1k_ctx = float(lab.get("kv_mib_per_1k_ctx", 128))
         self.parameter_count = int(lab.get("parameter_count", 0))
 
     @property
@@ -456,6 +466,28 @@ class ModelStore:
 # --------------------------------------------------------------------------- scheduler
 
 
+def default_context(gpus):
+    """Ollama >= 0.15.5 without OLLAMA_CONTEXT_LENGTH: the context follows the visible GPUs' memory."""
+    total_mib = sum(int(g["memory_total_mib"]) for g in gpus)
+    if total_mib < 24 * 1024:
+        return 4096
+    if total_mib < 48 * 1024:
+        return 32768
+    return 262144
+
+
+def context_for(model, settings, gpus):
+    """The context a runner gets: OLLAMA_CONTEXT_LENGTH or the GPU-memory default, capped at the trained one."""
+    wanted = settings.context_length or default_context(gpus)
+    return min(wanted, model.context_length) if model.context_length else wanted
+
+
+def need_mib(model, settings, gpus):
+    """GPU memory a loaded model takes: weights + KV cache of num_parallel full contexts (as Ollama sizes it)."""
+    kv = settings.num_parallel * context_for(model, settings, gpus) / 1024 * model.kv_mib_per_1k_ctx
+    return int(model.vram_mib + kv)
+
+
 class Runner:
     """A loaded (or loading) model with NUM_PARALLEL slots, like server/sched.go's runnerRef."""
 
@@ -476,7 +508,8 @@ class Runner:
         self.expires_at = time.time() + (session if session != FOREVER else 0)
         self.expires_in = session
         self.last_used = time.monotonic()
-        self.size = model.vram_mib * MIB
+        self.context_length = context_for(model, settings, gpus)
+        self.size = need_mib(model, settings, gpus) * MIB
         self.size_vram = self.size if gpus else 0
         self.rate_factor = 1.0 if gpus else settings.cpu_factor
 
@@ -581,12 +614,13 @@ class Scheduler:
                 await self.expire_and_wait(self.pick_victim())
                 continue
             if self.gpus:
-                if model.vram_mib > self.vram_total_mib:
+                need = need_mib(model, self.settings, self.gpus)
+                if need > self.vram_total_mib:
                     # DIFFERS: Ollama would offload part of the model to CPU and fail only when system
                     # RAM is short too; the lab models a GPU-only host and refuses with Ollama's message.
-                    raise ModelError(500, f"model requires more system memory ({human_gib(model.vram_mib * MIB)}) than is available ({human_gib(self.vram_total_mib * MIB)})")
-                used = sum(r.model.vram_mib for r in self.loaded.values())
-                if self.loaded and model.vram_mib > self.vram_total_mib - used:
+                    raise ModelError(500, f"model requires more system memory ({human_gib(need * MIB)}) than is available ({human_gib(self.vram_total_mib * MIB)})")
+                used = sum(r.size // MIB for r in self.loaded.values())
+                if self.loaded and need > self.vram_total_mib - used:
                     await self.expire_and_wait(self.pick_victim())
                     continue
             if fut.done():
@@ -599,7 +633,8 @@ class Scheduler:
         runner = Runner(model, self.settings, self.gpus, session)
         runner.load_started = time.monotonic()
         self.loaded[model.key] = runner
-        log("INFO", "loading model (simulated)", model=model.name, vram_mib=model.vram_mib,
+        log("INFO", "loading model (simulated)", model=model.name, vram_mib=runner.size // MIB,
+            context_length=runner.context_length,
             gpus=",".join(g["uuid"] for g in self.gpus) or "cpu", seconds=model.load_seconds)
         asyncio.get_running_loop().create_task(self._finish_load(runner, fut))
 
@@ -690,7 +725,7 @@ class Scheduler:
                 "details": runner.model.details(),
                 "expires_at": expires,
                 "size_vram": runner.size_vram,
-                "context_length": runner.model.context_length,
+                "context_length": runner.context_length,
             })
         return models
 
@@ -1431,6 +1466,24 @@ def _file_sha256(path):
 # --------------------------------------------------------------------------- command line
 
 
+def prune_unused_blobs(models_dir):
+    """Ollama's start-up prune (unless OLLAMA_NOPRUNE): delete blobs/sha256-* that no manifest references."""
+    store = ModelStore(Settings({"OLLAMA_MODELS": models_dir}))
+    blobs = os.path.join(models_dir, "blobs")
+    try:
+        names = os.listdir(blobs)
+    except OSError:
+        return 0
+    keep = {digest.replace(":", "-") for digest in store.referenced_digests()}
+    removed = 0
+    for name in names:
+        if re.fullmatch(r"sha256-[0-9a-f]{64}", name) and name not in keep:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(blobs, name))
+                removed += 1
+    return removed
+
+
 async def serve(settings):
     emulator = Emulator(settings)
     log("WARN", BANNER)
@@ -1443,6 +1496,14 @@ async def serve(settings):
     else:
         log("INFO", "no compatible GPUs were discovered (simulated); running on CPU",
             spec=settings.gpu_spec_path, CUDA_VISIBLE_DEVICES=settings.cuda_visible_devices or "")
+    log("INFO", "server config", OLLAMA_HOST=settings.listen_address, OLLAMA_MODELS=settings.models_dir,
+        OLLAMA_NUM_PARALLEL=settings.num_parallel, OLLAMA_MAX_QUEUE=settings.max_queue,
+        OLLAMA_MAX_LOADED_MODELS=settings.max_loaded, OLLAMA_KEEP_ALIVE=settings.keep_alive,
+        OLLAMA_CONTEXT_LENGTH=settings.context_length, OLLAMA_NOPRUNE=settings.noprune,
+        OLLAMA_NO_CLOUD=settings.no_cloud)
+    if not settings.noprune:
+        removed = prune_unused_blobs(settings.models_dir)
+        log("INFO", f"total unused blobs removed: {removed}")
     log("INFO", f"Listening on {settings.listen_address} (version {VERSION})",
         OLLAMA_NUM_PARALLEL=settings.num_parallel, OLLAMA_MAX_QUEUE=settings.max_queue,
         OLLAMA_MODELS=settings.models_dir)

@@ -7,6 +7,8 @@ Filters:
                                          raises AnsibleFilterError listing every problem when the config is invalid
   ollama_plan_errors(gpus, config)    -> list of messages, empty when the config is valid
   ollama_plan_warnings(gpus, config)  -> list of messages about a valid but questionable plan (idle GPUs, ...)
+  ollama_model_name(name)             -> the name as Ollama's /api/ps and /api/tags show it ("tiny" -> "tiny:latest");
+                                         the rule lives in plugins/module_utils/ollama_names.py
 
 `config` holds the role's knobs without the `ollama_` prefix (see DEFAULTS); docs/planner.md has the rules.
 """
@@ -15,11 +17,39 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib.util
 import ipaddress
 import math
+import os
 import re
+import sys
 
 from ansible.errors import AnsibleFilterError
+
+
+def _load_names():
+    """plugins/module_utils/ollama_names.py, the one home of the model name rule.
+
+    Ansible puts ansible.cfg's module_utils folder on the path of modules only, not of controller plugins, so the
+    filter loads the file beside it (the same relative place in a checkout and in a collection).
+    """
+    try:  # a test or another plugin may have imported it already
+        from ansible.module_utils import ollama_names  # type: ignore[attr-defined]
+
+        return ollama_names
+    except ImportError:
+        pass
+    if "herd_ollama_names" in sys.modules:
+        return sys.modules["herd_ollama_names"]
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "module_utils", "ollama_names.py")
+    spec = importlib.util.spec_from_file_location("herd_ollama_names", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["herd_ollama_names"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+ollama_names = _load_names()
 
 DEFAULTS = {
     "host": "this host",
@@ -33,10 +63,11 @@ DEFAULTS = {
     "num_parallel": 4,
     "max_queue": 128,
     "keep_alive": "-1",
-    "max_loaded_models": 1,
+    "max_loaded_models": 0,
     "flash_attention": None,
     "load_timeout": "",
-    "context_length": 0,
+    "context_length": 8192,
+    "no_cloud": False,
     "kv_cache_type": "",
     "extra_env": {},
     "models": [],
@@ -46,8 +77,24 @@ DEFAULTS = {
 }
 
 OVERRIDE_KEYS = ("num_parallel", "models", "max_queue", "keep_alive")
-MODEL_KEYS = ("name", "vram_gib", "instances")
+MODEL_KEYS = ("name", "vram_gib", "kv_mib_per_1k_ctx", "instances")
 KV_CACHE_TYPES = ("", "f16", "q8_0", "q4_0")
+# Bytes of a KV cache entry relative to f16; Ollama quantizes the cache only with flash attention on.
+KV_CACHE_FACTOR = {"": 1.0, "f16": 1.0, "q8_0": 0.5, "q4_0": 0.25}
+# Default KV cache per model in MiB per 1024 tokens of context (f16, one parallel slot), by parameter count in
+# billions: the largest figure among the common grouped-query-attention models of that size, from
+# 2 (K and V) x layers x KV heads x head dim x 2 bytes: Llama 3.2 1B 32, Llama 3.2 3B 112, Llama 3.1 8B 128
+# (Qwen2.5 7B 56), Qwen2.5 14B 192, Qwen2.5 32B 256, Llama 3.x 70B / Qwen2.5 72B 320. Models without grouped-query
+# attention (Phi-3 mini: 384 at 3.8B) need more: give them kv_mib_per_1k_ctx. docs/planner.md, "Memory".
+KV_MIB_PER_1K_BY_BILLIONS = ((2, 32), (4, 112), (9, 128), (15, 192), (35, 256), (math.inf, 320))
+# When neither the name (":7b") nor vram_gib tells the size: the 8B figure.
+KV_MIB_PER_1K_UNKNOWN = 128
+# Weights of a Q4_K_M model: about 0.6 GiB per billion parameters (4.8 bits per weight + runtime buffers).
+GIB_PER_BILLION_Q4 = 0.6
+# Ollama >= 0.15.5 picks the context from the GPU memory when OLLAMA_CONTEXT_LENGTH is unset (before the model's
+# trained limit, which the planner does not know): under 24 GiB 4k, 24-48 GiB 32k, 48 GiB and more 256k.
+OLLAMA_DEFAULT_CONTEXT = ((24 * 1024, 4096), (48 * 1024, 32768), (math.inf, 262144))
+PARAMS_IN_NAME = re.compile(r"(?<![0-9.])(\d+(?:\.\d+)?)[bB](?![A-Za-z0-9])")
 
 # Environment the planner owns, and the knob that sets each.
 MANAGED_ENV = {
@@ -62,6 +109,8 @@ MANAGED_ENV = {
     "OLLAMA_LOAD_TIMEOUT": "ollama_load_timeout",
     "OLLAMA_CONTEXT_LENGTH": "ollama_context_length",
     "OLLAMA_KV_CACHE_TYPE": "ollama_kv_cache_type",
+    "OLLAMA_NOPRUNE": "nothing: herd always sets it, ollama_model_sync and ollama_prune_models manage the blobs",
+    "OLLAMA_NO_CLOUD": "ollama_no_cloud",
 }
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -72,7 +121,6 @@ HOSTNAME = re.compile(
 GO_DURATION = re.compile(r"^[-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+$")
 GO_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 GO_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
 TRUE_STRINGS = ("true", "yes", "on", "1")
 FALSE_STRINGS = ("false", "no", "off", "0")
 
@@ -151,6 +199,63 @@ def _gib(mib):
     return f"{mib / 1024:.1f} GiB"
 
 
+# -- memory: one arithmetic for group sizing, the fit check and docs/planner.md ---------------------------------------
+def parameter_billions(name, vram_gib=None):
+    """Parameter count in billions from the name's size tag (":7b", ":1.5b", "-70b"), else from vram_gib at Q4; or None."""
+    short = ollama_model_name(name)
+    tag = short.rsplit(":", 1)[-1]
+    model = short.rsplit(":", 1)[0].rsplit("/", 1)[-1]
+    for text in (tag, model):
+        found = PARAMS_IN_NAME.findall(text)
+        if found:
+            return float(found[-1])
+    if vram_gib:
+        return float(vram_gib) / GIB_PER_BILLION_Q4
+    return None
+
+
+def default_kv_mib_per_1k(name, vram_gib=None):
+    """KV cache MiB per 1024 tokens (f16, one slot) when the model entry gives no kv_mib_per_1k_ctx."""
+    billions = parameter_billions(name, vram_gib)
+    if billions is None:
+        return KV_MIB_PER_1K_UNKNOWN
+    return next(mib for limit, mib in KV_MIB_PER_1K_BY_BILLIONS if billions <= limit)
+
+
+def ollama_default_context(vram_mib):
+    """The context Ollama >= 0.15.5 picks itself from the instance's GPU memory (OLLAMA_CONTEXT_LENGTH unset)."""
+    return next(ctx for limit, ctx in OLLAMA_DEFAULT_CONTEXT if vram_mib < limit)
+
+
+def model_memory_mib(model, num_parallel, context_length, kv_cache_type="", flash_attention=True):
+    """GPU memory one loaded model takes: {weights_mib, kv_mib, kv_mib_per_1k_ctx}; weights_mib None when unknown.
+
+    KV = num_parallel x context_length / 1024 x kv_mib_per_1k_ctx x (0.5 for q8_0, 0.25 for q4_0 with flash attention),
+    because Ollama sizes a runner's cache for num_parallel full contexts.
+    """
+    per_1k = model.get("kv_mib_per_1k_ctx") or default_kv_mib_per_1k(model["name"], model.get("vram_gib"))
+    factor = KV_CACHE_FACTOR.get(kv_cache_type or "", 1.0) if flash_attention else 1.0
+    kv = num_parallel * context_length / 1024 * per_1k * factor
+    weights = model["vram_gib"] * 1024 if model.get("vram_gib") else None
+    return {"weights_mib": weights, "kv_mib": kv, "kv_mib_per_1k_ctx": per_1k}
+
+
+def resident_need_mib(models, num_parallel, context_length, kv_cache_type="", flash_attention=True, max_loaded=0,
+                      headroom_pct=0):
+    """Memory an instance needs to keep its models loaded together: the `max_loaded` largest (all when 0) models'
+    weights + KV, plus headroom_pct. Models without vram_gib are not counted. Returns (need_mib, parts)."""
+    parts = []
+    for model in models:
+        mem = model_memory_mib(model, num_parallel, context_length, kv_cache_type, flash_attention)
+        if mem["weights_mib"] is not None:
+            parts.append(dict(mem, name=model["name"], total_mib=mem["weights_mib"] + mem["kv_mib"]))
+    parts.sort(key=lambda p: -p["total_mib"])
+    if max_loaded:
+        parts = parts[:max_loaded]
+    need = sum(p["total_mib"] for p in parts) * (1 + headroom_pct / 100)
+    return need, parts
+
+
 class _Planner:
     """One planning run: collects errors and warnings and builds the plan when the config is valid."""
 
@@ -205,10 +310,16 @@ class _Planner:
         )
         k["num_parallel"] = self._int("num_parallel", 1, None, "use a whole number of at least 1 (e.g. 4)")
         k["max_queue"] = self._int("max_queue", 1, None, "use a whole number of at least 1 (e.g. 128)")
-        k["max_loaded_models"] = self._int("max_loaded_models", 1, None, "use a whole number of at least 1")
-        k["context_length"] = self._int(
-            "context_length", 0, None, "use 0 for Ollama's default or a token count such as 8192"
+        k["max_loaded_models"] = self._int(
+            "max_loaded_models", 0, None, "use 0 (one per model the instance holds) or a whole number such as 2"
         )
+        k["context_length"] = self._int(
+            "context_length", 0, None, "use a token count such as 8192, or 0 for Ollama's GPU-memory-based default"
+        )
+        try:
+            k["no_cloud"] = _as_bool(c["no_cloud"])
+        except _Invalid as exc:
+            self.error("ollama_no_cloud", str(exc), "use true or false")
         try:
             k["use_mig"] = _as_bool(c["use_mig"])
         except _Invalid as exc:
@@ -405,13 +516,15 @@ class _Planner:
                 var, f"{entry!r} is not a model name or mapping", 'use "name:tag" or {name: "name:tag", vram_gib: 8}'
             )
             return None
-        allowed = MODEL_KEYS if allow_instances else ("name", "vram_gib")
+        allowed = MODEL_KEYS if allow_instances else ("name", "vram_gib", "kv_mib_per_1k_ctx")
         unknown = [key for key in entry if key not in allowed]
         if unknown:
             self.error(var, f"unknown key(s) {', '.join(map(str, unknown))}", f"use only {', '.join(allowed)}")
             return None
         name = entry.get("name")
-        if not isinstance(name, str) or not MODEL_NAME.match(name):
+        try:
+            name = ollama_model_name(name)
+        except ValueError:
             self.error(var, f"{name!r} is not a model name", 'give the name as Ollama writes it, e.g. "qwen2.5:7b"')
             return None
         vram = entry.get("vram_gib")
@@ -421,7 +534,23 @@ class _Planner:
                 if vram <= 0:
                     raise _Invalid(f"{vram!r} is not a positive size")
             except _Invalid as exc:
-                self.error(f"{var}.vram_gib", str(exc), "give the model's VRAM need in GiB, e.g. 43, or leave it out")
+                self.error(
+                    f"{var}.vram_gib", str(exc), "give the model's weights in GiB (about its file size), or leave it out"
+                )
+                return None
+        kv = entry.get("kv_mib_per_1k_ctx")
+        if kv is not None:
+            try:
+                kv = _as_number(kv)
+                if kv <= 0:
+                    raise _Invalid(f"{kv!r} is not a positive size")
+            except _Invalid as exc:
+                self.error(
+                    f"{var}.kv_mib_per_1k_ctx",
+                    str(exc),
+                    "give the KV cache in MiB per 1024 tokens (2 x layers x KV heads x head dim x 2 bytes / 1024), "
+                    "or leave it out for the default from the parameter size",
+                )
                 return None
         instances = entry.get("instances")
         if instances is not None:
@@ -432,7 +561,7 @@ class _Planner:
             except _Invalid as exc:
                 self.error(f"{var}.instances", str(exc), "list instance ids such as [0, 1], or leave it out for all")
                 return None
-        return {"name": name, "vram_gib": vram, "instances": instances}
+        return {"name": name, "vram_gib": vram, "kv_mib_per_1k_ctx": kv, "instances": instances}
 
     def _check_models(self):
         models = self.cfg["models"] or []
@@ -446,11 +575,27 @@ class _Planner:
             if model is None:
                 continue
             if model["name"] in names:
-                self.error(f"ollama_models[{pos}]", f"{model['name']} is listed twice", "list each model once")
+                self.error(
+                    f"ollama_models[{pos}]",
+                    f"{model['name']} is listed twice{self._spelled(entry, model['name'])}",
+                    "list each model once",
+                )
                 continue
             names.add(model["name"])
             parsed.append(model)
         return parsed
+
+    @staticmethod
+    def _spelled(entry, name):
+        written = entry.get("name") if isinstance(entry, dict) else entry
+        return f" (written {written!r} here)" if written != name else ""
+
+    def _memory_args(self, knobs, vram_mib=None):
+        """(num_parallel, context_length, kv_cache_type, flash_attention) for the memory arithmetic."""
+        ctx = knobs.get("context_length")
+        if not ctx:
+            ctx = ollama_default_context(vram_mib or 0)
+        return knobs.get("num_parallel") or 1, ctx, self.cfg["kv_cache_type"] or "", knobs.get("flash_attention")
 
     # -- groups ----------------------------------------------------------------------------------------------
     @staticmethod
@@ -581,16 +726,24 @@ class _Planner:
             needs = [m for m in models if m["vram_gib"]]
             known = [g["memory_mib"] for g in whole if g["memory_mib"]]
             if needs and known:
-                biggest = max(needs, key=lambda m: m["vram_gib"])
-                need_mib = biggest["vram_gib"] * 1024 * (1 + (knobs.get("vram_headroom_pct") or 0) / 100)
+                # Size groups for what one instance keeps loaded: the models every instance holds, together
+                # (or the largest restricted model alone, when that is more).
+                args = self._memory_args(knobs, min(known))
+                headroom = knobs.get("vram_headroom_pct") or 0
+                everywhere = [m for m in needs if m["instances"] is None]
+                candidates = [resident_need_mib(everywhere, *args, knobs.get("max_loaded_models") or 0, headroom)]
+                candidates += [resident_need_mib([m], *args, 0, headroom) for m in needs if m["instances"]]
+                need_mib, parts = max(candidates, key=lambda c: c[0])
                 per = max(1, math.ceil(need_mib / min(known)))
                 if per > len(whole):
+                    names = ", ".join(p["name"] for p in parts)
                     self.error(
                         "ollama_models",
-                        f"{biggest['name']} needs about {_gib(need_mib)} with headroom, which {per} GPUs of "
-                        f"{_gib(min(known))} would hold, but this host has {len(whole)} GPU(s)",
-                        "use a smaller model or quantization, lower ollama_vram_headroom_pct, or serve it from a "
-                        "host with more GPUs",
+                        f"{names} need(s) about {_gib(need_mib)} with KV cache ({args[0]} x {args[1]} tokens) and "
+                        f"headroom, which {per} GPUs of {_gib(min(known))} would hold, but this host has "
+                        f"{len(whole)} GPU(s)",
+                        "use a smaller model or quantization, lower ollama_num_parallel or ollama_context_length, "
+                        "lower ollama_vram_headroom_pct, or serve it from a host with more GPUs",
                     )
                     return []
         elif per > len(whole):
@@ -692,6 +845,7 @@ class _Planner:
             return self
 
         plan = [self._instance(i, slot, knobs, models, overrides.get(i, {})) for i, slot in enumerate(slots)]
+        self._check_residency(plan, overrides)
         self._check_fit(plan, models, overrides, knobs)
         if knobs.get("flash_attention") is not True and self.cfg["kv_cache_type"] in ("q8_0", "q4_0"):
             self.warn(
@@ -791,6 +945,13 @@ class _Planner:
         else:
             names = [m["name"] for m in models if m["instances"] is None or ident in m["instances"]]
         uuids = [d["uuid"] for d in slot]
+        vram_mib = sum(d["memory_mib"] or 0 for d in slot)
+        max_loaded = knobs["max_loaded_models"] or max(1, len(names))
+        context_length = knobs["context_length"] or (ollama_default_context(vram_mib) if slot else 0)
+        try:
+            forever = parse_duration(keep_alive) < 0
+        except _Invalid:
+            forever = False
         env = {
             "CUDA_VISIBLE_DEVICES": ",".join(uuids) if uuids else "-1",
             "OLLAMA_HOST": host_port,
@@ -798,7 +959,9 @@ class _Planner:
             "OLLAMA_NUM_PARALLEL": str(num_parallel),
             "OLLAMA_MAX_QUEUE": str(max_queue),
             "OLLAMA_KEEP_ALIVE": str(keep_alive).strip(),
-            "OLLAMA_MAX_LOADED_MODELS": str(knobs["max_loaded_models"]),
+            "OLLAMA_MAX_LOADED_MODELS": str(max_loaded),
+            # Instances get their blobs from ollama_model_sync; Ollama must not delete them at start.
+            "OLLAMA_NOPRUNE": "1",
         }
         if knobs.get("flash_attention") is not None:
             env["OLLAMA_FLASH_ATTENTION"] = "1" if knobs["flash_attention"] else "0"
@@ -806,6 +969,8 @@ class _Planner:
             env["OLLAMA_LOAD_TIMEOUT"] = str(c["load_timeout"]).strip()
         if knobs["context_length"]:
             env["OLLAMA_CONTEXT_LENGTH"] = str(knobs["context_length"])
+        if knobs.get("no_cloud"):
+            env["OLLAMA_NO_CLOUD"] = "1"
         if c["kv_cache_type"]:
             env["OLLAMA_KV_CACHE_TYPE"] = c["kv_cache_type"]
         env.update(c["extra_env"])
@@ -826,46 +991,122 @@ class _Planner:
             "gpus": [d["gpu"] for d in slot],
             "gpu_uuids": uuids,
             "gpu_names": [d["name"] for d in slot],
-            "vram_mib": sum(d["memory_mib"] or 0 for d in slot),
+            "vram_mib": vram_mib,
             "num_parallel": num_parallel,
             "max_queue": max_queue,
+            "max_loaded_models": max_loaded,
+            "context_length": context_length,
+            # Readiness: every model resident (/api/ps) only when models stay loaded forever and all may be
+            # loaded at once; otherwise "loads and answers" (finite keep_alive, or models taking turns).
+            "keep_resident": forever and max_loaded >= len(names),
             "models": names,
             "models_dir": models_dir,
             "env": env,
         }
 
     def _check_fit(self, plan, models, overrides, knobs):
-        headroom = (knobs.get("vram_headroom_pct") or 0) / 100
-        sizes = {m["name"]: m["vram_gib"] for m in models if m["vram_gib"]}
+        """Every instance keeps the models it may load at once in its GPU memory: weights + KV + headroom."""
+        headroom = knobs.get("vram_headroom_pct") or 0
+        by_name = {m["name"]: m for m in models}
         for inst in plan:
             if not inst["gpus"]:
                 continue
             override = overrides.get(inst["id"], {})
-            local = {m["name"]: m["vram_gib"] for m in override.get("models", []) if m["vram_gib"]}
+            local = {m["name"]: m for m in override.get("models", [])}
             var = f"ollama_instance_overrides[{inst['id']}].models" if "models" in override else "ollama_models"
-            unknown_memory = inst["id"] in self.unknown_memory
-            for name in inst["models"]:
-                vram = local.get(name) or sizes.get(name)
-                if not vram:
-                    continue
-                if unknown_memory:
+            held = [local.get(n) or by_name.get(n) for n in inst["models"]]
+            sized = [m for m in held if m and m["vram_gib"]]
+            if not sized:
+                continue
+            if inst["id"] in self.unknown_memory:
+                for m in sized:
                     self.warn(
                         var,
-                        f"cannot check that {name} fits instance {inst['id']}: nvidia-smi reports no memory size",
+                        f"cannot check that {m['name']} fits instance {inst['id']}: nvidia-smi reports no memory size",
                         "Check the GPU's memory by hand.",
                     )
-                    continue
-                need = vram * 1024 * (1 + headroom)
+                continue
+            knobs_here = dict(knobs, num_parallel=inst["num_parallel"], context_length=inst["context_length"])
+            args = self._memory_args(knobs_here, inst["vram_mib"])
+            gpus = ", ".join(f"{i}: {n}" for i, n in zip(inst["gpus"], inst["gpu_names"], strict=True))
+            where = f"instance {inst['id']} has {_gib(inst['vram_mib'])} (GPU {gpus})"
+            kv_words = f"KV {args[0]} x {args[1]} tokens"
+            alone_ok = True
+            for m in sized:
+                need, parts = resident_need_mib([m], *args, 0, headroom)
                 if need > inst["vram_mib"]:
-                    gpus = ", ".join(f"{i}: {n}" for i, n in zip(inst["gpus"], inst["gpu_names"], strict=True))
+                    alone_ok = False
+                    part = parts[0]
                     self.error(
                         var,
-                        f"{name} needs about {_gib(need)} ({vram:g} GiB + {headroom * 100:g}% headroom) but instance "
-                        f"{inst['id']} has {_gib(inst['vram_mib'])} (GPU {gpus})",
+                        f"{m['name']} needs about {_gib(need)} ({m['vram_gib']:g} GiB + {kv_words} "
+                        f"{_gib(part['kv_mib'])} + {headroom:g}% headroom) but {where}",
                         "give it a bigger group (ollama_gpu_groups, or ollama_gpus_per_instance 0 to size groups from "
-                        "vram_gib), restrict the model to bigger instances with `instances:`, or lower "
-                        "ollama_vram_headroom_pct",
+                        "vram_gib), restrict the model to bigger instances with `instances:`, lower "
+                        "ollama_num_parallel or ollama_context_length, or lower ollama_vram_headroom_pct",
                     )
+            if not alone_ok or len(sized) < 2:
+                continue
+            need, parts = resident_need_mib(sized, *args, inst["max_loaded_models"], headroom)
+            if need > inst["vram_mib"]:
+                detail = " + ".join(
+                    f"{p['name']} {_gib(p['weights_mib'])} + KV {_gib(p['kv_mib'])}" for p in parts
+                )
+                self.error(
+                    var,
+                    f"instance {inst['id']} holds {len(held)} models and may keep {len(parts)} loaded at once "
+                    f"({', '.join(p['name'] for p in parts)}): they need about {_gib(need)} together ({detail}, "
+                    f"KV for {args[0]} x {args[1]} tokens each, + {headroom:g}% headroom) but {where}",
+                    "hold fewer models per instance, give the instance a bigger GPU group (ollama_gpu_groups), split "
+                    "the models over instances with `instances:` on each model entry, lower ollama_num_parallel or "
+                    "ollama_context_length, or let them take turns: ollama_max_loaded_models below the model count "
+                    'with a finite ollama_keep_alive (e.g. "5m")',
+                )
+
+    def _check_residency(self, plan, overrides):
+        """An explicit ollama_max_loaded_models below the models held contradicts a keep_alive of forever."""
+        explicit = self.cfg.get("max_loaded_models")
+        for inst in plan:
+            held = len(inst["models"])
+            if not explicit or inst["max_loaded_models"] >= held:
+                continue
+            keep_alive = inst["env"]["OLLAMA_KEEP_ALIVE"]
+            try:
+                forever = parse_duration(keep_alive) < 0
+            except _Invalid:
+                continue
+            if not forever:
+                continue
+            source = (
+                f"ollama_instance_overrides[{inst['id']}].keep_alive"
+                if "keep_alive" in overrides.get(inst["id"], {})
+                else "ollama_keep_alive"
+            )
+            self.error(
+                "ollama_max_loaded_models",
+                f"{inst['max_loaded_models']} loaded model(s) at a time, but instance {inst['id']} holds {held} "
+                f"({', '.join(inst['models'])}) and {source} is {keep_alive!r} (keep every model loaded forever): "
+                "the models would evict each other on every switch and none stays resident",
+                f"let them take turns with a finite {source} (e.g. \"5m\"), or set ollama_max_loaded_models to "
+                f"{held} (or 0: one per model held) if they fit together, or hold fewer models per instance "
+                "(`instances:` on each model entry)",
+            )
+
+
+def ollama_model_name(name):
+    """The name as Ollama's /api/ps and /api/tags show it: "tiny" -> "tiny:latest", "library/x:1b" -> "x:1b".
+
+    Raises ValueError (AnsibleFilterError in a template) when the name is not valid. One rule for herd:
+    plugins/module_utils/ollama_names.py.
+    """
+    return ollama_names.short_name(name)
+
+
+def _model_name_filter(name):
+    try:
+        return ollama_model_name(name)
+    except ValueError as exc:
+        raise AnsibleFilterError(str(exc)) from exc
 
 
 def _plan(gpus, config):
@@ -899,4 +1140,5 @@ class FilterModule:
             "ollama_plan": ollama_plan,
             "ollama_plan_errors": ollama_plan_errors,
             "ollama_plan_warnings": ollama_plan_warnings,
+            "ollama_model_name": _model_name_filter,
         }

@@ -123,67 +123,20 @@ import os
 import re
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.ollama_names import full_name, name_from_parts, parse_name
 
-DEFAULT_HOST = "registry.ollama.ai"
-DEFAULT_NAMESPACE = "library"
-DEFAULT_TAG = "latest"
-VALID_KINDS = ("skill", "agent", "mcp")
 DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
 BLOB_FILE_RE = re.compile(r"^sha256-([0-9a-f]{64})$")
 PARTIAL_DIR = ".herd-partial"
 CHUNK = 8 * 1024 * 1024
 
 
-def _valid_part(kind, s):
-    if kind == "kind":
-        return s in VALID_KINDS
-    if not 1 <= len(s) <= (350 if kind == "host" else 80):
-        return False
-    for i, c in enumerate(s):
-        alnum = c.isascii() and (c.isalnum() or c == "_")
-        if i == 0:
-            if not alnum:
-                return False
-        elif c == "." and kind == "namespace":
-            return False
-        elif c == ":" and kind != "host":
-            return False
-        elif not (alnum or c in "_-.:"):
-            return False
-    return True
-
-
-def name_from_parts(parts):
-    """Fully qualified name from the path parts below manifests/, or None when they are not a valid name."""
-    if len(parts) == 4:
-        host, namespace, kind, model, tag = parts[0], parts[1], "", parts[2], parts[3]
-    elif len(parts) == 5:
-        host, namespace, kind, model, tag = parts
-        if not _valid_part("kind", kind):
-            return None
-    else:
-        return None
-    if not all(
-        _valid_part(k, v) for k, v in (("host", host), ("namespace", namespace), ("model", model), ("tag", tag))
-    ):
-        return None
-    middle = f"{kind}/" if kind else ""
-    return f"{host}/{namespace}/{middle}{model}:{tag}"
-
-
 def qualify(name):
-    """Fill Ollama's defaults into a short name (same rules as ollama_model_sync.parse_name)."""
-    rest, tag = name.split("://", 1)[-1], ""
-    if rest.rfind(":") > rest.rfind("/"):
-        rest, _, tag = rest.rpartition(":")
-    pieces = rest.split("/")
-    if len(pieces) == 1:
-        pieces = [DEFAULT_HOST, DEFAULT_NAMESPACE] + pieces
-    elif len(pieces) == 2:
-        pieces = [DEFAULT_HOST] + pieces
-    elif len(pieces) == 3 and pieces[1] in VALID_KINDS:
-        pieces = [DEFAULT_HOST] + pieces
-    return name_from_parts(pieces + [tag or DEFAULT_TAG])
+    """Fully qualified name with Ollama's defaults filled in, or None when the name is not valid."""
+    try:
+        return full_name(parse_name(name))
+    except ValueError:
+        return None
 
 
 def parse_manifest(text):

@@ -249,12 +249,7 @@ import re
 import time
 
 from ansible.module_utils.basic import AnsibleModule
-
-DEFAULT_HOST = "registry.ollama.ai"
-DEFAULT_NAMESPACE = "library"
-DEFAULT_TAG = "latest"
-VALID_KINDS = ("skill", "agent", "mcp")
-MISSING_PART = "!MISSING!"
+from ansible.module_utils.ollama_names import full_name, name_from_parts, name_parts, parse_name
 
 DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
 BLOB_FILE_RE = re.compile(r"^sha256-([0-9a-f]{64})$")
@@ -273,111 +268,6 @@ class SyncError(Exception):
 # ---------------------------------------------------------------------------------------------------------
 # Pure helpers: names, manifests, plans
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _cut_promised(s, sep):
-    """Split s at the last sep; a part promised by sep but empty becomes MISSING_PART (as Ollama does)."""
-    i = s.rfind(sep)
-    if i < 0:
-        return s, "", False
-    return (s[:i] or MISSING_PART), (s[i + len(sep) :] or MISSING_PART), True
-
-
-def _valid_part(kind, s):
-    if kind == "kind":
-        return s in VALID_KINDS
-    limit = 350 if kind == "host" else 80
-    if not 1 <= len(s) <= limit:
-        return False
-    for i, c in enumerate(s):
-        alnum = c.isascii() and (c.isalnum() or c == "_")
-        if i == 0:
-            if not alnum:
-                return False
-        elif c in "_-":
-            continue
-        elif c == ".":
-            if kind == "namespace":
-                return False
-        elif c == ":":
-            if kind != "host":
-                return False
-        elif not alnum:
-            return False
-    return True
-
-
-def _strip_scheme(host):
-    scheme, sep, rest = host.partition("://")
-    return rest if sep else scheme
-
-
-def parse_name(s):
-    """Parse a model name the way Ollama's types/model ParseName does and fill the defaults.
-
-    Returns a dict with host, namespace, kind ('' for models), model and tag. Raises ValueError when the
-    name is not valid once defaults are filled in.
-    """
-    if not isinstance(s, str):
-        raise ValueError(f"model name must be a string, got {s!r}")
-    rest = s
-    n = {"host": "", "namespace": "", "kind": "", "model": "", "tag": ""}
-    if rest.rfind(":") > rest.rfind("/"):
-        rest, n["tag"], _ = _cut_promised(rest, ":")
-    rest, n["model"], promised = _cut_promised(rest, "/")
-    if not promised:
-        n["model"] = rest
-    else:
-        rest, middle, promised = _cut_promised(rest, "/")
-        if not promised:
-            n["namespace"] = rest  # namespace/model
-        elif middle not in VALID_KINDS:
-            n["namespace"] = middle  # host/namespace/model
-            n["host"] = _strip_scheme(rest)
-        else:
-            n["kind"] = middle  # [host/]namespace/kind/model
-            rest, n["namespace"], promised = _cut_promised(rest, "/")
-            if not promised:
-                n["namespace"] = rest
-            else:
-                n["host"] = _strip_scheme(rest)
-    n["host"] = n["host"] or DEFAULT_HOST
-    n["namespace"] = n["namespace"] or DEFAULT_NAMESPACE
-    n["tag"] = n["tag"] or DEFAULT_TAG
-    for part in ("host", "namespace", "model", "tag"):
-        if not _valid_part(part, n[part]):
-            raise ValueError(f"invalid model name {s!r}: bad {part} {n[part]!r}")
-    if n["kind"] and not _valid_part("kind", n["kind"]):
-        raise ValueError(f"invalid model name {s!r}: bad kind {n['kind']!r}")
-    return n
-
-
-def name_parts(n):
-    """Path parts of a parsed name below manifests/ (Ollama's Name.Filepath)."""
-    if n["kind"]:
-        return [n["host"], n["namespace"], n["kind"], n["model"], n["tag"]]
-    return [n["host"], n["namespace"], n["model"], n["tag"]]
-
-
-def full_name(n):
-    middle = f"{n['kind']}/" if n["kind"] else ""
-    return f"{n['host']}/{n['namespace']}/{middle}{n['model']}:{n['tag']}"
-
-
-def name_from_parts(parts):
-    """Full name from the path parts below manifests/, or None when they do not form a valid name."""
-    if len(parts) == 4:
-        n = {"host": parts[0], "namespace": parts[1], "kind": "", "model": parts[2], "tag": parts[3]}
-    elif len(parts) == 5:
-        n = {"host": parts[0], "namespace": parts[1], "kind": parts[2], "model": parts[3], "tag": parts[4]}
-        if not _valid_part("kind", n["kind"]):
-            return None
-    else:
-        return None
-    for part in ("host", "namespace", "model", "tag"):
-        if not _valid_part(part, n[part]):
-            return None
-    return full_name(n)
 
 
 def parse_manifest(text):

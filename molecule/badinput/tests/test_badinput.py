@@ -101,6 +101,20 @@ CASES = [
      ["gateway_client_keep_alive", "'never'", "Fix: ignore"]),
     ("queue_max_negative", {"gateway_queue_max": -1}, ["gateway_queue_max", "0 or more"]),
     ("queue_timeout_not_a_time", {"gateway_queue_timeout": "2 minutes"}, ["gateway_queue_timeout", "600s, 10m or 500ms"]),
+    ("models_do_not_fit_together",
+     {"ollama_gpu_groups": [[0], [1]],
+      "ollama_models": [{"name": "herd-large:70b", "vram_gib": 30}, {"name": "herd-small:7b", "vram_gib": 5.5}]},
+     ["ollama_models", "instance 0 holds 2 models", "they need about", "Fix: hold fewer models per instance",
+      "`instances:`", "ollama_max_loaded_models below the model count with a finite ollama_keep_alive"]),
+    ("max_loaded_below_models_keep_forever",
+     {"ollama_max_loaded_models": 1, "ollama_models": ["herd-tiny:1b", "herd-small:7b"]},
+     ["ollama_max_loaded_models", "instance 0 holds 2", "ollama_keep_alive is '-1'",
+      "Fix: let them take turns with a finite ollama_keep_alive"]),
+    ("stock_service_on_instance_port", {"ollama_stock_service": "refuse"},
+     ["ollama_stock_service", "a stock ollama.service", "takes port 11434", "Fix: stop and disable it",
+      "ollama_stock_service: disable"]),
+    ("unknown_stock_service_choice", {"ollama_stock_service": "kill"},
+     ["ollama_stock_service must be one of: refuse, disable"]),
 ]
 
 # Cases that do not yet fail cleanly in preflight, marked strict xfail with the reason (none left: the four

@@ -8,6 +8,7 @@ GPU_SPEC = json.load(open(os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"],
 GPUS = GPU_SPEC["gpus"]
 BASE_PORT = 11434
 MODEL = "herd-tiny:1b"
+MODELS = ["herd-tiny:1b", "herd-small:7b"]  # both on every instance (host_vars), both resident
 
 
 def env_file(host, i):
@@ -56,12 +57,15 @@ def test_each_instance_has_a_separate_verified_copy(host):
     assert len(set(inodes)) == len(GPUS), "copy mode must give every instance its own files"
 
 
-def test_every_instance_has_the_model_loaded(host):
+def test_every_instance_has_both_models_resident(host):
     for i in range(len(GPUS)):
         ps = json.loads(host.check_output(f"curl -fsS http://127.0.0.1:{BASE_PORT + i}/api/ps"))
-        names = [m["name"] for m in ps["models"]]
-        assert MODEL in names
+        assert sorted(m["name"] for m in ps["models"]) == sorted(MODELS), (i, ps)
         assert all(m["size_vram"] == m["size"] for m in ps["models"])
+        # herd's context (8192) and KV: weights + 2 slots x 8192 tokens x the model's KV per 1k tokens
+        sizes = {m["name"]: m["size"] // 2**20 for m in ps["models"]}
+        assert sizes == {"herd-tiny:1b": 1536 + 512, "herd-small:7b": 5632 + 896}, sizes
+        assert {m["context_length"] for m in ps["models"]} == {8192}
 
 
 def test_gateway_generates_and_spreads_over_every_instance(host):
@@ -106,12 +110,14 @@ def test_changing_one_instance_restarts_only_that_instance(host):
 
 def test_status_playbook_prints_every_instance_healthy(host):
     project = os.environ["MOLECULE_PROJECT_DIRECTORY"]
+    # JSON result format: one table row per output line (the YAML format folds long rows).
     run = subprocess.run(
         ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], f"{project}/playbooks/status.yml"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, ANSIBLE_CALLBACK_RESULT_FORMAT="json"),
     )
     assert run.returncode == 0, run.stdout[-3000:]
-    rows = [ln for ln in run.stdout.splitlines() if "- ollama@" in ln]
+    rows = [ln for ln in run.stdout.splitlines() if '"ollama@' in ln]
     assert len(rows) == len(GPUS), run.stdout[-3000:]
     for i, row in enumerate(rows):
         assert f"ollama@{i}" in row and f"{BASE_PORT + i}" in row and " active " in row and " ok " in row
+        assert "herd-tiny:1b resident, herd-small:7b resident" in row, row

@@ -1,6 +1,7 @@
-"""lab/build-ollama-archive.sh: Ollama's release layout, deterministic bytes, checksum file, registry."""
+"""lab/build-ollama-archive.sh: Ollama's release layout (.tar.zst since 0.14), deterministic bytes, checksum, registry."""
 
 import hashlib
+import io
 import os
 import subprocess
 import tarfile
@@ -8,6 +9,7 @@ import tarfile
 from standins_lab import REPO
 
 SCRIPT = REPO / "lab" / "build-ollama-archive.sh"
+ARCHIVE = "ollama-linux-amd64.tar.zst"
 
 
 def build(outdir):
@@ -18,11 +20,13 @@ def test_archive_layout_checksum_and_determinism(tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
     assert "wrote" in build(first)
     build(second)
-    data = (first / "ollama-linux-amd64.tgz").read_bytes()
-    assert data == (second / "ollama-linux-amd64.tgz").read_bytes()
+    data = (first / ARCHIVE).read_bytes()
+    assert data == (second / ARCHIVE).read_bytes()
+    assert data[:4] == b"\x28\xb5\x2f\xfd"  # zstd frame magic
     digest = hashlib.sha256(data).hexdigest()
-    assert (first / "ollama-linux-amd64.tgz.sha256").read_text() == f"{digest}  ollama-linux-amd64.tgz\n"
-    with tarfile.open(first / "ollama-linux-amd64.tgz") as tar:
+    assert (first / f"{ARCHIVE}.sha256").read_text() == f"{digest}  {ARCHIVE}\n"
+    plain = subprocess.run(["zstd", "-d", "-c", str(first / ARCHIVE)], capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(plain)) as tar:
         members = {m.name: m for m in tar.getmembers()}
         assert set(members) == {"bin", "bin/ollama", "lib", "lib/ollama", "lib/ollama/README.herd-standin"}
         binary = members["bin/ollama"]
@@ -42,7 +46,7 @@ def test_second_run_changes_nothing(tmp_path):
 
 def test_archive_binary_runs_as_ollama(tmp_path):
     build(tmp_path)
-    subprocess.run(["tar", "-xzf", str(tmp_path / "ollama-linux-amd64.tgz"), "-C", str(tmp_path)], check=True)
+    subprocess.run(["tar", "--zstd", "-xf", str(tmp_path / ARCHIVE), "-C", str(tmp_path)], check=True)
     ollama = tmp_path / "bin" / "ollama"
     assert os.access(ollama, os.X_OK)
     out = subprocess.run([str(ollama), "-v"], capture_output=True, text=True, check=True).stdout

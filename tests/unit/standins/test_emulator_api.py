@@ -179,7 +179,8 @@ def test_keep_alive_zero_unloads_and_expiry(start_emulator, lab_models):
     assert emu.post_json("/api/generate", dict(base, keep_alive="1s"))[0] == 200
     ps = emu.get_json("/api/ps")["models"]
     assert [m["name"] for m in ps] == ["herd-tiny:1b"]
-    assert ps[0]["size"] == 1536 * 1024 * 1024 == ps[0]["size_vram"]
+    # weights 1536 MiB + KV 1 slot x 8192 tokens (32768 on a 45 GiB L20, capped at the model's 8192) x 32 MiB/1k
+    assert ps[0]["size"] == (1536 + 256) * 1024 * 1024 == ps[0]["size_vram"]
     assert set(ps[0]) >= {"name", "model", "size", "digest", "details", "expires_at", "size_vram"}
     time.sleep(1.4)
     assert emu.get_json("/api/ps")["models"] == []
@@ -215,13 +216,15 @@ def test_vram_refusal_and_gpu_selection(start_emulator, lab_models):
     one = start_emulator(**fast(lab_models, HERD_LAB_GPU_SPEC=RTX, CUDA_VISIBLE_DEVICES="0"))
     status, body = one.post_json("/api/generate", {"model": "herd-large:70b", "prompt": ""})
     assert status == 500
-    assert body == {"error": "model requires more system memory (42.0 GiB) than is available (24.0 GiB)"}
+    # 43008 MiB weights + KV 1 x 4096 tokens (Ollama's default under 24 GiB) x 320 MiB/1k = 44288 MiB
+    assert body == {"error": "model requires more system memory (43.2 GiB) than is available (24.0 GiB)"}
     assert one.get_json("/api/ps")["models"] == []
     uuids = [gpu["uuid"] for gpu in json.loads(open(RTX).read())["gpus"]]
     two = start_emulator(**fast(lab_models, HERD_LAB_GPU_SPEC=RTX, CUDA_VISIBLE_DEVICES=f"{uuids[2]},{uuids[3]}"))
     status, body = two.post_json("/api/generate", {"model": "herd-large:70b", "prompt": ""})
     assert (status, body["done_reason"]) == (200, "load")
-    assert two.get_json("/api/ps")["models"][0]["size_vram"] == 43008 * 1024 * 1024
+    # two 4090s (48.0 GiB, just under 48): 32768 tokens capped at the model's 8192 -> KV 2560 MiB
+    assert two.get_json("/api/ps")["models"][0]["size_vram"] == (43008 + 2560) * 1024 * 1024
     assert uuids[2] in two.log() and uuids[3] in two.log() and uuids[0] not in two.log()
     cpu = start_emulator(**fast(lab_models, HERD_LAB_GPU_SPEC=RTX, CUDA_VISIBLE_DEVICES="-1"))
     cpu.post_json("/api/generate", {"model": "herd-tiny:1b", "prompt": ""})
@@ -316,3 +319,51 @@ def test_cli_version_and_list(start_emulator, lab_models):
                              env={"OLLAMA_HOST": f"127.0.0.1:{emu.port}", "PATH": "/usr/bin:/bin"})
     assert listing.stdout.splitlines()[0].split() == ["NAME", "ID", "SIZE", "MODIFIED"]
     assert "herd-small:7b" in listing.stdout
+
+
+def test_context_length_sizes_the_kv_cache_and_is_reported(start_emulator, lab_models):
+    emu = start_emulator(**fast(lab_models, OLLAMA_NUM_PARALLEL=2, OLLAMA_CONTEXT_LENGTH=4096))
+    emu.post_json("/api/generate", {"model": "herd-small:7b", "prompt": ""})
+    (model,) = emu.get_json("/api/ps")["models"]
+    # 5632 MiB weights + 2 slots x 4096 tokens x 56 MiB/1k = 448 MiB
+    assert model["context_length"] == 4096
+    assert model["size"] == model["size_vram"] == (5632 + 448) * 1024 * 1024
+    log = emu.log()
+    assert "OLLAMA_CONTEXT_LENGTH=4096" in log and "OLLAMA_NO_CLOUD=False" in log and "0.34.2-herd-emulator" in log
+
+
+def test_two_models_stay_resident_with_room_and_max_loaded(start_emulator, lab_models):
+    """herd's default layout: OLLAMA_MAX_LOADED_MODELS = models held, both fit: both stay in /api/ps."""
+    emu = start_emulator(**fast(lab_models, OLLAMA_MAX_LOADED_MODELS=2, OLLAMA_KEEP_ALIVE="-1",
+                                OLLAMA_CONTEXT_LENGTH=8192, OLLAMA_NUM_PARALLEL=2))
+    for name in ("herd-tiny:1b", "herd-small:7b", "herd-tiny:1b"):
+        assert emu.post_json("/api/generate", {"model": name, "prompt": ""})[0] == 200
+    assert sorted(m["name"] for m in emu.get_json("/api/ps")["models"]) == ["herd-small:7b", "herd-tiny:1b"]
+
+
+def test_vram_evicts_the_least_recently_used_idle_model(start_emulator, lab_models):
+    """Room for both by count (OLLAMA_MAX_LOADED_MODELS=3) but not by memory: the idle one is evicted."""
+    # One RTX 4090 (24563 MiB free), 10 slots x 32768 tokens (capped at each model's trained context):
+    # tiny 1536 + 10 x 8192 x 32/1024 = 4096 MiB, small 5632 + 10 x 32768 x 56/1024 = 23552 MiB; 27648 > 24563.
+    emu = start_emulator(**fast(lab_models, HERD_LAB_GPU_SPEC=RTX, CUDA_VISIBLE_DEVICES="0", OLLAMA_NUM_PARALLEL=10,
+                                OLLAMA_CONTEXT_LENGTH=32768, OLLAMA_MAX_LOADED_MODELS=3, OLLAMA_KEEP_ALIVE="-1"))
+    assert emu.post_json("/api/generate", {"model": "herd-tiny:1b", "prompt": ""})[0] == 200
+    assert emu.post_json("/api/generate", {"model": "herd-small:7b", "prompt": ""})[0] == 200
+    assert [m["name"] for m in emu.get_json("/api/ps")["models"]] == ["herd-small:7b"]
+    assert "model unloaded (simulated)" in emu.log()
+
+
+def test_startup_prunes_unreferenced_blobs_unless_noprune(start_emulator, lab_models, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(lab_models, models)
+    stray = models / "blobs" / ("sha256-" + "ab" * 32)
+    stray.write_bytes(b"left over")
+    emu = start_emulator(**fast(str(models), OLLAMA_NOPRUNE="1"))
+    assert emu.get("/")[0] == 200 and stray.exists()
+    emu.stop()
+    emu = start_emulator(**fast(str(models)))
+    assert emu.get("/")[0] == 200 and not stray.exists()
+    assert "total unused blobs removed: 1" in emu.log()
+    # every lab model is still whole
+    assert sorted(m["name"] for m in emu.get_json("/api/tags")["models"]) == [
+        "herd-large:70b", "herd-small:7b", "herd-tiny:1b"]

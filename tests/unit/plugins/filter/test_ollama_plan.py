@@ -51,9 +51,12 @@ def test_l20_one_instance_per_gpu(planner, gpus_from):
             "OLLAMA_MAX_QUEUE": "128",
             "OLLAMA_KEEP_ALIVE": "-1",
             "OLLAMA_MAX_LOADED_MODELS": "1",
+            "OLLAMA_NOPRUNE": "1",
             "OLLAMA_FLASH_ATTENTION": "1",
             "OLLAMA_LOAD_TIMEOUT": "5m",
+            "OLLAMA_CONTEXT_LENGTH": "8192",
         }
+        assert (inst["max_loaded_models"], inst["context_length"], inst["keep_resident"]) == (1, 8192, True)
     assert warnings(planner, gpus) == []
 
 
@@ -65,8 +68,8 @@ def test_seed_second_layout_base_port(planner, gpus_from):
 
 def test_rtx4090_70b_needs_two_gpus(planner, gpus_from):
     gpus = gpus_from("rtx4090x8.csv")
-    result = plan(planner, gpus, models=[{"name": "llama3.3:70b", "vram_gib": 40}])
-    # 40 GiB * 1.10 = 44 GiB over 24564 MiB cards -> 2 GPUs per instance.
+    result = plan(planner, gpus, models=[{"name": "llama3.3:70b", "vram_gib": 40}], num_parallel=1)
+    # (40 GiB + KV 1 x 8192 tokens x 320 MiB/1k = 2.5 GiB) * 1.10 = 46.75 GiB over 24564 MiB cards -> 2 GPUs each.
     assert [i["gpus"] for i in result] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert [i["port"] for i in result] == [11434, 11435, 11436, 11437]
     assert result[1]["env"]["CUDA_VISIBLE_DEVICES"] == f"{gpus[2]['uuid']},{gpus[3]['uuid']}"
@@ -76,11 +79,13 @@ def test_rtx4090_70b_needs_two_gpus(planner, gpus_from):
 
 def test_headroom_changes_group_size(planner, gpus_from):
     gpus = gpus_from("rtx4090x8.csv")
-    # 44 GiB with 10% headroom is 48.4 GiB: more than two 24 GiB cards, so 3 per group and 2 GPUs idle.
-    result = plan(planner, gpus, models=[{"name": "big", "vram_gib": 44}])
+    # 44 GiB + KV (1 x 2048 tokens x 320 MiB/1k = 0.6 GiB) with 10% headroom is 49.1 GiB: more than two 24 GiB
+    # cards, so 3 per group and 2 GPUs idle; without headroom 44.6 GiB fits two.
+    small = {"num_parallel": 1, "context_length": 2048}
+    result = plan(planner, gpus, models=[{"name": "big", "vram_gib": 44}], **small)
     assert [i["gpus"] for i in result] == [[0, 1, 2], [3, 4, 5]]
-    assert any("GPU(s) 6-7" in w for w in warnings(planner, gpus, models=[{"name": "big", "vram_gib": 44}]))
-    result = plan(planner, gpus, models=[{"name": "big", "vram_gib": 44}], vram_headroom_pct=0)
+    assert any("GPU(s) 6-7" in w for w in warnings(planner, gpus, models=[{"name": "big", "vram_gib": 44}], **small))
+    result = plan(planner, gpus, models=[{"name": "big", "vram_gib": 44}], vram_headroom_pct=0, **small)
     assert [i["gpus"] for i in result] == [[0, 1], [2, 3], [4, 5], [6, 7]]
 
 
@@ -120,10 +125,11 @@ def test_mig_host_one_instance_per_mig_device(planner, gpus_from):
 
 def test_mig_model_too_big_for_slice(planner, gpus_from):
     gpus = gpus_from("h100_mig.csv", "h100_mig_L.txt")
-    found = errors(planner, gpus, models=[{"name": "qwen2.5:32b", "vram_gib": 20}])
-    # 22 GiB with headroom fits the 3g.40gb slice and the whole GPU, not 2g.20gb or the 1g.10gb slices.
+    found = errors(planner, gpus, models=[{"name": "qwen2.5:32b", "vram_gib": 20}], num_parallel=1, context_length=4096)
+    # (20 GiB + KV 1 x 4096 x 256 MiB/1k = 1 GiB) + 10% = 23.1 GiB fits the 3g.40gb slice and the whole GPU, not
+    # 2g.20gb or the 1g.10gb slices.
     assert len(found) == 3
-    assert all(m.startswith("ollama_models on gpu1: qwen2.5:32b needs about 22.0 GiB") for m in found)
+    assert all(m.startswith("ollama_models on gpu1: qwen2.5:32b needs about 23.1 GiB") for m in found)
     assert "instance 1 has 20.0 GiB (GPU 0: NVIDIA H100 80GB HBM3 MIG 2g.20gb)" in found[0]
 
 
@@ -182,17 +188,23 @@ def test_mixed_cards(planner, gpus_from):
     result = plan(planner, gpus)
     assert [i["vram_mib"] for i in result] == [81920, 40960, 23028]
     assert [i["gpu_names"] for i in result] == [["NVIDIA A100 80GB PCIe"], ["NVIDIA A100-PCIE-40GB"], ["NVIDIA A10"]]
-    # Automatic sizing follows the smallest card: 30 GiB * 1.1 = 33 GiB needs 2 x 22.5 GiB.
-    assert [i["gpus"] for i in plan(planner, gpus, models=[{"name": "m", "vram_gib": 30}])] == [[0, 1]]
+    # Automatic sizing follows the smallest card: (30 GiB + KV 1 x 2048 x 320 MiB/1k) * 1.1 = 33.7 GiB needs 2 x 22.5.
+    small = {"num_parallel": 1, "context_length": 2048}
+    assert [i["gpus"] for i in plan(planner, gpus, models=[{"name": "m", "vram_gib": 30}], **small)] == [[0, 1]]
     # Explicit groups place the model where it fits; the mixed group is flagged.
     result = plan(
-        planner, gpus, gpu_groups=[[0], [1, 2]], models=[{"name": "m", "vram_gib": 30}, {"name": "s", "vram_gib": 8}]
+        planner,
+        gpus,
+        gpu_groups=[[0], [1, 2]],
+        models=[{"name": "m", "vram_gib": 30, "instances": [1]}, {"name": "s", "vram_gib": 8}],
+        **small,
     )
     assert [i["vram_mib"] for i in result] == [81920, 40960 + 23028]
     assert any("instance 1" in w and "mixes GPU models" in w for w in warnings(planner, gpus, gpu_groups=[[0], [1, 2]]))
-    msg = one_error(planner, gpus, gpu_groups=[[0], [1], [2]], models=[{"name": "m", "vram_gib": 30}])
+    msg = one_error(planner, gpus, gpu_groups=[[0], [1], [2]], models=[{"name": "m", "vram_gib": 30}], **small)
     assert msg.startswith(
-        "ollama_models on gpu1: m needs about 33.0 GiB (30 GiB + 10% headroom) but instance 2 has 22.5 GiB"
+        "ollama_models on gpu1: m:latest needs about 33.7 GiB (30 GiB + KV 1 x 2048 tokens 0.6 GiB + 10% headroom) "
+        "but instance 2 has 22.5 GiB"
     )
 
 
@@ -214,8 +226,12 @@ def test_model_restricted_to_instances_and_overrides(planner, gpus_from):
         ["qwen2.5:7b"],
         ["qwen2.5:7b", "llama3.1:8b"],
         ["qwen2.5:7b"],
-        ["bge-m3"],
+        ["bge-m3:latest"],
     ]
+    # OLLAMA_MAX_LOADED_MODELS follows the models each instance holds.
+    assert [i["env"]["OLLAMA_MAX_LOADED_MODELS"] for i in result] == ["2", "1", "2", "1", "1"]
+    # A finite keep_alive (instance 1) means "loads and answers", not "stays resident".
+    assert [i["keep_resident"] for i in result] == [True, False, True, True, True]
     assert (result[1]["num_parallel"], result[1]["max_queue"]) == (8, 16)
     assert result[1]["env"]["OLLAMA_NUM_PARALLEL"] == "8" and result[1]["env"]["OLLAMA_KEEP_ALIVE"] == "30m"
     assert result[0]["num_parallel"] == 2 and result[0]["env"]["OLLAMA_NUM_PARALLEL"] == "2"
@@ -246,7 +262,10 @@ def test_accepts_module_result_and_string_numbers(planner, gpus_from):
 
 def test_filter_registration_and_raise(planner, gpus_from):
     filters = planner.FilterModule().filters()
-    assert set(filters) == {"ollama_plan", "ollama_plan_errors", "ollama_plan_warnings"}
+    assert set(filters) == {"ollama_plan", "ollama_plan_errors", "ollama_plan_warnings", "ollama_model_name"}
+    assert filters["ollama_model_name"]("library/tiny") == "tiny:latest"
+    with pytest.raises(AnsibleFilterError):
+        filters["ollama_model_name"]("bad name")
     with pytest.raises(AnsibleFilterError) as err:
         filters["ollama_plan"](gpus_from("l20x5.csv"), {"host": "gpu1", "gpu_groups": [[9]], "num_parallel": 0})
     text = str(err.value)
@@ -312,20 +331,25 @@ def test_error_port_out_of_range(planner, gpus_from):
 
 def test_error_model_cannot_fit_group(planner, gpus_from):
     gpus = gpus_from("rtx4090x8.csv")
-    # 43 GiB + 10% = 47.3 GiB fits two 4090s (48.0 GiB); 45 GiB + 10% = 49.5 GiB does not.
-    assert errors(planner, gpus, gpu_groups=[[0, 1]], models=[{"name": "llama3.3:70b", "vram_gib": 43}]) == []
-    msg = one_error(planner, gpus, gpu_groups=[[0, 1]], models=[{"name": "llama3.3:70b", "vram_gib": 45}])
+    # 43 GiB + KV (1 x 1024 tokens x 320 MiB/1k = 0.3 GiB) + 10% = 47.6 GiB fits two 4090s (48.0 GiB)...
+    small = {"num_parallel": 1, "context_length": 1024}
+    llama = {"name": "llama3.3:70b", "vram_gib": 43}
+    assert errors(planner, gpus, gpu_groups=[[0, 1]], models=[llama], **small) == []
+    # ...but not with the default 4 parallel slots of 8192 tokens: KV 10 GiB.
+    msg = one_error(planner, gpus, gpu_groups=[[0, 1]], models=[llama])
     assert msg == (
-        "ollama_models on gpu1: llama3.3:70b needs about 49.5 GiB (45 GiB + 10% headroom) but instance 0 has 48.0 GiB "
-        "(GPU 0: NVIDIA GeForce RTX 4090, 1: NVIDIA GeForce RTX 4090). Fix: give it a bigger group (ollama_gpu_groups, "
-        "or ollama_gpus_per_instance 0 to size groups from vram_gib), restrict the model to bigger instances with "
-        "`instances:`, or lower ollama_vram_headroom_pct"
+        "ollama_models on gpu1: llama3.3:70b needs about 58.3 GiB (43 GiB + KV 4 x 8192 tokens 10.0 GiB + 10% "
+        "headroom) but instance 0 has 48.0 GiB (GPU 0: NVIDIA GeForce RTX 4090, 1: NVIDIA GeForce RTX 4090). "
+        "Fix: give it a bigger group (ollama_gpu_groups, or ollama_gpus_per_instance 0 to size groups from vram_gib), "
+        "restrict the model to bigger instances with `instances:`, lower ollama_num_parallel or "
+        "ollama_context_length, or lower ollama_vram_headroom_pct"
     )
 
 
 def test_error_model_bigger_than_host(planner, gpus_from):
     msg = one_error(planner, gpus_from("l20x5.csv"), models=[{"name": "deepseek-v3:671b", "vram_gib": 404}])
-    assert msg.startswith("ollama_models on gpu1: deepseek-v3:671b needs about 444.4 GiB with headroom")
+    # (404 GiB + KV 4 x 8192 x 320 MiB/1k = 10 GiB) x 1.1
+    assert msg.startswith("ollama_models on gpu1: deepseek-v3:671b need(s) about 455.4 GiB with KV cache (4 x 8192")
     assert "this host has 5 GPU(s)" in msg
 
 
@@ -333,7 +357,7 @@ def test_error_override_model_cannot_fit(planner, gpus_from):
     msg = one_error(
         planner, gpus_from("l20x5.csv"), instance_overrides={3: {"models": [{"name": "big:1", "vram_gib": 60}]}}
     )
-    assert msg.startswith("ollama_instance_overrides[3].models on gpu1: big:1 needs about 66.0 GiB")
+    assert msg.startswith("ollama_instance_overrides[3].models on gpu1: big:1 needs about 77.0 GiB (60 GiB + KV")
 
 
 def test_error_zero_instances(planner):
@@ -399,9 +423,11 @@ def test_error_override_for_missing_instance(planner, gpus_from):
 def test_error_unknown_model_key_and_instances(planner, gpus_from):
     gpus = gpus_from("l20x5.csv")
     msg = one_error(planner, gpus, models=[{"name": "a", "vram": 4}])
-    assert msg == "ollama_models[0] on gpu1: unknown key(s) vram. Fix: use only name, vram_gib, instances"
+    assert msg == (
+        "ollama_models[0] on gpu1: unknown key(s) vram. Fix: use only name, vram_gib, kv_mib_per_1k_ctx, instances"
+    )
     msg = one_error(planner, gpus, models=[{"name": "a", "instances": [0, 8]}])
-    assert msg.startswith("ollama_models (a).instances on gpu1: instance(s) 8 do not exist")
+    assert msg.startswith("ollama_models (a:latest).instances on gpu1: instance(s) 8 do not exist")
     assert "listed twice" in one_error(planner, gpus, models=["a", "a"])
     assert one_error(planner, gpus, models=[{"name": "a", "vram_gib": -2}]).startswith(
         "ollama_models[0].vram_gib on gpu1: -2.0 is not a positive size"

@@ -412,7 +412,9 @@ def test_stale_temp_from_killed_run_is_cleaned_and_redone(run, store, tmp_path):
 KILL_CHILD = textwrap.dedent(
     """
     import importlib.util, os, sys, time, json
+    import ansible.module_utils
     from ansible.module_utils.testing import patch_module_args
+    ansible.module_utils.__path__.append(sys.argv[3])
     spec = importlib.util.spec_from_file_location("m", sys.argv[1])
     m = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(m)
@@ -435,7 +437,7 @@ def test_sigkill_mid_copy_never_leaves_a_bad_blob_and_next_run_repairs(run, tmp_
     dest = tmp_path / "inst0"
     args = {"src": str(store), "dest": str(dest), "models": ["gamma:3b"]}
     child = subprocess.Popen(
-        [sys.executable, "-c", KILL_CHILD, str(MODULE_PATH), json.dumps(args)],
+        [sys.executable, "-c", KILL_CHILD, str(MODULE_PATH), json.dumps(args), str(ROOT / "plugins" / "module_utils")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

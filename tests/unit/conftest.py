@@ -1,0 +1,11 @@
+"""Make herd's plugins/module_utils importable as ansible.module_utils.<name>, as ansible.cfg does for modules."""
+
+from __future__ import annotations
+
+import pathlib
+
+import ansible.module_utils
+
+MODULE_UTILS = str(pathlib.Path(__file__).resolve().parents[2] / "plugins" / "module_utils")
+if MODULE_UTILS not in ansible.module_utils.__path__:
+    ansible.module_utils.__path__.append(MODULE_UTILS)
