@@ -6,12 +6,13 @@ loaded, a canary: a 1-token /api/generate of that model with its own timeout, in
 canary never delays the liveness probes. An instance fails a round when the probe fails or its last canary
 failed (an answer "server busy", 503, is neither a pass nor a failure). Two duties, by the host's config:
 
-- local (GPU hosts): after `failures` failed rounds in a row the instance's unit (systemctl restart) or
+- local (GPU hosts): after `restart_failures` failed rounds in a row (more than `failures`, so that the
+  gateways drain the instance first) the instance's unit (systemctl restart) or
   container (docker restart) is restarted, at most once per `restart_interval` seconds, and the guard waits
   until it is warm again (answers, and a canary of the models it had loaded passes).
 - gateway (gateway hosts): every instance in the gateway's record (servers.json) is probed; after `failures`
-  failed rounds it is drained on this gateway through the drain command, unless it is the last healthy
-  instance of a pool (instances holding the same model); after `passes` good rounds in a row it is undrained.
+  failed rounds it is drained on this gateway through the drain command, unless it is the last instance
+  in rotation of a pool (instances holding the same model), so that a pool is never emptied; after `passes` good rounds in a row it is undrained.
   The guard only undrains what it drained itself (kept in `state_file`, so a restart of the guard forgets
   nothing); servers an operator drained are left alone.
 
@@ -51,7 +52,7 @@ def check_config(config):
     for key in ("interval", "probe_timeout", "canary_timeout", "warm_timeout", "restart_interval"):
         if float(config[key]) <= 0:
             raise ValueError(f"{key} must be above 0")
-    for key in ("failures", "passes"):
+    for key in ("failures", "restart_failures", "passes"):
         if int(config[key]) < 1:
             raise ValueError(f"{key} must be 1 or more")
     if not 0 < int(config["port"]) < 65536:
@@ -305,7 +306,8 @@ class Guard:
             if key in operator:
                 continue
             if key in failing and key not in self.drained:
-                lonely = last_healthy_pools(key, servers, failing | self.drained | operator)
+                # Never empty a pool: some other instance of each of its pools must stay in rotation.
+                lonely = last_healthy_pools(key, servers, self.drained | operator)
                 if lonely:
                     if target.failed == int(self.config["failures"]):
                         self.count(key, "drain_refused")
@@ -339,7 +341,7 @@ class Guard:
             healthy, why = target.round()
             if not healthy:
                 self.log(f"{target.key} failed round {target.failed}: {why}")
-                if target.failed >= int(self.config["failures"]):
+                if target.failed >= int(self.config["restart_failures"]):
                     self.restart(target, inst)
             self.stop.wait(max(0.0, float(self.config["interval"]) - (self.clock() - started)))
 

@@ -21,7 +21,7 @@ MODEL = "herd-tiny:1b"
 
 def _config(tmp_path, **over):
     cfg = {"host": "gpu1", "listen_address": "127.0.0.1", "port": 9856, "interval": 0.2, "probe_timeout": 0.5,
-           "canary_timeout": 0.5, "failures": 3, "passes": 2, "warm_timeout": 3, "restart_interval": 60,
+           "canary_timeout": 0.5, "failures": 3, "restart_failures": 3, "passes": 2, "warm_timeout": 3, "restart_interval": 60,
            "local": None, "gateway": None}
     cfg.update(over)
     return cfg
