@@ -31,6 +31,116 @@ def _get(mapping, key, default=None):
     return default if value is None else value
 
 
+REGISTRY = "registry.ollama.ai"
+NAMESPACE = "library"
+KEEP_ALIVE_MODES = ("ignore", "pass")
+
+
+def gateway_model_key(name):
+    """Ollama's model name rule: [host/][namespace/]model[:tag][@digest] with defaults registry.ollama.ai,
+    library and latest, compared without regard to case. Returns the short name Ollama shows (`x:latest`,
+    `ns/x:tag`, `host/ns/x:tag`) in lower case, or None for an empty or malformed name.
+
+    The gateway's Lua module (files/herd_gateway.lua, model_key) applies the same rule to request names; both
+    are tested on one case table (tests/unit/gateway/model_names.json).
+    """
+    if not isinstance(name, str):
+        return None
+    name = name.strip().lower().split("@", 1)[0]
+    if not name:
+        return None
+    tag = "latest"
+    head, sep, tail = name.rpartition(":")
+    if sep and "/" not in tail:
+        name, tag = head, tail
+    parts = name.split("/")
+    host, namespace, model = REGISTRY, NAMESPACE, parts[-1]
+    if len(parts) == 2:
+        namespace = parts[0]
+    elif len(parts) >= 3:
+        host, namespace = "/".join(parts[:-2]), parts[-2]
+    if not model or not tag or not namespace or not host:
+        return None
+    if host == REGISTRY and namespace == NAMESPACE:
+        return f"{model}:{tag}"
+    if host == REGISTRY:
+        return f"{namespace}/{model}:{tag}"
+    return f"{host}/{namespace}/{model}:{tag}"
+
+
+def gateway_pools(servers):
+    """Model pools of the gateway: {model key: [server keys holding it]}, in server order."""
+    pools = {}
+    for server in servers or []:
+        for model in server.get("models") or []:
+            key = gateway_model_key(model)
+            if key is None:
+                continue
+            members = pools.setdefault(key, [])
+            if server["key"] not in members:
+                members.append(server["key"])
+    return pools
+
+
+def gateway_instance_limits(servers, pools=None):
+    """Slots of each instance over all its pools: {server key: max_conns}. An instance that holds several
+    models has one limit for all of them (the gateway counts its in-flight requests once, whatever the model)."""
+    pools = gateway_pools(servers) if pools is None else pools
+    members = {key for keys in pools.values() for key in keys}
+    return {s["key"]: int(s["max_conns"]) for s in servers or [] if s["key"] in members}
+
+
+def gateway_routing_errors(backend_hosts, hostvars, model_options=None, client_keep_alive="ignore",
+                           queue_max=64, queue_timeout="120s"):
+    """Messages for bad routing settings, each naming the variable and the fix. Models are those the instance
+    plans (hostvars[h]._ollama_plan[*].models) of the backend hosts hold; hosts without a plan in this run
+    are not checked against."""
+    errors = []
+    if str(client_keep_alive) not in KEEP_ALIVE_MODES:
+        errors.append(
+            f"gateway_client_keep_alive={client_keep_alive!r} is not one of ignore, pass. Fix: ignore (clients "
+            "cannot unload herd's models) or pass (clients' keep_alive reaches the instances)"
+        )
+    try:
+        if int(queue_max) < 0:
+            raise ValueError
+    except (TypeError, ValueError):
+        errors.append(f"gateway_queue_max={queue_max!r} must be a whole number, 0 or more. Fix: e.g. 64 (0 = no queue)")
+    if not DURATION_RE.match(str(queue_timeout)):
+        errors.append(f"gateway_queue_timeout={queue_timeout!r} is not an nginx time such as 600s, 10m or 500ms")
+    if not isinstance(model_options, dict):
+        errors.append("gateway_model_options must be a mapping of model name to options. Fix: e.g. "
+                      "{'qwen2.5:7b': {'num_ctx': 8192}}")
+        return errors
+    planned = set()
+    any_plan = False
+    for host in backend_hosts or []:
+        try:
+            plan = _get(hostvars[host], "_ollama_plan")
+        except (KeyError, TypeError):
+            plan = None
+        if plan is None:
+            continue
+        any_plan = True
+        for inst in plan:
+            for model in _get(inst, "models", []) or []:
+                key = gateway_model_key(model)
+                if key:
+                    planned.add(key)
+    for model, options in model_options.items():
+        key = gateway_model_key(model)
+        if key is None:
+            errors.append(f"gateway_model_options: {model!r} is not a model name. Fix: write NAME:TAG, e.g. qwen2.5:7b")
+        elif any_plan and key not in planned:
+            errors.append(
+                f"gateway_model_options: model {model!r} is held by no instance of gateway_backend_hosts (planned: "
+                f"{', '.join(sorted(planned)) or 'none'}). Fix: name a model of ollama_models or remove the entry"
+            )
+        if not isinstance(options, dict):
+            errors.append(f"gateway_model_options[{model!r}] must be a mapping of Ollama options, e.g. {{num_ctx: 8192}}")
+    return errors
+
+
 def _server_key(host, instance_id):
     return f"{host}:{instance_id}"
 
@@ -89,6 +199,8 @@ def gateway_servers(
                 num_parallel = int(inst.get("num_parallel") or 1)
             except (KeyError, TypeError, ValueError) as exc:
                 raise AnsibleFilterError(f"instance plan of {host} has a bad entry {inst!r}: {exc}") from exc
+            if not isinstance(inst.get("models") or [], list):
+                raise AnsibleFilterError(f"instance plan of {host} has a bad models list {inst.get('models')!r}")
             bind = str(inst.get("bind_address") or "")
             if host != gateway_host and bind in ("127.0.0.1", "localhost", "::1", "[::1]"):
                 raise AnsibleFilterError(
@@ -122,7 +234,7 @@ def gateway_servers(
                     "fail_timeout": str(fail_timeout),
                     "weight": weight,
                     "backup": key in backups or host in backups,
-                    "models": list(inst.get("models") or []),
+                    "models": [m for m in (gateway_model_key(m) for m in inst.get("models") or []) if m],
                 }
             )
     if missing:
@@ -309,4 +421,8 @@ class FilterModule:
             "gateway_duration_errors": gateway_duration_errors,
             "gateway_inflight": gateway_inflight,
             "gateway_worker_uids": gateway_worker_uids,
+            "gateway_model_key": gateway_model_key,
+            "gateway_pools": gateway_pools,
+            "gateway_instance_limits": gateway_instance_limits,
+            "gateway_routing_errors": gateway_routing_errors,
         }

@@ -1,6 +1,7 @@
 """Helpers for the gateway role's unit tests: load the role's filter plugin and render its templates."""
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -53,26 +54,28 @@ def render(template, **overrides):
 
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+MODULES = "/usr/lib/nginx/modules"
+LUA_DIR = os.path.join(ROLE, "files")
 
 
-def nginx_test(tmp_path, conf_text, extra_files=None):
-    """Run nginx -t on a minimal main config that includes conf_text in its http block."""
-    if NGINX is None:
-        pytest.skip("nginx is not installed here")
-    for rel, text in (extra_files or {}).items():
-        path = tmp_path / rel.lstrip("/")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    conf = tmp_path / "herd-gateway.conf"
-    # Absolute paths of the role point into tmp_path so the test touches nothing outside it.
-    for rel in (extra_files or {}):
-        conf_text = conf_text.replace(rel, str(tmp_path / rel.lstrip("/")))
-    conf_text = conf_text.replace("/var/log/nginx/", str(tmp_path) + "/")
-    conf.write_text(conf_text)
+def _lua_modules_present():
+    return all(os.path.exists(os.path.join(MODULES, m)) for m in ("ndk_http_module.so", "ngx_http_lua_module.so"))
+
+
+def main_config(tmp_path, http_text):
+    """A minimal nginx.conf loading the Lua modules (as Debian's modules-enabled does) around http_text."""
+    if NGINX is None or not _lua_modules_present():
+        pytest.skip("nginx with libnginx-mod-http-lua is not installed here (scripts/bootstrap.sh installs it)")
     main = tmp_path / "nginx.conf"
     main.write_text(
-        f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\nhttp {{\n  access_log off;\n  include {conf};\n}}\n"
+        f"load_module {MODULES}/ndk_http_module.so;\nload_module {MODULES}/ngx_http_lua_module.so;\n"
+        f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
+        f"http {{\n  access_log off;\n{http_text}\n}}\n"
     )
+    return main
+
+
+def run_nginx_t(tmp_path, main):
     return subprocess.run(
         [NGINX, "-t", "-q", "-p", str(tmp_path), "-c", str(main)],
         stdout=subprocess.PIPE,
@@ -80,3 +83,36 @@ def nginx_test(tmp_path, conf_text, extra_files=None):
         text=True,
         check=False,
     )
+
+
+def nginx_test(tmp_path, conf_text, extra_files=None, servers=None, drained=None):
+    """Run the real nginx -t (Lua modules loaded) on a minimal main config that includes conf_text.
+
+    The role's absolute paths point into tmp_path; the Lua module is the role's own file; `servers` is the
+    servers.json record the gateway's init_by_lua reads (default: two loopback instances).
+    """
+    if NGINX is None or not _lua_modules_present():
+        pytest.skip("nginx with libnginx-mod-http-lua is not installed here (scripts/bootstrap.sh installs it)")
+    files = dict(extra_files or {})
+    record = servers if servers is not None else {"upstream": {}, "servers": [
+        {"key": "h:0", "host": "h", "address": "127.0.0.1", "port": 11434, "endpoint": "127.0.0.1:11434",
+         "max_conns": 1, "weight": 1, "backup": False, "models": ["a:1"]},
+        {"key": "h:1", "host": "h", "address": "127.0.0.1", "port": 11435, "endpoint": "127.0.0.1:11435",
+         "max_conns": 2, "weight": 2, "backup": False, "models": ["a:1", "b:latest"]},
+    ]}
+    files["/var/lib/herd/gateway/servers.json"] = json.dumps(record)
+    if drained is not None:
+        files["/var/lib/herd/gateway/drained.json"] = json.dumps(drained)
+    for rel, text in files.items():
+        path = tmp_path / rel.lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    conf = tmp_path / "herd-gateway.conf"
+    # Absolute paths of the role point into tmp_path so the test touches nothing outside it.
+    for rel in files:
+        conf_text = conf_text.replace(rel, str(tmp_path / rel.lstrip("/")))
+    conf_text = conf_text.replace("/var/log/nginx/", str(tmp_path) + "/")
+    conf_text = conf_text.replace("/var/lib/herd/gateway/", str(tmp_path / "var/lib/herd/gateway") + "/")
+    conf_text = conf_text.replace("/usr/local/share/herd/lua", LUA_DIR)
+    conf.write_text(conf_text)
+    return run_nginx_t(tmp_path, main_config(tmp_path, f"  include {conf};"))

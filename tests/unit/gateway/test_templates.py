@@ -1,5 +1,6 @@
 """Render the gateway templates with sample servers and check them with the real nginx when it is installed."""
 
+import json
 import os
 import re
 
@@ -31,17 +32,26 @@ def test_default_render_is_valid_nginx(tmp_path):
     upstream = upstream_file()["/etc/nginx/herd/gateway-upstream.conf"]
     assert text.startswith("#\n# Managed by herd") and upstream.startswith("#\n# Managed by herd")
     assert "include /etc/nginx/herd/gateway-upstream.conf;" in text
-    assert server_lines(upstream) == [
-        "server 10.0.0.11:11434 weight=4 max_conns=6 max_fails=1 fail_timeout=10s;",
-        "server 10.0.0.11:11435 weight=2 max_conns=4 max_fails=1 fail_timeout=10s backup down;",
-    ]
-    for directive in ("least_conn;", "zone herd_ollama 256k;", "keepalive 32;"):
-        assert directive in upstream, directive
+    # The peers are the Lua balancer's; the servers are listed as comments for people reading the file.
+    assert "# gpu1:0 10.0.0.11:11434 (ollama-0, num_parallel 4, max_conns 6, models a:1)" in upstream
+    assert server_lines(upstream) == []
+    balancer = upstream.index("balancer_by_lua_block")
+    assert "server 0.0.0.1:1;" in upstream and upstream.index("keepalive 32;") > balancer
     for directive in ("proxy_pass http://herd_ollama;", "proxy_buffering off;",
                       'proxy_set_header Connection "";', "proxy_http_version 1.1;", "proxy_read_timeout 600s;",
                       "error_page 502 = @herd_unavailable;", "add_header Retry-After 2 always;",
-                      "return 503 '{\"error\":", "proxy_next_upstream error timeout non_idempotent;"):
+                      "proxy_next_upstream error timeout non_idempotent;", "proxy_next_upstream_tries 3;",
+                      "lua_shared_dict herd_gateway 1m;", "client_body_buffer_size 64m;",
+                      "lua_check_client_abort on;", 'require("herd_gateway").access("route")',
+                      'require("herd_gateway").log()', "location = /herd/pools {",
+                      "location ~ ^/(api/tags|api/ps|v1/models)$ {", '"pool":"$herd_pool"'):
         assert directive in text, directive
+    # The settings reach the Lua module as JSON.
+    settings = json.loads(text.split("init([==[")[1].split("]==])")[0])
+    assert settings["queue_max"] == 64 and settings["queue_timeout"] == "120s"
+    assert settings["client_keep_alive"] == "ignore" and settings["model_options"] == {}
+    assert settings["servers_file"] == "/var/lib/herd/gateway/servers.json"
+    assert settings["drained_file"] == "/var/lib/herd/gateway/drained.json"
     assert "include /etc/nginx/herd/gateway-keys.conf" not in text
     assert "limit_req" not in text
     assert "listen 80 default_server;" in text and "ssl" not in text
@@ -62,7 +72,7 @@ def test_everything_on_renders_valid_nginx(tmp_path):
     assert "    fd00::/8 1;" in text
     # Model management is proxied without non_idempotent: a failed pull is never replayed elsewhere.
     mgmt = text.split("location ~ ^/api/(pull")[1].split("location / {")[0]
-    assert "proxy_next_upstream error timeout;" in mgmt
+    assert "proxy_next_upstream error timeout;" in mgmt and 'access("any")' in mgmt
     tls = tmp_path / "etc/nginx/herd/tls"
     tls.mkdir(parents=True)
     os.system(f"openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=t -keyout {tls}/gateway.key -out {tls}/gateway.crt"
