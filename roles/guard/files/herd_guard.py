@@ -34,7 +34,8 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-ACTIONS = ("restart", "restart_failed", "drain", "drain_failed", "drain_refused", "undrain", "undrain_failed")
+LOCAL_ACTIONS = ("restart", "restart_failed")
+GATEWAY_ACTIONS = ("drain", "drain_failed", "drain_refused", "undrain", "undrain_failed")
 COMMAND_TIMEOUT = 120
 
 
@@ -43,8 +44,9 @@ COMMAND_TIMEOUT = 120
 
 
 def load_config(path):
+    """The config without its leading '#' lines (the rendered file starts with Ansible's managed comment)."""
     with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+        return json.loads("\n".join(line for line in fh.read().splitlines() if not line.lstrip().startswith("#")))
 
 
 def check_config(config):
@@ -396,8 +398,9 @@ class Guard:
                   "# TYPE herd_guard_actions_total counter"]
         with self.lock:
             actions = dict(self.actions)
+        kinds = (LOCAL_ACTIONS if self.config.get("local") else ()) + (GATEWAY_ACTIONS if self.config.get("gateway") else ())
         for key, _t in targets:
-            for action in ACTIONS:
+            for action in kinds:
                 lines.append(f'herd_guard_actions_total{{instance="{escape(key)}",action="{action}"}} {actions.get((key, action), 0)}')
         return "\n".join(lines) + "\n"
 

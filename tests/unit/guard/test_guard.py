@@ -240,3 +240,11 @@ def test_container_mode_restarts_the_container(tmp_path, server):
     target = g.Target("gpu1:0", server(_Instance), [], cfg)
     guard.restart(target, inst)
     assert run.calls == [["docker", "restart", "-t", "10", "herd-ollama-0"]]
+
+
+def test_load_config_skips_the_managed_comment(tmp_path):
+    path = tmp_path / "guard.json"
+    cfg = _config(tmp_path, local={"mode": "systemd", "instances": []})
+    path.write_text("#\n# Ansible managed\n#\n" + json.dumps(cfg))
+    assert g.check_config(g.load_config(str(path)))["failures"] == 3
+    assert g.main(["--check", "--config", str(path)]) == 0
