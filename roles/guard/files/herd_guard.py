@@ -3,8 +3,9 @@
 
 Every few seconds each instance gets a liveness probe (GET /api/ps, short timeout) and, while a model is
 loaded, a canary: a 1-token /api/generate of that model with its own timeout, in the background so that a hung
-canary never delays the liveness probes. An instance fails a round when the probe fails or its last canary
-failed (an answer "server busy", 503, is neither a pass nor a failure). Two duties, by the host's config:
+canary never delays the liveness probes. An instance is failing while its probes fail in a row, or its
+canaries do (an instance that answers /api/ps but never generates, ollama issues 1378 and 15950); an answer
+"server busy" (503) is neither a pass nor a failure. Two duties, by the host's config:
 
 - local (GPU hosts): after `restart_failures` failed rounds in a row (more than `failures`, so that the
   gateways drain the instance first) the instance's unit (systemctl restart) or
@@ -154,6 +155,9 @@ class Target:
         self.config = config
         self.lock = threading.Lock()
         self.failed = 0
+        self.live_failed = 0
+        self.canary_failed = 0
+        self.canary_why = ""
         self.passed = 0
         self.loaded = []
         self.canary_result = None
@@ -168,7 +172,11 @@ class Target:
             self.canary_result = (result, why)
 
     def round(self):
-        """One liveness probe, and a canary started when none is running. Returns (healthy, why)."""
+        """One liveness probe, and a canary started when none is running. Returns (healthy, why).
+
+        `failed` counts the later of two streaks: liveness probes failed in a row, and canaries failed in a row
+        (a canary takes up to canary_timeout, so it spans rounds; "busy" neither breaks nor extends its streak).
+        """
         ok, loaded, why = probe(self.base, float(self.config["probe_timeout"]))
         with self.lock:
             self.loaded = loaded or self.loaded
@@ -179,22 +187,24 @@ class Target:
             model = next((m for m in loaded if m in self.models), loaded[0])
             self.canary_thread = threading.Thread(target=self._run_canary, args=(model,), daemon=True)
             self.canary_thread.start()
-        if not ok:
-            healthy = False
-        elif result is not None and result[0] == "fail":
-            healthy, why = False, result[1]
-        else:
-            healthy = True
         with self.lock:
-            if healthy:
-                self.failed, self.passed, self.why = 0, self.passed + 1, ""
-            else:
-                self.failed, self.passed, self.why = self.failed + 1, 0, why
+            self.live_failed = 0 if ok else self.live_failed + 1
+            if result is not None and result[0] == "fail":
+                self.canary_failed += 1
+                self.canary_why = result[1]
+            elif result is not None and result[0] == "pass":
+                self.canary_failed = 0
+            self.failed = max(self.live_failed, self.canary_failed)
+            healthy = self.failed == 0
+            if not healthy:
+                why = why if not ok else self.canary_why
+            self.passed, self.why = (self.passed + 1, "") if healthy else (0, why)
         return healthy, why
 
     def reset(self):
         with self.lock:
-            self.failed, self.passed, self.why, self.canary_result = 0, 0, "", None
+            self.failed = self.live_failed = self.canary_failed = self.passed = 0
+            self.why, self.canary_result = "", None
 
 
 # ---------------------------------------------------------------------------------------------------------

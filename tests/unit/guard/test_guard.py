@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -248,3 +249,23 @@ def test_load_config_skips_the_managed_comment(tmp_path):
     path.write_text("#\n# Ansible managed\n#\n" + json.dumps(cfg))
     assert g.check_config(g.load_config(str(path)))["failures"] == 3
     assert g.main(["--check", "--config", str(path)]) == 0
+
+
+class _GenerationHangs(_Instance):
+    """Answers /api/ps at once but never finishes a generate (Ollama issues 1378 and 15950)."""
+
+    def do_POST(self):  # noqa: N802
+        time.sleep(2)
+        self._json(200, {"done": True})
+
+
+def test_instance_that_answers_but_never_generates_fails_by_its_canaries(server, tmp_path):
+    cfg = _config(tmp_path, canary_timeout=0.3)
+    target = g.Target("gpu1:0", server(_GenerationHangs), [MODEL], cfg)
+    for _ in range(12):
+        target.round()
+        if target.failed >= 3:
+            break
+        time.sleep(0.2)
+    assert target.failed >= 3 and target.live_failed == 0 and target.canary_failed >= 3
+    assert "generate" in target.why and target.counts["fail"] >= 3
