@@ -80,7 +80,7 @@ def _broken_after(result, t_rel):
 
 def _metric(host, name, instance):
     out = _sh(host, "curl -sf -m 2 http://127.0.0.1:9856/metrics").stdout
-    m = re.search(rf'^{name}{{instance="{re.escape(instance)}"[^}}]*}} (\S+)$', out, re.M)
+    m = re.search(rf'^{name}{{server="{re.escape(instance)}"[^}}]*}} (\S+)$', out, re.M)
     return float(m.group(1)) if m else None
 
 
@@ -162,9 +162,9 @@ def test_guard_runs_everywhere_with_its_duties():
         metrics = _sh(host, "curl -sf -m 2 http://127.0.0.1:9856/metrics").stdout
         assert "herd_guard_up 1" in metrics, metrics[:500]
         for inst in (f"{GPU}:0", f"{GPU}:1"):
-            assert f'herd_guard_failed_rounds{{instance="{inst}"}} 0' in metrics, (host, metrics)
+            assert f'herd_guard_failed_rounds{{server="{inst}"}} 0' in metrics, (host, metrics)
     # A canary is a real 1-token generate: the instances count it as a request.
-    passed = re.compile(rf'^herd_guard_canaries_total{{instance="{GPU}:0",result="pass"}} [1-9]', re.M)
+    passed = re.compile(rf'^herd_guard_canaries_total{{server="{GPU}:0",result="pass"}} [1-9]', re.M)
     assert _wait(lambda: passed.search(_sh(GW1, "curl -sf -m 2 http://127.0.0.1:9856/metrics").stdout), 20) is not None
     conf = json.loads(_sh(GPU, "grep -v '^#' /etc/herd/guard.json").stdout)
     assert conf["gateway"] is None and [i["unit"] for i in conf["local"]["instances"]] == ["ollama@0.service", "ollama@1.service"]
@@ -218,10 +218,10 @@ def test_hung_instance_is_drained_restarted_and_back():
     # Every action is counted.
     assert _metric(GW1, "herd_guard_actions_total", key) is not None
     m = _sh(GW1, "curl -sf -m 2 http://127.0.0.1:9856/metrics").stdout
-    assert f'herd_guard_actions_total{{instance="{key}",action="drain"}} 1' in m
-    assert f'herd_guard_actions_total{{instance="{key}",action="undrain"}} 1' in m
+    assert f'herd_guard_actions_total{{server="{key}",action="drain"}} 1' in m
+    assert f'herd_guard_actions_total{{server="{key}",action="undrain"}} 1' in m
     m = _sh(GPU, "curl -sf -m 2 http://127.0.0.1:9856/metrics").stdout
-    assert f'herd_guard_actions_total{{instance="{key}",action="restart"}} 1' in m
+    assert f'herd_guard_actions_total{{server="{key}",action="restart"}} 1' in m
 
 
 def test_guard_never_drains_the_last_healthy_instance():

@@ -396,14 +396,14 @@ class Guard:
         targets = sorted(self.targets.items())
         for key, t in targets:
             for result, n in sorted(t.counts.items()):
-                lines.append(f'herd_guard_canaries_total{{instance="{escape(key)}",result="{result}"}} {n}')
+                lines.append(f'herd_guard_canaries_total{{server="{escape(key)}",result="{result}"}} {n}')
         lines += ["# HELP herd_guard_failed_rounds Failed rounds in a row by instance.",
                   "# TYPE herd_guard_failed_rounds gauge"]
-        lines += [f'herd_guard_failed_rounds{{instance="{escape(k)}"}} {t.failed}' for k, t in targets]
+        lines += [f'herd_guard_failed_rounds{{server="{escape(k)}"}} {t.failed}' for k, t in targets]
         if self.config.get("gateway"):
             lines += ["# HELP herd_guard_drained 1 while herd-guard holds the instance drained on this gateway.",
                       "# TYPE herd_guard_drained gauge"]
-            lines += [f'herd_guard_drained{{instance="{escape(k)}"}} {int(k in self.drained)}' for k, _t in targets]
+            lines += [f'herd_guard_drained{{server="{escape(k)}"}} {int(k in self.drained)}' for k, _t in targets]
         lines += ["# HELP herd_guard_actions_total Actions taken by instance and kind.",
                   "# TYPE herd_guard_actions_total counter"]
         with self.lock:
@@ -411,7 +411,7 @@ class Guard:
         kinds = (LOCAL_ACTIONS if self.config.get("local") else ()) + (GATEWAY_ACTIONS if self.config.get("gateway") else ())
         for key, _t in targets:
             for action in kinds:
-                lines.append(f'herd_guard_actions_total{{instance="{escape(key)}",action="{action}"}} {actions.get((key, action), 0)}')
+                lines.append(f'herd_guard_actions_total{{server="{escape(key)}",action="{action}"}} {actions.get((key, action), 0)}')
         return "\n".join(lines) + "\n"
 
 
