@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 ALL_SCENARIOS := $(sort $(notdir $(patsubst %/molecule.yml,%,$(wildcard molecule/*/molecule.yml))))
 # The longest scenarios first, so that the parallel lanes finish together.
-SCENARIOS ?= $(filter multihost default,$(ALL_SCENARIOS)) $(filter-out multihost default,$(ALL_SCENARIOS))
+SCENARIOS ?= $(filter multihost selfheal default,$(ALL_SCENARIOS)) $(filter-out multihost selfheal default,$(ALL_SCENARIOS))
 
 .PHONY: demo test bootstrap lab-artifacts lab-up lab-down lint unit molecule bench clean help
 
