@@ -6,9 +6,9 @@ BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 ALL_SCENARIOS := $(sort $(notdir $(patsubst %/molecule.yml,%,$(wildcard molecule/*/molecule.yml))))
-# The longest scenarios first (multihost, default, then the Debian 13 all-in-one), so that the parallel lanes
-# finish together.
-LONGEST := multihost default trixie_aio
+# The longest scenarios first (multihost, selfheal, default, then the Debian 13 all-in-one), so that the
+# parallel lanes finish together.
+LONGEST := multihost selfheal default trixie_aio
 SCENARIOS ?= $(filter $(LONGEST),$(ALL_SCENARIOS)) $(filter-out $(LONGEST),$(ALL_SCENARIOS))
 
 .PHONY: demo test bootstrap lab-images lab-artifacts lab-up lab-down lint unit molecule bench clean help

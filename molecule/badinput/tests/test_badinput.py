@@ -115,6 +115,20 @@ CASES = [
       "ollama_stock_service: disable"]),
     ("unknown_stock_service_choice", {"ollama_stock_service": "kill"},
      ["ollama_stock_service must be one of: refuse, disable"]),
+    ("vip_one_gateway_only", {"gateway_vip_address": "203.0.113.10", "gateway_vip_auth_pass": "herd-lab"},
+     ["gateway_vip_address is set but herd-mol-bad is the only host of group gateways", 'set gateway_vip_address to ""']),
+    ("vip_outside_network", {"gateway_vip_address": "203.0.113.10", "gateway_vip_auth_pass": "herd-lab"},
+     ["gateway_vip_address 203.0.113.10 is outside herd-mol-bad's network", "use a free address of"]),
+    ("vip_missing_secret", {"gateway_vip_address": "203.0.113.10"},
+     ["gateway_vip_auth_pass is empty", "vault_gateway_vip_auth_pass"]),
+    ("vip_router_id_out_of_range", {"gateway_vip_address": "203.0.113.10", "gateway_vip_auth_pass": "herd-lab",
+                                    "gateway_vip_router_id": 300}, ["gateway_vip_router_id 300 must be a VRRP id 1-255"]),
+    ("vip_password_too_long", {"gateway_vip_address": "203.0.113.10", "gateway_vip_auth_pass": "a-long-vrrp-password"},
+     ["gateway_vip_auth_pass is longer than 8 characters"]),
+    ("guard_probe_timeout_above_interval", {"guard_probe_timeout": 5, "guard_interval": 2},
+     ["guard_probe_timeout above 0 and at most guard_interval"]),
+    ("nginx_start_limit_never_reached", {"nginx_start_limit_interval": 3},
+     ["nginx_start_limit_interval above nginx_start_limit_burst x nginx_restart_sec", "raise nginx_start_limit_interval"]),
 ]
 
 # Cases that do not yet fail cleanly in preflight, marked strict xfail with the reason (none left: the four

@@ -40,6 +40,7 @@ def base_vars(**extra):
         "prometheus_scrape_timeout": "10s",
         "prometheus_job_name": "herd",
         "prometheus_exporter_port": 9855,
+        "prometheus_guard_port": 0,
         "prometheus_listen_address": "127.0.0.1:9090",
         "prometheus_retention": "15d",
         "prometheus_extra_args": [],
@@ -61,8 +62,8 @@ def scrape_config(hosts, hostvars):
     return text, yaml.safe_load(text)
 
 
-def targets_by_host(config):
-    (job,) = config["scrape_configs"]
+def targets_by_host(config, job_name="herd"):
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == job_name]
     found = {}
     for group in job["static_configs"]:
         assert set(group) == {"targets", "labels"}
@@ -77,7 +78,7 @@ def test_three_hosts_render_one_labelled_target_each():
     assert f"# {MANAGED}" in text.splitlines()[:3]
     assert config["global"]["scrape_interval"] == "15s"
     assert config["global"]["scrape_timeout"] == "10s"
-    (job,) = config["scrape_configs"]
+    (job,) = config["scrape_configs"]  # no guard job: prometheus_guard_port is 0 in base_vars
     assert job["job_name"] == "herd"
     # the exporter's own `host` label must not be renamed exported_host
     assert job["honor_labels"] is True
@@ -91,6 +92,22 @@ def test_three_hosts_render_one_labelled_target_each():
 def test_ipv6_address_is_bracketed():
     _, config = scrape_config(["gpu6"], {"gpu6": {"ollama_advertise_address": "2001:db8::6"}})
     assert targets_by_host(config) == {"gpu6": "[2001:db8::6]:9855"}
+
+
+def test_guard_job_scrapes_each_guard_that_listens_beyond_loopback():
+    hostvars = {**THREE_HOSTS, "gw1": {"guard_listen_address": "127.0.0.1"}, "gpu2": {**THREE_HOSTS["gpu2"], "guard_port": 9901}}
+    text = render_file("etc/prometheus/prometheus.yml.j2",
+                       base_vars(prometheus_scrape_hosts=["gpu1", "gpu2", "gw1"], hostvars=hostvars, prometheus_guard_port=9856))
+    config = yaml.safe_load(text)
+    assert [j["job_name"] for j in config["scrape_configs"]] == ["herd", "herd-guard"]
+    assert targets_by_host(config, "herd-guard") == {"gpu1": "10.0.0.11:9856", "gpu2": "10.0.0.12:9901"}
+    assert targets_by_host(config)["gw1"] == "gw1:9855"
+
+
+def test_default_guard_port_follows_guard_port():
+    expression = load("defaults/main.yml")["prometheus_guard_port"]
+    assert int(render(expression, {})) == 9856
+    assert int(render(expression, {"guard_port": 9911})) == 9911
 
 
 def test_default_scrape_hosts_are_both_groups_once_each():

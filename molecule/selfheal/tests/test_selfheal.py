@@ -1,0 +1,310 @@
+"""Self-healing on the converged selfheal lab: two gateway hosts sharing a floating address, one GPU host.
+
+- nginx restarts itself after kill -9 of its master under streaming load, and a broken config still ends failed;
+- a hung instance (kill -STOP) under streaming load is drained by herd-guard on the gateways, restarted by the
+  GPU host's herd-guard, and returns to the pool;
+- docker stop of the gateway host holding the floating address under streaming load from the docker host
+  (only to the scenario's own network): the address moves to the other gateway.
+Every figure goes to the scenario's measurements. Every loop is bounded in count and time; the cluster is
+left as found (stopped hosts started again, broken files removed, stopped processes continued).
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "molecule"))
+from herd_measure import measured as _measured  # noqa: E402
+
+testinfra_hosts = ["herd-sh-gw1"]
+
+PROJECT = os.environ["MOLECULE_PROJECT_DIRECTORY"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+GW1, GW2, GPU = "herd-sh-gw1", "herd-sh-gw2", "herd-sh-gpu"
+GATEWAYS = (GW1, GW2)
+VIP = "172.29.216.250"
+MODEL = "herd-tiny:1b"
+LOAD_ARGS = ["--model", MODEL, "--requests", "5000", "--stream", "--prompt-mix", "long:16:200:1",
+             "--progress", "0", "--quiet", "--timeout", "20"]
+
+
+def _sh(container, cmd, timeout=60):
+    return subprocess.run(["docker", "exec", container, "bash", "-c", cmd], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _wait(predicate, limit, step=0.25):
+    """Seconds until predicate() is true, or None after `limit` seconds."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(step)
+    return None
+
+
+def _start_load(host, name, duration, concurrency=3):
+    """Closed-loop streaming load from `host`'s loopback to its own gateway."""
+    for f in (f"{PROJECT}/tools/herd_load.py", f"{HERE}/load_clock.py"):
+        subprocess.run(["docker", "cp", f, f"{host}:/root/"], check=True)
+    return subprocess.Popen(["docker", "exec", host, "python3", "/root/load_clock.py", "/root", f"/root/{name}.t0",
+                             "--url", "http://127.0.0.1", "--concurrency", str(concurrency), "--duration", str(duration),
+                             *LOAD_ARGS, "--json", f"/root/{name}.json"])
+
+
+def _load_result(proc, host, name):
+    """The load's result and its start on the monotonic clock this test uses."""
+    proc.wait(timeout=240)
+    return json.loads(_sh(host, f"cat /root/{name}.json").stdout), float(_sh(host, f"cat /root/{name}.t0").stdout)
+
+
+def _main_pid(host, unit):
+    return _sh(host, f"systemctl show -p MainPID --value {unit}").stdout.strip()
+
+
+def _health(host):
+    return _sh(host, "curl -sf -m 1 http://127.0.0.1/herd/health").returncode == 0
+
+
+def _tried(record):
+    """Addresses a request was sent to: nginx's $upstream_addr lists every attempt ("a:1, b:2 : c:3")."""
+    return set(re.split(r",\s*|\s+:\s+", record["upstream"] or ""))
+
+
+def _broken_after(result, t_rel):
+    return [r for r in result["samples"] if not r["ok"] and r["start"] >= t_rel]
+
+
+def _metric(host, name, instance):
+    out = _sh(host, "curl -sf -m 2 http://127.0.0.1:9856/metrics").stdout
+    m = re.search(rf'^{name}{{server="{re.escape(instance)}"[^}}]*}} (\S+)$', out, re.M)
+    return float(m.group(1)) if m else None
+
+
+def _vip_holder():
+    holders = [h for h in GATEWAYS if f"inet {VIP}/" in _sh(h, "ip -4 addr show").stdout]
+    return holders
+
+
+# ---------------------------------------------------------------------------------------------------------
+# nginx
+
+
+def test_nginx_unit_restarts_on_failure_with_a_start_limit():
+    props = _sh(GW2, "systemctl show nginx -p Restart -p RestartUSec -p StartLimitBurst -p StartLimitIntervalUSec").stdout
+    assert "Restart=on-failure" in props and "RestartUSec=1s" in props, props
+    assert "StartLimitBurst=5" in props and "StartLimitIntervalUSec=1min" in props, props
+
+
+def test_broken_config_ends_failed_not_restarting_forever():
+    """A config that fails nginx -t is retried StartLimitBurst times, then the unit shows failed (not activating)."""
+    host = GW2 if GW2 not in _vip_holder() else GW1
+    try:
+        assert _sh(host, "echo 'this is not nginx;' > /etc/nginx/conf.d/zz-herd-broken.conf").returncode == 0
+        _sh(host, "systemctl restart nginx")
+        failed = _wait(lambda: "Start request repeated too quickly" in _sh(host, "journalctl -u nginx --since '-60s' --no-pager").stdout
+                       and _sh(host, "systemctl is-active nginx").stdout.strip() == "failed", 30, step=0.5)
+        tries = _sh(host, "systemctl show -p NRestarts --value nginx").stdout.strip()
+        _measured(f"nginx with a broken config on {host}: {tries} automatic restarts, then failed (start limit) after "
+                  f"{failed if failed is None else round(failed, 1)} s")
+        assert failed is not None, _sh(host, "systemctl status nginx --no-pager; journalctl -u nginx -n 30 --no-pager").stdout
+        # It stays failed: no restart after the start limit (RestartSec is 1 s).
+        time.sleep(3)
+        assert _sh(host, "systemctl is-active nginx").stdout.strip() == "failed"
+        assert _sh(host, "systemctl show -p NRestarts --value nginx").stdout.strip() == tries
+    finally:
+        _sh(host, "rm -f /etc/nginx/conf.d/zz-herd-broken.conf; systemctl reset-failed nginx; systemctl start nginx")
+    assert _wait(lambda: _health(host), 20) is not None
+
+
+def test_kill_9_of_nginx_master_under_streaming_load():
+    load = _start_load(GW1, "nginxkill", duration=25)
+    try:
+        time.sleep(6)
+        master = _main_pid(GW1, "nginx")
+        assert master not in ("", "0")
+        killed = time.monotonic()  # before the kill: the down time measured is an upper bound
+        assert _sh(GW1, f"kill -9 {master}").returncode == 0
+        gone = _wait(lambda: not _health(GW1), 3, step=0.05)
+        back = _wait(lambda: _health(GW1), 15, step=0.1)
+        back_at = time.monotonic()
+        new_master = _main_pid(GW1, "nginx")
+    finally:
+        result, t0 = _load_result(load, GW1, "nginxkill")
+    s = result["summary"]
+    broken = [r for r in result["samples"] if not r["ok"]]
+    after = _broken_after(result, back_at - t0)
+    # A stream cut by the kill is a transport error; a request started while nothing listened is refused at connect
+    # (the closed-loop clients try again at once, so there are many of those).
+    cut = [r for r in broken if r["error"] != "connect"]
+    refused = [r for r in broken if r["error"] == "connect"]
+    _measured(f"kill -9 of nginx's master on {GW1} under streaming load: serving again after "
+              f"{back_at - killed:.1f} s (down seen: {gone is not None}); {s['requests']} requests, {s['ok']} ok, "
+              f"{len(cut)} in-flight streams cut, {len(refused)} refused at connect while nginx was down, "
+              f"{len(after)} failed among those started after it was back")
+    assert back is not None and back_at - killed < 5, "nginx did not serve again within 5 s"
+    assert new_master not in ("", "0", master)
+    assert _sh(GW1, "systemctl is-active nginx").stdout.strip() == "active"
+    assert s["ok"] >= 10
+    assert not after, after[:5]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# herd-guard
+
+
+def test_guard_runs_everywhere_with_its_duties():
+    for host in (GW1, GW2, GPU):
+        assert _sh(host, "systemctl is-active herd-guard").stdout.strip() == "active", host
+        metrics = _sh(host, "curl -sf -m 2 http://127.0.0.1:9856/metrics").stdout
+        assert "herd_guard_up 1" in metrics, metrics[:500]
+        for inst in (f"{GPU}:0", f"{GPU}:1"):
+            assert f'herd_guard_failed_rounds{{server="{inst}"}} 0' in metrics, (host, metrics)
+    # A canary is a real 1-token generate: the instances count it as a request.
+    passed = re.compile(rf'^herd_guard_canaries_total{{server="{GPU}:0",result="pass"}} [1-9]', re.M)
+    assert _wait(lambda: passed.search(_sh(GW1, "curl -sf -m 2 http://127.0.0.1:9856/metrics").stdout), 20) is not None
+    conf = json.loads(_sh(GPU, "grep -v '^#' /etc/herd/guard.json").stdout)
+    assert conf["gateway"] is None and [i["unit"] for i in conf["local"]["instances"]] == ["ollama@0.service", "ollama@1.service"]
+    conf = json.loads(_sh(GW1, "grep -v '^#' /etc/herd/guard.json").stdout)
+    assert conf["local"] is None and conf["gateway"]["drain_command"] == "/usr/local/sbin/herd-gateway-drain"
+    exposure = re.search(r"Overall exposure level for herd-guard\.service:\s*([0-9.]+)",
+                         _sh(GPU, "systemd-analyze security --no-pager herd-guard.service").stdout)
+    assert exposure, "no systemd-analyze security verdict"
+    _measured(f"systemd-analyze security herd-guard.service on {GPU}: {exposure.group(1)}")
+
+
+def test_hung_instance_is_drained_restarted_and_back():
+    key = f"{GPU}:0"
+    victim_port = 11434
+    victim_addr = _sh(GW1, f"getent hosts {GPU}").stdout.split()[0] + f":{victim_port}"
+    old = _main_pid(GPU, "ollama@0")
+    assert old not in ("", "0")
+    load = _start_load(GW1, "hung", duration=45)
+    stopped = None
+    try:
+        time.sleep(6)
+        stopped = time.monotonic()  # before the signal: the times measured from it are upper bounds
+        assert _sh(GPU, f"kill -STOP {old}").returncode == 0
+        ejected = _wait(lambda: _metric(GW1, "herd_guard_drained", key) == 1, 30, step=0.25)
+        ejected_at = time.monotonic()
+        restarted = _wait(lambda: _main_pid(GPU, "ollama@0") not in ("", "0", old), 60, step=0.5)
+        back = _wait(lambda: _metric(GW1, "herd_guard_drained", key) == 0, 60, step=0.5)
+        back_at = time.monotonic()
+    finally:
+        if stopped is not None and _main_pid(GPU, "ollama@0") == old:
+            _sh(GPU, f"kill -CONT {old}")
+        result, t0 = _load_result(load, GW1, "hung")
+    s = result["summary"]
+    to_victim = [r for r in result["samples"] if victim_addr in _tried(r)]
+    before = [r for r in to_victim if r["start"] < ejected_at - t0]
+    broken = [r for r in result["samples"] if not r["ok"]]
+    after = _broken_after(result, ejected_at - t0) if ejected is not None else broken
+    journal = _sh(GW1, "journalctl -u herd-guard --since '-3min' --no-pager -o cat | grep -E 'drain|undrain' | tail -n 4").stdout
+    drained_s = "never" if ejected is None else f"{ejected:.1f}"
+    restarted_s = "never" if None in (ejected, restarted) else f"{ejected + restarted:.1f}"
+    _measured(f"kill -STOP of ollama@0 on {GPU} under streaming load: drained on {GW1} after {drained_s} s, "
+              f"restarted after {restarted_s} s, back in the pool after "
+              f"{back_at - stopped:.1f} s; {s['requests']} requests, {s['ok']} ok, {len(broken)} failed; "
+              f"{len(before)} routed to the hung instance before it was drained ({len([r for r in before if not r['ok']])} of "
+              f"them failed), {len(after)} failed among those started after the drain")
+    assert ejected is not None and ejected < 15, journal
+    assert restarted is not None, _sh(GPU, "journalctl -u herd-guard -n 30 --no-pager").stdout
+    assert back is not None and back_at - stopped < 60, journal
+    assert not after, after[:5]
+    assert _sh(GPU, "curl -sf -m 5 http://127.0.0.1:11434/api/version").returncode == 0
+    # Every action is counted.
+    assert _metric(GW1, "herd_guard_actions_total", key) is not None
+    m = _sh(GW1, "curl -sf -m 2 http://127.0.0.1:9856/metrics").stdout
+    assert f'herd_guard_actions_total{{server="{key}",action="drain"}} 1' in m
+    assert f'herd_guard_actions_total{{server="{key}",action="undrain"}} 1' in m
+    m = _sh(GPU, "curl -sf -m 2 http://127.0.0.1:9856/metrics").stdout
+    assert f'herd_guard_actions_total{{server="{key}",action="restart"}} 1' in m
+
+
+def test_guard_never_drains_the_last_healthy_instance():
+    """Both instances hung: the gateway drains one and keeps the other (the pool's last); both come back."""
+    pids = {i: _main_pid(GPU, f"ollama@{i}") for i in (0, 1)}
+    try:
+        _sh(GPU, f"kill -STOP {pids[0]} {pids[1]}")
+        refused = _wait(lambda: re.search(r'^herd_guard_actions_total\{[^}]*action="drain_refused"\} [1-9]',
+                                          _sh(GW1, "curl -sf -m 2 http://127.0.0.1:9856/metrics").stdout, re.M), 30, step=0.5)
+        drained = [k for k in (f"{GPU}:0", f"{GPU}:1") if _metric(GW1, "herd_guard_drained", k) == 1]
+        record = json.loads(_sh(GW1, "cat /var/lib/herd/gateway/drained.json").stdout or "[]")
+    finally:
+        for pid in pids.values():
+            if _main_pid(GPU, "ollama@0") == pid or _main_pid(GPU, "ollama@1") == pid:
+                _sh(GPU, f"kill -CONT {pid}")
+    back = _wait(lambda: all(_metric(GW1, "herd_guard_drained", f"{GPU}:{i}") == 0 for i in (0, 1))
+                 and all(_sh(GPU, f"curl -sf -m 2 http://127.0.0.1:{p}/api/version").returncode == 0 for p in (11434, 11435)),
+                 90, step=1)
+    _measured(f"both instances hung: {GW1} drained {drained} and kept the pool's last instance (refusal after "
+              f"{refused if refused is None else round(refused, 1)} s); both back after {back if back is None else round(back, 1)} s")
+    assert refused is not None
+    assert len(drained) == 1 and record == drained, (drained, record)
+    assert back is not None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The floating address
+
+
+def test_keepalived_holds_the_address_on_one_gateway():
+    assert _wait(lambda: len(_vip_holder()) == 1, 20) is not None, [_sh(h, "ip -4 addr").stdout for h in GATEWAYS]
+    for host in GATEWAYS:
+        assert _sh(host, "systemctl is-active keepalived").stdout.strip() == "active"
+        st = _sh(host, "stat -c '%a %U' /etc/keepalived/keepalived.conf").stdout.split()
+        assert st == ["600", "root"], st
+    out = subprocess.run(["curl", "-sf", "-m", "3", f"http://{VIP}/herd/health"], capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0 and '"ok"' in out.stdout
+
+
+def test_stopped_gateway_host_gives_the_address_to_the_other():
+    holder = _vip_holder()
+    assert len(holder) == 1
+    holder = holder[0]
+    other = GW2 if holder == GW1 else GW1
+    address = _sh(holder, f"getent hosts {holder}").stdout.split()[0]
+    logs = f"{PROJECT}/.molecule-logs"
+    os.makedirs(logs, exist_ok=True)
+    # Open loop (new requests at a steady rate), so that requests keep starting while earlier ones hang.
+    load = subprocess.Popen([sys.executable, f"{HERE}/load_clock.py", f"{PROJECT}/tools", f"{logs}/selfheal-vip.t0",
+                             "--url", f"http://{VIP}", "--rate", "3", "--arrival", "constant", "--duration", "25",
+                             *LOAD_ARGS, "--json", f"{logs}/selfheal-vip.json"])
+    try:
+        time.sleep(6)
+        stop_started = time.monotonic()
+        stop = subprocess.Popen(["docker", "stop", "-t", "10", holder], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        moved = _wait(lambda: f"inet {VIP}/" in _sh(other, "ip -4 addr show").stdout, 20, step=0.1)
+        moved_at = time.monotonic()
+        stop.wait(timeout=60)
+        stopped_at = time.monotonic()
+    finally:
+        load.wait(timeout=240)
+    with open(f"{logs}/selfheal-vip.json", encoding="utf-8") as fh:
+        result = json.load(fh)
+    with open(f"{logs}/selfheal-vip.t0", encoding="utf-8") as fh:
+        t0 = float(fh.read())
+    try:
+        s = result["summary"]
+        broken = [r for r in result["samples"] if not r["ok"]]
+        after = _broken_after(result, moved_at - t0)
+        started_after = [r for r in result["samples"] if r["start"] >= moved_at - t0]
+        _measured(f"docker stop of {holder} (holding {VIP}) under streaming load from the docker host: the address "
+                  f"was on {other} after {moved_at - stop_started:.1f} s (docker stop took {stopped_at - stop_started:.1f} s); "
+                  f"{s['requests']} requests, {s['ok']} ok, {len(broken)} failed, all started before the move "
+                  f"({', '.join(sorted({r['error'] or str(r['status']) for r in broken})) or 'none'}); "
+                  f"{len(started_after)} started after the move, {len(after)} of them failed")
+        assert moved is not None and moved_at - stop_started < 5
+        assert len(started_after) >= 20
+        assert not after, after[:5]
+    finally:
+        subprocess.run(["docker", "start", holder], check=True, capture_output=True, timeout=60)
+    up = _wait(lambda: _health(holder) and _sh(holder, "systemctl is-active keepalived").stdout.strip() == "active", 90, step=1)
+    assert up is not None, _sh(holder, "systemctl --failed --no-pager").stdout
+    assert _sh(holder, f"getent hosts {holder}").stdout.split()[0] == address, "the gateway came back with another address"
+    # nopreempt: the address stays where it went; exactly one host holds it.
+    time.sleep(4)
+    assert _vip_holder() == [other]

@@ -1,0 +1,1 @@
+../../roles/gateway_vip/filter_plugins/gateway_vip.py
