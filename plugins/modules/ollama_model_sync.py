@@ -249,7 +249,17 @@ import re
 import time
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.ollama_names import full_name, name_from_parts, name_parts, parse_name
+
+# The collection's path when herd runs as the collection herd.herd; ansible.cfg's module_utils folder in a checkout.
+try:
+    from ansible_collections.herd.herd.plugins.module_utils.ollama_names import (
+        full_name,
+        name_from_parts,
+        name_parts,
+        parse_name,
+    )
+except ImportError:
+    from ansible.module_utils.ollama_names import full_name, name_from_parts, name_parts, parse_name
 
 DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
 BLOB_FILE_RE = re.compile(r"^sha256-([0-9a-f]{64})$")
