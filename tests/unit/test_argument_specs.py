@@ -134,3 +134,19 @@ def test_checks_catch_a_mismatch(tmp_path):
     )
     assert set(role_defaults(role)) - set(role_spec(role)) == {"demo_b"}
     assert not TYPE_CHECKS["str"](role_defaults(role)["demo_a"])
+
+
+# Roles whose preflight entry point playbooks/preflight.yml runs before any host changes.
+PREFLIGHT_PLAY = (REPO / "playbooks" / "preflight.yml").read_text()
+PREFLIGHT_ROLES = [p for p in ROLE_DIRS if f"name: {p.name}\n        tasks_from: preflight" in PREFLIGHT_PLAY]
+
+
+@pytest.mark.parametrize("role", PREFLIGHT_ROLES, ids=[p.name for p in PREFLIGHT_ROLES])
+def test_preflight_entry_point_validates_the_main_spec(role):
+    """playbooks/preflight.yml runs each role's tasks_from: preflight; Ansible validates only the options of the
+    entry point it runs, so the preflight entry point must carry the main spec (choices, types) or bad values pass."""
+    specs = yaml.load((role / "meta" / "argument_specs.yml").read_text(), Loader=_Loader)["argument_specs"]
+    assert "preflight" in specs, f"role {role.name}: argument_specs has no preflight entry point"
+    assert specs["preflight"].get("options") == specs["main"].get("options"), (
+        f"role {role.name}: the preflight entry point's options differ from main's"
+    )
