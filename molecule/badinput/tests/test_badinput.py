@@ -96,9 +96,11 @@ CASES = [
     ("busy_status_not_allowed", {"gateway_busy_status": 500}, ["gateway_busy_status", "503"]),
     ("model_options_unknown_model", {"gateway_model_options": {"llama9:70b": {"num_ctx": 8192}}},
      ["gateway_model_options", "'llama9:70b' is held by no instance", "Fix:"]),
-    ("model_options_not_a_mapping", {"gateway_model_options": ["num_ctx"]}, ["gateway_model_options", "mapping"]),
+    # The argument spec (validated in preflight) answers these two before the routing check.
+    ("model_options_not_a_mapping", {"gateway_model_options": ["num_ctx"]},
+     ["'gateway_model_options' is of type list", "unable to convert to dict"]),
     ("client_keep_alive_unknown", {"gateway_client_keep_alive": "never"},
-     ["gateway_client_keep_alive", "'never'", "Fix: ignore"]),
+     ["value of gateway_client_keep_alive must be one of: ignore, pass, got: never"]),
     ("queue_max_negative", {"gateway_queue_max": -1}, ["gateway_queue_max", "0 or more"]),
     ("queue_timeout_not_a_time", {"gateway_queue_timeout": "2 minutes"}, ["gateway_queue_timeout", "600s, 10m or 500ms"]),
     ("models_do_not_fit_together",
