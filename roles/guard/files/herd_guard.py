@@ -3,7 +3,8 @@
 
 Every few seconds each instance gets a liveness probe (GET /api/ps, short timeout) and, while a model is
 loaded, a canary: a 1-token /api/generate of that model with its own timeout, in the background so that a hung
-canary never delays the liveness probes. An instance is failing while its probes fail in a row, or its
+canary never delays the liveness probes (its keep_alive is the time the model has left, so that canaries never
+keep an idle model loaded). An instance is failing while its probes fail in a row, or its
 canaries do (an instance that answers /api/ps but never generates, ollama issues 1378 and 15950); an answer
 "server busy" (503) is neither a pass nor a failure. Two duties, by the host's config:
 
@@ -32,6 +33,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -82,6 +84,44 @@ def loaded_models(ps_body):
     return [str(m.get("name") or m.get("model")) for m in data.get("models") or [] if m.get("name") or m.get("model")]
 
 
+# A model "loaded forever" (keep_alive -1) expires in about 292 years (Ollama: now + MaxInt64 ns); anything past
+# ten years is treated as forever.
+FOREVER_AFTER = 10 * 365 * 86400
+
+
+def expiries(ps_body, now=None):
+    """{model: seconds until it unloads, or None when /api/ps gives no usable expires_at} of an /api/ps answer."""
+    now = time.time() if now is None else now
+    out = {}
+    for m in json.loads(ps_body).get("models") or []:
+        name = m.get("name") or m.get("model")
+        if not name:
+            continue
+        try:
+            when = datetime.fromisoformat(str(m["expires_at"]))
+            when = when if when.tzinfo else when.replace(tzinfo=UTC)
+            out[str(name)] = when.timestamp() - now
+        except (KeyError, ValueError, OverflowError):
+            out[str(name)] = None
+    return out
+
+
+def canary_keep_alive(remaining):
+    """The keep_alive a canary sends so that it never extends a model's residency: the time it has left.
+
+    A canary is a request like any other: without keep_alive, Ollama would restart the model's expiry timer with
+    OLLAMA_KEEP_ALIVE after it, and a canary every few seconds would keep a model with a finite keep_alive
+    (seed 004's 15s) loaded forever. Returns None (send no keep_alive) when the time left is unknown, -1 for a
+    model loaded forever, "skip" when the model unloads within a second (a canary then would reload it)."""
+    if remaining is None:
+        return None
+    if remaining > FOREVER_AFTER:
+        return -1
+    if remaining < 1:
+        return "skip"
+    return f"{int(remaining * 1000)}ms"
+
+
 def is_drained(key, host, drained):
     """Whether the gateway's drained record (targets "host" or "host:id") names this server."""
     return key in drained or host in drained
@@ -121,17 +161,19 @@ def _request(url, timeout, body=None):
 
 
 def probe(base, timeout):
-    """(ok, loaded models, why) from GET /api/ps."""
+    """(ok, {loaded model: seconds until it unloads or None}, why) from GET /api/ps."""
     try:
         status, body = _request(base + "/api/ps", timeout)
-        return status == 200, loaded_models(body), f"/api/ps answered {status}"
+        return status == 200, expiries(body), f"/api/ps answered {status}"
     except (OSError, ValueError) as exc:
-        return False, [], f"/api/ps: {exc}"
+        return False, {}, f"/api/ps: {exc}"
 
 
-def canary(base, model, timeout):
-    """'pass', 'busy' or 'fail', and why: a 1-token generate of a loaded model."""
+def canary(base, model, timeout, keep_alive=None):
+    """'pass', 'busy' or 'fail', and why: a 1-token generate of a loaded model (keep_alive: see canary_keep_alive)."""
     body = {"model": model, "prompt": "ok", "stream": False, "options": {"num_predict": 1}}
+    if keep_alive is not None:
+        body["keep_alive"] = keep_alive
     try:
         status, answer = _request(base + "/api/generate", timeout, body)
         if status == 200 and json.loads(answer).get("done") is True:
@@ -165,8 +207,8 @@ class Target:
         self.why = ""
         self.counts = {"pass": 0, "fail": 0, "busy": 0}
 
-    def _run_canary(self, model):
-        result, why = canary(self.base, model, float(self.config["canary_timeout"]))
+    def _run_canary(self, model, keep_alive):
+        result, why = canary(self.base, model, float(self.config["canary_timeout"]), keep_alive)
         with self.lock:
             self.counts[result] += 1
             self.canary_result = (result, why)
@@ -177,7 +219,8 @@ class Target:
         `failed` counts the later of two streaks: liveness probes failed in a row, and canaries failed in a row
         (a canary takes up to canary_timeout, so it spans rounds; "busy" neither breaks nor extends its streak).
         """
-        ok, loaded, why = probe(self.base, float(self.config["probe_timeout"]))
+        ok, expiry, why = probe(self.base, float(self.config["probe_timeout"]))
+        loaded = list(expiry)
         with self.lock:
             self.loaded = loaded or self.loaded
             result = self.canary_result
@@ -185,8 +228,10 @@ class Target:
             running = self.canary_thread is not None and self.canary_thread.is_alive()
         if ok and loaded and not running:
             model = next((m for m in loaded if m in self.models), loaded[0])
-            self.canary_thread = threading.Thread(target=self._run_canary, args=(model,), daemon=True)
-            self.canary_thread.start()
+            keep_alive = canary_keep_alive(expiry[model])
+            if keep_alive != "skip":
+                self.canary_thread = threading.Thread(target=self._run_canary, args=(model, keep_alive), daemon=True)
+                self.canary_thread.start()
         with self.lock:
             self.live_failed = 0 if ok else self.live_failed + 1
             if result is not None and result[0] == "fail":

@@ -83,8 +83,27 @@ def hung():
 
 def test_probe_and_canary_of_a_healthy_instance(server):
     base = server(_Instance)
-    assert g.probe(base, 1)[:2] == (True, [MODEL])
+    assert g.probe(base, 1)[:2] == (True, {MODEL: None})
     assert g.canary(base, MODEL, 1)[0] == "pass"
+
+
+def test_expiries_read_ollamas_timestamps():
+    now = 1_800_000_000.0  # 2027-01-15T08:00:00Z
+    body = json.dumps({"models": [
+        {"name": "a:1b", "expires_at": "2027-01-15T08:00:12.123456789Z"},  # Go's RFC 3339 with nanoseconds
+        {"name": "b:7b", "expires_at": "2027-01-15T09:00:05+01:00"},
+        {"name": "c:1b", "expires_at": "2319-03-02T10:00:00.5Z"},  # keep_alive -1: now + MaxInt64 ns
+        {"name": "d:1b", "expires_at": "soon"},
+        {"model": "e:1b"}]})
+    got = g.expiries(body, now)
+    assert round(got["a:1b"], 3) == 12.123 and round(got["b:7b"]) == 5 and got["c:1b"] > g.FOREVER_AFTER
+    assert got["d:1b"] is None and got["e:1b"] is None
+
+
+@pytest.mark.parametrize(("remaining", "keep_alive"), [
+    (None, None), (12.9, "12900ms"), (1.2, "1200ms"), (0.6, "skip"), (-3, "skip"), (86400 * 365 * 290, -1)])
+def test_canary_never_extends_residency(remaining, keep_alive):
+    assert g.canary_keep_alive(remaining) == keep_alive
 
 
 def test_hung_instance_fails_within_the_timeouts(hung):
