@@ -28,6 +28,7 @@ NAMES = {"herd-real-tiny": "herd-real-tiny:latest", "herd/tiny:1b": "herd/tiny:1
 KNOWN_SHOW_EXTRA = {"capabilities"}
 
 mkgguf = load_module("herd_mkgguf", STANDINS / "mkgguf.py")
+ollama_names = load_module("herd_contract_ollama_names", REPO / "plugins" / "module_utils" / "ollama_names.py")
 
 
 class Server:
@@ -165,6 +166,8 @@ def test_tags_list_the_same_models_with_the_same_digests(servers):
     r_models = {m["name"]: m for m in real.json("GET", "/api/tags")[1]["models"]}
     e_models = {m["name"]: m for m in emu.json("GET", "/api/tags")[1]["models"]}
     assert sorted(r_models) == sorted(NAMES.values())
+    # herd's one name rule (planner, sync, warmup/readiness) names each model as the real server lists it.
+    assert {ollama_names.short_name(name) for name in NAMES} == set(r_models)
     assert sorted(e_models) == sorted(r_models)
     for name, real_model in r_models.items():
         for key in ("model", "size", "digest", "details"):
