@@ -64,7 +64,8 @@ cleanup() {
 trap cleanup EXIT
 
 install -d -m 0755 "$stage/pkg/bin" "$stage/pkg/lib" "$stage/pkg/lib/ollama"
-unzip -q -p "$cached" bigdl/cpp/libs/ollama > "$stage/pkg/bin/ollama"
+"$python" -c 'import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read("bigdl/cpp/libs/ollama"))' \
+    "$cached" > "$stage/pkg/bin/ollama"
 chmod 0755 "$stage/pkg/bin/ollama"
 tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner --format=gnu \
     -C "$stage/pkg" -cf - bin lib | gzip -n -9 > "$stage/$archive"
