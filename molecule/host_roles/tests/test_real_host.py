@@ -1,0 +1,99 @@
+"""The real-binary lane: herd's ollama role with REAL Ollama (0.3.6, lab/build-real-ollama.sh) on a CPU-only host.
+
+What the real server proves here: herd's archive install path unpacks it, herd's unit and environment run it, each
+instance binds only where the plan says, each lists the model (configured without a tag) with the store's digest,
+and a restart keeps the copy. Warmup is off on this host (ollama_warmup: false in molecule.yml): the real binary
+cannot generate here (its runners need an Intel GPU), so a loaded model is never asserted.
+"""
+
+import hashlib
+import json
+import time
+
+testinfra_hosts = ["ansible://h3_real_hosts"]
+
+REAL_VERSION = "0.3.6-ipexllm-20241101"
+PORTS = {0: 11434, 1: 11435}
+MODEL = "herd-real-tiny:latest"
+STORE_MANIFEST = "/var/lib/herd/store/manifests/registry.ollama.ai/library/herd-real-tiny/latest"
+
+
+def get_json(host, port, path):
+    out = host.run(f"curl -fsS --max-time 5 http://127.0.0.1:{port}{path}")
+    assert out.rc == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def wait_for_version(host, port, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = host.run(f"curl -fsS --max-time 2 http://127.0.0.1:{port}/api/version")
+        if out.rc == 0:
+            return json.loads(out.stdout)["version"]
+        time.sleep(0.5)
+    raise AssertionError(f"instance on port {port} did not answer within {timeout} s")
+
+
+def store_digest(host):
+    return hashlib.sha256(host.file(STORE_MANIFEST).content).hexdigest()
+
+
+def test_real_binary_installed_from_the_release_archive(host):
+    link = host.file("/usr/local/bin/ollama")
+    assert link.is_symlink and link.linked_to == "/opt/ollama/0.3.6/bin/ollama"
+    binary = host.file("/opt/ollama/0.3.6/bin/ollama")
+    assert binary.mode == 0o755 and binary.size > 40_000_000  # the 52.6 MB Go ELF, not the emulator script
+    assert binary.content[:4] == b"\x7fELF"
+
+
+def test_every_instance_is_the_real_server_under_herds_unit(host):
+    for instance, port in PORTS.items():
+        service = host.service(f"ollama@{instance}")
+        assert service.is_enabled and service.is_running
+        assert wait_for_version(host, port) == REAL_VERSION
+        env = host.file(f"/etc/herd/ollama/{instance}.env").content_string
+        assert f'OLLAMA_HOST="127.0.0.1:{port}"' in env
+        assert 'OLLAMA_NOPRUNE="1"' in env
+        assert f'OLLAMA_MODELS="/var/lib/herd/instances/{instance}/models"' in env
+
+
+def test_instances_bind_only_where_planned(host):
+    # Nothing else listens on this host, so every TCP listener must be one of the planned instance addresses
+    # (ss cannot name the owner: the units run with ProtectProc=invisible).
+    out = host.run("ss -Hltn")
+    assert out.rc == 0, out.stderr
+    listening = sorted(line.split()[3] for line in out.stdout.splitlines())
+    assert listening == sorted(f"127.0.0.1:{port}" for port in PORTS.values()), out.stdout
+    # The short-lived store instance is not left running (the store was filled from the bundle).
+    assert not host.service("ollama@store").is_running
+
+
+def test_every_instance_lists_the_tagless_model_with_the_store_digest(host):
+    digest = store_digest(host)
+    for port in PORTS.values():
+        models = get_json(host, port, "/api/tags")["models"]
+        assert [(m["name"], m["digest"]) for m in models] == [(MODEL, digest)]
+        show = host.run(f"curl -fsS --max-time 5 http://127.0.0.1:{port}/api/show -d '{{\"model\": \"herd-real-tiny\"}}'")
+        assert show.rc == 0, show.stderr
+        assert json.loads(show.stdout)["model_info"]["general.architecture"] == "llama"
+        # Nothing loaded: warmup is off on this host (the real binary cannot run a model here).
+        assert get_json(host, port, "/api/ps") == {"models": []}
+
+
+def test_a_restart_keeps_the_copy(host):
+    digest = store_digest(host)
+    blobs_before = host.run("ls /var/lib/herd/instances/1/models/blobs").stdout.split()
+    assert len(blobs_before) == 2, blobs_before
+    restart = host.run("systemctl restart ollama@1")
+    assert restart.rc == 0, restart.stderr
+    assert wait_for_version(host, PORTS[1]) == REAL_VERSION
+    assert [(m["name"], m["digest"]) for m in get_json(host, PORTS[1], "/api/tags")["models"]] == [(MODEL, digest)]
+    assert host.run("ls /var/lib/herd/instances/1/models/blobs").stdout.split() == blobs_before
+    journal = host.run("journalctl --no-pager -u ollama@1 --since '-2min'").stdout
+    assert "unused blobs removed" not in journal
+
+
+def test_releases_older_than_the_previous_one_are_removed(host):
+    # prepare.yml left 0.1.0 and 0.2.0 (active before this upgrade to 0.3.6), each with its cached archive.
+    listing = sorted(host.run("ls /opt/ollama").stdout.split())
+    assert listing == ["0.2.0", "0.3.6", "ollama-linux-amd64-0.2.0.tgz", "ollama-linux-amd64-0.3.6.tgz"], listing
