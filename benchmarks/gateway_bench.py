@@ -25,8 +25,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import heapq
-import importlib.util
 import http.client
+import importlib.util
 import json
 import os
 import platform
@@ -1054,7 +1054,7 @@ def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: 
     L.append("")
 
     if chat:
-        on, off = chat.get("herd"), chat.get("herd-noaff")
+        on = chat.get("herd")
         L.append("## 4. Multi-turn chat: conversation affinity on vs off")
         L.append("")
         L.append(f"The instances restarted with emulated prompt evaluation at {a.chat_prompt_tps:g} tokens/s per slot "

@@ -1002,7 +1002,7 @@ def _common_chars(a, b):
 def common_prefix(a, b):
     """Tokens two prompts (segment lists) share from their start."""
     total = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x == y:
             total += segment_tokens(x)
             continue
