@@ -592,7 +592,10 @@ class Bench:
                         return
                     conv = todo.pop()
                 messages = [{"role": "system", "content": conv["system"]}]
+                think = random.Random(a.seed * 1000 + conv["id"])
                 for t, text in enumerate(conv["turns"]):
+                    if t:  # the user reads the answer and types: 0.5x to 1.5x the mean think time
+                        time.sleep(a.chat_think_s * think.uniform(0.5, 1.5))
                     if time.monotonic() >= deadline:
                         return
                     messages.append({"role": "user", "content": text})
@@ -1061,8 +1064,9 @@ def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: 
                  "and the emulator's per-slot prompt cache (Ollama's runner: a request takes the free slot whose "
                  "last prompt shares the longest prefix with it; only the tokens not cached cost prompt time; "
                  f"docs/standins.md). {a.chat_conversations} conversations x {a.chat_turns} turns, "
-                 f"{a.chat_clients or slots} clients at once, each sending its conversation's turns back to back "
-                 f"over streaming `/api/chat` with the whole history: a shared system prompt of "
+                 f"{a.chat_clients or slots} clients at once, each sending its conversation's turns over streaming "
+                 f"`/api/chat` with the whole history, {a.chat_think_s:g} s (0.5x-1.5x) after each answer (the user "
+                 f"reads and types, and other conversations use the slot meanwhile): a shared system prompt of "
                  f"{a.chat_system_bytes} bytes, a first message of {a.chat_doc_bytes} bytes, follow-ups of "
                  f"{a.chat_turn_bytes} bytes, answers of {a.chat_answer_tokens} tokens (histories up to "
                  f"{on['max_history_tokens'] if on else '-'} tokens). Both runs: herd's gateway rendered by the role, "
@@ -1198,6 +1202,8 @@ def parse_args(argv=None):
     p.add_argument("--chat-doc-bytes", type=int, default=6000, help="first user message of each conversation")
     p.add_argument("--chat-turn-bytes", type=int, default=400, help="each follow-up user message")
     p.add_argument("--chat-answer-tokens", type=int, default=64, help="answer length of every turn")
+    p.add_argument("--chat-think-s", type=float, default=1.0,
+                   help="mean pause between an answer and the next turn (uniform 0.5x-1.5x, seeded)")
     p.add_argument("--nginx-workers", default="2", help="worker_processes (empty: as this machine's nginx.conf)")
     p.add_argument("--max-run-seconds", type=float, default=120.0, help="bound of every load run")
     p.add_argument("--litellm-routing", default="least-busy")
@@ -1209,7 +1215,7 @@ def parse_args(argv=None):
         a.instances, a.token_seconds, a.requests, a.multipliers = 2, 0.002, 24, "1,3"
         a.ttft_requests, a.skip_litellm = 24, True
         a.chat_conversations, a.chat_turns, a.chat_doc_bytes, a.chat_answer_tokens = 8, 3, 2000, 8
-        a.chat_prompt_tps = 5000.0
+        a.chat_prompt_tps, a.chat_think_s = 5000.0, 0.05
     a.multipliers = [int(x) for x in str(a.multipliers).split(",") if x]
     a.configs = [x for x in str(a.configs).split(",") if x]
     unknown = set(a.configs) - set(CONFIGS) - {"baseline"}
