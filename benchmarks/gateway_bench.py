@@ -15,6 +15,8 @@ Sections:
                   beside the ideal central FIFO computed from the same request list
   2. streaming    TTFT through the gateway vs direct to the instance, at the instance's slots
   3. peer router  the same instances behind LiteLLM's proxy vs herd's gateway
+  4. multi-turn   chat conversations (history resent every turn, emulated per-slot prompt cache and prompt
+                  evaluation time) through herd with conversation affinity on and off (least loaded)
 Every target is 127.0.0.1; every run is bounded in requests and seconds.
 """
 
@@ -23,10 +25,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import heapq
+import http.client
 import importlib.util
 import json
 import os
 import platform
+import random
 import re
 import resource
 import shutil
@@ -35,6 +39,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -52,9 +57,10 @@ GPU_SPEC = ROOT / "lab" / "gpus" / "rtx4090x8.json"
 MODEL = "herd-tiny:1b"
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-CONFIGS = ("herd", "seed-000", "seed-003", "round-robin", "random")
+CONFIGS = ("herd", "herd-noaff", "seed-000", "seed-003", "round-robin", "random")
 LABELS = {
     "herd": "herd (role gateway)",
+    "herd-noaff": "herd, gateway_affinity false (least loaded)",
     "seed-000": "seed 000: least_conn + zone + keepalive",
     "seed-003": "seed 003: least_conn, max_conns = slots",
     "round-robin": "round-robin + zone + keepalive",
@@ -347,13 +353,19 @@ class Bench:
 
     # -- setup
 
-    def start_emulators(self) -> None:
+    def start_emulators(self, prompt_tps: float = 1000000) -> None:
+        """Start the instances (again, on the same ports, when they run already) with `prompt_tps` prompt tokens
+        per second: 1e6 = no prompt time (sections 1-3), a realistic rate for the multi-turn section."""
         a = self.args
         models = self.work / "models"
-        subprocess.run([sys.executable, str(MKMODELS), str(models), "--model", MODEL], check=True,
-                       stdout=subprocess.DEVNULL)
+        if not models.exists():
+            subprocess.run([sys.executable, str(MKMODELS), str(models), "--model", MODEL], check=True,
+                           stdout=subprocess.DEVNULL)
+        restart = bool(self.ports)
         for i in range(a.instances):
-            port = free_port()
+            if restart:
+                self.procs.stop(f"emu{i}")
+            port = self.ports[i] if restart else free_port()
             env = dict(os.environ)
             env.update({
                 "OLLAMA_HOST": f"{HOST}:{port}",
@@ -365,15 +377,17 @@ class Bench:
                 "HERD_LAB_GPU_SPEC": str(GPU_SPEC),
                 "HERD_EMU_TOKENS_PER_SECOND": str(1.0 / a.token_seconds),
                 # no prompt time and no slowdown with every slot busy: a slot is a fixed-rate server,
-                # which is what the ideal FIFO computes with
-                "HERD_EMU_PROMPT_TOKENS_PER_SECOND": "1000000",
+                # which is what the ideal FIFO computes with (the multi-turn section sets a prompt rate)
+                "HERD_EMU_PROMPT_TOKENS_PER_SECOND": str(prompt_tps),
                 "HERD_EMU_BUSY_SLOWDOWN": "1",
                 "HERD_EMU_RESPONSE_TOKENS": str(a.short_tokens),
                 "TMPDIR": str(self.work / "tmp"),
             })
+            log_name = f"emu{i}-chat.log" if restart else f"emu{i}.log"
             self.procs.start(f"emu{i}", [sys.executable, str(EMULATOR), "serve"], env=env,
-                             log_path=self.work / f"emu{i}.log")
-            self.ports.append(port)
+                             log_path=self.work / log_name)
+            if not restart:
+                self.ports.append(port)
         for port in self.ports:
             wait_http(f"http://{HOST}:{port}/api/version", 60)
         # load the model on every instance before measuring (not part of any number)
@@ -440,6 +454,8 @@ class Bench:
             if name == "herd":
                 pre = gw.render_herd("herd", self.ports, a.num_parallel)
                 extra["gateway_origin"] = pre.origin
+            elif name == "herd-noaff":
+                pre = gw.render_herd("herd-noaff", self.ports, a.num_parallel, overrides={"gateway_affinity": False})
             elif name == "baseline":
                 pre = gw.render_herd("baseline", self.ports, a.num_parallel, roles=self.baseline_roles())
                 extra["baseline_origin"] = f"role gateway at {a.baseline_ref}"
@@ -471,7 +487,177 @@ class Bench:
         # 3. peer router
         extra["litellm"] = self.section_litellm(gw) if "herd" in a.configs else {"status": "skipped",
                                                                                   "reason": "herd not run"}
+
+        # 4. multi-turn chat: affinity on (herd) and off (herd-noaff), the same conversations, prompt time on
+        if a.chat_conversations and {"herd", "herd-noaff"} <= set(a.configs):
+            log(f"restarting the emulators with {a.chat_prompt_tps:g} prompt tokens/s and the per-slot prompt cache")
+            self.start_emulators(prompt_tps=a.chat_prompt_tps)
+            extra["chat"] = {}
+            for name in ("herd", "herd-noaff"):
+                gw.start(name)
+                try:
+                    extra["chat"][name] = self.chat_run(name, gw.url)
+                finally:
+                    gw.stop()
         return extra
+
+    def conversations(self) -> list[dict]:
+        """The multi-turn workload: a shared system prompt, then per conversation a document and follow-ups."""
+        a = self.args
+        rnd = random.Random(a.seed)
+        vocab = ("herd gateway model slot cache token prompt answer queue instance turn history route load balance "
+                 "nginx ollama lab chat context memory reply question summary detail").split()
+
+        def text(n_bytes: int) -> str:
+            words: list[str] = []
+            size = 0
+            while size < n_bytes:
+                w = rnd.choice(vocab)
+                words.append(w)
+                size += len(w) + 1
+            return " ".join(words)[:n_bytes]
+
+        system = "You are herd's benchmark assistant. " + text(max(0, a.chat_system_bytes - 36))
+        convs = []
+        for c in range(a.chat_conversations):
+            turns = [f"Conversation {c}. Read this document: " + text(a.chat_doc_bytes)]
+            turns += [f"Follow-up {t}: " + text(a.chat_turn_bytes) for t in range(1, a.chat_turns)]
+            convs.append({"id": c, "system": system, "turns": turns})
+        return convs
+
+    def chat_turn(self, url: str, messages: list[dict]) -> dict:
+        """One streamed /api/chat request: TTFT, latency, the answer, the server's counts, the instance."""
+        host, port = url.split("//", 1)[1].split(":")
+        body = json.dumps({"model": MODEL, "messages": messages, "stream": True,
+                           "options": {"num_predict": self.args.chat_answer_tokens}})
+        t0 = time.monotonic()
+        conn = http.client.HTTPConnection(host, int(port), timeout=120)
+        rec = {"ok": False, "ttft": None, "latency": None, "instance": None, "answer": "",
+               "prompt_eval_count": None, "eval_count": 0, "status": None}
+        try:
+            conn.request("POST", "/api/chat", body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            rec["status"] = resp.status
+            rec["instance"] = resp.getheader("X-Herd-Upstream")
+            parts = []
+            for line in resp:
+                if not line.strip():
+                    continue
+                obj = json.loads(line)
+                if rec["ttft"] is None and not obj.get("done"):
+                    rec["ttft"] = time.monotonic() - t0
+                parts.append((obj.get("message") or {}).get("content") or "")
+                if obj.get("done"):
+                    rec["prompt_eval_count"] = obj.get("prompt_eval_count")
+                    rec["eval_count"] = obj.get("eval_count") or 0
+                    rec["ok"] = resp.status == 200
+            rec["answer"] = "".join(parts)
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            rec["error"] = str(exc)[:200]
+        finally:
+            conn.close()
+        rec["latency"] = time.monotonic() - t0
+        return rec
+
+    def chat_run(self, name: str, url: str) -> dict:
+        """Closed loop: `chat_clients` clients each take the next conversation and send its turns back to back
+        (the whole history every turn). Samples /herd/pools meanwhile for the most requests an instance held."""
+        a = self.args
+        convs = self.conversations()
+        clients = a.chat_clients or self.slots
+        log(f"run chat-{name}: {len(convs)} conversations x {a.chat_turns} turns, {clients} clients, {url}")
+        todo = list(reversed(convs))
+        lock = threading.Lock()
+        samples: list[dict] = []
+        deadline = time.monotonic() + a.max_run_seconds
+        stop = threading.Event()
+        peak: dict[str, list[int]] = {}
+
+        def watch():
+            while not stop.is_set():
+                try:
+                    with urllib.request.urlopen(url + "/herd/pools", timeout=2) as resp:
+                        for pool in json.loads(resp.read()).get("pools", []):
+                            for inst in pool["instances"]:
+                                cur = peak.setdefault(inst["key"], [0, inst["max_conns"]])
+                                cur[0] = max(cur[0], inst["inflight"])
+                except (OSError, ValueError):
+                    pass
+                stop.wait(0.02)
+
+        def client():
+            while time.monotonic() < deadline:
+                with lock:
+                    if not todo:
+                        return
+                    conv = todo.pop()
+                messages = [{"role": "system", "content": conv["system"]}]
+                think = random.Random(a.seed * 1000 + conv["id"])
+                for t, text in enumerate(conv["turns"]):
+                    if t:  # the user reads the answer and types: 0.5x to 1.5x the mean think time
+                        time.sleep(a.chat_think_s * think.uniform(0.5, 1.5))
+                    if time.monotonic() >= deadline:
+                        return
+                    messages.append({"role": "user", "content": text})
+                    rec = self.chat_turn(url, messages)
+                    rec.update({"conversation": conv["id"], "turn": t + 1,
+                                "history_tokens": sum((len(m["content"]) + 3) // 4 + 4 for m in messages) + 4})
+                    answer = rec.pop("answer")
+                    with lock:
+                        samples.append(rec)
+                    if not rec["ok"]:
+                        break
+                    messages.append({"role": "assistant", "content": answer})
+
+        served0 = self.served_chat()
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        wall = time.monotonic() - t0
+        stop.set()
+        watcher.join(5)
+        ok = [s for s in samples if s["ok"]]
+        follow = [s for s in ok if s["turn"] > 1]
+        same = 0
+        by_conv: dict[int, list[dict]] = {}
+        for s in sorted(ok, key=lambda s: (s["conversation"], s["turn"])):
+            by_conv.setdefault(s["conversation"], []).append(s)
+        for turns in by_conv.values():
+            same += sum(1 for x, y in zip(turns, turns[1:], strict=False) if x["instance"] == y["instance"])
+        tokens = sum(s["eval_count"] for s in ok)
+        evaluated = sum(s["prompt_eval_count"] or 0 for s in ok)
+        history = sum(s["history_tokens"] for s in ok)
+        summary = {
+            "requests": len(samples), "ok": len(ok), "wall_s": wall, "output_tokens": tokens,
+            "output_tokens_per_s": tokens / wall if wall else None,
+            "ttft_s": herd_load.distribution(s["ttft"] for s in ok if s["ttft"] is not None),
+            "ttft_follow_s": herd_load.distribution(s["ttft"] for s in follow if s["ttft"] is not None),
+            "latency_s": herd_load.distribution(s["latency"] for s in ok),
+            "same_instance_as_last_turn": same, "follow_up_turns": len(follow),
+            "prompt_tokens_evaluated": evaluated, "prompt_tokens_sent": history,
+            "max_history_tokens": max((s["history_tokens"] for s in ok), default=0),
+            "peak_inflight": {k: {"peak": v[0], "max_conns": v[1]} for k, v in sorted(peak.items())},
+            "served_by_instance": [b - a_ for a_, b in zip(served0, self.served_chat(), strict=True)],
+        }
+        log(f"  -> ok {len(ok)}/{len(samples)} TTFT p50 {fmt(summary['ttft_s']['p50'])} s p99 "
+            f"{fmt(summary['ttft_s']['p99'])} s, {fmt(summary['output_tokens_per_s'], 1)} tok/s, follow-ups on the "
+            f"same instance {same}/{len(follow)}")
+        summary["herd_pools"] = self.snapshot(url + "/herd/pools")
+        self.runs[f"chat-{name}"] = {"summary": summary, "samples": samples}
+        return summary
+
+    def served_chat(self) -> list[int]:
+        out = []
+        for i in range(len(self.ports)):
+            f = self.work / f"emu{i}-chat.log"
+            text = f.read_text(errors="replace") if f.exists() else ""
+            out.append(len(re.findall(r'POST\s+"/api/chat"', text)))
+        return out
 
     def snapshot(self, url: str) -> dict:
         """One GET of the gateway's own status (e.g. /herd/pools), kept raw in the report's JSON."""
@@ -655,6 +841,40 @@ def goals(tab: dict, mults: list[int], ttft: dict) -> list[tuple[str, str, bool 
     return out
 
 
+def affinity_goals(tab: dict, mults: list[int], chat: dict) -> list[tuple[str, str, bool | None]]:
+    """Issue 20's goals: multi-turn TTFT/throughput/p99 with affinity vs without, single-turn no loss, bound."""
+    out = []
+    on, off = chat.get("herd"), chat.get("herd-noaff")
+    if on and off:
+        r = ratio(on["ttft_s"]["p50"], off["ttft_s"]["p50"])
+        out.append(("multi-turn: TTFT p50 <= 0.5x least loaded's",
+                    f"{fmt(on['ttft_s']['p50'])} s vs {fmt(off['ttft_s']['p50'])} s = {fmt(r, 2)}x",
+                    r is not None and r <= 0.5))
+        r = ratio(on["output_tokens_per_s"], off["output_tokens_per_s"])
+        out.append(("multi-turn: throughput at least least loaded's",
+                    f"{fmt(on['output_tokens_per_s'], 1)} vs {fmt(off['output_tokens_per_s'], 1)} tok/s = {fmt(r, 3)}x",
+                    r is not None and r >= 1.0))
+        out.append(("multi-turn: TTFT p99 no worse",
+                    f"{fmt(on['ttft_s']['p99'])} s vs {fmt(off['ttft_s']['p99'])} s",
+                    on["ttft_s"]["p99"] is not None and off["ttft_s"]["p99"] is not None
+                    and on["ttft_s"]["p99"] <= off["ttft_s"]["p99"]))
+        over = [f"{k} {v['peak']}/{v['max_conns']}" for run in (on, off) for k, v in run["peak_inflight"].items()
+                if v["peak"] > v["max_conns"]]
+        peaks = max((v["peak"] for run in (on, off) for v in run["peak_inflight"].values()), default=None)
+        out.append(("no instance ever holds more than its max_conns",
+                    "over: " + ", ".join(over) if over else f"most in flight on one instance: {peaks} "
+                    f"(max_conns {max((v['max_conns'] for v in on['peak_inflight'].values()), default='-')})",
+                    not over and peaks is not None))
+    for m in mults:
+        h, n = tab[m].get("herd"), tab[m].get("herd-noaff")
+        if h and n:
+            r = ratio(h["tok_per_s"], n["tok_per_s"])
+            out.append((f"single-turn, {m}x slots: affinity on within 2% of off",
+                        f"throughput {fmt(r, 3)}x; TTFT p99 {fmt(h['ttft_p99'])} s vs {fmt(n['ttft_p99'])} s",
+                        r is not None and r >= 0.98))
+    return out
+
+
 def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: str, took: float) -> tuple[str, dict]:
     a = bench.args
     n, p, slots = a.instances, a.num_parallel, bench.slots
@@ -687,9 +907,12 @@ def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: 
         for k in ("direct-c1", "litellm-c1", "herd-c1", "litellm-sat", "herd-sat"):
             peer[k] = row(bench.runs[f"peer-{k}"]["summary"], slots, a.token_seconds)
     checks = goals(tab, a.multipliers, ttft)
+    chat = extra.get("chat") or {}
+    aff_checks = affinity_goals(tab, a.multipliers, chat)
     out = {"overload": {str(m): v for m, v in tab.items()}, "request_list": {"requests": len(reference),
            "long": longs, "short": len(reference) - longs}, "ttft": ttft, "peer_router": peer,
            "goals": [{"goal": g, "measured": v, "met": ok} for g, v, ok in checks],
+           "chat": chat, "affinity_goals": [{"goal": g, "measured": v, "met": ok} for g, v, ok in aff_checks],
            "facts": facts, "command": command, "started": started, "took_s": took, "settings": vars(a),
            "cpu": bench.cpu, "gateway_origin": extra.get("gateway_origin"), "rendered_files": extra["files"],
            "note": a.note, "herd_pools": extra.get("herd_pools"),
@@ -833,6 +1056,55 @@ def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: 
                      "LiteLLM's figures as its cost in this setup, not its speed on a dedicated host).")
     L.append("")
 
+    if chat:
+        on = chat.get("herd")
+        L.append("## 4. Multi-turn chat: conversation affinity on vs off")
+        L.append("")
+        L.append(f"The instances restarted with emulated prompt evaluation at {a.chat_prompt_tps:g} tokens/s per slot "
+                 "and the emulator's per-slot prompt cache (Ollama's runner: a request takes the free slot whose "
+                 "last prompt shares the longest prefix with it; only the tokens not cached cost prompt time; "
+                 f"docs/standins.md). {a.chat_conversations} conversations x {a.chat_turns} turns, "
+                 f"{a.chat_clients or slots} clients at once, each sending its conversation's turns over streaming "
+                 f"`/api/chat` with the whole history, {a.chat_think_s:g} s (0.5x-1.5x) after each answer (the user "
+                 f"reads and types, and other conversations use the slot meanwhile): a shared system prompt of "
+                 f"{a.chat_system_bytes} bytes, a first message of {a.chat_doc_bytes} bytes, follow-ups of "
+                 f"{a.chat_turn_bytes} bytes, answers of {a.chat_answer_tokens} tokens (histories up to "
+                 f"{on['max_history_tokens'] if on else '-'} tokens). Both runs: herd's gateway rendered by the role, "
+                 "`gateway_affinity` true (herd) and false (least loaded, as before).")
+        L.append("")
+        L.append("| configuration | served | TTFT p50 | TTFT p99 | TTFT p50, turns 2+ | latency p50 | output tok/s | "
+                 "follow-ups on the last turn's instance | prompt tokens evaluated / sent | most in flight per "
+                 "instance (max_conns) |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|")
+        for name in ("herd", "herd-noaff"):
+            v = chat.get(name)
+            if not v:
+                continue
+            peak = max((x["peak"] for x in v["peak_inflight"].values()), default="-")
+            conns = max((x["max_conns"] for x in v["peak_inflight"].values()), default="-")
+            L.append(f"| {LABELS[name]} | {v['ok']}/{v['requests']} | {fmt(v['ttft_s']['p50'])} s | "
+                     f"{fmt(v['ttft_s']['p99'])} s | {fmt(v['ttft_follow_s']['p50'])} s | {fmt(v['latency_s']['p50'])} s | "
+                     f"{fmt(v['output_tokens_per_s'], 1)} | {v['same_instance_as_last_turn']}/{v['follow_up_turns']} | "
+                     f"{v['prompt_tokens_evaluated']} / {v['prompt_tokens_sent']} | {peak} ({conns}) |")
+        L.append("")
+        if on:
+            try:
+                (pool,) = json.loads(on["herd_pools"]["body"])["pools"]
+                L.append(f"The gateway's affinity counters after the herd run (`/herd/pools`, counted since its nginx "
+                         f"started for this run): hits {pool.get('affinity_hits')}, misses {pool.get('affinity_misses')}, "
+                         f"new {pool.get('affinity_new')}.")
+                L.append("")
+            except (ValueError, KeyError, TypeError):
+                pass
+    if aff_checks:
+        L.append("### The issue's goals (issue 20), from this run")
+        L.append("")
+        L.append("| goal | measured | met |")
+        L.append("|---|---|---|")
+        for g, v, ok in aff_checks:
+            L.append(f"| {g} | {v} | {'yes' if ok else 'NO'} |")
+        L.append("")
+
     L.append("## CPU use (is the machine the bottleneck?)")
     L.append("")
     busy_mean = sum(c["machine_busy"] for c in bench.cpu.values()) / max(len(bench.cpu), 1)
@@ -921,6 +1193,17 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1, help="seed of the request list (herd_load --seed)")
     p.add_argument("--ttft-requests", type=int, default=480, help="requests of each TTFT run (0: no section 2)")
     p.add_argument("--low-load-requests", type=int, default=20, help="requests of the 1-client peer-router runs")
+    p.add_argument("--chat-conversations", type=int, default=32, help="multi-turn section: conversations (0: none)")
+    p.add_argument("--chat-turns", type=int, default=6, help="multi-turn section: turns per conversation")
+    p.add_argument("--chat-clients", type=int, default=0, help="multi-turn section: clients at once (0: = slots)")
+    p.add_argument("--chat-prompt-tps", type=float, default=2000.0,
+                   help="multi-turn section: emulated prompt evaluation, tokens/s per slot (uncached tokens only)")
+    p.add_argument("--chat-system-bytes", type=int, default=800, help="system prompt shared by every conversation")
+    p.add_argument("--chat-doc-bytes", type=int, default=6000, help="first user message of each conversation")
+    p.add_argument("--chat-turn-bytes", type=int, default=400, help="each follow-up user message")
+    p.add_argument("--chat-answer-tokens", type=int, default=64, help="answer length of every turn")
+    p.add_argument("--chat-think-s", type=float, default=1.0,
+                   help="mean pause between an answer and the next turn (uniform 0.5x-1.5x, seeded)")
     p.add_argument("--nginx-workers", default="2", help="worker_processes (empty: as this machine's nginx.conf)")
     p.add_argument("--max-run-seconds", type=float, default=120.0, help="bound of every load run")
     p.add_argument("--litellm-routing", default="least-busy")
@@ -931,6 +1214,8 @@ def parse_args(argv=None):
     if a.short:
         a.instances, a.token_seconds, a.requests, a.multipliers = 2, 0.002, 24, "1,3"
         a.ttft_requests, a.skip_litellm = 24, True
+        a.chat_conversations, a.chat_turns, a.chat_doc_bytes, a.chat_answer_tokens = 8, 3, 2000, 8
+        a.chat_prompt_tps, a.chat_think_s = 5000.0, 0.05
     a.multipliers = [int(x) for x in str(a.multipliers).split(",") if x]
     a.configs = [x for x in str(a.configs).split(",") if x]
     unknown = set(a.configs) - set(CONFIGS) - {"baseline"}

@@ -31,6 +31,7 @@ Lab-only environment:
   HERD_EMU_RESPONSE_TOKENS       answer length when the request sets no num_predict (default 48)
   HERD_EMU_CPU_FACTOR            rate multiplier when no simulated GPU is visible (default 0.15)
   HERD_EMU_ACCESS_LOG            "0" turns off the per-request log line
+  HERD_EMU_PROMPT_CACHE          "0" turns off the per-slot prompt cache (default on, as Ollama's runner)
 
 Where this differs from Ollama is written next to the code (look for "DIFFERS").
 """
@@ -274,6 +275,7 @@ class Settings:
         self.response_tokens = env_int(env, "HERD_EMU_RESPONSE_TOKENS", 48, minimum=1)
         self.cpu_factor = env_float(env, "HERD_EMU_CPU_FACTOR") or 0.15
         self.access_log = clean_env(env.get("HERD_EMU_ACCESS_LOG")) != "0"
+        self.prompt_cache = clean_env(env.get("HERD_EMU_PROMPT_CACHE")) not in ("0", "false")
 
     @property
     def listen_address(self):
@@ -570,6 +572,11 @@ class Runner:
         self.gpus = gpus
         self.num_parallel = settings.num_parallel
         self.slots = asyncio.Semaphore(self.num_parallel)
+        # The prompt cache of each slot: the tokens it processed last, and when (runner/llamarunner/cache.go).
+        self.prompt_cache = settings.prompt_cache
+        self.cache_tokens = [[] for _ in range(self.num_parallel)]
+        self.cache_used = [0.0] * self.num_parallel
+        self.slot_busy = [False] * self.num_parallel
         self.active = 0
         self.peak_active = 0
         self.ref_count = 1
@@ -595,18 +602,48 @@ class Runner:
             rate *= 1.0 - (1.0 - self.model.busy_slowdown) * busy
         return rate
 
+    def pick_slot(self, tokens):
+        """The free slot for a prompt and the tokens it has cached: like the runner's findLongestCacheSlot, the
+        free slot whose last prompt shares the longest prefix with this one; with no shared prefix anywhere,
+        the least recently used free slot. Returns (index, cached tokens)."""
+        best, best_len = None, -1
+        for index in range(self.num_parallel):
+            if self.slot_busy[index]:
+                continue
+            length = common_prefix(self.cache_tokens[index], tokens) if self.prompt_cache else 0
+            if length > best_len or (length == best_len and self.cache_used[index] < self.cache_used[best]):
+                best, best_len = index, length
+        # Like the runner: a prompt wholly in the cache still evaluates its last token (to get logits).
+        return best, min(best_len, max(0, prompt_len(tokens) - 1))
+
     @contextlib.asynccontextmanager
-    async def slot(self):
+    async def slot(self, tokens=()):
+        """Take a slot for a prompt of `tokens`; yields a SlotUse (index, cached = prompt tokens found in the
+        slot's cache). The caller may set .keep to the tokens the slot holds afterwards (default: the prompt)."""
         # DIFFERS: Ollama waits for a slot on the runner's semaphore (llm/server.go) the same way:
         # unbounded, outside OLLAMA_MAX_QUEUE. Only the scheduler's pending queue is bounded.
         async with self.slots:
+            index, cached = self.pick_slot(list(tokens))
+            self.slot_busy[index] = True
+            use = SlotUse(index, cached, list(tokens))
             self.active += 1
             self.peak_active = max(self.peak_active, self.active)
             try:
-                yield
+                yield use
             finally:
                 self.active -= 1
                 self.last_used = time.monotonic()
+                self.slot_busy[index] = False
+                self.cache_used[index] = self.last_used
+                if self.prompt_cache:
+                    self.cache_tokens[index] = use.keep
+
+
+class SlotUse:
+    def __init__(self, index, cached, tokens):
+        self.index = index
+        self.cached = cached
+        self.keep = tokens
 
 
 class Scheduler:
@@ -984,6 +1021,71 @@ def estimate_tokens(text):
     return max(1, (len(text) + 3) // 4)
 
 
+# Emulated tokens: 4 bytes of text each (as estimate_tokens counts them), so that two prompts that share a
+# text prefix share a token prefix, and fixed template markers of 4 tokens around the parts. A prompt is a list
+# of segments, (MARK, name) = 4 tokens or (TEXT, text) = estimate_tokens(text) tokens, so that a prompt of a
+# megabyte is a few objects, compared at C speed.
+MARK, TEXT = 0, 1
+
+
+def segment_tokens(segment):
+    return 4 if segment[0] == MARK else estimate_tokens(segment[1])
+
+
+def prompt_len(segments):
+    return sum(segment_tokens(s) for s in segments)
+
+
+def generate_tokens(system, prompt):
+    """A /api/generate prompt: 4 template tokens, the text (system + prompt), 4 more (estimate_tokens + 8)."""
+    return [(MARK, "start"), (TEXT, system + prompt), (MARK, "end")]
+
+
+def message_tokens(message):
+    """One chat message: 4 header tokens naming the role, then its content."""
+    return [(MARK, str(message.get("role") or "")), (TEXT, str(message.get("content") or ""))]
+
+
+def chat_tokens(messages):
+    """A chat prompt: every message, then 4 tokens that open the assistant's answer (as the chat template)."""
+    out = []
+    for m in messages:
+        if isinstance(m, dict):
+            out += message_tokens(m)
+    return out + [(MARK, "answer")]
+
+
+def chat_kept_tokens(prompt, answer):
+    """What a slot holds after a chat turn: the prompt up to the answer's opening, then the answer as the next
+    turn's history renders it (an assistant message), so that the next turn finds it cached."""
+    return prompt[:-1] + message_tokens({"role": "assistant", "content": answer})
+
+
+def _common_chars(a, b):
+    """Length of the common prefix of two strings (binary search over slice comparisons)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def common_prefix(a, b):
+    """Tokens two prompts (segment lists) share from their start."""
+    total = 0
+    for x, y in zip(a, b, strict=False):
+        if x == y:
+            total += segment_tokens(x)
+            continue
+        if x[0] == TEXT and y[0] == TEXT:
+            total += _common_chars(x[1], y[1]) // 4
+        break
+    return total
+
+
 class Emulator:
     def __init__(self, settings):
         self.settings = settings
@@ -1265,7 +1367,8 @@ class Emulator:
                                 "done_reason": "load"})
                 return
             n_tokens, limited = self._answer_length(options)
-            prompt_tokens = estimate_tokens((data.get("system") or "") + prompt) + 8
+            tokens = generate_tokens(str(data.get("system") or ""), prompt)
+            prompt_tokens = prompt_len(tokens)
             model_name = data["model"]
             pieces = []
             if stream:
@@ -1278,14 +1381,15 @@ class Emulator:
                 else:
                     pieces.append(text)
 
-            async with runner.slot():
-                prompt_s, eval_s = await self._run_tokens(runner, prompt_tokens, n_tokens, emit, resp)
+            async with runner.slot(tokens) as use:
+                evaluated = prompt_tokens - use.cached
+                prompt_s, eval_s = await self._run_tokens(runner, evaluated, n_tokens, emit, resp)
             final = {
                 "model": model_name, "created_at": go_time(), "response": "".join(pieces), "done": True,
                 "done_reason": "length" if limited else "stop",
                 "context": list(range(1, min(prompt_tokens + n_tokens, 2048) + 1)),
                 "total_duration": _ns(time.monotonic() - started), "load_duration": _ns(load_duration),
-                "prompt_eval_count": prompt_tokens, "prompt_eval_duration": _ns(prompt_s),
+                "prompt_eval_count": evaluated, "prompt_eval_duration": _ns(prompt_s),
                 "eval_count": n_tokens, "eval_duration": _ns(eval_s),
             }
             if stream:
@@ -1294,9 +1398,6 @@ class Emulator:
                 resp.json(200, final)
         finally:
             self.sched.finished(runner)
-
-    def _chat_prompt_tokens(self, messages):
-        return sum(estimate_tokens(str(m.get("content") or "")) + 4 for m in messages if isinstance(m, dict)) + 4
 
     async def chat(self, req, resp):
         data = self.body_json(req, resp)
@@ -1324,27 +1425,32 @@ class Emulator:
                                 "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"})
                 return
             n_tokens, limited = self._answer_length(options)
-            prompt_tokens = self._chat_prompt_tokens(messages)
+            tokens = chat_tokens(messages)
+            prompt_tokens = prompt_len(tokens)
             model_name = data["model"]
             pieces = []
+            answer = []
             if stream:
                 resp.start_stream("application/x-ndjson")
 
             def emit(_i, text):
+                answer.append(text)
                 if stream:
                     resp.chunk(f'{{"model":{json.dumps(model_name)},"created_at":"{go_time()}","message":{{"role":"assistant","content":{json.dumps(text)}}},'
                                '"done":false}\n')
                 else:
                     pieces.append(text)
 
-            async with runner.slot():
-                prompt_s, eval_s = await self._run_tokens(runner, prompt_tokens, n_tokens, emit, resp)
+            async with runner.slot(tokens) as use:
+                evaluated = prompt_tokens - use.cached
+                prompt_s, eval_s = await self._run_tokens(runner, evaluated, n_tokens, emit, resp)
+                use.keep = chat_kept_tokens(tokens, "".join(answer))
             final = {
                 "model": model_name, "created_at": go_time(),
                 "message": {"role": "assistant", "content": "".join(pieces)}, "done": True,
                 "done_reason": "length" if limited else "stop",
                 "total_duration": _ns(time.monotonic() - started), "load_duration": _ns(load_duration),
-                "prompt_eval_count": prompt_tokens, "prompt_eval_duration": _ns(prompt_s),
+                "prompt_eval_count": evaluated, "prompt_eval_duration": _ns(prompt_s),
                 "eval_count": n_tokens, "eval_duration": _ns(eval_s),
             }
             if stream:
@@ -1405,7 +1511,9 @@ class Emulator:
             ident = f"chatcmpl-{self.counter % 1000}"
             created = int(time.time())
             n_tokens, limited = self._answer_length({}, max_tokens)
-            prompt_tokens = self._chat_prompt_tokens(data["messages"])
+            tokens = chat_tokens(data["messages"])
+            prompt_tokens = prompt_len(tokens)
+            answer = []
             pieces = []
             head = (f'{{"id":"{ident}","object":"chat.completion.chunk","created":{created},"model":{json.dumps(name)},'
                     '"system_fingerprint":"fp_ollama","choices":[')
@@ -1413,14 +1521,16 @@ class Emulator:
                 resp.start_stream("text/event-stream")
 
             def emit(_i, text):
+                answer.append(text)
                 if stream:
                     resp.chunk(f'data: {head}{{"index":0,"delta":{{"role":"assistant","content":{json.dumps(text)}}},"finish_reason":null}}]}}'
                                '\n\n')
                 else:
                     pieces.append(text)
 
-            async with runner.slot():
-                await self._run_tokens(runner, prompt_tokens, n_tokens, emit, resp)
+            async with runner.slot(tokens) as use:
+                await self._run_tokens(runner, prompt_tokens - use.cached, n_tokens, emit, resp)
+                use.keep = chat_kept_tokens(tokens, "".join(answer))
             finish = "length" if limited else "stop"
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n_tokens,
                      "total_tokens": prompt_tokens + n_tokens}

@@ -248,7 +248,9 @@ def test_client_that_hangs_up_while_queued_holds_no_slot(gw):
     wait_idle(gw)
     before = pools(gw)[TINY]
     start_streams(gw, "hold", 3, 40)  # the pool's 3 slots for 2 s
-    time.sleep(0.5)
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline and sum(i["inflight"] for i in pools(gw)[TINY]["instances"]) < 3:
+        time.sleep(0.05)
     gw.check_output(f"h4-client stream {GW}/api/generate --key {KEY} --tokens 5 --hangup 0.5")
     mid = pools(gw)[TINY]
     assert mid["abandoned"] - before["abandoned"] == 1 and mid["queued"] == 0, mid
@@ -275,9 +277,9 @@ def test_drain_one_instance_of_a_pool_keeps_the_pool_served(gw):
         assert result["status"] == 200 and result["done"] and result["chunks"] >= 60, result
         assert json.loads(gw.file("/var/lib/herd/gateway/drained.json").content_string) == [target]
         seen = set()
-        for _ in range(6):
+        for i in range(6):  # distinct prompts: one prompt would stay on one instance (conversation affinity)
             reply = call(gw, "POST", GW + "/api/generate", key=KEY,
-                         body={"model": SMALL, "prompt": "x", "stream": False, "options": {"num_predict": 1}})
+                         body={"model": SMALL, "prompt": f"x{i}", "stream": False, "options": {"num_predict": 1}})
             assert reply["status"] == 200, reply
             seen.add(addresses[reply["headers"]["x-herd-upstream"]])
         assert seen == {k for k in POOL_OF if POOL_OF[k] == SMALL and k != target}, seen
@@ -291,9 +293,9 @@ def test_drain_one_instance_of_a_pool_keeps_the_pool_served(gw):
         rc, out = playbook("playbooks/drain.yml", "-e", f"undrain={target}")
     assert rc == 0, out
     seen = set()
-    for _ in range(12):
+    for i in range(12):
         reply = call(gw, "POST", GW + "/api/generate", key=KEY,
-                     body={"model": SMALL, "prompt": "x", "stream": False, "options": {"num_predict": 1}})
+                     body={"model": SMALL, "prompt": f"y{i}", "stream": False, "options": {"num_predict": 1}})
         seen.add(addresses[reply["headers"]["x-herd-upstream"]])
         if target in seen:
             break
@@ -331,3 +333,53 @@ def test_broken_config_is_never_loaded(gw):
     assert 'unknown directive "bogus_directive"' in out, out[-3000:]
     assert gw.file("/etc/nginx/conf.d/herd-gateway.conf").content_string == before
     assert call(gw, "GET", GW + "/api/tags", key=KEY)["status"] == 200
+
+
+def test_conversation_stays_on_its_instance_while_it_has_a_free_slot(gw):
+    """Affinity (issue 20): follow-up turns of one chat land on the instance of the first turn; when that instance's
+    slots are all taken (by the same conversation's 5-second turns), the next turn goes to the pool's other
+    instance, and the conversation follows it there."""
+    wait_idle(gw)
+    addresses = upstreams_of(gw)
+    max_conns = {i["key"]: i["max_conns"] for i in pools(gw)[SMALL]["instances"]}
+    before = pools(gw)[SMALL]
+    history = [{"role": "system", "content": "be brief"}, {"role": "user", "content": f"conversation {time.time()}"}]
+
+    def turn(count=1, tokens=2, name="aff"):
+        item = {"path": "/api/chat", "body": {"model": SMALL, "stream": False, "messages": history,
+                                              "options": {"num_predict": tokens}}}
+        gw.check_output(f"cat > /tmp/{name}.json <<'EOF'\n{json.dumps([item] * count)}\nEOF")
+        return f"h4-client batch {GW} /tmp/{name}.json --key {KEY} --concurrency {count}"
+
+    def one_turn(command=None):
+        (r,) = json.loads(gw.check_output(command or turn()))
+        assert r["status"] == 200, r
+        history.extend([{"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}])
+        return addresses[r["upstream"]]
+
+    served = [one_turn() for _ in range(3)]
+    home = served[0]
+    assert served == [home] * 3, served
+    # take every slot of the home instance with this conversation's 5-second turns (100 tokens at 20/s)
+    next_turn = turn(name="affnext")
+    gw.check_output(f"rm -f /tmp/afffill.out; nohup {turn(max_conns[home], 100, 'afffill')} > /tmp/afffill.tmp "
+                    "2>&1 && mv /tmp/afffill.tmp /tmp/afffill.out &")
+    deadline = time.monotonic() + 5
+    inflight = {}
+    while time.monotonic() < deadline:
+        inflight = {i["key"]: i["inflight"] for i in pools(gw)[SMALL]["instances"]}
+        if inflight[home] == max_conns[home]:
+            break
+        time.sleep(0.1)
+    assert inflight[home] == max_conns[home], inflight
+    moved = one_turn(next_turn)
+    assert moved != home and POOL_OF[moved] == SMALL, (moved, home)
+    assert wait_files(gw, "/tmp/afffill.out", 1, timeout=15)
+    fills = json.loads(gw.file("/tmp/afffill.out").content_string)
+    assert [(f["status"], addresses[f["upstream"]]) for f in fills] == [(200, home)] * max_conns[home], fills
+    assert one_turn() == moved  # the conversation follows its latest turn
+    after = wait_idle(gw)[SMALL]
+    assert after["affinity"] is True
+    assert after["affinity_new"] - before["affinity_new"] == 1, after
+    assert after["affinity_misses"] - before["affinity_misses"] == 1, after
+    assert after["affinity_hits"] - before["affinity_hits"] == 2 + max_conns[home] + 1, after

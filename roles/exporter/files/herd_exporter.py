@@ -104,6 +104,9 @@ def parse_stub_status(text):
 
 
 POOL_COUNTERS = ("admitted", "rejected_full", "rejected_timeout", "abandoned")
+# Conversation affinity (gateways since issue 20; absent from older ones): requests whose conversation went back to
+# its instance (hit), went elsewhere because that instance had no free slot or was down (miss), or was new.
+AFFINITY_COUNTERS = (("hit", "affinity_hits"), ("miss", "affinity_misses"), ("new", "affinity_new"))
 
 
 def _count(value, what):
@@ -162,6 +165,10 @@ def parse_pools(text):
                               "max_conns": _count(inst.get("max_conns", 0), f"pool {name}: max_conns"),
                               "down": bool(inst.get("down"))})
         pool["instances"] = instances
+        pool["affinity"] = None
+        if any(key in raw for _result, key in AFFINITY_COUNTERS):
+            pool["affinity"] = {result: _count(raw.get(key, 0), f"pool {name}: {key}")
+                                for result, key in AFFINITY_COUNTERS}
         pools.append(pool)
     return pools
 
@@ -775,6 +782,12 @@ class Exporter:
         )
         conns = fam("herd_gateway_pool_instance_max_conns", "gauge", "Requests an instance of the pool takes at once")
         down = fam("herd_gateway_pool_instance_down", "gauge", "1 when the instance is drained or failed")
+        affinity = fam(
+            "herd_gateway_pool_affinity_total",
+            "counter",
+            "Requests of the pool with a conversation key, by result (hit: sent to the instance that served the "
+            "conversation last; miss: that instance had no free slot or was down; new: first turn)",
+        )
         for pool in pools:
             labels = {"host": host, "pool": pool["name"]}
             depth.add(labels, pool["queued"])
@@ -792,6 +805,8 @@ class Exporter:
                 inflight.add(ilabels, inst["inflight"])
                 conns.add(ilabels, inst["max_conns"])
                 down.add(ilabels, 1 if inst["down"] else 0)
+            for result, value in (pool["affinity"] or {}).items():
+                affinity.add({**labels, "result": result}, value)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,11 +12,22 @@
 --   q:<pool>:w        requests waiting in the pool's queue
 --   s:<pool>:<stat>   counters of /herd/pools
 --   c:<path>          cached catalogue answer
+-- Conversation affinity (lua_shared_dict herd_affinity, apart so that its LRU eviction never touches the slots):
+--   <key>             instance that served the conversation <key> last (expires after affinity_ttl)
 local cjson = require("cjson.safe")
 
 local _M = {}
 
 local DICT_NAME = "herd_gateway"
+local AFFINITY_DICT = "herd_affinity"
+-- Conversation key: the explicit session header, else the model and the first bytes of what every turn of a
+-- conversation resends unchanged (chat: the messages up to the first user message; completion: system + prompt).
+local AFFINITY_HEADER = "http_x_herd_session"
+local AFFINITY_PREFIX_BYTES = 1024
+local AFFINITY_PATHS = {
+    ["/api/chat"] = "chat", ["/v1/chat/completions"] = "chat",
+    ["/api/generate"] = "prompt", ["/v1/completions"] = "prompt",
+}
 local ANY = "*"
 local BUCKETS = { 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30 }
 local BUCKET_LABELS = { "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10", "30" }
@@ -147,6 +158,8 @@ function _M.build(settings, servers_record, drained, resolver)
         tries = tonumber(settings.tries) or 3,
         catalogue_ttl = seconds(settings.catalogue_ttl, 2),
         connect_timeout = seconds(settings.connect_timeout, 3),
+        affinity = settings.affinity == true,
+        affinity_ttl = seconds(settings.affinity_ttl, 600),
         servers = {}, by_key = {}, by_endpoint = {}, pools = {}, pool_names = {},
         model_options = {},
     }
@@ -282,9 +295,23 @@ local function candidates(pool, exclude)
 end
 _M.candidates = candidates
 
+local function in_pool(pool, server)
+    for _, member in ipairs(cfg.pools[pool] or {}) do
+        if member == server then
+            return true
+        end
+    end
+    return false
+end
+
 -- Take a slot on the least loaded candidate with one free; returns the server, or nil and whether any
--- candidate exists at all.
-local function acquire(pool, exclude)
+-- candidate exists at all. `preferred` (conversation affinity) is taken first when it is a live, non-backup
+-- member of the pool with a free slot: affinity never goes past an instance's max_conns (bounded load).
+local function acquire(pool, exclude, preferred)
+    if preferred and not preferred.down and not preferred.backup and not failed(preferred)
+        and not (exclude and exclude[preferred.key]) and in_pool(pool, preferred) and take(preferred) then
+        return preferred, true
+    end
     local list = candidates(pool, exclude)
     for _, entry in ipairs(list) do
         if take(entry.server) then
@@ -505,6 +532,62 @@ local function read_body()
     return nil
 end
 
+-- ------------------------------------------------------------------------------------------ affinity
+
+-- The conversation key of a request (nil: no affinity), from the model, the path, the decoded body and the
+-- session header. Two turns of one chat resend the same first messages, so they get the same key.
+function _M.affinity_key(model, path, doc, session)
+    if type(session) == "table" then
+        session = session[1]
+    end
+    if type(session) == "string" and session ~= "" then
+        return "s:" .. ngx.md5(model .. "\0" .. session)
+    end
+    local kind = AFFINITY_PATHS[path]
+    local parts = {}
+    if kind == "chat" then
+        if type(doc.messages) ~= "table" then
+            return nil
+        end
+        for _, m in ipairs(doc.messages) do
+            if type(m) ~= "table" then
+                break
+            end
+            local content = m.content
+            if type(content) ~= "string" then
+                content = cjson.encode(content) or ""
+            end
+            parts[#parts + 1] = tostring(m.role) .. "\0" .. content
+            if m.role == "user" then
+                break
+            end
+        end
+    elseif kind == "prompt" then
+        if type(doc.prompt) ~= "string" or doc.prompt == "" then
+            return nil
+        end
+        parts[1] = (type(doc.system) == "string" and doc.system or "") .. "\0" .. doc.prompt
+    end
+    local text = table.concat(parts, "\0")
+    if text == "" then
+        return nil
+    end
+    return "p:" .. ngx.md5(model .. "\0" .. text:sub(1, AFFINITY_PREFIX_BYTES))
+end
+
+-- The instance that served the conversation last, or nil.
+local function affinity_lookup(key)
+    local value = ngx.shared[AFFINITY_DICT]:get(key)
+    return value and cfg.by_key[value] or nil
+end
+_M.affinity_lookup = affinity_lookup
+
+-- Remember the instance of a conversation (a full zone drops the least recently used entries).
+local function affinity_remember(key, server)
+    ngx.shared[AFFINITY_DICT]:set(key, server.key, cfg.affinity_ttl)
+end
+_M.affinity_remember = affinity_remember
+
 -- ------------------------------------------------------------------------------------------ the wait queue
 
 local function queue_leave(pool, ticket)
@@ -541,8 +624,9 @@ end
 
 -- Wait in the pool's FIFO until this request is at the head and a candidate has a free slot.
 -- Returns the server with the slot taken, or answers 503 itself.
-local function admit(pool)
+local function admit(pool, affinity)
     local d = dict()
+    local preferred = affinity and affinity.preferred
     local ticket = d:incr("q:" .. pool .. ":t", 1, 0)
     local alive = "q:" .. pool .. ":l:" .. ticket
     d:set(alive, 1, 1)
@@ -574,7 +658,7 @@ local function admit(pool)
         local head = advance_head(pool)
         -- head > ticket: this ticket was skipped as dead by mistake; it competes as if at the head.
         if head >= ticket then
-            local server, any = acquire(pool)
+            local server, any = acquire(pool, nil, preferred)
             if server then
                 d:delete(alive)
                 if head == ticket then
@@ -588,6 +672,11 @@ local function admit(pool)
                 local wait = ngx.now() - start
                 stat(pool, "admitted")
                 observe_wait(pool, wait)
+                if affinity then
+                    stat(pool, not preferred and "affinity_new" or server == preferred and "affinity_hits"
+                        or "affinity_misses")
+                    affinity_remember(affinity.key, server)
+                end
                 return server
             end
             if not any then
@@ -651,6 +740,12 @@ function _M.access(mode)
             return answer(404, 'model "' .. name .. '" not found, try pulling it first')
         end
         pool = model
+        if cfg.affinity then
+            local key = _M.affinity_key(model, ngx.var.uri, doc, ngx.var[AFFINITY_HEADER])
+            if key then
+                ctx.herd_affinity = { key = key, preferred = affinity_lookup(key) }
+            end
+        end
         local new_body = _M.rewrite_body(body, doc, kind, cfg.model_options[model])
         if new_body then
             ngx.req.set_body_data(new_body)
@@ -671,7 +766,7 @@ function _M.access(mode)
     if not ok and err ~= "duplicate call" then
         ngx.log(ngx.WARN, "herd gateway: on_abort: ", err)
     end
-    local server = admit(pool)
+    local server = admit(pool, ctx.herd_affinity)
     ctx.herd_server = server
     ngx.var.herd_slot = server.key
 end
@@ -699,6 +794,9 @@ function _M.balance()
             if next_server then
                 give_back(last.key)
                 ngx.var.herd_slot = next_server.key
+                if ctx.herd_affinity then
+                    affinity_remember(ctx.herd_affinity.key, next_server)
+                end
             end
         end
         if not next_server then
@@ -767,6 +865,10 @@ function _M.pools_status()
             rejected_full = get("rejected_full"),
             rejected_timeout = get("rejected_timeout"),
             abandoned = get("abandoned"),
+            affinity = cfg.affinity,
+            affinity_hits = get("affinity_hits"),
+            affinity_misses = get("affinity_misses"),
+            affinity_new = get("affinity_new"),
             wait_seconds = { buckets = buckets, sum = get("sum_us") / 1e6, count = get("count") },
             instances = instances,
         }

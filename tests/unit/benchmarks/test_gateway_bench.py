@@ -107,7 +107,7 @@ def test_short_mode_runs_every_configuration(tmp_path):
     assert str(tmp_path / "w" / "nginx-herd") in conf  # the role's paths moved under the prefix
     for mult in ("1", "3"):
         rows = data["overload"][mult]
-        assert set(rows) == {"herd", "seed-000", "seed-003", "round-robin", "random", "ideal"}
+        assert set(rows) == {"herd", "herd-noaff", "seed-000", "seed-003", "round-robin", "random", "ideal"}
         for name, row in rows.items():
             # every request got an answer: served, or an explicit busy/unavailable status
             assert row["served"] + row["busy_503"] + sum(row["other_errors"].values()) == 24, (mult, name, row)
@@ -134,3 +134,19 @@ def test_short_mode_runs_every_configuration(tmp_path):
     fams = promcheck.parse(ex.render(exporter.collect()))
     assert promcheck.sample_value(fams, "herd_gateway_pool_admitted_total", pool="herd-tiny:1b") == served
     assert "pytest tests/unit/benchmarks" in text and data["facts"]["herd_commit"] in text
+    # multi-turn chat (issue 20): every turn served; with affinity a follow-up goes to its last instance unless
+    # that one is full (4 clients on 2 instances x 2 slots: a new conversation may join an instance whose two
+    # conversations are between turns, so a few may move), and less prompt is evaluated than without
+    on, off = data["chat"]["herd"], data["chat"]["herd-noaff"]
+    assert on["ok"] == on["requests"] == off["ok"] == off["requests"] == 8 * 3
+    assert on["follow_up_turns"] == 16 and on["same_instance_as_last_turn"] >= 12, on
+    assert on["prompt_tokens_sent"] == off["prompt_tokens_sent"]
+    assert on["prompt_tokens_evaluated"] < off["prompt_tokens_evaluated"]
+    for run in (on, off):
+        assert all(v["peak"] <= v["max_conns"] for v in run["peak_inflight"].values()), run["peak_inflight"]
+    (pool,) = json.loads(on["herd_pools"]["body"])["pools"]
+    assert pool["affinity_new"] == 8 and pool["affinity_hits"] + pool["affinity_misses"] == 16, pool
+    assert pool["affinity_hits"] >= 12, pool
+    (pool,) = json.loads(off["herd_pools"]["body"])["pools"]
+    assert pool["affinity"] is False and pool["affinity_hits"] == pool["affinity_new"] == 0
+    assert "## 4. Multi-turn chat" in text and "issue 20" in text

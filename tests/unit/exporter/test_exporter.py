@@ -263,6 +263,11 @@ def test_pool_queue_metrics_from_the_gateways_pools_json(ex, tmp_path):
     assert v(fams, "herd_gateway_pool_instance_inflight", server="gpu1:0", endpoint="127.0.0.1:18951", **pool) == 2
     assert v(fams, "herd_gateway_pool_instance_down", server="gpu1:1", **pool) == 1
     assert v(fams, "herd_gateway_pool_instance_max_conns", server="gpu1:1", **pool) == 4
+    # conversation affinity by result; a pool from a gateway without affinity counters publishes none
+    assert v(fams, "herd_gateway_pool_affinity_total", result="hit", **pool) == 90
+    assert v(fams, "herd_gateway_pool_affinity_total", result="miss", **pool) == 7
+    assert v(fams, "herd_gateway_pool_affinity_total", result="new", **pool) == 23
+    assert {lab["pool"] for _n, lab, _v in fams["herd_gateway_pool_affinity_total"]["samples"]} == {"qwen2.5:7b"}
 
 
 def test_pools_answer_captured_from_the_gateway(ex):

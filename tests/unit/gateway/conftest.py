@@ -46,6 +46,7 @@ def render(template, **overrides):
         trim_blocks=True,
     )
     env.filters["comment"] = lambda text: f"#\n# {text}\n#"
+    env.filters["bool"] = lambda value: value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
     values = dict(role_defaults())
     values.update(role_vars())
     values["ansible_managed"] = "Managed by herd (test)"

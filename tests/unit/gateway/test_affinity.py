@@ -1,0 +1,126 @@
+"""Conversation affinity in the gateway's Lua (run inside the real nginx with the Lua module): the conversation
+key, and the load bound (the preferred instance only while it has a free slot, live and in the pool)."""
+
+import json
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import LUA_DIR, NGINX, main_config
+from test_routing import _free_port, _server
+
+LUA_TEST = r"""
+local herd = require("herd_gateway")
+local cjson = require("cjson.safe")
+local out = {}
+local record = cjson.decode(io.open(SERVERS_FILE):read("*a"))
+local cfg = herd.build({affinity = true, affinity_ttl = "60s"}, record, {"b:3"}, function(a) return "127.0.0.1" end)
+herd._set_cfg(cfg)
+local sys = {role = "system", content = "be brief"}
+local u1 = {role = "user", content = "plan a trip"}
+local turn1 = {model = "tiny", messages = {sys, u1}}
+local turn2 = {model = "tiny", messages = {sys, u1, {role = "assistant", content = "ok"}, {role = "user", content = "more"}}}
+local k = function(path, doc, session) return herd.affinity_key("tiny:latest", path, doc, session) or "nil" end
+out.key = {
+    turn1 = k("/api/chat", turn1), turn2 = k("/api/chat", turn2),
+    openai2 = k("/v1/chat/completions", turn2),
+    other = k("/api/chat", {messages = {sys, {role = "user", content = "plan a party"}}}),
+    other_model = herd.affinity_key("small:7b", "/api/chat", turn1),
+    session_a = k("/api/chat", turn1, "conv-1"), session_b = k("/api/chat", turn2, "conv-1"),
+    session_c = k("/api/chat", turn1, "conv-2"),
+    gen1 = k("/api/generate", {prompt = string.rep("x", 1024) .. "turn one"}),
+    gen2 = k("/api/generate", {prompt = string.rep("x", 1024) .. "turn two, longer"}),
+    gen_short1 = k("/api/generate", {prompt = "hello"}), gen_short2 = k("/api/generate", {prompt = "hellp"}),
+    no_messages = k("/api/chat", {messages = {}}), embed = k("/api/embed", {input = "x"}),
+    images = k("/api/chat", {messages = {{role = "user", content = cjson.null, images = {"AAAA"}}}}),
+}
+local function key_of(s) return s and s.key or "none" end
+local by = cfg.by_key
+-- b:0 (2 slots) and b:1 (2 slots) hold tiny; b:2 (backup) too; b:3 is drained.
+local picks = {}
+picks[1] = key_of(herd.acquire("tiny:latest", nil, by["b:1"]))   -- preferred though both are idle
+picks[2] = key_of(herd.acquire("tiny:latest", nil, by["b:1"]))   -- preferred though b:0 is less loaded
+picks[3] = key_of(herd.acquire("tiny:latest", nil, by["b:1"]))   -- b:1 full: least loaded other (b:0)
+herd.give_back("b:1")
+picks[4] = key_of(herd.acquire("tiny:latest", nil, by["b:1"]))   -- a slot freed: back to b:1
+picks[5] = key_of(herd.acquire("tiny:latest", nil, by["b:3"]))   -- drained preferred: ignored
+picks[6] = key_of(herd.acquire("tiny:latest", nil, by["b:4"]))   -- not in the pool: ignored (all full: backup)
+herd.give_back("b:1")
+picks[7] = key_of(herd.acquire("tiny:latest", {["b:1"] = true}, by["b:1"]))  -- excluded (a retry): ignored
+out.picks = picks
+out.inflight = {}
+for _, key in ipairs({"b:0", "b:1", "b:2", "b:3", "b:4"}) do
+    out.inflight[key] = ngx.shared.herd_gateway:get("i:" .. key) or 0
+end
+-- a backup is never preferred over free regular instances
+for _, key in ipairs({"b:0", "b:0", "b:1", "b:2", "b:2"}) do herd.give_back(key) end
+out.backup_pref = key_of(herd.acquire("tiny:latest", nil, by["b:2"]))
+-- the map
+herd.affinity_remember("p:x", by["b:1"])
+out.lookup = key_of(herd.affinity_lookup("p:x"))
+out.lookup_missing = key_of(herd.affinity_lookup("p:y"))
+out.ttl = ngx.shared.herd_affinity:ttl("p:x")
+ngx.say(cjson.encode(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def lua(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("affinity")
+    servers = {"servers": [_server("b:0", ["tiny"], 2), _server("b:1", ["tiny"], 2),
+                           _server("b:2", ["tiny"], 2, backup=True), _server("b:3", ["tiny"], 2),
+                           _server("b:4", ["small:7b"], 2)]}
+    (tmp / "servers.json").write_text(json.dumps(servers))
+    port = _free_port()
+    (tmp / "test.lua").write_text(LUA_TEST.replace("SERVERS_FILE", json.dumps(str(tmp / "servers.json"))))
+    main = main_config(tmp, f"""
+  lua_package_path "{LUA_DIR}/?.lua;;";
+  lua_shared_dict herd_gateway 1m;
+  lua_shared_dict herd_affinity 1m;
+  server {{
+    listen 127.0.0.1:{port};
+    location = /t {{ content_by_lua_file {tmp}/test.lua; }}
+  }}""")
+    (tmp / "logs").mkdir()
+    with open(main, "a", encoding="utf-8") as handle:
+        handle.write("daemon off;\nmaster_process off;\n")
+    proc = subprocess.Popen([NGINX, "-p", str(tmp), "-c", str(main)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/t", timeout=5) as resp:
+                    return json.loads(resp.read())
+            except (urllib.error.URLError, ConnectionError) as exc:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise AssertionError(f"nginx test server failed: {exc}; {(tmp / 'error.log').read_text()}") from exc
+                time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_conversation_key(lua):
+    key = lua["key"]
+    assert key["turn1"].startswith("p:") and key["turn1"] == key["turn2"] == key["openai2"]
+    assert len({key["turn1"], key["other"], key["other_model"], key["session_a"]}) == 4
+    assert key["session_a"] == key["session_b"] != key["session_c"] and key["session_a"].startswith("s:")
+    assert key["gen1"] == key["gen2"], "prompts that share their first 1024 bytes are one conversation"
+    assert key["gen_short1"] != key["gen_short2"]
+    assert key["no_messages"] == key["embed"] == "nil"
+    assert key["images"].startswith("p:")
+
+
+def test_preferred_instance_only_with_a_free_slot(lua):
+    assert lua["picks"] == ["b:1", "b:1", "b:0", "b:1", "b:0", "b:2", "b:2"]
+    # no instance past its max_conns (2 each); the drained one and the other pool's instance got nothing
+    assert lua["inflight"] == {"b:0": 2, "b:1": 1, "b:2": 2, "b:3": 0, "b:4": 0}
+    # a backup is not preferred while a regular instance has a free slot
+    assert lua["backup_pref"] in ("b:0", "b:1")
+
+
+def test_map_remembers_with_ttl(lua):
+    assert lua["lookup"] == "b:1" and lua["lookup_missing"] == "none"
+    assert 0 < lua["ttl"] <= 60
