@@ -10,9 +10,10 @@ import pathlib
 
 import pytest
 import yaml
-from molecule import util
 from molecule.interpolation import Interpolator, TemplateWithDefaults
 from molecule.model import schema_v3
+
+from molecule import util
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SCENARIOS = sorted(REPO.glob("molecule/*/molecule.yml"))
@@ -41,7 +42,7 @@ def problems(text: str) -> list[str]:
     rendered = render(text, ENV)
     items = [line.strip() for line in text.splitlines() if line.startswith("  - ") and line.find(":") > 0]
     platform_items = items[: len(raw["platforms"])]
-    for own, full, item in zip(raw["platforms"], rendered["platforms"], platform_items):
+    for own, full, item in zip(raw["platforms"], rendered["platforms"], platform_items, strict=True):
         name = full.get("name", "?")
         if item != MERGE_LINE:
             found.append(f"{name}: does not start with {MERGE_LINE!r}")
