@@ -46,6 +46,7 @@ def run_teardown(timeout=300):
         ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], f"{project}/playbooks/teardown.yml",
          "-e", "herd_teardown_models=true"],
         capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "ANSIBLE_PIPELINING": "1"},  # as herd's ansible.cfg: no copy of each module into the host
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     return time.monotonic() - started, run.stdout[run.stdout.rindex("PLAY RECAP"):]
