@@ -74,7 +74,30 @@ DEFAULTS = {
     "instance_overrides": {},
     "data_dir": "/var/lib/herd",
     "reserved_ports": [],
+    "advertise_address": "",
 }
+
+# Binds that only this host can reach (the instance firewall leaves them alone; no remote gateway can dial them).
+LOOPBACK_BINDS = ("127.0.0.1", "localhost", "::1", "[::1]")
+# Binds on every address: dialled locally on loopback.
+ANY_BINDS = ("", "0.0.0.0", "::", "[::]")
+
+
+def _bracket(address):
+    """An address as it goes before `:port` in a URL or an nginx server line (IPv6 in brackets)."""
+    address = str(address).strip("[]")
+    return f"[{address}]" if ":" in address else address
+
+
+def local_dial_address(bind):
+    """The address a client on the instance's own host dials: loopback for a bind on every address (IPv6
+    loopback for `::`), else the bind address itself; IPv6 in brackets."""
+    bind = str(bind or "")
+    if bind in ("", "0.0.0.0", "localhost"):
+        return "127.0.0.1"
+    if bind in ("::", "[::]"):
+        return "[::1]"
+    return _bracket(bind)
 
 OVERRIDE_KEYS = ("num_parallel", "models", "max_queue", "keep_alive")
 MODEL_KEYS = ("name", "vram_gib", "kv_mib_per_1k_ctx", "instances")
@@ -361,6 +384,14 @@ class _Planner:
                 "ollama_bind_address",
                 f"{bind!r} is not an IP address or host name",
                 "use an address of this host, 127.0.0.1, or 0.0.0.0 for all addresses",
+            )
+        advertise = c.get("advertise_address")
+        if advertise not in ("", None) and (not isinstance(advertise, str)
+                                            or not re.match(r"^[A-Za-z0-9._:\[\]-]+$", advertise)):
+            self.error(
+                "ollama_advertise_address",
+                f"{advertise!r} is not an IP address or host name",
+                "use the address (or DNS name) a gateway on another host dials to reach this host",
             )
         data_dir = c["data_dir"]
         if not isinstance(data_dir, str) or not data_dir.startswith("/") or re.search(r"\s", data_dir):
@@ -935,7 +966,8 @@ class _Planner:
         c = self.cfg
         port = knobs["base_port"] + ident
         bind = c["bind_address"]
-        host_port = f"[{bind.strip('[]')}]:{port}" if ":" in bind else f"{bind}:{port}"
+        host_port = f"{_bracket(bind)}:{port}"
+        advertise = str(c.get("advertise_address") or self.host)
         models_dir = f"{c['data_dir'].rstrip('/')}/instances/{ident}/models"
         num_parallel = override.get("num_parallel") or knobs["num_parallel"]
         max_queue = override.get("max_queue") or knobs["max_queue"]
@@ -1002,6 +1034,10 @@ class _Planner:
             "models": names,
             "models_dir": models_dir,
             "env": env,
+            # How to reach it: local_url from this host; endpoint (host:port) from a gateway on another host.
+            "loopback_only": bind in LOOPBACK_BINDS,
+            "local_url": f"http://{local_dial_address(bind)}:{port}",
+            "endpoint": f"{_bracket(advertise)}:{port}",
         }
 
     def _check_fit(self, plan, models, overrides, knobs):
