@@ -29,6 +29,17 @@ def _get(mapping, key, default=None):
     return default if value is None else value
 
 
+def _host_vars(hostvars, host):
+    """The vars of one inventory host, {} for a name the inventory does not hold (Ansible's hostvars does not
+    raise KeyError for it)."""
+    try:
+        if host not in hostvars:
+            return {}
+        return hostvars[host]
+    except Exception:  # noqa: BLE001 - any lookup failure means: no vars for this host
+        return {}
+
+
 REGISTRY = "registry.ollama.ai"
 NAMESPACE = "library"
 KEEP_ALIVE_MODES = ("ignore", "pass")
@@ -113,10 +124,7 @@ def gateway_routing_errors(backend_hosts, hostvars, model_options=None, client_k
     planned = set()
     any_plan = False
     for host in backend_hosts or []:
-        try:
-            plan = _get(hostvars[host], "ollama_instances")
-        except (KeyError, TypeError):
-            plan = None
+        plan = _get(_host_vars(hostvars, host), "ollama_instances")
         if plan is None:
             continue
         any_plan = True
@@ -170,11 +178,7 @@ def _plan_servers(backend_hosts, hostvars, gateway_host, queue_per_instance=2, m
     servers = []
     missing = []
     for host in backend_hosts or []:
-        try:
-            host_vars = hostvars[host]
-        except (KeyError, TypeError):
-            host_vars = {}
-        plan = _get(host_vars, "ollama_instances")
+        plan = _get(_host_vars(hostvars, host), "ollama_instances")
         if plan is None:
             kept = [dict(s) for s in previous if s.get("host") == host]
             if not kept:
