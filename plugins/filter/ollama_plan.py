@@ -24,6 +24,7 @@ import os
 import re
 import sys
 
+import yaml
 from ansible.errors import AnsibleFilterError
 
 
@@ -51,30 +52,32 @@ def _load_names():
 
 ollama_names = _load_names()
 
+# The planner's settings: role ollama's `ollama_<key>` variables. Their defaults have one source, the role's
+# meta/argument_specs.yml (equal to its defaults/main.yml, tests/unit/test_argument_specs.py), read here from the
+# same relative place in a checkout and in the installed collection.
+SETTINGS = (
+    "base_port", "bind_address", "advertise_address", "gpu_groups", "gpus_per_instance", "vram_headroom_pct",
+    "cpu_instances", "use_mig", "num_parallel", "max_queue", "keep_alive", "max_loaded_models", "flash_attention",
+    "load_timeout", "context_length", "no_cloud", "kv_cache_type", "extra_env", "models", "instance_overrides",
+    "data_dir",
+)
+ARGUMENT_SPECS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "roles", "ollama", "meta",
+    "argument_specs.yml",
+)
+
+
+def _spec_defaults():
+    with open(ARGUMENT_SPECS, encoding="utf-8") as handle:
+        options = yaml.safe_load(handle)["argument_specs"]["main"]["options"]
+    return {key: options[f"ollama_{key}"].get("default") for key in SETTINGS}
+
+
 DEFAULTS = {
+    **_spec_defaults(),
+    # Set by role ollama's plan.yml from facts, not from a variable of the same name.
     "host": "this host",
-    "base_port": 11434,
-    "bind_address": "127.0.0.1",
-    "gpu_groups": [],
-    "gpus_per_instance": 0,
-    "vram_headroom_pct": 10,
-    "cpu_instances": 0,
-    "use_mig": True,
-    "num_parallel": 4,
-    "max_queue": 128,
-    "keep_alive": "-1",
-    "max_loaded_models": 0,
-    "flash_attention": None,
-    "load_timeout": "",
-    "context_length": 8192,
-    "no_cloud": False,
-    "kv_cache_type": "",
-    "extra_env": {},
-    "models": [],
-    "instance_overrides": {},
-    "data_dir": "/var/lib/herd",
     "reserved_ports": [],
-    "advertise_address": "",
 }
 
 # Binds that only this host can reach (the instance firewall leaves them alone; no remote gateway can dial them).
