@@ -44,7 +44,7 @@ def test_docs_table_shows_the_same_defaults(planner):
         if not names:
             continue
         values = cells[1].split(", ") if len(names) > 1 else [cells[1]]
-        for name, value in zip(names, values):
+        for name, value in zip(names, values, strict=True):
             shown[name] = value.strip("`")
     missing = set(planner.SETTINGS) - set(shown)
     assert not missing, f"docs/planner.md's table lacks {sorted(missing)}"
