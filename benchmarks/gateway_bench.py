@@ -233,9 +233,10 @@ server {{
 
 
 def instance_plan(ports: list[int], num_parallel: int) -> list[dict]:
-    """One host's _ollama_plan (the fields role gateway reads) for emulators on `ports`."""
+    """One host's ollama_instances (the fields role gateway reads) for emulators on `ports`."""
     return [{"id": i, "name": f"ollama-{i}", "port": p, "bind_address": HOST, "num_parallel": num_parallel,
-             "models": [MODEL]} for i, p in enumerate(ports)]
+             "local_url": f"http://{HOST}:{p}", "endpoint": f"{HOST}:{p}", "models": [MODEL]}
+            for i, p in enumerate(ports)]
 
 
 class Gateway:

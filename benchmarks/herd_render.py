@@ -10,7 +10,7 @@ what the benchmark must change is overridden:
 - every absolute filesystem path among the role's defaults and vars is moved under the prefix
   (/etc/nginx/herd/x.conf -> PREFIX/etc/nginx/herd/x.conf), so a new file or path variable of the role
   flows in without an edit here;
-- gateway_http_port, the instance list (host `bench`'s `_ollama_plan`, turned into servers by the role's
+- gateway_http_port, the instance list (host `bench`'s `ollama_instances`, turned into servers by the role's
   gateway_servers filter) and whatever the caller passes in `overrides`.
 
 nginx's main configuration is this machine's own (/etc/nginx copied into the prefix as role nginx leaves
@@ -202,7 +202,7 @@ def copy_role(roles: Path, dest: Path) -> list[str]:
 
 def render_gateway(prefix: Path, plan: list[dict], port: int, overrides: dict | None = None,
                    workers: int | str | None = None, roles: Path | None = None, timeout: float = 300) -> Prefix:
-    """Render role gateway for instances `plan` (one host's _ollama_plan) listening on 127.0.0.1:`port`."""
+    """Render role gateway for instances `plan` (one host's ollama_instances) listening on 127.0.0.1:`port`."""
     roles = Path(roles or ROOT / "roles")
     role = roles / "gateway"
     pre = prepare_prefix(prefix, workers)
@@ -230,7 +230,7 @@ def render_gateway(prefix: Path, plan: list[dict], port: int, overrides: dict | 
     work = prefix / "ansible"
     work.mkdir(exist_ok=True)
     inventory = {"all": {
-        "hosts": {"bench": {"ansible_connection": "local", "_ollama_plan": plan}},
+        "hosts": {"bench": {"ansible_connection": "local", "ollama_instances": plan}},
         "children": {"ollama_hosts": {"hosts": {"bench": None}}, "gateways": {"hosts": {"bench": None}}},
     }}
     (work / "inventory.yml").write_text(yaml.safe_dump(inventory, sort_keys=False))

@@ -24,6 +24,7 @@ import os
 import re
 import sys
 
+import yaml
 from ansible.errors import AnsibleFilterError
 
 
@@ -51,30 +52,55 @@ def _load_names():
 
 ollama_names = _load_names()
 
+# The planner's settings: role ollama's `ollama_<key>` variables. Their defaults have one source, the role's
+# meta/argument_specs.yml (equal to its defaults/main.yml, tests/unit/test_argument_specs.py), read here from the
+# same relative place in a checkout and in the installed collection.
+SETTINGS = (
+    "base_port", "bind_address", "advertise_address", "gpu_groups", "gpus_per_instance", "vram_headroom_pct",
+    "cpu_instances", "use_mig", "num_parallel", "max_queue", "keep_alive", "max_loaded_models", "flash_attention",
+    "load_timeout", "context_length", "no_cloud", "kv_cache_type", "extra_env", "models", "instance_overrides",
+    "data_dir",
+)
+ARGUMENT_SPECS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "roles", "ollama", "meta",
+    "argument_specs.yml",
+)
+
+
+def _spec_defaults():
+    with open(ARGUMENT_SPECS, encoding="utf-8") as handle:
+        options = yaml.safe_load(handle)["argument_specs"]["main"]["options"]
+    return {key: options[f"ollama_{key}"].get("default") for key in SETTINGS}
+
+
 DEFAULTS = {
+    **_spec_defaults(),
+    # Set by role ollama's plan.yml from facts, not from a variable of the same name.
     "host": "this host",
-    "base_port": 11434,
-    "bind_address": "127.0.0.1",
-    "gpu_groups": [],
-    "gpus_per_instance": 0,
-    "vram_headroom_pct": 10,
-    "cpu_instances": 0,
-    "use_mig": True,
-    "num_parallel": 4,
-    "max_queue": 128,
-    "keep_alive": "-1",
-    "max_loaded_models": 0,
-    "flash_attention": None,
-    "load_timeout": "",
-    "context_length": 8192,
-    "no_cloud": False,
-    "kv_cache_type": "",
-    "extra_env": {},
-    "models": [],
-    "instance_overrides": {},
-    "data_dir": "/var/lib/herd",
     "reserved_ports": [],
 }
+
+# Binds that only this host can reach (the instance firewall leaves them alone; no remote gateway can dial them).
+LOOPBACK_BINDS = ("127.0.0.1", "localhost", "::1", "[::1]")
+# Binds on every address: dialled locally on loopback.
+ANY_BINDS = ("", "0.0.0.0", "::", "[::]")
+
+
+def _bracket(address):
+    """An address as it goes before `:port` in a URL or an nginx server line (IPv6 in brackets)."""
+    address = str(address).strip("[]")
+    return f"[{address}]" if ":" in address else address
+
+
+def local_dial_address(bind):
+    """The address a client on the instance's own host dials: loopback for a bind on every address (IPv6
+    loopback for `::`), else the bind address itself; IPv6 in brackets."""
+    bind = str(bind or "")
+    if bind in ("", "0.0.0.0", "localhost"):
+        return "127.0.0.1"
+    if bind in ("::", "[::]"):
+        return "[::1]"
+    return _bracket(bind)
 
 OVERRIDE_KEYS = ("num_parallel", "models", "max_queue", "keep_alive")
 MODEL_KEYS = ("name", "vram_gib", "kv_mib_per_1k_ctx", "instances")
@@ -361,6 +387,14 @@ class _Planner:
                 "ollama_bind_address",
                 f"{bind!r} is not an IP address or host name",
                 "use an address of this host, 127.0.0.1, or 0.0.0.0 for all addresses",
+            )
+        advertise = c.get("advertise_address")
+        if advertise not in ("", None) and (not isinstance(advertise, str)
+                                            or not re.match(r"^[A-Za-z0-9._:\[\]-]+$", advertise)):
+            self.error(
+                "ollama_advertise_address",
+                f"{advertise!r} is not an IP address or host name",
+                "use the address (or DNS name) a gateway on another host dials to reach this host",
             )
         data_dir = c["data_dir"]
         if not isinstance(data_dir, str) or not data_dir.startswith("/") or re.search(r"\s", data_dir):
@@ -935,7 +969,8 @@ class _Planner:
         c = self.cfg
         port = knobs["base_port"] + ident
         bind = c["bind_address"]
-        host_port = f"[{bind.strip('[]')}]:{port}" if ":" in bind else f"{bind}:{port}"
+        host_port = f"{_bracket(bind)}:{port}"
+        advertise = str(c.get("advertise_address") or self.host)
         models_dir = f"{c['data_dir'].rstrip('/')}/instances/{ident}/models"
         num_parallel = override.get("num_parallel") or knobs["num_parallel"]
         max_queue = override.get("max_queue") or knobs["max_queue"]
@@ -1002,6 +1037,10 @@ class _Planner:
             "models": names,
             "models_dir": models_dir,
             "env": env,
+            # How to reach it: local_url from this host; endpoint (host:port) from a gateway on another host.
+            "loopback_only": bind in LOOPBACK_BINDS,
+            "local_url": f"http://{local_dial_address(bind)}:{port}",
+            "endpoint": f"{_bracket(advertise)}:{port}",
         }
 
     def _check_fit(self, plan, models, overrides, knobs):

@@ -138,7 +138,7 @@ EXAMPLES = r"""
     models: "{{ item.models }}"
     method: hardlink
     prune: true
-  loop: "{{ _ollama_plan }}"
+  loop: "{{ ollama_instances }}"
   loop_control:
     label: "{{ item.name }}"
 

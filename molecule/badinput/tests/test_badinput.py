@@ -16,6 +16,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import yaml
 
 sys.path.insert(0, os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "molecule"))
 from herd_measure import measured as _measured  # noqa: E402
@@ -33,6 +34,11 @@ find $dirs -xdev -printf '%p %y %m %u %g %s %l\n' | LC_ALL=C sort
 find $dirs -xdev -type f -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum
 """
 KEY_A = "herd-test-key-AAAAAAAAAAAAAAAA"
+# A case whose extra vars hold PEER adds a second GPU host, herd-mol-bad-peer, to the inventory (groups lab and
+# ollama_hosts, not gateways), with those host vars: another inventory name for the same container, so the
+# gateway herd-mol-bad sees it as a remote backend and the snapshot covers both hosts.
+PEER = "herd_badinput_peer"
+PEER_HOST = "herd-mol-bad-peer"
 
 # (id, extra vars, substrings the output must contain: the variable, then words of the fix)
 CASES = [
@@ -134,6 +140,20 @@ CASES = [
      ["guard_probe_timeout above 0 and at most guard_interval"]),
     ("nginx_start_limit_never_reached", {"nginx_start_limit_interval": 3},
      ["nginx_start_limit_interval above nginx_start_limit_burst x nginx_restart_sec", "raise nginx_start_limit_interval"]),
+    # The gateway's view of the plans (role gateway, gateway_server_errors), raised in preflight, not in the gateway
+    # play after the GPU hosts changed. PEER is a second GPU host (see _peer_inventory): the gateway's "remote" host.
+    ("gateway_weight_below_one", {"gateway_weights": {"herd-mol-bad:1": 0}},
+     ["gateway_weights: weight of herd-mol-bad:1 must be a whole number, 1 or more", "Fix:"]),
+    ("gateway_backend_without_plan", {"gateway_backend_hosts": ["herd-mol-bad", "herd-mol-ghost"]},
+     ["no instance plan for herd-mol-ghost", "remove them from gateway_backend_hosts"]),
+    ("loopback_instance_behind_remote_gateway", {PEER: {"ollama_bind_address": "127.0.0.1"}},
+     ["instance 0 of herd-mol-bad-peer listens on 127.0.0.1 only, so gateway herd-mol-bad cannot reach it",
+      "Fix: set ollama_bind_address of herd-mol-bad-peer to 0.0.0.0"]),
+    ("two_instances_one_endpoint", {PEER: {"ollama_bind_address": "0.0.0.0", "ollama_advertise_address": "127.0.0.1"}},
+     ["instances herd-mol-bad:0 and herd-mol-bad-peer:0 are both reached at 127.0.0.1:11434",
+      "Fix: give the hosts distinct addresses (ollama_advertise_address)"]),
+    ("bad_advertise_address", {"ollama_advertise_address": "gpu 2"},
+     ["ollama_advertise_address on herd-mol-bad", "'gpu 2' is not an IP address or host name", "Fix:"]),
 ]
 
 # Cases that do not yet fail cleanly in preflight, marked strict xfail with the reason (none left: the four
@@ -149,19 +169,51 @@ def _snapshot():
     return run.stdout
 
 
+def _peer_inventory(peer_vars):
+    """An inventory of PEER_HOST: herd-mol-bad's connection (molecule's inventory) and host_vars, then peer_vars."""
+    with open(INVENTORY, encoding="utf-8") as fh:
+        molecule_inventory = yaml.safe_load(fh)
+    with open(os.path.join(os.path.dirname(__file__), "..", "host_vars", f"{HOST}.yml"), encoding="utf-8") as fh:
+        host_vars = yaml.safe_load(fh) or {}
+    connection = {}
+
+    def find(node):  # molecule's inventory names the host under all.hosts and under its groups
+        if isinstance(node, dict):
+            if isinstance(node.get("hosts"), dict) and isinstance(node["hosts"].get(HOST), dict):
+                connection.update(node["hosts"][HOST])
+            for value in node.values():
+                find(value)
+
+    find(molecule_inventory)
+    hostvars = {**connection, "ansible_host": connection.get("ansible_host", HOST), **host_vars, **peer_vars}
+    return {"all": {"hosts": {PEER_HOST: hostvars},
+                    "children": {"lab": {"hosts": {PEER_HOST: None}}, "ollama_hosts": {"hosts": {PEER_HOST: None}}}}}
+
+
 def _run_case(case_id, extra):
     # A known defect may pass preflight: run only the preflight play (tagged always) so that it cannot
     # deploy the host under the other cases' snapshots.
     tags = ["--tags", "herd-preflight-only"] if case_id in KNOWN_DEFECTS else []
+    extra = dict(extra)
+    peer = extra.pop(PEER, None)
+    inventories = ["-i", INVENTORY]
+    temporary = []
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix=f"herd-bad-{case_id}-", delete=False) as fh:
         json.dump(extra, fh)
+    temporary.append(fh.name)
+    if peer is not None:
+        with tempfile.NamedTemporaryFile("w", suffix=".yml", prefix=f"herd-bad-{case_id}-peer-", delete=False) as fh:
+            yaml.safe_dump(_peer_inventory(peer), fh)
+        temporary.append(fh.name)
+        inventories += ["-i", fh.name]
     try:
         run = subprocess.run(
-            ["ansible-playbook", f"{PROJECT}/site.yml", "-i", INVENTORY, "-e", f"@{fh.name}", *tags],
+            ["ansible-playbook", f"{PROJECT}/site.yml", *inventories, "-e", f"@{temporary[0]}", *tags],
             capture_output=True, text=True, timeout=300, env={**os.environ, "ANSIBLE_FORCE_COLOR": "0"},
         )
     finally:
-        os.unlink(fh.name)
+        for name in temporary:
+            os.unlink(name)
     return {"rc": run.returncode, "out": run.stdout + run.stderr, "snapshot": _snapshot()}
 
 

@@ -118,8 +118,8 @@ def test_kill_9_one_instance_under_streaming_load():
 def _tried(record):
     """Addresses a request was sent to: nginx's $upstream_addr lists every attempt ("a:1, b:2 : c:3"). A retry for
     which the gateway's balancer found no other instance with a free slot leaves an empty entry: no address, so
-    it is not an attempt on another host."""
-    return {a for a in re.split(r",\s*|\s+:\s+", record["upstream"]) if a}
+    it is not an attempt on another host, also at the end of the list ("a:1 :")."""
+    return set(re.findall(r"[^\s,]+:\d+", record["upstream"]))
 
 
 def test_stopped_gpu_host_is_routed_around_and_rejoins():

@@ -274,22 +274,14 @@ def check_config(config):
         raise ValueError("buckets must be positive and strictly increasing")
     for inst in config["instances"]:
         int(inst["id"]), int(inst["port"])
+        if not str(inst.get("local_url", "")).startswith("http://"):
+            raise ValueError(f"instance {inst['id']}: local_url must be an http:// URL (the plan's local_url)")
         if not isinstance(inst.get("gpu_uuids", []), list):
             raise ValueError(f"instance {inst['id']}: gpu_uuids must be a list")
     gateway = config.get("gateway")
     if gateway is not None and not isinstance(gateway, dict):
         raise ValueError("gateway must be an object or null")
     return config
-
-
-def dial_address(bind_address):
-    """Address to reach an instance bound to bind_address from the same host."""
-    bind = str(bind_address or "").strip("[]")
-    if bind in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if bind == "::":
-        return "::1"
-    return bind
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -569,8 +561,7 @@ class Exporter:
                     "port": str(inst["port"]),
                     "gpu_uuid": ",".join(uuids),
                 }
-                address = dial_address(inst.get("bind_address"))
-                url = "http://{}:{}/api/ps".format(f"[{address}]" if ":" in address else address, inst["port"])
+                url = str(inst["local_url"]).rstrip("/") + "/api/ps"  # the plan's local_url (role ollama)
                 t0 = time.monotonic()
                 try:
                     models = parse_ps(self.fetch(url, timeout))

@@ -15,8 +15,6 @@ except ImportError:  # pragma: no cover - lets the unit tests run without ansibl
         pass
 
 
-LOOPBACK_BINDS = ("", "0.0.0.0", "::", "[::]", "127.0.0.1", "localhost", "::1", "[::1]")
-ANY_BINDS = ("", "0.0.0.0", "::", "[::]")
 # Characters a key may hold: they go verbatim into an nginx map string and an HTTP header.
 KEY_RE = re.compile(r"^[A-Za-z0-9._~+/=-]{16,256}$")
 KEY_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -29,6 +27,17 @@ def _get(mapping, key, default=None):
     except AttributeError:
         return default
     return default if value is None else value
+
+
+def _host_vars(hostvars, host):
+    """The vars of one inventory host, {} for a name the inventory does not hold (Ansible's hostvars does not
+    raise KeyError for it)."""
+    try:
+        if host not in hostvars:
+            return {}
+        return hostvars[host]
+    except Exception:  # noqa: BLE001 - any lookup failure means: no vars for this host
+        return {}
 
 
 REGISTRY = "registry.ollama.ai"
@@ -93,7 +102,7 @@ def gateway_instance_limits(servers, pools=None):
 def gateway_routing_errors(backend_hosts, hostvars, model_options=None, client_keep_alive="ignore",
                            queue_max=64, queue_timeout="120s"):
     """Messages for bad routing settings, each naming the variable and the fix. Models are those the instance
-    plans (hostvars[h]._ollama_plan[*].models) of the backend hosts hold; hosts without a plan in this run
+    plans (hostvars[h].ollama_instances[*].models) of the backend hosts hold; hosts without a plan in this run
     are not checked against."""
     errors = []
     if str(client_keep_alive) not in KEEP_ALIVE_MODES:
@@ -115,10 +124,7 @@ def gateway_routing_errors(backend_hosts, hostvars, model_options=None, client_k
     planned = set()
     any_plan = False
     for host in backend_hosts or []:
-        try:
-            plan = _get(hostvars[host], "_ollama_plan")
-        except (KeyError, TypeError):
-            plan = None
+        plan = _get(_host_vars(hostvars, host), "ollama_instances")
         if plan is None:
             continue
         any_plan = True
@@ -145,47 +151,34 @@ def _server_key(host, instance_id):
     return f"{host}:{instance_id}"
 
 
-def _dial_address(host, hostvars_of_host, gateway_host, bind_address):
-    """Address the gateway dials for an instance of `host` (see docs/architecture.md)."""
-    if host == gateway_host:
-        # Same host: loopback reaches an instance bound to loopback or to every address.
-        if bind_address in LOOPBACK_BINDS:
-            return "127.0.0.1"
-        return bind_address.strip("[]")
-    address = _get(hostvars_of_host, "ollama_advertise_address") or _get(hostvars_of_host, "ansible_host") or host
-    return str(address)
+def _split_endpoint(endpoint):
+    """`host:port` or `[v6]:port` (a URL's scheme and path are dropped) -> (address without brackets, port)."""
+    text = str(endpoint or "").split("://", 1)[-1].split("/", 1)[0]
+    address, _, port = text.rpartition(":")
+    return address.strip("[]"), port
 
 
-def gateway_servers(
-    backend_hosts,
-    hostvars,
-    gateway_host,
-    queue_per_instance=2,
-    max_fails=1,
-    fail_timeout="10s",
-    weights=None,
-    backups=None,
-    weight_by_parallel=True,
-    previous=None,
-):
-    """Return the upstream servers of every instance of every backend host.
-
-    A backend host without `_ollama_plan` in this run (for example under `--limit`) keeps the servers it had
-    at the last run (`previous`, read from the gateway host); a host never planned is an error.
-    """
+def _plan_servers(backend_hosts, hostvars, gateway_host, queue_per_instance=2, max_fails=1, fail_timeout="10s",
+                  weights=None, backups=None, weight_by_parallel=True, previous=None):
+    """(servers, errors): the upstream servers of every instance of every backend host, read from each host's
+    published plan `ollama_instances` (role ollama, docs/architecture.md), and every problem found, each
+    naming the variable and the fix. The gateway on an instance's own host dials the entry's `local_url`;
+    a gateway on another host dials its `endpoint`."""
     weights = dict(weights or {})
     backups = list(backups or [])
     previous = list(previous or [])
-    if int(queue_per_instance) < 0:
-        raise AnsibleFilterError("gateway_queue_per_instance must be 0 or more")
+    errors = []
+    try:
+        queue_per_instance = int(queue_per_instance)
+    except (TypeError, ValueError):
+        queue_per_instance = -1
+    if queue_per_instance < 0:
+        errors.append(f"gateway_queue_per_instance={queue_per_instance!r} must be 0 or more. Fix: e.g. 2")
+        queue_per_instance = 0
     servers = []
     missing = []
     for host in backend_hosts or []:
-        try:
-            host_vars = hostvars[host]
-        except (KeyError, TypeError):
-            host_vars = {}
-        plan = _get(host_vars, "_ollama_plan")
+        plan = _get(_host_vars(hostvars, host), "ollama_instances")
         if plan is None:
             kept = [dict(s) for s in previous if s.get("host") == host]
             if not kept:
@@ -197,28 +190,39 @@ def gateway_servers(
                 instance_id = int(inst["id"])
                 port = int(inst["port"])
                 num_parallel = int(inst.get("num_parallel") or 1)
-            except (KeyError, TypeError, ValueError) as exc:
-                raise AnsibleFilterError(f"instance plan of {host} has a bad entry {inst!r}: {exc}") from exc
+                local_address, _ = _split_endpoint(inst["local_url"])
+                remote_address, _ = _split_endpoint(inst["endpoint"])
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                errors.append(f"instance plan (ollama_instances) of {host} has a bad entry {inst!r}: {exc}. Fix: let "
+                              "role ollama compute it (do not set ollama_instances in the inventory by hand)")
+                continue
             if not isinstance(inst.get("models") or [], list):
-                raise AnsibleFilterError(f"instance plan of {host} has a bad models list {inst.get('models')!r}")
-            bind = str(inst.get("bind_address") or "")
-            if host != gateway_host and bind in ("127.0.0.1", "localhost", "::1", "[::1]"):
-                raise AnsibleFilterError(
-                    f"instance {instance_id} of {host} listens on {bind} only, so gateway {gateway_host} cannot reach it: set "
-                    "ollama_bind_address to 0.0.0.0 or to the address in ollama_advertise_address"
-                )
+                errors.append(f"instance plan (ollama_instances) of {host} has a bad models list {inst.get('models')!r}")
+                continue
             key = _server_key(host, instance_id)
-            if key in weights:
-                weight = int(weights[key])
-            elif host in weights:
-                weight = int(weights[host])
-            elif weight_by_parallel:
-                weight = max(1, num_parallel)
-            else:
-                weight = 1
+            if host != gateway_host and inst.get("loopback_only"):
+                errors.append(
+                    f"instance {instance_id} of {host} listens on {inst.get('bind_address')} only, so gateway "
+                    f"{gateway_host} cannot reach it. Fix: set ollama_bind_address of {host} to 0.0.0.0 or to the "
+                    "address in ollama_advertise_address"
+                )
+                continue
+            try:
+                if key in weights:
+                    weight = int(weights[key])
+                elif host in weights:
+                    weight = int(weights[host])
+                elif weight_by_parallel:
+                    weight = max(1, num_parallel)
+                else:
+                    weight = 1
+            except (TypeError, ValueError):
+                weight = 0
             if weight < 1:
-                raise AnsibleFilterError(f"gateway_weights: weight of {key} must be 1 or more")
-            address = _dial_address(host, host_vars, gateway_host, bind)
+                errors.append(f"gateway_weights: weight of {key} must be a whole number, 1 or more (got "
+                              f"{weights.get(key, weights.get(host))!r}). Fix: e.g. 1, or remove the entry")
+                weight = 1
+            address = local_address if host == gateway_host else remote_address
             servers.append(
                 {
                     "key": key,
@@ -229,7 +233,7 @@ def gateway_servers(
                     "port": port,
                     "endpoint": "{}:{}".format(f"[{address}]" if ":" in address else address, port),
                     "num_parallel": num_parallel,
-                    "max_conns": num_parallel + int(queue_per_instance),
+                    "max_conns": num_parallel + queue_per_instance,
                     "max_fails": int(max_fails),
                     "fail_timeout": str(fail_timeout),
                     "weight": weight,
@@ -238,20 +242,76 @@ def gateway_servers(
                 }
             )
     if missing:
-        raise AnsibleFilterError(
-            "no instance plan for {}: run the play over these hosts too (role ollama sets _ollama_plan), "
+        errors.append(
+            "no instance plan for {}: run the play over these hosts too (role ollama publishes ollama_instances), "
             "or remove them from gateway_backend_hosts".format(", ".join(missing))
         )
     seen = {}
     for server in servers:
         endpoint = server["endpoint"]
         if endpoint in seen:
-            raise AnsibleFilterError(
-                "instances {} and {} are both reached at {}: give the hosts distinct addresses "
-                "(ollama_advertise_address)".format(seen[endpoint], server["key"], endpoint)
+            errors.append(
+                "instances {} and {} are both reached at {}. Fix: give the hosts distinct addresses "
+                "(ollama_advertise_address) or list each host once in gateway_backend_hosts".format(
+                    seen[endpoint], server["key"], endpoint)
             )
-        seen[endpoint] = server["key"]
+        seen.setdefault(endpoint, server["key"])
+    return servers, errors
+
+
+def gateway_servers(backend_hosts, hostvars, gateway_host, queue_per_instance=2, max_fails=1, fail_timeout="10s",
+                    weights=None, backups=None, weight_by_parallel=True, previous=None):
+    """Return the upstream servers of every instance of every backend host; raise on any problem
+    (gateway_server_errors lists the same problems without raising, for the preflight play).
+
+    A backend host without `ollama_instances` in this run (for example under `--limit`) keeps the servers it had
+    at the last run (`previous`, read from the gateway host); a host never planned is an error.
+    """
+    servers, errors = _plan_servers(backend_hosts, hostvars, gateway_host, queue_per_instance, max_fails,
+                                    fail_timeout, weights, backups, weight_by_parallel, previous)
+    if errors:
+        raise AnsibleFilterError("; ".join(errors))
     return servers
+
+
+def gateway_server_errors(backend_hosts, hostvars, gateway_host, queue_per_instance=2, max_fails=1,
+                          fail_timeout="10s", weights=None, backups=None, weight_by_parallel=True, previous=None):
+    """Every problem gateway_servers would raise (a loopback instance behind a remote gateway, two instances at
+    one endpoint, a bad weight, a backend host without a plan), as messages naming the variable and the fix."""
+    servers, errors = _plan_servers(backend_hosts, hostvars, gateway_host, queue_per_instance, max_fails,
+                                    fail_timeout, weights, backups, weight_by_parallel, previous)
+    if not servers and not errors:
+        errors.append(f"the gateway has no upstream server: gateway_backend_hosts ({', '.join(backend_hosts or [])}) "
+                      "hold no instance. Fix: add hosts to group ollama_hosts or set gateway_backend_hosts")
+    return errors
+
+
+def gateway_port_errors(instances, http_port=80, https_port=443, http_enabled=True, tls_enabled=False):
+    """Messages for a gateway port that an instance of the plan on the same host (`instances`, this host's
+    ollama_instances) already listens on; the gateway consumes the plan, so the check lives here."""
+    errors = []
+    ports = {}
+    for inst in instances or []:
+        try:
+            ports[int(inst["port"])] = inst.get("id")
+        except (KeyError, TypeError, ValueError):
+            continue
+    if not ports:
+        return errors
+    span = f"{min(ports)}-{max(ports)}"
+    for variable, port, enabled in (("gateway_http_port", http_port, http_enabled),
+                                    ("gateway_https_port", https_port, tls_enabled)):
+        try:
+            port = int(port)
+        except (TypeError, ValueError):
+            continue
+        if enabled and port in ports:
+            errors.append(
+                f"{variable} {port} is the port of instance {ports[port]} on this host (ollama_base_port: instance "
+                f"ports {span}). Fix: move ollama_base_port so that its ports avoid {port} (e.g. 11434), or move "
+                f"{variable}"
+            )
+    return errors
 
 
 def gateway_select(servers, targets):
@@ -413,6 +473,8 @@ class FilterModule:
     def filters(self):
         return {
             "gateway_servers": gateway_servers,
+            "gateway_server_errors": gateway_server_errors,
+            "gateway_port_errors": gateway_port_errors,
             "gateway_select": gateway_select,
             "gateway_mark_down": gateway_mark_down,
             "gateway_known_targets": gateway_known_targets,

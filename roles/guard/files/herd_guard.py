@@ -68,6 +68,8 @@ def check_config(config):
             raise ValueError("local.mode must be systemd or container")
         for inst in local["instances"]:
             int(inst["id"]), int(inst["port"]), str(inst["unit"]), str(inst["container"])
+            if not str(inst["local_url"]).startswith("http://"):
+                raise ValueError(f"local.instances: local_url of instance {inst['id']} must be an http:// URL")
     gateway = config.get("gateway")
     if gateway:
         for key in ("servers_file", "drained_file", "drain_command", "state_file"):
@@ -301,7 +303,7 @@ class Guard:
         for inst in local.get("instances", []):
             key = f"{self.config['host']}:{inst['id']}"
             if key not in self.targets:
-                self.targets[key] = Target(key, f"http://127.0.0.1:{inst['port']}", inst.get("models", []), self.config)
+                self.targets[key] = Target(key, str(inst["local_url"]).rstrip("/"), inst.get("models", []), self.config)
             out.append((self.targets[key], inst))
         return out
 

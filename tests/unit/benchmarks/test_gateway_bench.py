@@ -74,7 +74,8 @@ def test_a_template_error_fails_loudly(render, tmp_path):
     shutil.copytree(ROOT / "roles" / "gateway", roles / "gateway")
     conf = roles / "gateway" / "templates" / "etc" / "nginx" / "conf.d" / "herd-gateway.conf.j2"
     conf.write_text(conf.read_text() + "\n# {{ herd_bench_no_such_variable }}\n")
-    plan = [{"id": 0, "name": "ollama-0", "port": 1, "bind_address": "127.0.0.1", "num_parallel": 1, "models": []}]
+    plan = [{"id": 0, "name": "ollama-0", "port": 1, "bind_address": "127.0.0.1", "local_url": "http://127.0.0.1:1",
+             "endpoint": "127.0.0.1:1", "num_parallel": 1, "models": []}]
     with pytest.raises(render.RenderError, match="herd_bench_no_such_variable"):
         render.render_gateway(tmp_path / "prefix", plan, 18099, roles=roles)
     # nothing landed in conf.d: the role's validate step never saw a rendered file

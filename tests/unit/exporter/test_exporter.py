@@ -80,13 +80,6 @@ def test_log_lines_captured_from_nginx(ex):
     assert ex.parse_log_line('{"no": "status"}') is None
 
 
-def test_dial_address(ex):
-    assert ex.dial_address("0.0.0.0") == "127.0.0.1"
-    assert ex.dial_address("::") == "::1"
-    assert ex.dial_address("[::1]") == "::1"
-    assert ex.dial_address("10.0.0.5") == "10.0.0.5"
-
-
 # ------------------------------------------------------------------ log tailing
 
 
@@ -157,6 +150,7 @@ def _config(tmp_path, log, servers=True):
                 "id": 0,
                 "port": 18951,
                 "bind_address": "0.0.0.0",
+                "local_url": "http://127.0.0.1:18951",
                 "gpu_uuids": [GPU0],
                 "num_parallel": 2,
                 "max_queue": 16,
@@ -165,6 +159,7 @@ def _config(tmp_path, log, servers=True):
                 "id": 1,
                 "port": 18959,
                 "bind_address": "127.0.0.1",
+                "local_url": "http://127.0.0.1:18959",
                 "gpu_uuids": [GPU1],
                 "num_parallel": 2,
                 "max_queue": 16,

@@ -2,6 +2,19 @@
 
 import pytest
 
+
+def contract(plan, advertise):
+    """Plan entries as role ollama publishes them (ollama_instances): local_url, endpoint and loopback_only."""
+    out = []
+    for inst in plan:
+        bind = inst["bind_address"]
+        local = "127.0.0.1" if bind in ("0.0.0.0", "") else bind
+        adv = f"[{advertise}]" if ":" in advertise else advertise
+        out.append(dict(inst, loopback_only=bind in ("127.0.0.1", "::1"), local_url=f"http://{local}:{inst['port']}",
+                        endpoint=f"{adv}:{inst['port']}"))
+    return out
+
+
 PLAN_GPU1 = [
     {"id": 0, "name": "ollama-0", "port": 11434, "bind_address": "0.0.0.0", "num_parallel": 4, "models": ["a:1"]},
     {"id": 1, "name": "ollama-1", "port": 11435, "bind_address": "0.0.0.0", "num_parallel": 2, "models": ["b:1"]},
@@ -10,12 +23,14 @@ PLAN_GW = [{"id": 0, "name": "ollama-0", "port": 11434, "bind_address": "127.0.0
 
 
 def hostvars():
+    # The gateway reads only the published plan: endpoint (from ollama_advertise_address, else ansible_host, else
+    # the inventory name, computed by role ollama) and local_url.
     return {
-        "gpu1": {"_ollama_plan": PLAN_GPU1, "ansible_host": "10.0.0.11"},
-        "gpu2": {"_ollama_plan": PLAN_GPU1, "ansible_host": "10.0.0.12", "ollama_advertise_address": "192.168.5.12"},
-        "gw": {"_ollama_plan": PLAN_GW, "ansible_host": "10.0.0.1"},
-        "bare": {"_ollama_plan": PLAN_GPU1},
-        "local-only": {"_ollama_plan": PLAN_GW, "ansible_host": "10.0.0.9"},
+        "gpu1": {"ollama_instances": contract(PLAN_GPU1, "10.0.0.11")},
+        "gpu2": {"ollama_instances": contract(PLAN_GPU1, "192.168.5.12")},
+        "gw": {"ollama_instances": contract(PLAN_GW, "10.0.0.1")},
+        "bare": {"ollama_instances": contract(PLAN_GPU1, "bare")},
+        "local-only": {"ollama_instances": contract(PLAN_GW, "10.0.0.9")},
         "unplanned": {"ansible_host": "10.0.0.13"},
     }
 
@@ -24,7 +39,7 @@ def test_servers_addresses_and_limits(gw):
     servers = gw.gateway_servers(["gpu1", "gpu2", "gw", "bare"], hostvars(), "gw", queue_per_instance=2)
     by_key = {s["key"]: s for s in servers}
     assert by_key["gpu1:0"]["endpoint"] == "10.0.0.11:11434"
-    assert by_key["gpu2:1"]["endpoint"] == "192.168.5.12:11435"  # advertise address wins over ansible_host
+    assert by_key["gpu2:1"]["endpoint"] == "192.168.5.12:11435"
     assert by_key["gw:0"]["endpoint"] == "127.0.0.1:11434"  # the gateway itself dials loopback
     assert by_key["bare:0"]["address"] == "bare"  # no ansible_host: the inventory name
     assert by_key["gpu1:0"]["max_conns"] == 6 and by_key["gpu1:1"]["max_conns"] == 4
@@ -59,7 +74,7 @@ def test_unplanned_host_keeps_previous_servers_or_fails(gw):
 
 def test_duplicate_endpoint_is_refused(gw):
     hv = hostvars()
-    hv["gpu3"] = {"_ollama_plan": PLAN_GPU1, "ansible_host": "10.0.0.11"}
+    hv["gpu3"] = {"ollama_instances": contract(PLAN_GPU1, "10.0.0.11")}
     with pytest.raises(gw.AnsibleFilterError, match="both reached at 10.0.0.11:11434"):
         gw.gateway_servers(["gpu1", "gpu3"], hv, "gw")
 
@@ -68,12 +83,43 @@ def test_negative_queue_and_bad_plan(gw):
     with pytest.raises(gw.AnsibleFilterError, match="0 or more"):
         gw.gateway_servers(["gpu1"], hostvars(), "gw", queue_per_instance=-1)
     with pytest.raises(gw.AnsibleFilterError, match="bad entry"):
-        gw.gateway_servers(["x"], {"x": {"_ollama_plan": [{"id": 0}]}}, "gw")
+        gw.gateway_servers(["x"], {"x": {"ollama_instances": [{"id": 0}]}}, "gw")
 
 
 def test_ipv6_endpoint(gw):
-    servers = gw.gateway_servers(["v6"], {"v6": {"_ollama_plan": PLAN_GPU1, "ansible_host": "fd00::5"}}, "gw")
-    assert servers[0]["endpoint"] == "[fd00::5]:11434"
+    servers = gw.gateway_servers(["v6"], {"v6": {"ollama_instances": contract(PLAN_GPU1, "fd00::5")}}, "gw")
+    assert servers[0]["endpoint"] == "[fd00::5]:11434" and servers[0]["address"] == "fd00::5"
+    # The gateway on the instance's own host dials its local_url, IPv6 loopback included.
+    plan = [dict(PLAN_GPU1[0], bind_address="::", loopback_only=False, local_url="http://[::1]:11434",
+                 endpoint="[fd00::5]:11434")]
+    servers = gw.gateway_servers(["v6"], {"v6": {"ollama_instances": plan}}, "v6")
+    assert servers[0]["endpoint"] == "[::1]:11434" and servers[0]["address"] == "::1"
+
+
+def test_server_errors_lists_every_problem_without_raising(gw):
+    hv = hostvars()
+    hv["gpu3"] = {"ollama_instances": contract(PLAN_GPU1, "10.0.0.11")}
+    errors = gw.gateway_server_errors(["gpu1", "gpu3", "local-only", "unplanned"], hv, "gw", weights={"gpu1:0": 0})
+    assert len(errors) == 5, errors
+    assert any(e.startswith("gateway_weights: weight of gpu1:0 must be") and "Fix:" in e for e in errors)
+    assert any("instance 0 of local-only listens on 127.0.0.1 only" in e and "ollama_bind_address" in e for e in errors)
+    assert any("both reached at 10.0.0.11:11434" in e and "Fix:" in e for e in errors)
+    assert any("no instance plan for unplanned" in e for e in errors)
+    assert gw.gateway_server_errors(["gpu1", "gw"], hv, "gw") == []
+    assert "has no upstream server" in gw.gateway_server_errors([], hv, "gw")[0]
+    # The same problems raise in gateway_servers, all in one message.
+    with pytest.raises(gw.AnsibleFilterError, match="gateway_weights.*both reached"):
+        gw.gateway_servers(["gpu1", "gpu3"], hv, "gw", weights={"gpu1:0": "heavy"})
+
+
+def test_port_errors_against_the_plan_of_the_gateway_host(gw):
+    plan = contract(PLAN_GPU1, "10.0.0.11")
+    assert gw.gateway_port_errors(plan, http_port=80, https_port=443, tls_enabled=True) == []
+    assert gw.gateway_port_errors([], http_port=11434) == []
+    (msg,) = gw.gateway_port_errors(plan, http_port=11435)
+    assert msg.startswith("gateway_http_port 11435 is the port of instance 1 on this host") and "Fix: move ollama_base_port" in msg
+    assert gw.gateway_port_errors(plan, https_port=11434) == []  # HTTPS not served
+    assert "gateway_https_port 11434" in gw.gateway_port_errors(plan, https_port=11434, tls_enabled=True)[0]
 
 
 def test_select_and_mark_down(gw):

@@ -32,10 +32,10 @@ def _server(key, models, max_conns=2, **extra):
 
 def test_pools_from_the_plan(gw):
     hostvars = {
-        "gpu1": {"_ollama_plan": [
-            {"id": 0, "port": 11434, "num_parallel": 1, "models": ["Llama3:70b"]},
-            {"id": 1, "port": 11435, "num_parallel": 4, "models": ["library/qwen2.5:7b", "nomic-embed-text"]},
-            {"id": 2, "port": 11436, "num_parallel": 4, "models": ["qwen2.5:7b"]},
+        "gpu1": {"ollama_instances": [
+            {"id": 0, "port": 11434, "local_url": "http://127.0.0.1:11434", "endpoint": "gpu1:11434", "num_parallel": 1, "models": ["Llama3:70b"]},
+            {"id": 1, "port": 11435, "local_url": "http://127.0.0.1:11435", "endpoint": "gpu1:11435", "num_parallel": 4, "models": ["library/qwen2.5:7b", "nomic-embed-text"]},
+            {"id": 2, "port": 11436, "local_url": "http://127.0.0.1:11436", "endpoint": "gpu1:11436", "num_parallel": 4, "models": ["qwen2.5:7b"]},
         ]},
     }
     servers = gw.gateway_servers(["gpu1"], hostvars, "gw", queue_per_instance=0)
@@ -48,7 +48,7 @@ def test_pools_from_the_plan(gw):
 
 
 def test_routing_settings_errors_name_the_variable(gw):
-    hostvars = {"gpu1": {"_ollama_plan": [{"id": 0, "port": 1, "models": ["qwen2.5:7b"]}]}}
+    hostvars = {"gpu1": {"ollama_instances": [{"id": 0, "port": 1, "models": ["qwen2.5:7b"]}]}}
     assert gw.gateway_routing_errors(["gpu1"], hostvars, {"qwen2.5:7b": {"num_ctx": 8192}}) == []
     assert gw.gateway_routing_errors(["gpu1"], hostvars, {"library/qwen2.5:7b": {"num_ctx": 1}}) == []
     errors = gw.gateway_routing_errors(["gpu1"], hostvars, {"llama3": {"num_ctx": 1}}, client_keep_alive="never",

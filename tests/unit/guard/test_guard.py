@@ -225,12 +225,12 @@ def test_failed_drain_is_counted_and_retried(tmp_path, server, hung):
 
 def test_local_restart_then_waits_until_warm(tmp_path, server, hung):
     good = server(_Instance)
-    inst = {"id": 1, "port": 1, "models": [MODEL], "unit": "ollama@1.service", "container": "herd-ollama-1"}
+    inst = {"id": 1, "port": 1, "local_url": "http://[::1]:1", "models": [MODEL], "unit": "ollama@1.service", "container": "herd-ollama-1"}
     cfg = _config(tmp_path, local={"mode": "systemd", "instances": [inst]})
     run = _Run()
     guard = g.Guard(cfg, run=run)
     target, _inst = guard.local_targets()[0]
-    assert target.base == "http://127.0.0.1:1"
+    assert target.base == "http://[::1]:1"  # the plan's local_url, as published
     target.base = hung
     target.loaded = [MODEL]
     for _ in range(3):
@@ -253,7 +253,7 @@ def test_local_restart_then_waits_until_warm(tmp_path, server, hung):
 
 
 def test_container_mode_restarts_the_container(tmp_path, server):
-    inst = {"id": 0, "port": 1, "models": [], "unit": "ollama@0.service", "container": "herd-ollama-0"}
+    inst = {"id": 0, "port": 1, "local_url": "http://127.0.0.1:1", "models": [], "unit": "ollama@0.service", "container": "herd-ollama-0"}
     cfg = _config(tmp_path, local={"mode": "container", "instances": [inst]})
     run = _Run()
     guard = g.Guard(cfg, run=run)
