@@ -104,10 +104,11 @@ def test_every_container_has_the_model_loaded_on_its_gpu_and_generates(host):
 
 def test_gateway_spreads_over_every_container(host):
     seen = set()
-    for _ in range(3 * len(GPUS)):
+    # Distinct prompts: conversation affinity keeps one repeated prompt on the instance that served it.
+    for n in range(3 * len(GPUS)):
         out = host.run(
             "curl -sS -D - -o /root/gen.json http://127.0.0.1/api/generate "
-            f"""-d '{{"model":"{MODEL}","prompt":"hi","stream":false,"options":{{"num_predict":4}}}}'"""
+            f"""-d '{{"model":"{MODEL}","prompt":"spread {n}","stream":false,"options":{{"num_predict":4}}}}'"""
         )
         assert out.rc == 0 and " 200 " in out.stdout.splitlines()[0], out.stdout + out.stderr
         seen.update(line.split(":", 1)[1].strip() for line in out.stdout.splitlines()

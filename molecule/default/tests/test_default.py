@@ -70,10 +70,11 @@ def test_every_instance_has_both_models_resident(host):
 
 def test_gateway_generates_and_spreads_over_every_instance(host):
     seen = set()
-    for _ in range(3 * len(GPUS)):
+    # Distinct prompts: conversation affinity keeps one repeated prompt on the instance that served it.
+    for n in range(3 * len(GPUS)):
         out = host.run(
             "curl -sS -D - -o /tmp/gen.json http://127.0.0.1/api/generate "
-            f"""-d '{{"model":"{MODEL}","prompt":"hi","stream":false,"options":{{"num_predict":4}}}}'"""
+            f"""-d '{{"model":"{MODEL}","prompt":"spread {n}","stream":false,"options":{{"num_predict":4}}}}'"""
         )
         assert out.rc == 0
         assert " 200 " in out.stdout.splitlines()[0]

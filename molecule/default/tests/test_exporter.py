@@ -73,10 +73,10 @@ def test_gateway_counters_and_histograms_move_with_requests(host):
     before = scrape(host)
     value = promcheck.sample_value
     n = 2 * len(GPUS)
-    for _ in range(n):
+    for i in range(n):  # distinct prompts: affinity keeps one repeated prompt on one instance
         out = host.run(
             "curl -sS -o /dev/null -w '%{http_code}' http://127.0.0.1/api/generate "
-            f"""-d '{{"model":"{MODEL}","prompt":"hi","stream":false,"options":{{"num_predict":4}}}}'"""
+            f"""-d '{{"model":"{MODEL}","prompt":"count {i}","stream":false,"options":{{"num_predict":4}}}}'"""
         )
         assert out.stdout == "200"
     deadline = time.monotonic() + 10
@@ -99,7 +99,7 @@ def test_gateway_counters_and_histograms_move_with_requests(host):
     assert value(after, "herd_gateway_upstream_header_duration_seconds_sum") > value(
         before, "herd_gateway_upstream_header_duration_seconds_sum"
     )
-    # Every answer is attributed to a planned instance (least_conn spread them over several).
+    # Every answer is attributed to a planned instance (least loaded spread the distinct prompts over several).
     served = {
         s[1]["instance_id"]
         for s in after["herd_gateway_requests_total"]["samples"]

@@ -68,9 +68,9 @@ def _load_result(proc, name):
 
 def _spread(n=16):
     seen = set()
-    for _ in range(n):
+    for i in range(n):  # distinct prompts: affinity keeps one repeated prompt on the instance that served it
         out = _sh(GW, "curl -sS -o /dev/null -D - http://127.0.0.1/api/generate "
-                      f"""-d '{{"model":"{MODEL}","prompt":"hi","stream":false,"options":{{"num_predict":2}}}}'""").stdout
+                      f"""-d '{{"model":"{MODEL}","prompt":"spread {i}","stream":false,"options":{{"num_predict":2}}}}'""").stdout
         seen |= {ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.lower().startswith("x-herd-upstream:")}
     return seen
 

@@ -26,10 +26,10 @@ def _playbook(*args, timeout=900):
 
 def _upstreams(host, n):
     seen = []
-    for _ in range(n):
+    for i in range(n):  # distinct prompts: affinity keeps one repeated prompt on the instance that served it
         out = host.check_output(
             "curl -sS -o /dev/null -D - http://127.0.0.1/api/generate "
-            f"""-d '{{"model":"{MODEL}","prompt":"hi","stream":false,"options":{{"num_predict":4}}}}'"""
+            f"""-d '{{"model":"{MODEL}","prompt":"spread {i}","stream":false,"options":{{"num_predict":4}}}}'"""
         )
         assert out.splitlines()[0].split()[1] == "200", out
         seen += [ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.lower().startswith("x-herd-upstream:")]
