@@ -5,6 +5,7 @@ firewall (only the gateway reaches instance ports), systemd sandboxing exposure,
 Runs before test_multihost.py (alphabetical) and leaves the cluster as it found it. Every loop is bounded.
 """
 
+import itertools
 import json
 import os
 import re
@@ -66,11 +67,17 @@ def _load_result(proc, name):
     return json.loads(_sh(GW, f"cat /root/{name}.json").stdout)
 
 
+_PROMPTS = itertools.count()
+
+
 def _spread(n=16):
     seen = set()
-    for i in range(n):  # distinct prompts: affinity keeps one repeated prompt on the instance that served it
+    # Prompts never sent before: conversation affinity keeps a repeated prompt on the instance that served it
+    # last, so a prompt of an earlier spread would stay where it went while gpu2 was down.
+    for _ in range(n):
+        prompt = f"spread {next(_PROMPTS)}"
         out = _sh(GW, "curl -sS -o /dev/null -D - http://127.0.0.1/api/generate "
-                      f"""-d '{{"model":"{MODEL}","prompt":"spread {i}","stream":false,"options":{{"num_predict":2}}}}'""").stdout
+                      f"""-d '{{"model":"{MODEL}","prompt":"{prompt}","stream":false,"options":{{"num_predict":2}}}}'""").stdout
         seen |= {ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.lower().startswith("x-herd-upstream:")}
     return seen
 

@@ -1,6 +1,7 @@
 """Central gateway over two GPU hosts: spread, a rolling re-deploy under streaming load with no failed
 request, and a failing host that stops the rollout while the rest keeps serving."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -24,12 +25,17 @@ def _playbook(*args, timeout=900):
     return run.returncode, run.stdout + run.stderr
 
 
+_PROMPTS = itertools.count()
+
+
 def _upstreams(host, n):
     seen = []
-    for i in range(n):  # distinct prompts: affinity keeps one repeated prompt on the instance that served it
+    # Prompts never sent before: conversation affinity keeps a repeated prompt on the instance that served it last.
+    for _ in range(n):
+        prompt = f"upstreams {next(_PROMPTS)}"
         out = host.check_output(
             "curl -sS -o /dev/null -D - http://127.0.0.1/api/generate "
-            f"""-d '{{"model":"{MODEL}","prompt":"spread {i}","stream":false,"options":{{"num_predict":4}}}}'"""
+            f"""-d '{{"model":"{MODEL}","prompt":"{prompt}","stream":false,"options":{{"num_predict":4}}}}'"""
         )
         assert out.splitlines()[0].split()[1] == "200", out
         seen += [ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.lower().startswith("x-herd-upstream:")]
