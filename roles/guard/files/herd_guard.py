@@ -241,6 +241,11 @@ class Target:
                 self.canary_why = result[1]
             elif result is not None and result[0] == "pass":
                 self.canary_failed = 0
+            if ok and not loaded and not running:
+                # Nothing loaded: no runner that could hang and no canary to run, so liveness alone decides (else
+                # an instance back from a restart with no model loaded kept its old canary failures for ever, and
+                # a gateway never undrained it: nothing reaches a drained instance to load a model).
+                self.canary_failed = 0
             self.failed = max(self.live_failed, self.canary_failed)
             healthy = self.failed == 0
             if not healthy:

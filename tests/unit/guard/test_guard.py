@@ -291,3 +291,27 @@ def test_instance_that_answers_but_never_generates_fails_by_its_canaries(server,
         time.sleep(0.2)
     assert target.failed >= 3 and target.live_failed == 0 and target.canary_failed >= 3
     assert "generate" in target.why and target.counts["fail"] >= 3
+
+
+class _Emptied(_Instance):
+    """Generates nothing (503-free failure) while a model is loaded; later restarted with nothing loaded."""
+    loaded = True
+
+    def do_GET(self):  # noqa: N802
+        self._json(200, {"models": [{"name": MODEL, "model": MODEL}] if _Emptied.loaded else []})
+
+    def do_POST(self):  # noqa: N802
+        self._json(500, {"error": "runner gone"})
+
+
+def test_an_instance_back_with_nothing_loaded_is_healthy_again(server, tmp_path):
+    target = g.Target("gpu2:1", server(_Emptied), [MODEL], _config(tmp_path))
+    for _ in range(4):
+        target.round()
+        target.canary_thread.join(2)
+    target.round()
+    target.canary_thread.join(2)
+    assert target.canary_failed >= 3 and target.failed >= 3
+    _Emptied.loaded = False  # restarted: answers /api/ps, holds no model, so no canary can run
+    healthy, _why = target.round()
+    assert healthy and target.failed == 0 and target.canary_failed == 0
