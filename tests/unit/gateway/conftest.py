@@ -4,7 +4,11 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
+import time
+import urllib.error
+import urllib.request
 
 import jinja2
 import pytest
@@ -74,6 +78,45 @@ def main_config(tmp_path, http_text):
         f"http {{\n  access_log off;\n{http_text}\n}}\n"
     )
     return main
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_lua(tmp_path, code, dicts=("herd_gateway",)):
+    """Run Lua `code` (it answers with ngx.say) once inside a real nginx with the role's Lua module on its path and
+    the shared dicts `dicts` (1m each); returns the decoded JSON answer."""
+    port = free_port()
+    (tmp_path / "test.lua").write_text(code)
+    zones = "".join(f"\n  lua_shared_dict {name} 1m;" for name in dicts)
+    main = main_config(tmp_path, f"""
+  lua_package_path "{LUA_DIR}/?.lua;;";{zones}
+  server {{
+    listen 127.0.0.1:{port};
+    location = /t {{ content_by_lua_file {tmp_path}/test.lua; }}
+  }}""")
+    (tmp_path / "logs").mkdir()
+    with open(main, "a", encoding="utf-8") as handle:
+        handle.write("daemon off;\nmaster_process off;\n")
+    proc = subprocess.Popen([NGINX, "-p", str(tmp_path), "-c", str(main)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/t", timeout=5) as resp:
+                    return json.loads(resp.read())
+            except (urllib.error.URLError, ConnectionError) as exc:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    log = (tmp_path / "error.log").read_text()
+                    raise AssertionError(f"nginx test server failed: {exc}; {log}") from exc
+                time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def run_nginx_t(tmp_path, main):

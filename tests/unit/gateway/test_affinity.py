@@ -2,14 +2,10 @@
 key, and the load bound (the preferred instance only while it has a free slot, live and in the pool)."""
 
 import json
-import subprocess
-import time
-import urllib.error
-import urllib.request
 
 import pytest
-from conftest import LUA_DIR, NGINX, main_config
-from test_routing import _free_port, _server
+from conftest import run_lua
+from test_routing import _server
 
 LUA_TEST = r"""
 local herd = require("herd_gateway")
@@ -73,33 +69,8 @@ def lua(tmp_path_factory):
                            _server("b:2", ["tiny"], 2, backup=True), _server("b:3", ["tiny"], 2),
                            _server("b:4", ["small:7b"], 2)]}
     (tmp / "servers.json").write_text(json.dumps(servers))
-    port = _free_port()
-    (tmp / "test.lua").write_text(LUA_TEST.replace("SERVERS_FILE", json.dumps(str(tmp / "servers.json"))))
-    main = main_config(tmp, f"""
-  lua_package_path "{LUA_DIR}/?.lua;;";
-  lua_shared_dict herd_gateway 1m;
-  lua_shared_dict herd_affinity 1m;
-  server {{
-    listen 127.0.0.1:{port};
-    location = /t {{ content_by_lua_file {tmp}/test.lua; }}
-  }}""")
-    (tmp / "logs").mkdir()
-    with open(main, "a", encoding="utf-8") as handle:
-        handle.write("daemon off;\nmaster_process off;\n")
-    proc = subprocess.Popen([NGINX, "-p", str(tmp), "-c", str(main)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/t", timeout=5) as resp:
-                    return json.loads(resp.read())
-            except (urllib.error.URLError, ConnectionError) as exc:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise AssertionError(f"nginx test server failed: {exc}; {(tmp / 'error.log').read_text()}") from exc
-                time.sleep(0.1)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    code = LUA_TEST.replace("SERVERS_FILE", json.dumps(str(tmp / "servers.json")))
+    return run_lua(tmp, code, dicts=("herd_gateway", "herd_affinity"))
 
 
 def test_conversation_key(lua):

@@ -6,14 +6,9 @@ the Lua module) are tested on the same case table, model_names.json.
 
 import json
 import os
-import socket
-import subprocess
-import time
-import urllib.error
-import urllib.request
 
 import pytest
-from conftest import LUA_DIR, NGINX, main_config
+from conftest import run_lua
 
 CASES = json.load(open(os.path.join(os.path.dirname(__file__), "model_names.json"), encoding="utf-8"))
 
@@ -106,12 +101,6 @@ ngx.say(cjson.encode(out))
 """
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def lua_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lua")
@@ -119,33 +108,8 @@ def lua_results(tmp_path_factory):
     servers = {"servers": [_server("b:0", ["tiny", "Small:7b"], 2), _server("b:1", ["tiny:latest"], 1),
                            _server("b:2", ["small:7b"], 4)]}
     (tmp / "servers.json").write_text(json.dumps(servers))
-    port = _free_port()
     code = LUA_TEST.replace("CASES_FILE", json.dumps(cases_file)).replace("SERVERS_FILE", json.dumps(str(tmp / "servers.json")))
-    (tmp / "test.lua").write_text(code)
-    main = main_config(tmp, f"""
-  lua_package_path "{LUA_DIR}/?.lua;;";
-  lua_shared_dict herd_gateway 1m;
-  server {{
-    listen 127.0.0.1:{port};
-    location = /t {{ content_by_lua_file {tmp}/test.lua; }}
-  }}""")
-    (tmp / "logs").mkdir()
-    with open(main, "a", encoding="utf-8") as handle:
-        handle.write("daemon off;\nmaster_process off;\n")
-    proc = subprocess.Popen([NGINX, "-p", str(tmp), "-c", str(main)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/t", timeout=5) as resp:
-                    return json.loads(resp.read())
-            except (urllib.error.URLError, ConnectionError) as exc:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise AssertionError(f"nginx test server failed: {exc}; {(tmp / 'error.log').read_text()}") from exc
-                time.sleep(0.1)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    return run_lua(tmp, code)
 
 
 def test_model_key_lua_same_case_table(lua_results):
