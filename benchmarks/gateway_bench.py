@@ -876,6 +876,13 @@ def affinity_goals(tab: dict, mults: list[int], chat: dict) -> list[tuple[str, s
     return out
 
 
+def goals_table(issue, checks):
+    """Markdown lines of an issue's goals: (goal, measured, met) rows."""
+    lines = [f"### The issue's goals (issue {issue}), from this run", "", "| goal | measured | met |", "|---|---|---|"]
+    lines += [f"| {g} | {v} | {'yes' if ok else 'NO'} |" for g, v, ok in checks]
+    return lines + [""]
+
+
 def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: str, took: float) -> tuple[str, dict]:
     a = bench.args
     n, p, slots = a.instances, a.num_parallel, bench.slots
@@ -982,13 +989,7 @@ def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: 
                      f"{fmt(ratio(v['ttft_p99'], ideal['ttft_p99']), 2)} | {fmt(v['latency_p99'])} s |")
     L.append("")
     if checks:
-        L.append("### The issue's goals (issue 15), from this run")
-        L.append("")
-        L.append("| goal | measured | met |")
-        L.append("|---|---|---|")
-        for g, v, ok in checks:
-            L.append(f"| {g} | {v} | {'yes' if ok else 'NO'} |")
-        L.append("")
+        L += goals_table(15, checks)
 
     pools = extra.get("herd_pools")
     if pools:
@@ -1098,13 +1099,7 @@ def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: 
             except (ValueError, KeyError, TypeError):
                 pass
     if aff_checks:
-        L.append("### The issue's goals (issue 20), from this run")
-        L.append("")
-        L.append("| goal | measured | met |")
-        L.append("|---|---|---|")
-        for g, v, ok in aff_checks:
-            L.append(f"| {g} | {v} | {'yes' if ok else 'NO'} |")
-        L.append("")
+        L += goals_table(20, aff_checks)
 
     L.append("## CPU use (is the machine the bottleneck?)")
     L.append("")
