@@ -23,7 +23,6 @@ Environment honoured (same meaning as Ollama's):
   CUDA_VISIBLE_DEVICES      simulated GPUs owned, by index or GPU-UUID ("-1" or "" = none, CPU)
 Lab-only environment:
   HERD_LAB_GPU_SPEC              GPU spec file (default /etc/herd-lab/gpus.json); missing = CPU only
-  HERD_LAB_REGISTRY              directory or http(s) URL holding models in the on-disk layout, for /api/pull
   HERD_EMU_TOKENS_PER_SECOND     override every model's per-slot generation rate
   HERD_EMU_PROMPT_TOKENS_PER_SECOND  override every model's prompt-eval rate
   HERD_EMU_LOAD_SECONDS          override every model's load time
@@ -61,6 +60,7 @@ BANNER = (
 )
 
 REGISTRY_HOST = "registry.ollama.ai"
+MEDIA_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DEFAULT_NAMESPACE = "library"
 FOREVER = math.inf
 GIB = 1024**3
@@ -267,7 +267,6 @@ class Settings:
         self.no_cloud = clean_env(env.get("OLLAMA_NO_CLOUD")) not in ("", "0", "false")
         self.gpu_spec_path = clean_env(env.get("HERD_LAB_GPU_SPEC")) or "/etc/herd-lab/gpus.json"
         self.cuda_visible_devices = env.get("CUDA_VISIBLE_DEVICES")
-        self.registry = clean_env(env.get("HERD_LAB_REGISTRY"))
         self.tokens_per_second = env_float(env, "HERD_EMU_TOKENS_PER_SECOND")
         self.prompt_tokens_per_second = env_float(env, "HERD_EMU_PROMPT_TOKENS_PER_SECOND")
         self.load_seconds = env_float(env, "HERD_EMU_LOAD_SECONDS")
@@ -1166,6 +1165,7 @@ class Emulator:
             ("POST", "/api/generate"): self.generate,
             ("POST", "/api/chat"): self.chat,
             ("POST", "/api/pull"): self.pull,
+            ("POST", "/api/copy"): self.copy,
             ("DELETE", "/api/delete"): self.delete,
             ("POST", "/v1/chat/completions"): self.openai_chat,
             ("GET", "/v1/models"): self.openai_models,
@@ -1552,7 +1552,7 @@ class Emulator:
         finally:
             self.sched.finished(runner)
 
-    # -- pull from the lab registry
+    # -- pull over Ollama's registry protocol (a registry.ollama.ai, a site's registry, lab/standins/lab_registry.py)
     async def pull(self, req, resp):
         data = self.body_json(req, resp)
         if data is None:
@@ -1574,7 +1574,7 @@ class Emulator:
         if stream:
             resp.start_stream("application/x-ndjson")
         try:
-            await self._pull(parsed, send, resp)
+            await self._pull(parsed, data.get("insecure") is True, send, resp)
         except ModelError as exc:
             if stream:
                 send({"error": exc.message})
@@ -1584,35 +1584,41 @@ class Emulator:
         if not stream:
             resp.json(200, events[-1])
 
-    def _registry_read(self, rel):
-        """Bytes of a file of the lab registry (directory or http URL)."""
-        reg = self.settings.registry
-        if not reg:
-            raise ModelError(500, "pull model manifest: no lab registry configured (HERD_LAB_REGISTRY is empty)")
-        if reg.startswith(("http://", "https://")):
-            url = reg.rstrip("/") + "/" + urllib.parse.quote(rel)
-            try:
-                with urllib.request.urlopen(url, timeout=30) as handle:
-                    return handle.read()
-            except urllib.error.HTTPError as exc:
-                if exc.code == 404:
-                    raise FileNotFoundError(rel) from None
-                raise
-        with open(os.path.join(reg, rel), "rb") as handle:
-            return handle.read()
+    @staticmethod
+    def _registry_get(url, accept=None):
+        """Body of a registry GET, following its redirects (a blob's goes to another host, as Ollama's CDN does).
 
-    async def _pull(self, parsed, send, resp):
-        send({"status": "pulling manifest"})
-        rel_manifest = "/".join(("manifests",) + tuple(parsed))
+        DIFFERS: Ollama sizes a blob with HEAD and fetches it in ranged parts; one GET here. 404 raises
+        FileNotFoundError (Ollama's os.ErrNotExist); other errors say status and body as Ollama does.
+        """
+        request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+        request.add_header("User-Agent", f"ollama/{VERSION} (amd64 linux) herd-emulator")
         try:
-            manifest_bytes = await asyncio.to_thread(self._registry_read, rel_manifest)
+            with urllib.request.urlopen(request, timeout=30) as handle:
+                return handle.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                raise FileNotFoundError(url) from None
+            raise ModelError(500, f"{exc.code}: {exc.read().decode(errors='replace')}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise ModelError(500, f'Get "{url}": {getattr(exc, "reason", exc)}') from None
+
+    async def _pull(self, parsed, insecure, send, resp):
+        host, namespace, model, tag = parsed
+        # Ollama: https unless the request says insecure (then plain http), /v2/<namespace>/<model>/...
+        base = "{}://{}/v2/{}/{}".format("http" if insecure else "https", host, namespace, model)
+        send({"status": "pulling manifest"})
+        try:
+            manifest_bytes = await asyncio.to_thread(self._registry_get, f"{base}/manifests/{tag}", MEDIA_MANIFEST)
             manifest = json.loads(manifest_bytes)
             layers = list(manifest["layers"]) + [manifest["config"]]
             for layer in layers:
                 layer["digest"], layer["size"]  # noqa: B018 - validate the manifest before pulling
         except FileNotFoundError:
             raise ModelError(500, "pull model manifest: file does not exist") from None
-        except (OSError, ValueError, KeyError) as exc:
+        except ModelError as exc:
+            raise ModelError(500, f"pull model manifest: {exc.message}") from None
+        except (ValueError, KeyError, TypeError) as exc:
             raise ModelError(500, f"pull model manifest: {exc}") from None
         for layer in layers:
             digest, size = layer["digest"], int(layer["size"])
@@ -1623,9 +1629,9 @@ class Emulator:
                 continue
             send({"status": status, "digest": digest, "total": size})
             try:
-                data = await asyncio.to_thread(self._registry_read, "blobs/" + digest.replace(":", "-"))
-            except (OSError, urllib.error.URLError) as exc:
-                raise ModelError(500, f"pull model blob {digest}: {exc}") from None
+                data = await asyncio.to_thread(self._registry_get, f"{base}/blobs/{digest}")
+            except FileNotFoundError:
+                raise ModelError(500, f"pull model blob {digest}: file does not exist") from None
             step = 256 * 1024
             for done in range(step, len(data) + step, step):
                 send({"status": status, "digest": digest, "total": size, "completed": min(done, len(data))})
@@ -1643,12 +1649,54 @@ class Emulator:
             if _file_sha256(self.store.blob_path(layer["digest"])) != layer["digest"]:
                 raise ModelError(500, "digest mismatch, file must be downloaded again: want {}".format(layer["digest"]))
         send({"status": "writing manifest"})
+        # Stored under the name pulled, registry host (with its port) included, and written as Ollama writes it:
+        # its own struct marshalled again (Go's json.Marshal: its field order, no unknown keys, no newline).
         path = self.store.manifest_path(parsed)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".tmp", "wb") as handle:
-            handle.write(manifest_bytes)
+            handle.write(go_manifest_bytes(manifest))
         os.replace(path + ".tmp", path)
         send({"status": "success"})
+
+    async def copy(self, req, resp):
+        """POST /api/copy: the manifest written again under another name (Ollama's CopyModelHandler)."""
+        data = self.body_json(req, resp)
+        if data is None:
+            return
+        source, destination = data.get("source") or "", data.get("destination") or ""
+        src, dst = parse_model_name(source), parse_model_name(destination)
+        if src is None:
+            resp.error(400, f"source {json.dumps(source)} is invalid")
+            return
+        if dst is None:
+            resp.error(400, f"destination {json.dumps(destination)} is invalid")
+            return
+        if src != dst:
+            try:
+                with open(self.store.manifest_path(src), "rb") as handle:
+                    manifest_bytes = handle.read()
+            except FileNotFoundError:
+                resp.error(404, f"model {json.dumps(source)} not found")
+                return
+            path = self.store.manifest_path(dst)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".tmp", "wb") as handle:
+                handle.write(manifest_bytes)
+            os.replace(path + ".tmp", path)
+        resp.send(200, b"", "text/plain")
+
+
+def go_manifest_bytes(manifest):
+    """A manifest as Ollama's pull writes it: json.Marshal of its Manifest/Layer structs."""
+    def layer(item):
+        out = {"mediaType": item.get("mediaType", ""), "digest": item.get("digest", ""), "size": int(item.get("size", 0))}
+        if item.get("from"):
+            out["from"] = item["from"]
+        return out
+
+    doc = {"schemaVersion": int(manifest.get("schemaVersion", 0)), "mediaType": manifest.get("mediaType", ""),
+           "config": layer(manifest["config"]), "layers": [layer(item) for item in manifest["layers"]]}
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def _file_sha256(path):

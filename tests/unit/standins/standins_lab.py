@@ -31,6 +31,7 @@ def load_module(name, path):
 emulator = load_module("herd_ollama_emulator", EMULATOR)
 mkmodels = load_module("herd_mkmodels", STANDINS / "mkmodels.py")
 nvidia_smi = load_module("herd_nvidia_smi", NVIDIA_SMI)
+lab_registry_module = load_module("herd_lab_registry", STANDINS / "lab_registry.py")
 
 
 def free_port():
@@ -133,3 +134,23 @@ def start_emulator(tmp_path):
     yield start
     for emu in started:
         emu.stop()
+
+
+@pytest.fixture
+def start_registry():
+    """Start lab/standins/lab_registry.py's server on a free loopback port (in a thread) serving a directory."""
+    import threading  # noqa: PLC0415 - only this fixture needs it
+
+    servers = []
+
+    def start(root, blob_host=""):
+        server = lab_registry_module.Registry(("127.0.0.1", 0), str(root), blob_host)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        server.port = server.server_address[1]
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()

@@ -5,7 +5,7 @@ import json
 import shutil
 import time
 
-from standins_lab import GPUS
+from standins_lab import GPUS, emulator
 
 ERR_MAX_QUEUE = "server busy, please try again.  maximum pending requests exceeded"
 FINAL_FIELDS = {"model", "created_at", "done", "done_reason", "total_duration", "load_duration",
@@ -240,16 +240,21 @@ def test_ollama_host_with_scheme_and_slash(start_emulator, lab_models, tmp_path)
     assert f"Listening on 127.0.0.1:{port} " in emu.log()
 
 
-def _pull(emu, name):
-    status, _headers, lines = emu.post("/api/pull", {"model": name})
+def _pull(emu, name, insecure=False):
+    status, _headers, lines = emu.post("/api/pull", {"model": name, "insecure": insecure})
     return status, [json.loads(line) for _t, line in lines]
 
 
-def test_pull_from_registry_directory_and_delete(start_emulator, lab_models, tmp_path):
+def test_pull_from_a_registry_copy_and_delete(start_emulator, start_registry, lab_models, tmp_path):
+    registry = start_registry(lab_models)
     store = tmp_path / "store"
-    emu = start_emulator(**fast(str(store), HERD_LAB_REGISTRY=lab_models))
+    emu = start_emulator(**fast(str(store)))
     assert emu.get_json("/api/tags")["models"] == []
-    status, events = _pull(emu, "herd-tiny:1b")
+    name = f"127.0.0.1:{registry.port}/library/herd-tiny:1b"
+    status, events = _pull(emu, name)
+    # Over https unless the request says insecure, as Ollama: the lab registry speaks plain http.
+    assert status == 200 and events[-1]["error"].startswith("pull model manifest: Get ")
+    status, events = _pull(emu, name, insecure=True)
     assert status == 200
     statuses = [e["status"] for e in events]
     assert statuses[0] == "pulling manifest" and statuses[-3:] == ["verifying sha256 digest", "writing manifest",
@@ -257,15 +262,27 @@ def test_pull_from_registry_directory_and_delete(start_emulator, lab_models, tmp
     layer_events = [e for e in events if e["status"].startswith("pulling ") and "digest" in e]
     assert all(e["status"] == "pulling " + e["digest"][7:19] for e in layer_events)
     assert any(e.get("completed") == e["total"] for e in layer_events)
-    assert [m["name"] for m in emu.get_json("/api/tags")["models"]] == ["herd-tiny:1b"]
+    # Stored and listed under the name pulled, registry host and port included (as Ollama does).
+    assert [m["name"] for m in emu.get_json("/api/tags")["models"]] == [name]
     src = lab_models / "manifests/registry.ollama.ai/library/herd-tiny/1b"
-    assert (store / "manifests/registry.ollama.ai/library/herd-tiny/1b").read_bytes() == src.read_bytes()
+    pulled = store / f"manifests/127.0.0.1:{registry.port}/library/herd-tiny/1b"
+    # Written as Ollama writes a pulled manifest: its struct marshalled again (test_real_contract.py compares).
+    assert pulled.read_bytes() == emulator.go_manifest_bytes(json.loads(src.read_bytes()))
+    assert json.loads(pulled.read_bytes()) == json.loads(src.read_bytes())
     # a second pull finds every blob present and verified
-    status, events = _pull(emu, "herd-tiny:1b")
+    status, events = _pull(emu, name, insecure=True)
     assert events[-1] == {"status": "success"}
+    pulled_bytes = pulled.read_bytes()
+    # /api/copy gives it the plain name; deleting the pulled name keeps the blobs the copy references.
+    assert emu.post("/api/copy", {"source": name, "destination": "herd-tiny:1b"})[0] == 200
+    assert emu.post("/api/delete", {"model": name}, method="DELETE")[0] == 200
+    assert [m["name"] for m in emu.get_json("/api/tags")["models"]] == ["herd-tiny:1b"]
+    assert (store / "manifests/registry.ollama.ai/library/herd-tiny/1b").read_bytes() == pulled_bytes
     assert emu.post_json("/api/generate", {"model": "herd-tiny:1b", "prompt": ""})[0] == 200
-    status, events = _pull(emu, "herd-missing:1b")
+    status, events = _pull(emu, f"127.0.0.1:{registry.port}/library/herd-missing:1b", insecure=True)
     assert events[-1] == {"error": "pull model manifest: file does not exist"}
+    assert emu.post_json("/api/copy", {"source": "nope", "destination": "x"}) == (
+        404, {"error": 'model "nope" not found'})
     assert emu.post("/api/delete", {"model": "herd-tiny:1b"}, method="DELETE")[0] == 200
     assert emu.get_json("/api/tags")["models"] == []
     assert list((store / "blobs").iterdir()) == []
@@ -273,20 +290,22 @@ def test_pull_from_registry_directory_and_delete(start_emulator, lab_models, tmp
         404, {"error": "model 'herd-tiny:1b' not found"})
 
 
-def test_pull_rejects_corrupt_blob(start_emulator, lab_models, tmp_path):
-    registry = tmp_path / "registry"
-    shutil.copytree(lab_models, registry)
-    manifest = json.loads((registry / "manifests/registry.ollama.ai/library/herd-small/7b").read_text())
-    blob = registry / "blobs" / manifest["layers"][0]["digest"].replace(":", "-")
+def test_pull_rejects_corrupt_blob(start_emulator, start_registry, lab_models, tmp_path):
+    root = tmp_path / "registry"
+    shutil.copytree(lab_models, root)
+    manifest = json.loads((root / "manifests/registry.ollama.ai/library/herd-small/7b").read_text())
+    blob = root / "blobs" / manifest["layers"][0]["digest"].replace(":", "-")
     data = bytearray(blob.read_bytes())
     data[100] ^= 0xFF
     blob.write_bytes(bytes(data))
-    emu = start_emulator(**fast(str(tmp_path / "store"), HERD_LAB_REGISTRY=str(registry)))
-    status, events = _pull(emu, "herd-small:7b")
+    registry = start_registry(root)
+    emu = start_emulator(**fast(str(tmp_path / "store")))
+    name = f"localhost:{registry.port}/library/herd-small:7b"
+    status, events = _pull(emu, name, insecure=True)
     assert events[-1]["error"].startswith("digest mismatch, file must be downloaded again: want " +
                                           manifest["layers"][0]["digest"])
     assert emu.get_json("/api/tags")["models"] == []
-    status, body = emu.post_json("/api/pull", {"model": "herd-small:7b", "stream": False})
+    status, body = emu.post_json("/api/pull", {"model": name, "insecure": True, "stream": False})
     assert status == 500 and body["error"].startswith("digest mismatch")
 
 

@@ -223,3 +223,37 @@ def test_openai_model_list_names_the_namespace(servers):
     e_data = {m["id"]: m["owned_by"] for m in emu.json("GET", "/v1/models")[1]["data"]}
     assert r_data == e_data == {"herd-real-tiny:latest": "library", "herd/tiny:1b": "herd",
                                 "127.0.0.1:5000/herd/tiny:2b": "herd"}
+
+
+def test_both_pull_from_the_lab_registry_the_same_way(servers, start_registry, tmp_path):
+    """lab/standins/lab_registry.py serves the real store; the real server and the emulator pull, copy, delete."""
+    real, _emu = servers
+    registry = start_registry(real.env["OLLAMA_MODELS"])
+    name = f"127.0.0.1:{registry.port}/library/herd-real-tiny"
+    seen = {}
+    for label, argv in (("real", real.proc.args[:1]), ("emulator", ["python3", str(EMULATOR)])):
+        models = tmp_path / label / "models"
+        models.mkdir(parents=True)
+        server = Server(argv, tmp_path / label / "run", models, {})
+        try:
+            def pull(model, insecure=True, server=server):
+                return server.json("POST", "/api/pull", json.dumps({"model": model, "insecure": insecure,
+                                                                    "stream": False}))
+
+            steps = [pull(name), pull(f"127.0.0.1:{registry.port}/library/nope:1b")]
+            status, body = pull(name, insecure=False)  # https by default: the lab registry speaks plain http
+            steps.append((status, body["error"].startswith(f'pull model manifest: Get "https://127.0.0.1:{registry.port}/v2/library/herd-real-tiny/manifests/latest": ')))
+            steps.append([m["name"] for m in server.json("GET", "/api/tags")[1]["models"]])
+            body = json.dumps({"source": name, "destination": "herd-real-tiny"})
+            steps.append(server.request("POST", "/api/copy", body)[0])
+            steps.append(server.request("DELETE", "/api/delete", json.dumps({"model": name}))[0])
+            steps.append([m["name"] for m in server.json("GET", "/api/tags")[1]["models"]])
+            steps.append(sorted(str(p.relative_to(models)) for p in models.rglob("*") if p.is_file()))
+            steps.append((models / "manifests/registry.ollama.ai/library/herd-real-tiny/latest").read_bytes())
+            seen[label] = steps
+        finally:
+            server.stop()
+    assert seen["real"][0] == (200, {"status": "success"})
+    assert seen["real"][1] == (500, {"error": "pull model manifest: file does not exist"})
+    assert seen["real"][3] == [name + ":latest"] and seen["real"][6] == ["herd-real-tiny:latest"]
+    assert seen["emulator"] == seen["real"]
