@@ -9,6 +9,9 @@ Filters:
   ollama_plan_warnings(gpus, config)  -> list of messages about a valid but questionable plan (idle GPUs, ...)
   ollama_model_name(name)             -> the name as Ollama's /api/ps and /api/tags show it ("tiny" -> "tiny:latest");
                                          the rule lives in plugins/module_utils/ollama_names.py
+  ollama_pull_name(name, registry)    -> the full name a model is pulled by ("tiny", "mirror:5000" ->
+                                         "mirror:5000/library/tiny:latest"; no registry: "registry.ollama.ai/...")
+  ollama_registry_error(registry)     -> '' when ollama_registry is a valid host[:port] (or empty), else the problem
 
 `config` holds the role's knobs without the `ollama_` prefix (see DEFAULTS); docs/planner.md has the rules.
 """
@@ -1148,6 +1151,16 @@ def _model_name_filter(name):
         raise AnsibleFilterError(str(exc)) from exc
 
 
+def _pull_name_filter(name, registry=""):
+    error = ollama_names.registry_error(registry)
+    if error:
+        raise AnsibleFilterError(f"ollama_registry {error}")
+    try:
+        return ollama_names.pull_name(name, registry)
+    except ValueError as exc:
+        raise AnsibleFilterError(str(exc)) from exc
+
+
 def _plan(gpus, config):
     return _Planner(gpus, config).run()
 
@@ -1180,4 +1193,6 @@ class FilterModule:
             "ollama_plan_errors": ollama_plan_errors,
             "ollama_plan_warnings": ollama_plan_warnings,
             "ollama_model_name": _model_name_filter,
+            "ollama_pull_name": _pull_name_filter,
+            "ollama_registry_error": ollama_names.registry_error,
         }

@@ -11,6 +11,10 @@ ollama_model_info) import these functions; nothing keeps its own copy.
     team/tiny                              -> registry.ollama.ai/team/tiny:latest      (shortest: team/tiny:latest)
     https://mirror.local:5000/team/tiny:q4 -> mirror.local:5000/team/tiny:q4           (shortest: the same)
 
+With a site registry (role ollama's `ollama_registry`), `pull_name` says where a default-registry name is pulled
+from: `tiny` with registry `mirror.local:5000` -> `mirror.local:5000/library/tiny:latest`; the store then keeps it
+under its plain name (roles/ollama/tasks/models.yml copies it there with Ollama's /api/copy).
+
 `/api/ps` and `/api/tags` name models by their shortest form (Ollama's Name.DisplayShortest), so comparing
 `short_name(x)` on both sides is how a configured name meets what an instance reports.
 """
@@ -128,6 +132,32 @@ def shortest_name(n):
 def short_name(s):
     """Normalise a model name to the form Ollama reports (`tiny` -> `tiny:latest`); ValueError when invalid."""
     return shortest_name(parse_name(s))
+
+
+def registry_error(registry):
+    """'' when registry is a valid registry host[:port] (or empty: none); else what is wrong with it."""
+    if registry == "":
+        return ""
+    if not isinstance(registry, str):
+        return f"must be a string, got {registry!r}"
+    if "://" in registry or "/" in registry:
+        return f"must be a registry host[:port] only, without a scheme or a path (got {registry!r})"
+    host, sep, port = registry.rpartition(":")
+    if sep and not (port.isdigit() and 0 < int(port) < 65536):
+        return f"has a bad port (got {registry!r})"
+    if not valid_part("host", registry) or (sep and not host):
+        return f"is not a valid registry host[:port] (got {registry!r})"
+    return ""
+
+
+def pull_name(s, registry=""):
+    """The name to pull s by. With a site registry (host[:port]), a name of Ollama's default registry
+    (registry.ollama.ai) is pulled from it: same namespace, model and tag, so `qwen2.5:7b` is pulled as
+    `mirror.local:5000/library/qwen2.5:7b`. A name that names its own registry host is pulled as written."""
+    n = parse_name(s)
+    if registry and n["host"].lower() == DEFAULT_HOST:
+        n = dict(n, host=registry)
+    return full_name(n)
 
 
 def same_model(a, b):

@@ -51,3 +51,33 @@ def test_name_from_parts_round_trip():
     n = names.parse_name("mirror.local:5000/team/m:v1")
     assert names.name_from_parts(names.name_parts(n)) == "mirror.local:5000/team/m:v1"
     assert names.name_from_parts(["h", "ns", "model"]) is None
+
+
+@pytest.mark.parametrize(
+    ("given", "registry", "pulled"),
+    [
+        ("tiny", "", "registry.ollama.ai/library/tiny:latest"),
+        ("tiny", "mirror.local:5000", "mirror.local:5000/library/tiny:latest"),
+        ("library/qwen2.5:7b", "10.0.0.5:5000", "10.0.0.5:5000/library/qwen2.5:7b"),
+        ("team/m:v1", "mirror.local", "mirror.local/team/m:v1"),
+        ("Registry.Ollama.AI/library/tiny:1b", "mirror:5000", "mirror:5000/library/tiny:1b"),
+        # a name with its own registry host is pulled from there, whatever the site registry
+        ("hf.co/bartowski/Llama-3.2-1B-GGUF:Q4_K_M", "mirror:5000", "hf.co/bartowski/Llama-3.2-1B-GGUF:Q4_K_M"),
+        ("other:5001/team/m", "mirror:5000", "other:5001/team/m:latest"),
+    ],
+)
+def test_pull_name(given, registry, pulled):
+    assert names.pull_name(given, registry) == pulled
+
+
+@pytest.mark.parametrize("good", ["", "mirror.local", "mirror.local:5000", "10.0.0.5:5000", "registry_1:443"])
+def test_registry_ok(good):
+    assert names.registry_error(good) == ""
+
+
+@pytest.mark.parametrize(("bad", "says"), [
+    ("http://mirror:5000", "without a scheme or a path"), ("mirror:5000/v2", "without a scheme or a path"),
+    ("mirror:0", "bad port"), ("mirror:99999", "bad port"), ("mirror:port", "bad port"), (":5000", "not a valid"),
+    ("-mirror", "not a valid"), ("mir ror", "not a valid"), (5000, "must be a string")])
+def test_registry_errors(bad, says):
+    assert says in names.registry_error(bad)
