@@ -8,7 +8,7 @@
 #   OUTDIR/ollama-linux-amd64.tar.zst         bin/ollama (the emulator), lib/ollama/README (says it is a stand-in),
 #                                             zstd-compressed like Ollama's Linux release since 0.14
 #   OUTDIR/ollama-linux-amd64.tar.zst.sha256  "<hex>  ollama-linux-amd64.tar.zst"
-#   OUTDIR/registry/                      lab models in Ollama's on-disk layout (HERD_LAB_REGISTRY)
+#   OUTDIR/registry/                      lab models in Ollama's on-disk layout (served by herd-lab-registry)
 # Files whose content did not change are left untouched, so a second run changes nothing.
 set -euo pipefail
 

@@ -262,10 +262,16 @@ def test_accepts_module_result_and_string_numbers(planner, gpus_from):
 
 def test_filter_registration_and_raise(planner, gpus_from):
     filters = planner.FilterModule().filters()
-    assert set(filters) == {"ollama_plan", "ollama_plan_errors", "ollama_plan_warnings", "ollama_model_name"}
+    assert set(filters) == {"ollama_plan", "ollama_plan_errors", "ollama_plan_warnings", "ollama_model_name",
+                            "ollama_pull_name", "ollama_registry_error"}
     assert filters["ollama_model_name"]("library/tiny") == "tiny:latest"
     with pytest.raises(AnsibleFilterError):
         filters["ollama_model_name"]("bad name")
+    assert filters["ollama_pull_name"]("tiny", "mirror:5000") == "mirror:5000/library/tiny:latest"
+    assert filters["ollama_pull_name"]("tiny") == "registry.ollama.ai/library/tiny:latest"
+    with pytest.raises(AnsibleFilterError, match="ollama_registry must be a registry host"):
+        filters["ollama_pull_name"]("tiny", "http://mirror:5000")
+    assert "bad port" in filters["ollama_registry_error"]("mirror:0")
     with pytest.raises(AnsibleFilterError) as err:
         filters["ollama_plan"](gpus_from("l20x5.csv"), {"host": "gpu1", "gpu_groups": [[9]], "num_parallel": 0})
     text = str(err.value)
