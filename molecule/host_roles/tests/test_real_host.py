@@ -3,11 +3,14 @@
 What the real server proves here: herd's archive install path unpacks it, herd's unit and environment run it, each
 instance binds only where the plan says, each lists the model (configured without a tag) with the store's digest,
 and a restart keeps the copy. Warmup is off on this host (ollama_warmup: false in molecule.yml): the real binary
-cannot generate here (its runners need an Intel GPU), so a loaded model is never asserted.
+cannot generate here (its runners need an Intel GPU), so a loaded model is never asserted. herd's gateway fronts
+the two instances: the real server's own queue overflow (OLLAMA_MAX_QUEUE 1) reaches a client through it as 503
+with herd's Retry-After.
 """
 
 import hashlib
 import json
+import shlex
 import time
 
 testinfra_hosts = ["ansible://h3_real_hosts"]
@@ -16,6 +19,37 @@ REAL_VERSION = "0.3.6-ipexllm-20241101"
 PORTS = {0: 11434, 1: 11435}
 MODEL = "herd-real-tiny:latest"
 STORE_MANIFEST = "/var/lib/herd/store/manifests/registry.ollama.ai/library/herd-real-tiny/latest"
+GATEWAY_PORT = 80  # gateway_http_port's default
+ERR_MAX_QUEUE = "server busy, please try again.  maximum pending requests exceeded"
+# Sent from the host itself (loopback): bursts of 8 concurrent generates, at most 3, each request at most 30 s.
+# The gateway gives each instance 4 at once (num_parallel 1 + gateway_queue_per_instance 3); the real server takes
+# 1 plus 1 queued (OLLAMA_MAX_QUEUE 1) and answers the rest 503 at once. The ones it takes fail with 500 within
+# milliseconds (no runner can start here), so a slow burst may miss the overflow: hence a second and third.
+BURST_SCRIPT = """
+import concurrent.futures, http.client, json, threading
+BURST, BURSTS, PORT = 8, 3, %d
+BODY = json.dumps({"model": "herd-real-tiny", "prompt": "hi", "stream": False})
+def send(barrier):
+    barrier.wait(10)
+    conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=30)
+    try:
+        conn.request("POST", "/api/generate", body=BODY)
+        resp = conn.getresponse()
+        return {"status": resp.status, "retry_after": resp.getheader("Retry-After"),
+                "upstream": resp.getheader("X-Herd-Upstream"), "body": resp.read().decode(errors="replace")}
+    except OSError as exc:
+        return {"status": 0, "body": repr(exc)}
+    finally:
+        conn.close()
+answers = []
+for _ in range(BURSTS):
+    barrier = threading.Barrier(BURST)
+    with concurrent.futures.ThreadPoolExecutor(BURST) as pool:
+        answers += list(pool.map(lambda _i: send(barrier), range(BURST)))
+    if any(a["status"] == 503 for a in answers):
+        break
+print(json.dumps(answers))
+"""
 
 
 def get_json(host, port, path):
@@ -58,12 +92,13 @@ def test_every_instance_is_the_real_server_under_herds_unit(host):
 
 
 def test_instances_bind_only_where_planned(host):
-    # Nothing else listens on this host, so every TCP listener must be one of the planned instance addresses
-    # (ss cannot name the owner: the units run with ProtectProc=invisible).
+    # Nothing else than the gateway listens on this host, so every other TCP listener must be one of the planned
+    # instance addresses (ss cannot name the owner: the units run with ProtectProc=invisible).
     out = host.run("ss -Hltn")
     assert out.rc == 0, out.stderr
     listening = sorted(line.split()[3] for line in out.stdout.splitlines())
-    assert listening == sorted(f"127.0.0.1:{port}" for port in PORTS.values()), out.stdout
+    planned = [f"127.0.0.1:{port}" for port in PORTS.values()] + [f"0.0.0.0:{GATEWAY_PORT}"]
+    assert listening == sorted(planned), out.stdout
     # The short-lived store instance is not left running (the store was filled from the bundle).
     assert not host.service("ollama@store").is_running
 
@@ -97,3 +132,21 @@ def test_releases_older_than_the_previous_one_are_removed(host):
     # prepare.yml left 0.1.0 and 0.2.0 (active before this upgrade to 0.3.6), each with its cached archive.
     listing = sorted(host.run("ls /opt/ollama").stdout.split())
     assert listing == ["0.2.0", "0.3.6", "ollama-linux-amd64-0.2.0.tgz", "ollama-linux-amd64-0.3.6.tgz"], listing
+
+
+def test_the_real_servers_queue_overflow_reaches_the_client_as_503_with_herds_retry_after(host):
+    retry_after = str(host.ansible.get_variables()["gateway_retry_after"])
+    out = host.run(f"timeout 120 python3 -c {shlex.quote(BURST_SCRIPT % GATEWAY_PORT)}")
+    assert out.rc == 0, out.stderr
+    answers = json.loads(out.stdout)
+    summary = [(a["status"], a["body"]) for a in answers]
+    busy = [a for a in answers if a["status"] == 503]
+    assert busy, summary
+    for answer in busy:
+        # Real Ollama's body from the instance (X-Herd-Upstream names it), and the gateway's Retry-After.
+        assert json.loads(answer["body"]) == {"error": ERR_MAX_QUEUE}, answer
+        assert answer["upstream"] in {f"127.0.0.1:{port}" for port in PORTS.values()}, answer
+        assert answer["retry_after"] == retry_after, answer
+    # The requests an instance let in fail with 500 (the runner cannot start here: expected, see above; 200 would
+    # be right where a runner can start). Nothing else (no 502, no client timeout) may come back.
+    assert {a["status"] for a in answers} <= {200, 500, 503}, summary

@@ -817,6 +817,17 @@ function _M.balance()
     end
 end
 
+-- header_filter_by_lua of the proxied locations: an instance's own 503 (Ollama's queue full, "server busy ...
+-- maximum pending requests exceeded", sent without Retry-After) leaves with the Retry-After of the gateway's own
+-- busy answers; its status and body are the instance's. A Retry-After the instance sent is kept. The 503 is not
+-- retried elsewhere (proxy_next_upstream is error/timeout only) and does not mark the instance failed: it
+-- answered. The access log tells it from the gateway's own 503 by upstream_status.
+function _M.header_filter()
+    if ngx.status == 503 and not ngx.header["Retry-After"] then
+        ngx.header["Retry-After"] = tostring(cfg.retry_after)
+    end
+end
+
 -- log_by_lua (every request, every path): give the slot back; count a failure when the last attempt got
 -- no answer.
 function _M.log()

@@ -129,14 +129,12 @@ def run_nginx_t(tmp_path, main):
     )
 
 
-def nginx_test(tmp_path, conf_text, extra_files=None, servers=None, drained=None):
-    """Run the real nginx -t (Lua modules loaded) on a minimal main config that includes conf_text.
+def gateway_config(tmp_path, conf_text, extra_files=None, servers=None, drained=None):
+    """Write a rendered gateway config and the files it reads under tmp_path; returns the main nginx.conf.
 
     The role's absolute paths point into tmp_path; the Lua module is the role's own file; `servers` is the
     servers.json record the gateway's init_by_lua reads (default: two loopback instances).
     """
-    if NGINX is None or not _lua_modules_present():
-        pytest.skip("nginx with libnginx-mod-http-lua is not installed here (scripts/bootstrap.sh installs it)")
     files = dict(extra_files or {})
     record = servers if servers is not None else {"upstream": {}, "servers": [
         {"key": "h:0", "host": "h", "address": "127.0.0.1", "port": 11434, "endpoint": "127.0.0.1:11434",
@@ -154,9 +152,51 @@ def nginx_test(tmp_path, conf_text, extra_files=None, servers=None, drained=None
     conf = tmp_path / "herd-gateway.conf"
     # Absolute paths of the role point into tmp_path so the test touches nothing outside it.
     for rel in files:
-        conf_text = conf_text.replace(rel, str(tmp_path / rel.lstrip("/")))
+        if not rel.startswith("/var/lib/herd/gateway/"):  # the state directory moves as a whole, below
+            conf_text = conf_text.replace(rel, str(tmp_path / rel.lstrip("/")))
     conf_text = conf_text.replace("/var/log/nginx/", str(tmp_path) + "/")
     conf_text = conf_text.replace("/var/lib/herd/gateway/", str(tmp_path / "var/lib/herd/gateway") + "/")
     conf_text = conf_text.replace("/usr/local/share/herd/lua", LUA_DIR)
     conf.write_text(conf_text)
-    return run_nginx_t(tmp_path, main_config(tmp_path, f"  include {conf};"))
+    return main_config(tmp_path, f"  include {conf};")
+
+
+def nginx_test(tmp_path, conf_text, extra_files=None, servers=None, drained=None):
+    """Run the real nginx -t (Lua modules loaded) on a minimal main config that includes conf_text (the files
+    as gateway_config writes them)."""
+    return run_nginx_t(tmp_path, gateway_config(tmp_path, conf_text, extra_files, servers, drained))
+
+
+class Gateway:
+    """The real nginx serving a rendered gateway config (gateway_config's files) on `port`, in the foreground
+    (a master and one worker) until stop()."""
+
+    def __init__(self, tmp_path, port, conf_text, extra_files=None, servers=None):
+        main = gateway_config(tmp_path, conf_text, extra_files, servers)
+        (tmp_path / "logs").mkdir(exist_ok=True)
+        self.port = port
+        self.error_log = tmp_path / "error.log"
+        self.proc = subprocess.Popen([NGINX, "-p", str(tmp_path), "-c", str(main), "-g", "daemon off;"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/herd/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError) as exc:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    out = self.proc.stdout.read().decode(errors="replace")
+                    log = self.error_log.read_text() if self.error_log.exists() else ""
+                    raise AssertionError(f"the gateway did not start: {exc}; {out}{log}") from exc
+                time.sleep(0.1)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)

@@ -43,7 +43,8 @@ def test_default_render_is_valid_nginx(tmp_path):
                       "proxy_next_upstream error timeout non_idempotent;", "proxy_next_upstream_tries 3;",
                       "lua_shared_dict herd_gateway 1m;", "client_body_buffer_size 64m;",
                       "lua_check_client_abort on;", 'require("herd_gateway").access("route")',
-                      'require("herd_gateway").log()', "location = /herd/pools {",
+                      'require("herd_gateway").log()', 'require("herd_gateway").header_filter()',
+                      "location = /herd/pools {",
                       "location ~ ^/(api/tags|api/ps|v1/models)$ {", '"pool":"$herd_pool"'):
         assert directive in text, directive
     # The settings reach the Lua module as JSON.
