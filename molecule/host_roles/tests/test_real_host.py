@@ -1,8 +1,9 @@
 """The real-binary lane: herd's ollama role with REAL Ollama (0.3.6, lab/build-real-ollama.sh) on a CPU-only host.
 
 What the real server proves here: herd's archive install path unpacks it, herd's unit and environment run it, each
-instance binds only where the plan says, each lists the model (configured without a tag) with the store's digest,
-and a restart keeps the copy. Warmup is off on this host (ollama_warmup: false in molecule.yml): the real binary
+instance binds only where the plan says, the store instance pulls the model from a site registry (the lab's,
+ollama_registry) and herd keeps it under its plain name, each instance lists the model (configured without a tag)
+with the store's digest, and a restart keeps the copy. Warmup is off on this host (ollama_warmup: false in molecule.yml): the real binary
 cannot generate here (its runners need an Intel GPU), so a loaded model is never asserted. herd's gateway fronts
 the two instances: the real server's own queue overflow (OLLAMA_MAX_QUEUE 1) reaches a client through it as 503
 with herd's Retry-After.
@@ -20,6 +21,7 @@ PORTS = {0: 11434, 1: 11435}
 MODEL = "herd-real-tiny:latest"
 STORE_MANIFEST = "/var/lib/herd/store/manifests/registry.ollama.ai/library/herd-real-tiny/latest"
 GATEWAY_PORT = 80  # gateway_http_port's default
+LAB_REGISTRY = "0.0.0.0:5000"  # herd-lab-registry (prepare.yml), where the store instance pulled from
 ERR_MAX_QUEUE = "server busy, please try again.  maximum pending requests exceeded"
 # Sent from the host itself (loopback): bursts of 8 concurrent generates, at most 3, each request at most 30 s.
 # The gateway gives each instance 4 at once (num_parallel 1 + gateway_queue_per_instance 3); the real server takes
@@ -92,15 +94,31 @@ def test_every_instance_is_the_real_server_under_herds_unit(host):
 
 
 def test_instances_bind_only_where_planned(host):
-    # Nothing else than the gateway listens on this host, so every other TCP listener must be one of the planned
-    # instance addresses (ss cannot name the owner: the units run with ProtectProc=invisible).
+    # Nothing else than the gateway and the lab registry listens on this host, so every other TCP listener must be
+    # one of the planned instance addresses (ss cannot name the owner: the units run with ProtectProc=invisible).
     out = host.run("ss -Hltn")
     assert out.rc == 0, out.stderr
     listening = sorted(line.split()[3] for line in out.stdout.splitlines())
     planned = [f"127.0.0.1:{port}" for port in PORTS.values()] + [f"0.0.0.0:{GATEWAY_PORT}"]
-    assert listening == sorted(planned), out.stdout
-    # The short-lived store instance is not left running (the store was filled from the bundle).
+    assert listening == sorted([*planned, LAB_REGISTRY]), out.stdout
+    # The short-lived store instance is not left running (it pulled, then stopped).
     assert not host.service("ollama@store").is_running
+
+
+def test_the_real_server_pulled_the_store_from_the_registry(host):
+    # Ollama 0.3.6's downloader: HEAD for the size, GET answered with a redirect to another host name, then
+    # ranged GETs (206); the emulator fetches with one plain GET, so the 206s are the real client's.
+    journal = host.run("journalctl -u herd-lab-registry --no-pager -o cat").stdout
+    assert '"GET /v2/library/herd-real-tiny/manifests/latest HTTP/1.1" 200' in journal, journal[-2000:]
+    stored = json.loads(host.file(STORE_MANIFEST).content_string)
+    for layer in stored["layers"] + [stored["config"]]:
+        assert f'"HEAD /v2/library/herd-real-tiny/blobs/{layer["digest"]} HTTP/1.1" 200' in journal
+        assert f'"GET /blobs/{layer["digest"]} HTTP/1.1" 206' in journal
+    # Stored under the plain name only: herd copied 127.0.0.1:5000/library/herd-real-tiny:latest to herd-real-tiny
+    # with the real /api/copy and deleted the prefixed name with the real /api/delete.
+    assert host.run("ls /var/lib/herd/store/manifests").stdout.split() == ["registry.ollama.ai"]
+    served = json.loads(host.check_output("curl -fsS http://127.0.0.1:5000/v2/library/herd-real-tiny/manifests/latest"))
+    assert [layer["digest"] for layer in stored["layers"]] == [layer["digest"] for layer in served["layers"]]
 
 
 def test_every_instance_lists_the_tagless_model_with_the_store_digest(host):
