@@ -530,6 +530,14 @@ class ModelStore:
         if info is None:
             return False
         os.remove(info.manifest_path)
+        # Ollama prunes the manifest folders left empty (PruneDirectory on manifests/).
+        folder, top = os.path.dirname(info.manifest_path), os.path.join(self.root, "manifests")
+        while folder != top and folder.startswith(top + os.sep):
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+            folder = os.path.dirname(folder)
         keep = self.referenced_digests()
         for digest in [info.manifest["config"]["digest"]] + [layer["digest"] for layer in info.manifest["layers"]]:
             if digest not in keep:
