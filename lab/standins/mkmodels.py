@@ -14,6 +14,10 @@ section that only herd's Ollama emulator reads: declared VRAM need, load time
 and token rates. Bytes are deterministic, so digests are stable across runs
 and machines. Standard library only.
 
+One model is also published under the tag ``latest`` (ALIASES), as Ollama's library
+publishes ``qwen2.5:latest`` as the same manifest as ``qwen2.5:7b``: a name written
+without a tag (``herd-small``) pulls it, and both tags share every blob.
+
 Usage: mkmodels.py OUTDIR [--model NAME:TAG ...] [--list]
 """
 
@@ -83,6 +87,12 @@ MODELS = {
         "busy_slowdown": 0.7,
         "blob_kib": 256,
     },
+}
+
+# Tags that are the same manifest as a catalogue entry, byte for byte (same digests), as Ollama's library tags
+# `latest`: a tagless `herd-small` means `herd-small:latest`, which is herd-small:7b.
+ALIASES = {
+    "herd-small:latest": "herd-small:7b",
 }
 
 TEMPLATE = (
@@ -203,12 +213,15 @@ def _write_if_changed(path, data):
 
 
 def write_models(outdir, names=None):
-    """Write the named lab models (default: all) under outdir; return the count of files changed."""
+    """Write the named lab models and tags (default: all, ALIASES included) under outdir; return the count of
+    files changed. A tag of ALIASES gets the manifest and blobs of the catalogue entry it names."""
     changed = 0
-    for name in names or sorted(MODELS):
-        if name not in MODELS:
-            raise KeyError("unknown lab model {!r} (known: {})".format(name, ", ".join(sorted(MODELS))))
-        manifest, blobs = model_files(name, MODELS[name])
+    for name in names or sorted([*MODELS, *ALIASES]):
+        source = ALIASES.get(name, name)
+        if source not in MODELS:
+            known = ", ".join(sorted([*MODELS, *ALIASES]))
+            raise KeyError(f"unknown lab model {name!r} (known: {known})")
+        manifest, blobs = model_files(source, MODELS[source])
         for digest, data in sorted(blobs.items()):
             changed += _write_if_changed(os.path.join(outdir, "blobs", "sha256-" + digest), data)
         model, tag = split_name(name)

@@ -4,11 +4,17 @@ import json
 import os
 import subprocess
 
+import yaml
+
 GPU_SPEC = json.load(open(os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "lab/gpus/l20x4.json")))
 GPUS = GPU_SPEC["gpus"]
 BASE_PORT = 11434
 MODEL = "herd-tiny:1b"
-MODELS = ["herd-tiny:1b", "herd-small:7b"]  # both on every instance (host_vars), both resident
+# Both models host_vars configure are on every instance, both resident, named as Ollama reports them: the second
+# is written without a tag (`herd-small`), which Ollama names herd-small:latest (test_model_names.py).
+AS_REPORTED = {"herd-tiny:1b": "herd-tiny:1b", "herd-small": "herd-small:latest"}
+with open(os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "molecule/default/host_vars/herd-mol-aio.yml")) as _vars:
+    MODELS = [AS_REPORTED[m["name"]] for m in yaml.safe_load(_vars)["ollama_models"]]
 
 
 def env_file(host, i):
@@ -64,7 +70,7 @@ def test_every_instance_has_both_models_resident(host):
         assert all(m["size_vram"] == m["size"] for m in ps["models"])
         # herd's context (8192) and KV: weights + 2 slots x 8192 tokens x the model's KV per 1k tokens
         sizes = {m["name"]: m["size"] // 2**20 for m in ps["models"]}
-        assert sizes == {"herd-tiny:1b": 1536 + 512, "herd-small:7b": 5632 + 896}, sizes
+        assert sizes == {"herd-tiny:1b": 1536 + 512, "herd-small:latest": 5632 + 896}, sizes
         assert {m["context_length"] for m in ps["models"]} == {8192}
 
 
@@ -121,4 +127,4 @@ def test_status_playbook_prints_every_instance_healthy(host):
     assert len(rows) == len(GPUS), run.stdout[-3000:]
     for i, row in enumerate(rows):
         assert f"ollama@{i}" in row and f"{BASE_PORT + i}" in row and " active " in row and " ok " in row
-        assert "herd-tiny:1b resident, herd-small:7b resident" in row, row
+        assert ", ".join(f"{name} resident" for name in MODELS) in row, row

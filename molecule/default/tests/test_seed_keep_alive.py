@@ -46,4 +46,4 @@ def test_keep_alive_15s_deploys_smokes_and_reports_unloaded_models(host):
     rows = [ln for ln in out.splitlines() if '"ollama@' in ln]
     assert len(rows) == GPUS, out[-3000:]
     for row in rows:
-        assert " ok " in row and re.search(r"herd-tiny:1b (resident|unloaded), herd-small:7b (resident|unloaded)", row)
+        assert " ok " in row and re.search(r"herd-tiny:1b (resident|unloaded), herd-small:latest (resident|unloaded)", row)

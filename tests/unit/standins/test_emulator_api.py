@@ -28,7 +28,10 @@ def test_health_version_tags(start_emulator, lab_models):
     version = emu.get_json("/api/version")["version"]
     assert version.endswith("-herd-emulator") and version.split("-")[0].count(".") == 2
     tags = emu.get_json("/api/tags")["models"]
-    assert sorted(m["name"] for m in tags) == ["herd-large:70b", "herd-small:7b", "herd-tiny:1b"]
+    assert sorted(m["name"] for m in tags) == ["herd-large:70b", "herd-small:7b", "herd-small:latest", "herd-tiny:1b"]
+    # two tags of one manifest (Ollama's library tags `latest` so): one digest
+    small = {m["name"]: m["digest"] for m in tags if m["name"].startswith("herd-small:")}
+    assert small["herd-small:latest"] == small["herd-small:7b"]
     tiny = next(m for m in tags if m["name"] == "herd-tiny:1b")
     assert set(tiny) == {"name", "model", "modified_at", "size", "digest", "details"}
     assert tiny["details"]["parameter_size"] == "1.2B" and tiny["details"]["quantization_level"] == "Q4_K_M"
@@ -385,4 +388,4 @@ def test_startup_prunes_unreferenced_blobs_unless_noprune(start_emulator, lab_mo
     assert "total unused blobs removed: 1" in emu.log()
     # every lab model is still whole
     assert sorted(m["name"] for m in emu.get_json("/api/tags")["models"]) == [
-        "herd-large:70b", "herd-small:7b", "herd-tiny:1b"]
+        "herd-large:70b", "herd-small:7b", "herd-small:latest", "herd-tiny:1b"]
