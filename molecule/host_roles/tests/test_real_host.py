@@ -21,7 +21,7 @@ PORTS = {0: 11434, 1: 11435}
 MODEL = "herd-real-tiny:latest"
 STORE_MANIFEST = "/var/lib/herd/store/manifests/registry.ollama.ai/library/herd-real-tiny/latest"
 GATEWAY_PORT = 80  # gateway_http_port's default
-LAB_REGISTRY = "0.0.0.0:5000"  # herd-lab-registry (prepare.yml), where the store instance pulled from
+LAB_REGISTRY = "127.0.0.1:5000"  # herd-lab-registry (prepare.yml), where the store instance pulled from
 ERR_MAX_QUEUE = "server busy, please try again.  maximum pending requests exceeded"
 # Sent from the host itself (loopback): bursts of 8 concurrent generates, at most 3, each request at most 30 s.
 # The gateway gives each instance 4 at once (num_parallel 1 + gateway_queue_per_instance 3); the real server takes
