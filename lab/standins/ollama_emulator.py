@@ -489,6 +489,14 @@ class ModelStore:
     def blob_path(self, digest):
         return os.path.join(self.root, "blobs", digest.replace(":", "-"))
 
+    def write_manifest(self, parsed, data):
+        """Write a manifest under a name, whole or not at all (a temporary file renamed into place)."""
+        path = self.manifest_path(parsed)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "wb") as handle:
+            handle.write(data)
+        os.replace(path + ".tmp", path)
+
     def resolve(self, name):
         """ModelInfo for a name, or None when the store does not hold it."""
         parsed = parse_model_name(name)
@@ -1659,11 +1667,7 @@ class Emulator:
         send({"status": "writing manifest"})
         # Stored under the name pulled, registry host (with its port) included, and written as Ollama writes it:
         # its own struct marshalled again (Go's json.Marshal: its field order, no unknown keys, no newline).
-        path = self.store.manifest_path(parsed)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "wb") as handle:
-            handle.write(go_manifest_bytes(manifest))
-        os.replace(path + ".tmp", path)
+        self.store.write_manifest(parsed, go_manifest_bytes(manifest))
         send({"status": "success"})
 
     async def copy(self, req, resp):
@@ -1686,11 +1690,7 @@ class Emulator:
             except FileNotFoundError:
                 resp.error(404, f"model {json.dumps(source)} not found")
                 return
-            path = self.store.manifest_path(dst)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path + ".tmp", "wb") as handle:
-                handle.write(manifest_bytes)
-            os.replace(path + ".tmp", path)
+            self.store.write_manifest(dst, manifest_bytes)
         resp.send(200, b"", "text/plain")
 
 
