@@ -24,6 +24,17 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def stop_process(proc, grace=10):
+    """Terminate a server process; kill it if it has not exited after `grace` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 def unpack_real_release(dest):
     """Unpack the real release archive into dest; return the path of its bin/ollama."""
     with tarfile.open(REAL_ARCHIVE) as tar:
@@ -69,10 +80,4 @@ class OllamaProcess:
         return status, json.loads(raw)
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)

@@ -4,7 +4,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -13,6 +12,7 @@ import urllib.request
 import jinja2
 import pytest
 import yaml
+from ollama_process import free_port
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 ROLE = os.path.join(ROOT, "roles", "gateway")
@@ -79,11 +79,6 @@ def main_config(tmp_path, http_text):
     )
     return main
 
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_lua(tmp_path, code, dicts=("herd_gateway",)):

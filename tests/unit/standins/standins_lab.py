@@ -4,7 +4,6 @@ import http.client
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from importlib.machinery import SourceFileLoader
 from pathlib import Path
 
 import pytest
+from ollama_process import free_port, stop_process  # noqa: F401 - free_port is used by the standins tests
 
 REPO = Path(__file__).resolve().parents[3]
 STANDINS = REPO / "lab" / "standins"
@@ -32,12 +32,6 @@ emulator = load_module("herd_ollama_emulator", EMULATOR)
 mkmodels = load_module("herd_mkmodels", STANDINS / "mkmodels.py")
 nvidia_smi = load_module("herd_nvidia_smi", NVIDIA_SMI)
 lab_registry_module = load_module("herd_lab_registry", STANDINS / "lab_registry.py")
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -75,13 +69,7 @@ class Emu:
         return self.log_path.read_text()
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, grace=5)
 
     def conn(self, timeout=30):
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
