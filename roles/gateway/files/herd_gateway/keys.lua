@@ -1,9 +1,10 @@
 -- herd gateway: the shared dicts and every key the gateway keeps in them (the one list of key prefixes).
 --
 -- Owns: the dict names (nginx: lua_shared_dict herd_gateway / herd_affinity, role gateway's template) and KEYS,
--- the documentation of every key shape. Reads and writes no key itself.
--- tests/unit/gateway/test_keys.py scans every module for the keys it builds and fails on a shape KEYS does not
--- list, or one the module's own header does not name.
+-- the documentation of every key shape; gateway() and affinity() return the dicts.
+-- Shared-dict keys: none read or written here. tests/unit/gateway/test_keys.py scans every module for the keys
+-- it builds and fails on a shape KEYS does not list, on one the module's own header does not name, and on an
+-- entry of KEYS no code builds (or that another module than its owner builds).
 local _M = {}
 
 -- Slots, queues, counters and the catalogue cache: common to every worker and kept across reloads.
