@@ -109,6 +109,15 @@ notes:
   - Run it while the instance is stopped or before it first starts. At start-up Ollama deletes blobs that
     no manifest references, which can race with a sync in progress (set C(OLLAMA_NOPRUNE=1) to stop that).
   - Only one sync per O(dest) runs at a time; a second one fails at once instead of waiting.
+  - Links are never followed below O(src) and O(dest) (both may be writable by the account Ollama runs as while
+    the module runs as root). Every folder is opened with C(O_NOFOLLOW|O_DIRECTORY) relative to its parent's fd,
+    every file with C(O_NOFOLLOW), and owners and modes are set on the open fd.
+  - In O(dest) a symbolic link or special file where the module expects its own folder or file (O(dest) itself,
+    C(manifests), C(blobs), C(.herd-partial), a manifest path folder, a manifest, a blob) is removed, never followed,
+    and written again; the module warns and lists it in RV(links_replaced). O(dest) itself stays a link when root
+    owns the link and the folder holding it and no one else can write that folder.
+  - In O(src) a symbolic link or special file fails the module, naming the path and the fix.
+  - A blob or manifest in O(dest) with other hard links is replaced, not chowned.
 attributes:
   check_mode:
     description: Can run in check mode and return changed status prediction without modifying target.
@@ -199,6 +208,13 @@ stale_removed:
   type: list
   elements: str
   sample: ["sha256-6a07...-4242"]
+links_replaced:
+  description: Paths in O(dest) where a symbolic link or special file stood in place of the module's own folder or
+    file; each was removed (never followed) and written again.
+  returned: always
+  type: list
+  elements: str
+  sample: ["/var/lib/herd/instances/0/models/manifests"]
 models:
   description: Every listed model as it is in O(dest) after the run.
   returned: always
