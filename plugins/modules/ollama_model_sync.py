@@ -688,6 +688,9 @@ class Syncer:
 
     def _store_file(self, dir_fd, name, path):
         """(fd, stat) of a regular file in the store, never through a link; None when missing."""
+        st = _lstat_at(dir_fd, name)
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise self._store_link_error(path, _kind(st))  # not even opened: a device node could act on open
         try:
             return _open_file_at(dir_fd, name)
         except NotRegular as exc:
@@ -839,6 +842,8 @@ class Syncer:
         if st is None:
             os.mkdir(PARTIAL_DIR, 0o700, dir_fd=self.dest_fd)
         self.partial_fd = self._keep(os.open(PARTIAL_DIR, O_DIR, dir_fd=self.dest_fd))
+        if os.geteuid() == 0 and os.fstat(self.partial_fd).st_uid != 0:
+            os.fchown(self.partial_fd, 0, 0)  # made by someone else: no one but root may swap temporaries in it
         os.fchmod(self.partial_fd, 0o700)
 
     def open_dest_file(self, dir_fd, name, path):

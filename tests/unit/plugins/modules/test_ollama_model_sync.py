@@ -921,3 +921,19 @@ def test_a_link_in_the_store_is_refused_naming_the_path(run, store, tmp_path, ba
     assert bait_state(bait) == before
     assert not (dest / BETA).exists()
     assert not any(p.is_file() and p.name.startswith("sha256-") for p in dest.rglob("*"))
+
+
+def test_a_fifo_where_a_blob_is_expected_never_hangs_the_run(run, store, tmp_path):
+    """A FIFO is never opened: in dest it is replaced, in the store it is refused."""
+    dest = tmp_path / "inst0"
+    args = dict(src=str(store["path"]), dest=str(dest), models=["beta"])
+    assert not run(**args)[0]
+    d = _beta_blob(store)
+    blob(dest, d).unlink()
+    os.mkfifo(blob(dest, d))
+    failed, res, _ = run(**args)
+    assert not failed and str(blob(dest, d)) in res["links_replaced"] and sha(blob(dest, d)) == d
+    blob(store["path"], d).unlink()
+    os.mkfifo(blob(store["path"], d))
+    failed, res, _ = run(**args)
+    assert failed and "special file" in res["msg"] and str(blob(store["path"], d)) in res["msg"]
