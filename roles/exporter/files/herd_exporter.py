@@ -626,6 +626,12 @@ class Exporter:
         if self.gateway:
             self._gateway(fam, collector_ok, timeout)
 
+        for name, cached, used in (("instances", self.instance_readings, instances),
+                                   ("gpu", self.gpu_readings, self.config.get("nvidia_smi"))):
+            if used:
+                fam("herd_exporter_readings_total", "counter",
+                    "Readings taken of the instances (/api/ps) and GPUs (nvidia-smi); scrapes within cache_seconds "
+                    "share one").add({"host": host, "reading": name}, cached.reads)
         if self.loops:
             up = fam("herd_exporter_loop_up", "gauge", "1 while the loop runs and its current round is within its limit")
             errors = fam("herd_exporter_round_errors_total", "counter", "Rounds of the loop that raised (it went on)")

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import collections
+import faulthandler
 import json
 import os
 import selectors
@@ -427,6 +428,8 @@ class Watchdog:
             self.tick()
 
     def start(self):
+        # systemd's watchdog ends a stuck service with SIGABRT: the journal then shows where every thread was.
+        faulthandler.enable()
         self.notify("READY=1")
         if self.interval:
             threading.Thread(target=self.run, name="watchdog", daemon=True).start()
