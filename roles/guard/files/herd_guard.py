@@ -403,7 +403,7 @@ class Guard:
 
     def gateway_round(self):
         servers = self.gateway_servers()
-        threads = [threading.Thread(target=self.targets[s["key"]].round, daemon=True) for s in servers]
+        threads = [threading.Thread(target=hs.guarded(self.targets[s["key"]].round), daemon=True) for s in servers]
         for t in threads:
             t.start()
         for t in threads:

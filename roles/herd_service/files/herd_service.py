@@ -296,6 +296,22 @@ def beat():
         loop.beat()
 
 
+def guarded(fn):
+    """fn for a helper thread started inside a round: its exception counts as an error of that round's loop."""
+    loop = getattr(_current, "loop", None)
+
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - counted and logged like a failed round
+            if loop is None:
+                raise
+            loop.failed(exc)
+            return None
+
+    return run
+
+
 class Loop:
     """A loop of rounds in its own thread: run `round_fn()` every `interval` seconds until `stop` is set.
 
@@ -321,16 +337,19 @@ class Loop:
             self.round_fn()
             return True
         except Exception as exc:  # noqa: BLE001 - a round's failure must never end the loop
-            with self.lock:
-                self.errors += 1
-            log(self.service, f"loop {self.name}: round failed ({type(exc).__name__}: {exc}); the loop goes on\n"
-                + traceback.format_exc().rstrip())
+            self.failed(exc)
             return False
         finally:
             _current.loop = None
             with self.lock:
                 self.rounds += 1
                 self.round_started = None
+
+    def failed(self, exc):
+        with self.lock:
+            self.errors += 1
+        log(self.service, f"loop {self.name}: round failed ({type(exc).__name__}: {exc}); the loop goes on\n"
+            + "".join(traceback.format_exception(exc)).rstrip())
 
     def run(self):
         while not self.stop.is_set():

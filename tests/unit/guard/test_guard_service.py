@@ -105,6 +105,15 @@ def test_rounds_that_raise_do_not_stop_the_loops(tmp_path, instance):
         guard.stop.set()
 
 
+def test_a_probe_thread_that_raises_counts_for_the_gateway_loop(tmp_path, instance):
+    """The gateway probes each server in a thread of its own: a non-dict /api/ps there is an error of its loop."""
+    servers = [{"key": "gpu1:0", "host": "gpu1", "endpoint": instance.split("//")[1], "models": []}]
+    guard = g.Guard(_config(gateway=_gateway(tmp_path, json.dumps({"servers": servers}))))
+    loop = hs.Loop("gateway", guard.gateway_round, 0.05, 60, guard.stop)
+    assert loop.run_round() is True and loop.errors == 1
+    assert loop.run_round() is True and loop.errors == 2
+
+
 def test_a_thread_that_cannot_start_is_a_failed_round(tmp_path, monkeypatch):
     servers = [{"key": "gpu1:0", "host": "gpu1", "endpoint": "127.0.0.1:9", "models": []}]
     guard = g.Guard(_config(gateway=_gateway(tmp_path, json.dumps({"servers": servers}))))
