@@ -157,6 +157,10 @@ CASES = [
      ["gateway_vip_auth_pass is longer than 8 characters"]),
     ("guard_probe_timeout_above_interval", {"guard_probe_timeout": 5, "guard_interval": 2},
      ["guard_probe_timeout above 0 and at most guard_interval"]),
+    ("guard_listen_address_not_an_ip", {"guard_listen_address": "localhost"},
+     ["guard_listen_address an IP address (is localhost)"]),
+    ("guard_watchdog_too_short", {"guard_watchdog_seconds": 1},
+     ["guard_watchdog_seconds must be 2 or more (is 1)"]),
     ("nginx_start_limit_never_reached", {"nginx_start_limit_interval": 3},
      ["nginx_start_limit_interval above nginx_start_limit_burst x nginx_restart_sec", "raise nginx_start_limit_interval"]),
     # The gateway's view of the plans (role gateway, gateway_server_errors), raised in preflight, not in the gateway

@@ -250,6 +250,75 @@ def test_guard_never_drains_the_last_healthy_instance():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# herd services (role herd_service): notify units with a watchdog, one library per host, one reading per storm
+
+GUARD_WATCHDOG = 10  # guard_watchdog_seconds of herd-sh-gpu (host_vars)
+
+
+def _show(host, unit, *props):
+    out = _sh(host, f"systemctl show {unit} " + " ".join(f"-p {p}" for p in props)).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def test_herd_services_are_notify_units_with_a_watchdog():
+    for host in (GW1, GPU):
+        for unit, watchdog in (("herd-guard", GUARD_WATCHDOG if host == GPU else 30), ("herd-exporter", 30)):
+            show = _show(host, unit, "Type", "WatchdogUSec", "ActiveState", "Environment", "Restart")
+            assert show["Type"] == "notify" and show["ActiveState"] == "active", (host, unit, show)
+            assert show["WatchdogUSec"] == f"{watchdog}s" and show["Restart"] == "on-failure", (host, unit, show)
+            assert "PYTHONPATH=/usr/local/lib/herd" in show["Environment"], (host, unit, show)
+        assert _sh(host, "test -f /usr/local/lib/herd/herd_service.py").returncode == 0, host
+        guard = _sh(host, "curl -sf -m 2 http://127.0.0.1:9856/metrics").stdout
+        assert "herd_guard_up 1\n" in guard and re.search(r'^herd_guard_loop_up\{loop="[^"]+"\} 1$', guard, re.M), host
+        assert not re.search(r"^herd_guard_loop_up\{.*\} 0$", guard, re.M), guard
+
+
+def _readings(host):
+    out = _sh(host, "curl -sf -m 5 http://127.0.0.1:9855/metrics").stdout
+    m = re.search(r'^herd_exporter_readings_total\{host="[^"]*",reading="gpu"\} (\S+)$', out, re.M)
+    return float(m.group(1)) if m else None
+
+
+def test_a_scrape_storm_costs_one_gpu_reading():
+    """30 scrapes at once on the GPU host: nvidia-smi runs once per exporter_cache_seconds (2 s), not 30 times."""
+    before = _readings(GPU)
+    started = time.monotonic()
+    storm = _sh(GPU, "for i in $(seq 30); do curl -sf -m 10 -o /dev/null -w '%{http_code}\\n' "
+                     "http://127.0.0.1:9855/metrics & done; wait")
+    took = time.monotonic() - started
+    after = _readings(GPU)
+    codes = storm.stdout.split()
+    _measured(f"30 concurrent scrapes of herd-exporter on {GPU}: {codes.count('200')} answered 200 in {took:.1f} s, "
+              f"{after - before:.0f} nvidia-smi runs for them and the scrape after (cache 2 s)")
+    assert codes.count("200") == 30, storm.stdout + storm.stderr
+    # The storm's reading(s), plus the one of the scrape that reads the counter after it.
+    assert before is not None and after - before <= 1 + (1 + took // 2), (before, after, took)
+
+
+def test_a_stopped_guard_is_restarted_by_systemds_watchdog():
+    """kill -STOP of herd-guard: no watchdog ping; systemd restarts it after WatchdogSec, and it is live again."""
+    pid = _main_pid(GPU, "herd-guard")
+    restarts = int(_show(GPU, "herd-guard", "NRestarts")["NRestarts"])
+    assert pid not in ("", "0")
+    try:
+        assert _sh(GPU, f"kill -STOP {pid}").returncode == 0
+        replaced = _wait(lambda: _main_pid(GPU, "herd-guard") not in ("", "0", pid), GUARD_WATCHDOG + 30, step=0.5)
+    finally:
+        if _main_pid(GPU, "herd-guard") == pid:
+            _sh(GPU, f"kill -CONT {pid}")
+    live = _wait(lambda: "herd_guard_up 1\n" in _sh(GPU, "curl -sf -m 1 http://127.0.0.1:9856/metrics").stdout, 20)
+    journal = _sh(GPU, "journalctl -u herd-guard --since '-2min' --no-pager -o cat").stdout
+    _measured(f"kill -STOP of herd-guard on {GPU} (WatchdogSec={GUARD_WATCHDOG}): restarted by systemd after "
+              f"{'never' if replaced is None else f'{replaced:.1f}'} s, /metrics live again "
+              f"{'never' if live is None else f'{live:.1f}'} s later")
+    assert replaced is not None, journal[-2000:]
+    assert replaced >= GUARD_WATCHDOG - 1, "restarted before the watchdog could have fired"
+    assert "Watchdog timeout" in journal, journal[-2000:]
+    assert int(_show(GPU, "herd-guard", "NRestarts")["NRestarts"]) == restarts + 1
+    assert live is not None and _show(GPU, "herd-guard", "ActiveState")["ActiveState"] == "active"
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The floating address
 
 
