@@ -289,7 +289,7 @@ def test_busy_is_not_hung_then_hung_while_busy_is_drained_restarted_and_back():
         subprocess.run(["docker", "cp", f, f"{GW1}:/root/"], check=True)
     load = subprocess.Popen(["docker", "exec", GW1, "python3", "/root/load_clock.py", "/root", "/root/busy.t0",
                              "--url", "http://127.0.0.1", "--concurrency", str(BUSY_CLIENTS), "--requests", "1000",
-                             "--duration", str(BUSY_SECONDS + 30), "--model", MODEL, "--stream",
+                             "--duration", str(BUSY_SECONDS + 40), "--model", MODEL, "--stream",
                              "--prompt-mix", f"long:16:{BUSY_TOKENS}:1", "--progress", "0", "--quiet",
                              "--timeout", "300", "--json", "/root/busy.json"])
     old = _main_pid(GPU, unit)
@@ -347,7 +347,7 @@ def test_busy_is_not_hung_then_hung_while_busy_is_drained_restarted_and_back():
     assert ejected is not None and ejected <= STALL_SECONDS + 5, journal
     assert restarted is not None, _sh(GPU, "journalctl -u herd-guard -n 30 --no-pager").stdout
     assert back is not None, journal
-    assert len(after) >= 4 and not failed_after, failed_after[:5]
+    assert len(after) >= 3 and not failed_after, failed_after[:5]
     # Only streams on the hung instance failed (cut by its restart); every other request succeeded.
     assert all(victim_addr in _tried(r) for r in samples_ if not r["ok"]), [r for r in samples_ if not r["ok"]][:3]
     assert _counters(GPU, "restart")[key] == busy_restarts.get(key, 0) + 1

@@ -396,10 +396,12 @@ class Guard:
         self.restarting = threading.Lock()  # at most one restart at a time on the host
         self.capped = False
         self.deferred = {}
+        self.gateway_silent = False
         self.drained = set()
         self.views = {}  # gateway name -> its view (pools_view / metrics_view), or None when it did not answer
         self.views_at = None
         self.views_lock = threading.Lock()
+        self.fetching = threading.Lock()
         self.stop = threading.Event()
         gateway = config.get("gateway")
         if gateway:
@@ -436,7 +438,7 @@ class Guard:
         sources = list(self.config.get("peers") or [])
         if self.config.get("gateway"):
             sources.insert(0, self.config["gateway"]["pools_url"])
-        with self.views_lock:
+        with self.fetching:  # one reader at a time; /metrics only waits for views_lock
             now = self.clock()
             if fresh or self.views_at is None or now - self.views_at >= float(self.config["interval"]) / 2:
                 timeout = float(self.config["probe_timeout"])
@@ -447,9 +449,11 @@ class Guard:
                     t.start()
                 for t in threads:
                     t.join(timeout + 1)
-                self.views = {self.source_name(u): results.get(u) for u in sources}
-                self.views_at = now
-            return dict(self.views)
+                with self.views_lock:
+                    self.views = {self.source_name(u): results.get(u) for u in sources}
+                    self.views_at = now
+            with self.views_lock:
+                return dict(self.views)
 
     def source_name(self, url):
         if self.config.get("gateway") and url == self.config["gateway"]["pools_url"]:
@@ -619,8 +623,14 @@ class Guard:
         views = self.gateway_views()
         own = self.gateway_servers(views)
         if own is None:
-            self.log(f"the gateway's {self.config['gateway']['pools_url']} did not answer: no instance judged this round")
+            if not self.gateway_silent:
+                self.gateway_silent = True
+                self.log(f"the gateway's {self.config['gateway']['pools_url']} does not answer: no instance is judged "
+                         "until it does")
             return
+        if self.gateway_silent:
+            self.gateway_silent = False
+            self.log("the gateway answers again")
         threads = [threading.Thread(target=self.targets[k].round, args=(self.state_of(k, views),), daemon=True) for k in own]
         for t in threads:
             t.start()
