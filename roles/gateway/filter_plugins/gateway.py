@@ -50,7 +50,7 @@ def gateway_model_key(name):
     library and latest, compared without regard to case. Returns the short name Ollama shows (`x:latest`,
     `ns/x:tag`, `host/ns/x:tag`) in lower case, or None for an empty or malformed name.
 
-    The gateway's Lua module (files/herd_gateway.lua, model_key) applies the same rule to request names; both
+    The gateway's Lua (files/herd_gateway/names.lua, model_key) applies the same rule to request names; both
     are tested on one case table (tests/unit/gateway/model_names.json).
     """
     if not isinstance(name, str):

@@ -1,6 +1,6 @@
 """Routing logic of the gateway: model names as Ollama matches them, pools from the plan, per-instance totals.
 
-The Python rule (filter gateway_model_key) and the Lua rule (herd_gateway.lua, run inside the real nginx with
+The Python rule (filter gateway_model_key) and the Lua rule (herd_gateway/names.lua, run inside the real nginx with
 the Lua module) are tested on the same case table, model_names.json.
 """
 
@@ -58,22 +58,25 @@ def test_routing_settings_errors_name_the_variable(gw):
 # ------------------------------------------------------------------------------------- Lua, in the real nginx
 
 LUA_TEST = r"""
-local herd = require("herd_gateway")
+local names = require("herd_gateway.names")
+local settings = require("herd_gateway.settings")
+local slots = require("herd_gateway.slots")
+local body_mod = require("herd_gateway.body")
+local respond = require("herd_gateway.respond")
 local cjson = require("cjson.safe")
 local out = {}
 -- names
 local cases = cjson.decode(io.open(CASES_FILE):read("*a"))
 out.names = {}
 for i, case in ipairs(cases) do
-    local got = herd.model_key(case[1])
+    local got = names.model_key(case[1])
     out.names[i] = got == nil and cjson.null or got
 end
 -- pools and per-instance totals (the shared dict is the real one)
 local record = cjson.decode(io.open(SERVERS_FILE):read("*a"))
-local cfg = herd.build({queue_max = 4, client_keep_alive = "ignore", model_options = {["Small:7b"] = {num_ctx = 8192}}},
+local cfg = settings.build({queue_max = 4, client_keep_alive = "ignore", model_options = {["Small:7b"] = {num_ctx = 8192}}},
                        record, {"b:2"}, function(a) return "127.0.0.1" end)
-herd.cfg = cfg
-herd._set_cfg(cfg)
+settings.configure(cfg)
 out.pools = {}
 for _, name in ipairs(cfg.pool_names) do
     local keys = {}
@@ -84,19 +87,19 @@ end
 local taken = {}
 for i = 1, 6 do
     local model = (i % 2 == 1) and "tiny:latest" or "small:7b"
-    local server = herd.acquire(model)
+    local server = slots.acquire(model)
     taken[i] = server and server.key or "none"
 end
 out.taken = taken
-herd.give_back("b:0")
-out.after_release = (herd.acquire("small:7b") or {key = "none"}).key
+slots.give_back("b:0")
+out.after_release = (slots.acquire("small:7b") or {key = "none"}).key
 -- body rewrite: keep_alive dropped, options forced, every other member byte for byte
 local body = '{"model":"small:7b","messages":[],"keep_alive":0,"options":{"num_ctx":99,"stop":[]},"x":{"y":[1,"a\\"}"]}}'
-out.rewritten = herd.rewrite_body(body, cjson.decode(body), "native", cfg.model_options["small:7b"])
-out.unchanged = herd.rewrite_body('{"model":"tiny"}', {model = "tiny"}, "native", nil) or cjson.null
-out.openai = herd.rewrite_body('{"model":"small:7b","keep_alive":"5m"}', {model = "small:7b", keep_alive = "5m"},
+out.rewritten = body_mod.rewrite_body(body, cjson.decode(body), "native", cfg.model_options["small:7b"])
+out.unchanged = body_mod.rewrite_body('{"model":"tiny"}', {model = "tiny"}, "native", nil) or cjson.null
+out.openai = body_mod.rewrite_body('{"model":"small:7b","keep_alive":"5m"}', {model = "small:7b", keep_alive = "5m"},
                                "openai", cfg.model_options["small:7b"])
-out.canonical = herd.canonical(cjson.decode('{"b":1,"a":[1,{"d":2,"c":null}],"e":"/"}'))
+out.canonical = respond.canonical(cjson.decode('{"b":1,"a":[1,{"d":2,"c":null}],"e":"/"}'))
 ngx.say(cjson.encode(out))
 """
 
