@@ -142,6 +142,8 @@ CASES = [
      ["gateway_vip_auth_pass is longer than 8 characters"]),
     ("guard_probe_timeout_above_interval", {"guard_probe_timeout": 5, "guard_interval": 2},
      ["guard_probe_timeout above 0 and at most guard_interval"]),
+    ("guard_stall_and_restart_cap", {"guard_stall_seconds": 1, "guard_restart_max_per_hour": 0},
+     ["guard_stall_seconds above guard_interval", "guard_restart_max_per_hour 1 or more"]),
     ("nginx_start_limit_never_reached", {"nginx_start_limit_interval": 3},
      ["nginx_start_limit_interval above nginx_start_limit_burst x nginx_restart_sec", "raise nginx_start_limit_interval"]),
     # The gateway's view of the plans (role gateway, gateway_server_errors), raised in preflight, not in the gateway
