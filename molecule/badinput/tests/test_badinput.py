@@ -161,6 +161,8 @@ CASES = [
      ["guard_listen_address an IP address (is localhost)"]),
     ("guard_watchdog_too_short", {"guard_watchdog_seconds": 1},
      ["guard_watchdog_seconds must be 2 or more (is 1)"]),
+    ("guard_stall_and_restart_cap", {"guard_stall_seconds": 1, "guard_restart_max_per_hour": 0},
+     ["guard_stall_seconds above guard_interval", "guard_restart_max_per_hour 1 or more"]),
     ("nginx_start_limit_never_reached", {"nginx_start_limit_interval": 3},
      ["nginx_start_limit_interval above nginx_start_limit_burst x nginx_restart_sec", "raise nginx_start_limit_interval"]),
     # The gateway's view of the plans (role gateway, gateway_server_errors), raised in preflight, not in the gateway

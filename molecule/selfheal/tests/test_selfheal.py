@@ -3,6 +3,8 @@
 - nginx restarts itself after kill -9 of its master under streaming load, and a broken config still ends failed;
 - a hung instance (kill -STOP) under streaming load is drained by herd-guard on the gateways, restarted by the
   GPU host's herd-guard, and returns to the pool;
+- busy is not hung: every gateway slot of the pool kept busy with long streaming answers for 3 minutes gets no
+  drain, no restart and no failed stream; then one instance hung while busy is drained, restarted and back;
 - docker stop of the gateway host holding the floating address under streaming load from the docker host
   (only to the scenario's own network): the address moves to the other gateway;
 - the instance firewall and the VRRP filter survive `systemctl restart nftables` (Debian's `flush ruleset`), and a
@@ -86,6 +88,21 @@ def _metric(host, name, instance):
     out = _sh(host, "curl -sf -m 2 http://127.0.0.1:9856/metrics").stdout
     m = re.search(rf'^{name}{{server="{re.escape(instance)}"[^}}]*}} (\S+)$', out, re.M)
     return float(m.group(1)) if m else None
+
+
+def _guard_url(host):
+    return "http://" + _sh(host, "hostname -i").stdout.split()[0] + ":9856/metrics"
+
+
+def _counters(host, action):
+    """{server: count} of herd_guard_actions_total for one action on a host."""
+    out = _sh(host, "curl -sf -m 2 http://127.0.0.1:9856/metrics").stdout
+    return {m.group(1): float(m.group(2)) for m in re.finditer(
+        rf'^herd_guard_actions_total{{server="([^"]+)",action="{action}"}} (\S+)$', out, re.M)}
+
+
+def _pools(host):
+    return json.loads(_sh(host, "curl -sf -m 2 http://127.0.0.1/herd/pools").stdout)
 
 
 def _vip_holder():
@@ -174,8 +191,16 @@ def test_guard_runs_everywhere_with_its_duties():
     assert _wait(lambda: passed.search(_sh(GW1, "curl -sf -m 2 http://127.0.0.1:9856/metrics").stdout), 20) is not None
     conf = json.loads(_sh(GPU, "grep -v '^#' /etc/herd/guard.json").stdout)
     assert conf["gateway"] is None and [i["unit"] for i in conf["local"]["instances"]] == ["ollama@0.service", "ollama@1.service"]
+    assert conf["peers"] == [_guard_url(GW1), _guard_url(GW2)], conf["peers"]
     conf = json.loads(_sh(GW1, "grep -v '^#' /etc/herd/guard.json").stdout)
     assert conf["local"] is None and conf["gateway"]["drain_command"] == "/usr/local/sbin/herd-gateway-drain"
+    assert conf["gateway"]["pools_url"] == "http://127.0.0.1:80/herd/pools" and conf["peers"] == [_guard_url(GW2)]
+    # Each guard reads every gateway's view (its own gateway's /herd/pools, the other gateways' guards).
+    for host in (GPU, GW1, GW2):
+        def both_read(host=host):
+            metrics = _sh(host, "curl -sf -m 2 http://127.0.0.1:9856/metrics").stdout
+            return len(re.findall(r"^herd_guard_gateway_up\{[^}]*\} 1$", metrics, re.M)) == 2
+        assert _wait(both_read, 10) is not None, (host, _sh(host, "curl -sf -m 2 http://127.0.0.1:9856/metrics").stdout[-800:])
     exposure = re.search(r"Overall exposure level for herd-guard\.service:\s*([0-9.]+)",
                          _sh(GPU, "systemd-analyze security --no-pager herd-guard.service").stdout)
     assert exposure, "no systemd-analyze security verdict"
@@ -251,6 +276,87 @@ def test_guard_never_drains_the_last_healthy_instance():
     assert refused is not None
     assert len(drained) == 1 and record == drained, (drained, record)
     assert back is not None
+
+
+# Busy is not hung (issue 25): answers of 4000 tokens (herd-tiny:1b streams about 112 tokens/s per slot with both
+# slots busy: about 36 s each, over 3 x guard_canary_timeout), 8 closed-loop clients = every gateway slot of the
+# pool (2 instances x max_conns 4: 2 generating + 2 queued inside each instance).
+BUSY_CLIENTS = 8
+BUSY_TOKENS = 4000
+BUSY_SECONDS = 180
+STALL_SECONDS = 15  # guard_stall_seconds of this scenario (host_vars)
+
+
+def test_busy_is_not_hung_then_hung_while_busy_is_drained_restarted_and_back():
+    key, unit = f"{GPU}:0", "ollama@0"
+    victim_addr = _sh(GW1, f"getent hosts {GPU}").stdout.split()[0] + ":11434"
+    before = {"drain": {h: _counters(h, "drain") for h in GATEWAYS}, "restart": _counters(GPU, "restart")}
+    for f in (f"{PROJECT}/tools/herd_load.py", f"{HERE}/load_clock.py"):
+        subprocess.run(["docker", "cp", f, f"{GW1}:/root/"], check=True)
+    load = subprocess.Popen(["docker", "exec", GW1, "python3", "/root/load_clock.py", "/root", "/root/busy.t0",
+                             "--url", "http://127.0.0.1", "--concurrency", str(BUSY_CLIENTS), "--requests", "1000",
+                             "--duration", str(BUSY_SECONDS + 40), "--model", MODEL, "--stream",
+                             "--prompt-mix", f"long:16:{BUSY_TOKENS}:1", "--progress", "0", "--quiet",
+                             "--timeout", "300", "--json", "/root/busy.json"])
+    old = _main_pid(GPU, unit)
+    stopped = ejected = restarted = back = None
+    full = samples = 0
+    try:
+        # Every slot busy: the gateway holds max_conns requests on both instances.
+        assert _wait(lambda: all(i["inflight"] == i["max_conns"] for i in _pools(GW1)["instances"]), 30, step=0.5) is not None
+        busy_from = time.monotonic()
+        while time.monotonic() - busy_from < BUSY_SECONDS:
+            samples += 1
+            full += all(i["inflight"] == i["max_conns"] for i in _pools(GW1)["instances"])
+            time.sleep(5)
+        busy_drains = {h: _counters(h, "drain") for h in GATEWAYS}
+        busy_restarts = _counters(GPU, "restart")
+        # Hung while busy: the instance stops with every slot busy.
+        stopped = time.monotonic()
+        assert _sh(GPU, f"kill -STOP {old}").returncode == 0
+        ejected = _wait(lambda: _metric(GW1, "herd_guard_drained", key) == 1, STALL_SECONDS + 10, step=0.25)
+        ejected_at = time.monotonic()
+        restarted = _wait(lambda: _main_pid(GPU, unit) not in ("", "0", old), 90, step=0.5)
+        back = _wait(lambda: _metric(GW1, "herd_guard_drained", key) == 0, 90, step=0.5)
+        back_at = time.monotonic()
+    finally:
+        if stopped is not None and _main_pid(GPU, unit) == old:
+            _sh(GPU, f"kill -CONT {old}")
+        result, t0 = _load_result(load, GW1, "busy")
+    samples_ = result["samples"]
+    ok = [r for r in samples_ if r["ok"]]
+    before_stop = [r for r in samples_ if r["start"] + (r["latency"] or 0) < stopped - t0]
+    failed_busy = [r for r in before_stop if not r["ok"]]
+    after = [r for r in samples_ if r["start"] >= ejected_at - t0] if ejected is not None else samples_
+    failed_after = [r for r in after if not r["ok"]]
+    cut = [r for r in samples_ if not r["ok"] and victim_addr in _tried(r) and r["start"] < ejected_at - t0]
+    # An answer's own length: from its first token to its end (a request queued inside the instance waits first).
+    shortest = min((r["latency"] - (r["ttft"] or 0) for r in before_stop if r["ok"]), default=0)
+    journal = _sh(GW1, "journalctl -u herd-guard --since '-6min' --no-pager -o cat | tail -n 8").stdout
+    _measured(f"busy is not hung: {BUSY_CLIENTS} streaming clients kept every gateway slot busy for {BUSY_SECONDS} s "
+              f"({full} of {samples} samples at max_conns on both instances), answers of {BUSY_TOKENS} tokens "
+              f"(shortest {shortest:.0f} s); {len(before_stop)} requests ended, {len(failed_busy)} failed; drains "
+              f"{sum(sum(v.values()) for v in busy_drains.values()) - sum(sum(v.values()) for v in before['drain'].values()):.0f}, "
+              f"restarts {sum(busy_restarts.values()) - sum(before['restart'].values()):.0f}")
+    drained_s = "never" if ejected is None else f"{ejected:.1f}"
+    restarted_s = "never" if None in (ejected, restarted) else f"{ejected + restarted:.1f}"
+    back_s = "never" if back is None else f"{back_at - stopped:.1f}"
+    _measured(f"kill -STOP of {unit} on {GPU} with every slot busy: drained on {GW1} after {drained_s} s "
+              f"(guard_stall_seconds {STALL_SECONDS}), restarted after {restarted_s} s, back in the pool after {back_s} s; "
+              f"{len(cut)} streams on it cut by the restart; {len(after)} requests started after the drain, "
+              f"{len(failed_after)} failed; {result['summary']['requests']} requests in all, {len(ok)} ok")
+    assert samples and full >= 0.8 * samples, (full, samples)
+    assert shortest > 30, "answers must be longer than 3 x guard_canary_timeout"
+    assert not failed_busy, failed_busy[:3]
+    assert busy_drains == before["drain"], (before["drain"], busy_drains, journal)
+    assert busy_restarts == before["restart"], (before["restart"], busy_restarts)
+    assert ejected is not None and ejected <= STALL_SECONDS + 5, journal
+    assert restarted is not None, _sh(GPU, "journalctl -u herd-guard -n 30 --no-pager").stdout
+    assert back is not None, journal
+    assert len(after) >= 3 and not failed_after, failed_after[:5]
+    # Only streams on the hung instance failed (cut by its restart); every other request succeeded.
+    assert all(victim_addr in _tried(r) for r in samples_ if not r["ok"]), [r for r in samples_ if not r["ok"]][:3]
+    assert _counters(GPU, "restart")[key] == busy_restarts.get(key, 0) + 1
 
 
 # ---------------------------------------------------------------------------------------------------------

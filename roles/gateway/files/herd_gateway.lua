@@ -6,18 +6,20 @@
 --   names       model_key: Ollama's model-name rule (the pool of a request)
 --   endpoints   which paths name a model (MODEL_PATHS) or carry a conversation (AFFINITY_PATHS); ANY
 --   settings    init/build/configure: settings, servers.json, drained.json, DNS -> settings.cfg
---   slots       i:, f:, r: keys: a slot per request on an instance, failures, least-loaded candidates
+--   slots       i:, f:, r:, p:, d: keys: a slot per request on an instance, failures, least-loaded candidates,
+--               progress (last upstream byte), the runtime drained flags
 --   queue       q: keys: the FIFO of every pool, admit, on_abort
 --   stats       s: keys: counters and the wait histogram of /herd/pools
 --   affinity    herd_affinity: conversation key -> instance
 --   body        read_body, the JSON member scanner, rewrite_body (keep_alive, forced options)
 --   respond     canonical JSON, error and busy answers
 --   catalogue   c: keys: /api/tags, /v1/models, /api/ps merged over every live instance
---   status      /herd/pools
+--   status      /herd/pools, and /herd/admin/drained (the drain command's loopback admin location)
 --
 -- Loaded by init_by_lua (nginx master, at every start and reload) with the settings rendered by role gateway.
 -- The servers come from the gateway host's record (servers.json, written by the role) and the drained ones
--- from drained.json plus gateway_drain, so a drain is: write drained.json, nginx -t, reload.
+-- from drained.json plus gateway_drain: applied at every start and reload, and at runtime by the admin location
+-- (herd-gateway-drain writes drained.json, then POSTs /herd/admin/drained: every worker follows at once).
 -- Shared-dict keys: none of its own (through slots, queue and affinity).
 local cjson = require("cjson.safe")
 local affinity = require("herd_gateway.affinity")
@@ -35,11 +37,20 @@ local _M = {}
 
 local ANY = endpoints.ANY
 
--- init_by_lua: the settings role gateway renders (JSON text).
-_M.init = settings.init
+-- init_by_lua: the settings role gateway renders (JSON text); the drained record becomes the shared flags.
+function _M.init(settings_json)
+    settings.init(settings_json)
+    local doc = cjson.decode(settings_json)
+    status.configure_admin(doc.drained_file, doc.drain)
+    local targets = status.drained_targets()
+    if targets then
+        slots.apply_drained(targets)
+    end
+end
 
 -- access_by_lua of the proxied locations. `mode`: "route" (model endpoints and the rest) or "any".
 function _M.access(mode)
+    slots.sync_drained()
     local cfg = settings.cfg
     local kind = mode == "route" and endpoints.MODEL_PATHS[ngx.var.uri] or nil
     local pool = ANY
@@ -150,6 +161,14 @@ function _M.header_filter()
     end
 end
 
+-- body_filter_by_lua of the proxied locations: every chunk an instance sends is progress of that instance.
+function _M.body_filter()
+    local key = ngx.var.herd_slot
+    if key ~= nil and key ~= "" and ngx.arg[1] ~= "" then
+        slots.progress(key)
+    end
+end
+
 -- log_by_lua (every request, every path): give the slot back; count a failure when the last attempt got
 -- no answer.
 function _M.log()
@@ -171,7 +190,13 @@ end
 -- content_by_lua of /herd/pools.
 _M.pools_status = status.pools_status
 
--- content_by_lua of /api/tags, /v1/models and /api/ps.
-_M.catalogue = catalogue.serve
+-- content_by_lua of /herd/admin/drained.
+_M.admin_drained = status.admin_drained
+
+-- content_by_lua of /api/tags, /v1/models and /api/ps (over the instances not drained).
+function _M.catalogue()
+    slots.sync_drained()
+    return catalogue.serve()
+end
 
 return _M

@@ -408,67 +408,6 @@ def gateway_duration_errors(values):
     ]
 
 
-def parse_ss_established(text):
-    """Parse `ss -H -t -n -e [-p] state established` lines into dicts {local, peer, uid, processes}.
-
-    With `state established` ss omits the State column: Recv-Q Send-Q Local Peer [details]. `-e` prints the
-    socket owner as uid:N (nothing for root); `-p` adds users:(("name",pid=N,fd=N)) where /proc allows it.
-    """
-    rows = []
-    for line in (text or "").splitlines():
-        fields = line.split()
-        if len(fields) < 4:
-            continue
-        details = " ".join(fields[4:])
-        uid = re.search(r"\buid:(\d+)", details)
-        rows.append(
-            {
-                "local": fields[2],
-                "peer": fields[3],
-                "uid": int(uid.group(1)) if uid else 0,
-                "processes": re.findall(r'\("([^"]+)"', details),
-            }
-        )
-    return rows
-
-
-def gateway_worker_uids(ps_text):
-    """Return the uids of nginx worker processes from `ps -C nginx -o uid=,args=`."""
-    uids = []
-    for line in (ps_text or "").splitlines():
-        fields = line.split(None, 1)
-        if len(fields) == 2 and "worker process" in fields[1] and fields[0].isdigit() and int(fields[0]) not in uids:
-            uids.append(int(fields[0]))
-    return uids
-
-
-def _norm_endpoint(endpoint):
-    host, _, port = endpoint.rpartition(":")
-    host = host.strip("[]")
-    if host.startswith("::ffff:"):
-        host = host[len("::ffff:") :]
-    return host, port
-
-
-def gateway_inflight(ss_text, servers, resolved=None, worker_uids=None):
-    """Count nginx's established connections to each server: {key: count}.
-
-    A connection is nginx's when ss names the process nginx or the socket belongs to a worker's uid.
-    `resolved` maps a server address that is a name to its IP addresses (ss prints numbers).
-    """
-    resolved = dict(resolved or {})
-    worker_uids = {int(u) for u in (worker_uids or [])}
-    rows = [r for r in parse_ss_established(ss_text) if "nginx" in r["processes"] or r["uid"] in worker_uids]
-    counts = {}
-    for server in servers:
-        addresses = {str(server["address"])} | set(resolved.get(str(server["address"]), []))
-        port = str(server["port"])
-        counts[server["key"]] = sum(
-            1 for r in rows if _norm_endpoint(r["peer"])[1] == port and _norm_endpoint(r["peer"])[0] in addresses
-        )
-    return counts
-
-
 class FilterModule:
     def filters(self):
         return {
@@ -481,8 +420,6 @@ class FilterModule:
             "gateway_cidr_errors": gateway_cidr_errors,
             "gateway_api_keys": gateway_api_keys,
             "gateway_duration_errors": gateway_duration_errors,
-            "gateway_inflight": gateway_inflight,
-            "gateway_worker_uids": gateway_worker_uids,
             "gateway_model_key": gateway_model_key,
             "gateway_pools": gateway_pools,
             "gateway_instance_limits": gateway_instance_limits,

@@ -1,22 +1,33 @@
 #!/usr/bin/python3
-"""herd guard: active health of Ollama instances (canaries), with one owner for the actions they trigger.
+"""herd guard: active health of Ollama instances, judged by progress, with one owner for the actions they trigger.
 
-Every few seconds each instance gets a liveness probe (GET /api/ps, short timeout) and, while a model is
-loaded, a canary: a 1-token /api/generate of that model with its own timeout, in the background so that a hung
-canary never delays the liveness probes (its keep_alive is the time the model has left, so that canaries never
-keep an idle model loaded). An instance is failing while its probes fail in a row, or its
-canaries do (an instance that answers /api/ps but never generates, ollama issues 1378 and 15950); an answer
-"server busy" (503) is neither a pass nor a failure. Two duties, by the host's config:
+Every few seconds each instance gets a liveness probe (GET /api/ps, short timeout). What it is doing for clients
+comes from the gateways, the one owner of pool membership and in-flight counts: the gateway's GET /herd/pools
+gives per instance its pools, requests in flight, drained, and the age of its last upstream byte (progress). A
+gateway's guard reads its own gateway's /herd/pools and publishes that view on /metrics (herd_guard_gateway_*);
+every guard reads the other gateways' guards (`peers`), so each one sees the whole cluster.
 
-- local (GPU hosts): after `restart_failures` failed rounds in a row (more than `failures`, so that the
-  gateways drain the instance first) the instance's unit (systemctl restart) or
-  container (docker restart) is restarted, at most once per `restart_interval` seconds, and the guard waits
-  until it is warm again (answers, and a canary of the models it had loaded passes).
-- gateway (gateway hosts): every instance in the gateway's record (servers.json) is probed; after `failures`
-  failed rounds it is drained on this gateway through the drain command, unless it is the last instance
-  in rotation of a pool (instances holding the same model), so that a pool is never emptied; after `passes` good rounds in a row it is undrained.
-  The guard only undrains what it drained itself (kept in `state_file`, so a restart of the guard forgets
-  nothing); servers an operator drained are left alone.
+- An instance with requests in flight is hung only when none of them produced a byte for `stall_seconds` on
+  some gateway (tokens flowing = alive, however long the answers).
+- A canary (a 1-token /api/generate of a loaded model, in the background, with the time the model has left as
+  keep_alive so that it never keeps an idle model loaded) runs only while the instance has a free slot (in flight
+  over every gateway below its num_parallel), so it never queues behind clients; one that timed out while the
+  instance made progress counts as busy. An answer "server busy" (503) is neither a pass nor a failure.
+- A probe or canary that fails (refused, error, timeout while idle) fails the round, as before.
+
+Two duties, by the host's config:
+
+- gateway (gateway hosts): every instance the gateway lists is probed; after `failures` failed rounds (or a
+  stall) it is drained on this gateway through the drain command (the gateway's runtime admin location, no
+  reload), unless by the gateway's own membership it is the last instance in rotation of one of its pools; after
+  `passes` good rounds in a row it is undrained. The guard only undrains what it drained itself (kept in
+  `state_file`); servers an operator drained are left alone.
+- local (GPU hosts): after `restart_failures` failed rounds in a row (or a stall) the unit (systemctl restart) or
+  container (docker restart) is restarted, but only once no gateway holds progressing requests on it and every
+  gateway has drained it (or keeps it as the last of a pool: then it serves nothing while hung); at most one
+  restart at a time on the host, an exponential backoff per instance (restart_interval x 2^(restarts of the
+  last hour)), and at most `restart_max_per_hour` on the host, after which it stops restarting and says so. It
+  waits until a restarted instance is warm again (answers, and a canary of the models it had loaded passes).
 
 Every action is logged (stdout -> journal) and counted on /metrics (Prometheus text format). Each loop's rounds run
 inside their own error handling (herd_guard_round_errors_total); systemd's watchdog is pinged only while every
@@ -30,11 +41,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import ssl
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from datetime import UTC, datetime
 
@@ -52,10 +66,10 @@ COMMAND_TIMEOUT = 120
 
 def check_config(config):
     """Raise ValueError naming the first bad setting; return the config."""
-    for key in ("interval", "probe_timeout", "canary_timeout", "warm_timeout", "restart_interval"):
+    for key in ("interval", "probe_timeout", "canary_timeout", "warm_timeout", "restart_interval", "stall_seconds"):
         if float(config[key]) <= 0:
             raise ValueError(f"{key} must be above 0")
-    for key in ("failures", "restart_failures", "passes"):
+    for key in ("failures", "restart_failures", "passes", "restart_max_per_hour"):
         if int(config[key]) < 1:
             raise ValueError(f"{key} must be 1 or more")
     hs.check_listen(config)
@@ -69,9 +83,14 @@ def check_config(config):
                 raise ValueError(f"local.instances: local_url of instance {inst['id']} must be an http:// URL")
     gateway = config.get("gateway")
     if gateway:
-        for key in ("servers_file", "drained_file", "drain_command", "state_file"):
+        for key in ("drain_command", "state_file"):
             if not str(gateway[key]).startswith("/"):
                 raise ValueError(f"gateway.{key} must be an absolute path")
+        if not str(gateway["pools_url"]).startswith(("http://", "https://")):
+            raise ValueError("gateway.pools_url must be an http:// or https:// URL")
+    for url in config.get("peers") or []:
+        if not str(url).startswith("http://"):
+            raise ValueError(f"peers: {url} must be an http:// URL")
     if not local and not gateway:
         raise ValueError("nothing to guard: neither local instances nor a gateway")
     return config
@@ -121,38 +140,125 @@ def canary_keep_alive(remaining):
     return f"{int(remaining * 1000)}ms"
 
 
-def is_drained(key, host, drained):
-    """Whether the gateway's drained record (targets "host" or "host:id") names this server."""
-    return key in drained or host in drained
+def pools_view(doc):
+    """{key: instance} of the gateway's GET /herd/pools answer (its "instances"): the gateway's own membership
+    (pools, "*" included), in flight, num_parallel, drained, down (drained or failed there) and progress age
+    (seconds since the last upstream byte or the first admission, None when none was seen), plus `last`: the
+    pools in which it is the only instance in rotation by that membership (draining it would empty them)."""
+    view = {}
+    for inst in doc.get("instances") or []:
+        age = inst.get("progress_age")
+        view[str(inst["key"])] = {
+            "endpoint": str(inst.get("endpoint") or ""), "pools": [str(p) for p in inst.get("pools") or []],
+            "inflight": int(inst.get("inflight") or 0), "num_parallel": int(inst.get("num_parallel") or 1),
+            "drained": bool(inst.get("drained")), "down": bool(inst.get("down")),
+            "age": None if age is None else float(age),
+        }
+    for key, inst in view.items():
+        inst["last"] = [p for p in inst["pools"]
+                        if not any(k != key and p in o["pools"] and not o["down"] for k, o in view.items())]
+    return view
 
 
-def pools_of(server):
-    """Pools a server belongs to: its models, or the one pool "*" of servers that serve any model."""
-    return list(server.get("models") or []) or ["*"]
+GATEWAY_SERIES = (("inflight", "herd_guard_gateway_inflight", "Requests in flight on the instance through this gateway."),
+                  ("drained", "herd_guard_gateway_drained", "1 while the instance is drained on this gateway (by anyone)."),
+                  ("last", "herd_guard_gateway_last_in_pool",
+                   "1 while the instance is the last one in rotation of one of its pools on this gateway (never drained)."),
+                  ("age", "herd_guard_gateway_progress_age_seconds",
+                   "Seconds since the instance's last upstream byte through this gateway (or its first admission)."))
+SERIES_RE = re.compile(r'^(herd_guard_gateway_[a-z_]+)\{server="((?:[^"\\]|\\.)*)"\} (\S+)$', re.M)
 
 
-def in_pool(server, pool):
-    """A server without a model list serves every model, so it is in every pool."""
-    return pool == "*" or not server.get("models") or pool in server["models"]
+def metrics_view(text):
+    """The gateway view a peer gateway's guard publishes on /metrics (GATEWAY_SERIES) -> {key: instance}."""
+    names = {metric: field for field, metric, _help in GATEWAY_SERIES}
+    view = {}
+    for metric, key, value in SERIES_RE.findall(text):
+        field = names.get(metric)
+        if field is None:
+            continue
+        key = key.replace('\\"', '"').replace("\\\\", "\\")
+        inst = view.setdefault(key, {"inflight": 0, "drained": False, "last": [], "age": None})
+        number = float(value)
+        inst[field] = (int(number) if field == "inflight" else bool(number) if field == "drained"
+                       else ["?"] if field == "last" and number else [] if field == "last" else number)
+    return view
 
 
-def last_healthy_pools(key, servers, unhealthy):
-    """Pools in which server `key` is the only one not in `unhealthy` (a set of keys): draining it empties them."""
-    me = next(s for s in servers if s["key"] == key)
-    return [pool for pool in pools_of(me)
-            if not [s for s in servers if s["key"] != key and s["key"] not in unhealthy and in_pool(s, pool)]]
+def cluster_state(key, views, stall):
+    """What every gateway says of instance `key`. `views`: {gateway: view, or None when it did not answer}.
+
+    Returns {inflight (sum), progressing (gateways whose requests on it produced a byte within `stall`),
+    stalled ([(gateway, age, in flight)] with requests in flight and no byte for `stall` seconds), waiting
+    (gateways that neither drained it nor keep it as a pool's last), unknown (gateways that did not answer),
+    age (the youngest progress age among gateways with requests in flight, or None)}."""
+    state = {"inflight": 0, "progressing": [], "stalled": [], "waiting": [], "unknown": [], "age": None}
+    for gateway, view in sorted(views.items()):
+        if view is None:
+            state["unknown"].append(gateway)
+            continue
+        inst = view.get(key)
+        if inst is None:
+            continue
+        state["inflight"] += inst["inflight"]
+        if inst["inflight"] > 0:
+            age = inst["age"]
+            if age is not None and age >= stall:
+                state["stalled"].append((gateway, age, inst["inflight"]))
+            else:
+                state["progressing"].append(gateway)
+            if age is not None and (state["age"] is None or age < state["age"]):
+                state["age"] = age
+        if not inst["drained"] and not inst["last"]:
+            state["waiting"].append(gateway)
+    return state
+
+
+def restart_blockers(state):
+    """Why an instance may not be restarted now by what the gateways say (empty: it may)."""
+    why = []
+    if state["unknown"]:
+        why.append(f"no answer from gateway {', '.join(state['unknown'])}")
+    if state["progressing"]:
+        why.append(f"requests in flight make progress through {', '.join(state['progressing'])}")
+    if state["waiting"]:
+        why.append(f"not drained yet on {', '.join(state['waiting'])}")
+    return why
+
+
+def restart_wait(history, now, interval, key):
+    """Seconds instance `key` must still wait before its next restart (exponential backoff): restart_interval x
+    2^(n-1) after its last one, n = its restarts within the last hour. `history`: [(time, key)] of the host."""
+    mine = [t for t, k in history if k == key and now - t < 3600]
+    if not mine:
+        return 0.0
+    return max(0.0, max(mine) + float(interval) * 2 ** (len(mine) - 1) - now)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Probes
 
 
-def _request(url, timeout, body=None):
+def _request(url, timeout, body=None, limit=1 << 20):
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method="POST" if data else "GET",
                                  headers={"Content-Type": "application/json"} if data else {})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - http to the plan's instances only
-        return resp.status, resp.read(1 << 20)
+    # https only for the own gateway on loopback (its certificate may be self-signed).
+    context = ssl._create_unverified_context() if url.startswith("https://127.0.0.1") else None  # noqa: S323
+    with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:  # noqa: S310 - the plan's hosts only
+        return resp.status, resp.read(limit)
+
+
+def fetch_view(url, timeout):
+    """One gateway's view: its own /herd/pools (JSON) or a peer guard's /metrics; None when it does not answer."""
+    try:
+        status, body = _request(url, timeout, limit=8 << 20)
+        if status != 200:
+            return None
+        text = body.decode("utf-8", "replace")
+        return pools_view(json.loads(text)) if url.endswith("/herd/pools") else metrics_view(text)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def probe(base, timeout):
@@ -185,10 +291,12 @@ def canary(base, model, timeout, keep_alive=None):
 
 
 class Target:
-    """Probe results of one instance; the canary runs in its own thread."""
+    """Probe results of one instance; the canary runs in its own thread. `num_parallel`: its slots (the canary
+    runs only while the gateways hold fewer requests on it)."""
 
-    def __init__(self, key, base, models, config):
+    def __init__(self, key, base, models, config, num_parallel=1):
         self.key, self.base, self.models = key, base, list(models)
+        self.num_parallel = max(1, int(num_parallel or 1))
         self.config = config
         self.lock = threading.Lock()
         self.failed = 0
@@ -199,34 +307,46 @@ class Target:
         self.loaded = []
         self.canary_result = None
         self.canary_thread = None
+        self.stalled = ""
         self.why = ""
         self.counts = {"pass": 0, "fail": 0, "busy": 0}
 
     def _run_canary(self, model, keep_alive):
+        started = time.monotonic()
         result, why = canary(self.base, model, float(self.config["canary_timeout"]), keep_alive)
         with self.lock:
-            self.counts[result] += 1
-            self.canary_result = (result, why)
+            self.canary_result = (result, why, time.monotonic() - started)
 
-    def round(self):
-        """One liveness probe, and a canary started when none is running. Returns (healthy, why).
+    def round(self, state=None):
+        """One liveness probe, and a canary started when none is running and the instance has a free slot.
+        `state`: what the gateways say of it (cluster_state), None without gateways. Returns (healthy, why).
 
         `failed` counts the later of two streaks: liveness probes failed in a row, and canaries failed in a row
-        (a canary takes up to canary_timeout, so it spans rounds; "busy" neither breaks nor extends its streak).
+        (a canary takes up to canary_timeout, so it spans rounds; "busy" neither breaks nor extends its streak; a
+        canary that failed while the gateways saw the instance produce bytes is busy). A stall (requests in
+        flight, no byte for stall_seconds on some gateway) fails the round at once and sets `stalled`.
         """
         ok, expiry, why = probe(self.base, float(self.config["probe_timeout"]))
         loaded = list(expiry)
+        inflight = state["inflight"] if state else 0
         with self.lock:
             self.loaded = loaded or self.loaded
             result = self.canary_result
             self.canary_result = None
             running = self.canary_thread is not None and self.canary_thread.is_alive()
-        if ok and loaded and not running:
+        if result is not None and result[0] == "fail" and state and state["age"] is not None and state["age"] < result[2]:
+            # Tokens flowed on the instance while the canary waited: it queued behind clients, it is not hung.
+            result = ("busy", f"{result[1]} while requests in flight made progress", result[2])
+        if result is not None:
+            self.counts[result[0]] += 1
+        if ok and loaded and not running and inflight < self.num_parallel:
             model = next((m for m in loaded if m in self.models), loaded[0])
             keep_alive = canary_keep_alive(expiry[model])
             if keep_alive != "skip":
                 self.canary_thread = threading.Thread(target=self._run_canary, args=(model, keep_alive), daemon=True)
                 self.canary_thread.start()
+                running = True
+        stalled = state["stalled"] if state else []
         with self.lock:
             self.live_failed = 0 if ok else self.live_failed + 1
             if result is not None and result[0] == "fail":
@@ -239,17 +359,19 @@ class Target:
                 # an instance back from a restart with no model loaded kept its old canary failures for ever, and
                 # a gateway never undrained it: nothing reaches a drained instance to load a model).
                 self.canary_failed = 0
-            self.failed = max(self.live_failed, self.canary_failed)
+            self.stalled = "; ".join(f"{n} requests in flight through {gw} produced no byte for {age:.0f} s"
+                                     for gw, age, n in stalled)
+            self.failed = max(self.live_failed, self.canary_failed, 1 if stalled else 0)
             healthy = self.failed == 0
             if not healthy:
-                why = why if not ok else self.canary_why
+                why = why if not ok else self.stalled or self.canary_why
             self.passed, self.why = (self.passed + 1, "") if healthy else (0, why)
         return healthy, why
 
     def reset(self):
         with self.lock:
             self.failed = self.live_failed = self.canary_failed = self.passed = 0
-            self.why, self.canary_result = "", None
+            self.why, self.canary_result, self.stalled = "", None, ""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -257,14 +379,22 @@ class Target:
 
 
 class Guard:
-    def __init__(self, config, run=subprocess.run, clock=time.monotonic, sleep=time.sleep):
+    def __init__(self, config, run=subprocess.run, clock=time.monotonic, sleep=time.sleep, fetch=fetch_view):
         self.config = config
-        self.run, self.clock, self.sleep = run, clock, sleep
+        self.run, self.clock, self.sleep, self.fetch = run, clock, sleep, fetch
         self.lock = threading.Lock()
         self.actions = {}
         self.targets = {}
-        self.last_restart = {}
+        self.history = []  # (time, key) of this host's restarts
+        self.restarting = threading.Lock()  # at most one restart at a time on the host
+        self.capped = False
+        self.deferred = {}
+        self.gateway_silent = False
         self.drained = set()
+        self.views = {}  # gateway name -> its view (pools_view / metrics_view), or None when it did not answer
+        self.views_at = None
+        self.views_lock = threading.Lock()
+        self.fetching = threading.Lock()
         self.stop = threading.Event()
         self.loops = []
         gateway = config.get("gateway")
@@ -296,6 +426,38 @@ class Guard:
         except (OSError, subprocess.TimeoutExpired) as exc:
             return False, str(exc)
 
+    # -- what the gateways say -------------------------------------------------------------------------------
+    def gateway_views(self, fresh=False):
+        """{gateway: view or None} of this host's gateway (its /herd/pools) and every peer gateway's guard, read at
+        most once per interval (shared by every loop of this guard)."""
+        sources = list(self.config.get("peers") or [])
+        if self.config.get("gateway"):
+            sources.insert(0, self.config["gateway"]["pools_url"])
+        with self.fetching:  # one reader at a time; /metrics only waits for views_lock
+            now = self.clock()
+            if fresh or self.views_at is None or now - self.views_at >= float(self.config["interval"]) / 2:
+                timeout = float(self.config["probe_timeout"])
+                results = {}
+                threads = [threading.Thread(target=lambda u: results.__setitem__(u, self.fetch(u, timeout)), args=(u,),
+                                            daemon=True) for u in sources]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(timeout + 1)
+                with self.views_lock:
+                    self.views = {self.source_name(u): results.get(u) for u in sources}
+                    self.views_at = now
+            with self.views_lock:
+                return dict(self.views)
+
+    def source_name(self, url):
+        if self.config.get("gateway") and url == self.config["gateway"]["pools_url"]:
+            return self.config["host"]
+        return urllib.parse.urlsplit(url).hostname or url
+
+    def state_of(self, key, views):
+        return cluster_state(key, views, float(self.config["stall_seconds"])) if views else None
+
     # -- local duty ------------------------------------------------------------------------------------------
     def local_targets(self):
         local = self.config.get("local") or {}
@@ -303,16 +465,55 @@ class Guard:
         for inst in local.get("instances", []):
             key = f"{self.config['host']}:{inst['id']}"
             if key not in self.targets:
-                self.targets[key] = Target(key, str(inst["local_url"]).rstrip("/"), inst.get("models", []), self.config)
+                self.targets[key] = Target(key, str(inst["local_url"]).rstrip("/"), inst.get("models", []), self.config,
+                                           inst.get("num_parallel", 1))
             out.append((self.targets[key], inst))
         return out
 
+    def defer(self, target, why):
+        """Log once why a due restart waits (again when the reason changes)."""
+        if self.deferred.get(target.key) != why:
+            self.deferred[target.key] = why
+            self.log(f"restart of {target.key} waits: {why}")
+
+    def maybe_restart(self, target, inst, state):
+        """Restart a failing instance when the gateways, the host's one-at-a-time rule, its backoff and the
+        hourly cap allow it. Returns True when it restarted."""
+        blockers = restart_blockers(state) if state else []
+        if blockers:
+            self.defer(target, "; ".join(blockers))
+            return False
+        now = self.clock()
+        cap = int(self.config["restart_max_per_hour"])
+        with self.lock:
+            self.history = [(t, k) for t, k in self.history if now - t < 3600]
+            recent = len(self.history)
+        if recent >= cap:
+            if not self.capped:
+                self.capped = True
+                self.log(f"restart cap reached: {recent} restarts on {self.config['host']} within the last hour "
+                         f"(guard_restart_max_per_hour {cap}); herd-guard restarts nothing more until the hour has "
+                         f"passed; {target.key} stays as it is ({target.why})")
+            return False
+        self.capped = False
+        wait = restart_wait(self.history, now, self.config["restart_interval"], target.key)
+        if wait > 0:
+            self.defer(target, f"backoff, next restart possible in {wait:.0f} s")
+            return False
+        if not self.restarting.acquire(blocking=False):
+            self.defer(target, "another instance of this host is restarting")
+            return False
+        try:
+            self.deferred.pop(target.key, None)
+            with self.lock:
+                self.history.append((now, target.key))
+            self.restart(target, inst)
+        finally:
+            self.restarting.release()
+        return True
+
     def restart(self, target, inst):
         mode = self.config["local"]["mode"]
-        now = self.clock()
-        if now - self.last_restart.get(target.key, -1e9) < float(self.config["restart_interval"]):
-            return
-        self.last_restart[target.key] = now
         argv = (["systemctl", "restart", inst["unit"]] if mode == "systemd" else ["docker", "restart", "-t", "10", inst["container"]])
         self.log(f"restart {target.key} ({' '.join(argv)}): {target.failed} failed rounds in a row, last: {target.why}")
         ok, out = self.command(argv)
@@ -339,13 +540,16 @@ class Guard:
         return None
 
     # -- gateway duty ----------------------------------------------------------------------------------------
-    def gateway_servers(self):
-        gateway = self.config["gateway"]
-        servers = self._read_json(gateway["servers_file"], {}).get("servers", [])
-        for s in servers:
-            if s["key"] not in self.targets:
-                self.targets[s["key"]] = Target(s["key"], f"http://{s['endpoint']}", s.get("models", []), self.config)
-        return servers
+    def gateway_servers(self, views):
+        """The instances of this host's gateway, by its own /herd/pools (None: the gateway did not answer)."""
+        own = views.get(self.config["host"])
+        if own is None:
+            return None
+        for key, inst in own.items():
+            if key not in self.targets:
+                self.targets[key] = Target(key, f"http://{inst['endpoint']}", [], self.config, inst["num_parallel"])
+            self.targets[key].num_parallel = inst["num_parallel"]
+        return own
 
     def save_drained(self):
         path = self.config["gateway"]["state_file"]
@@ -355,23 +559,23 @@ class Guard:
             fh.write("\n")
         os.replace(tmp, path)
 
-    def gateway_act(self, servers):
+    def gateway_act(self, own):
+        """Drain failing instances on this gateway (never the last in rotation of a pool, by the gateway's own
+        membership `own`), undrain the ones it drained once they pass again."""
         gateway = self.config["gateway"]
-        record = set(self._read_json(gateway["drained_file"], []))
-        operator = {s["key"] for s in servers if is_drained(s["key"], s["host"], record) and s["key"] not in self.drained}
-        failing = {s["key"] for s in servers if self.targets[s["key"]].failed >= int(self.config["failures"])}
-        for s in servers:
-            key, target = s["key"], self.targets[s["key"]]
+        operator = {k for k, inst in own.items() if inst["drained"] and k not in self.drained}
+        for key, inst in own.items():
+            target = self.targets[key]
             if key in operator:
                 continue
-            if key in failing and key not in self.drained:
-                # Never empty a pool: some other instance of each of its pools must stay in rotation.
-                lonely = last_healthy_pools(key, servers, self.drained | operator)
+            failing = target.failed >= int(self.config["failures"]) or bool(target.stalled)
+            if failing and key not in self.drained:
+                lonely = [] if inst["drained"] else inst["last"]
                 if lonely:
-                    if target.failed == int(self.config["failures"]):
+                    if target.failed == int(self.config["failures"]) or (target.stalled and target.failed == 1):
                         self.count(key, "drain_refused")
                         self.log(f"keep {key} in the gateway although it failed {target.failed} rounds ({target.why}): "
-                                 f"it is the last healthy instance of pool {', '.join(lonely)}")
+                                 f"it is the last instance in rotation of pool {', '.join(lonely)}")
                     continue
                 self.log(f"drain {key}: {target.failed} failed rounds in a row, last: {target.why}")
                 ok, out = self.command([gateway["drain_command"], "drain", key])
@@ -379,10 +583,14 @@ class Guard:
                     self.drained.add(key)
                     self.save_drained()
                     self.count(key, "drain")
+                    inst["drained"] = inst["down"] = True
+                    for other_key, other in own.items():  # the others' `last` by the new membership
+                        other["last"] = [p for p in other["pools"] if not any(
+                            k != other_key and p in o["pools"] and not o["down"] for k, o in own.items())]
                 else:
                     self.count(key, "drain_failed")
                     self.log(f"drain of {key} failed: {out}")
-            elif key in self.drained and target.passed >= int(self.config["passes"]):
+            elif key in self.drained and not failing and target.passed >= int(self.config["passes"]):
                 self.log(f"undrain {key}: {target.passed} good rounds in a row")
                 ok, out = self.command([gateway["drain_command"], "undrain", key])
                 if ok:
@@ -395,24 +603,40 @@ class Guard:
 
     # -- loops: one round of each (herd_service.Loop runs them, each round inside its own error handling) --------
     def local_round(self, target, inst):
-        healthy, why = target.round()
+        """One round of an instance of this host: probe (and canary), then a restart when it is due and allowed."""
+        state = self.state_of(target.key, self.gateway_views())
+        healthy, why = target.round(state)
         if not healthy:
             self.log(f"{target.key} failed round {target.failed}: {why}")
-            if target.failed >= int(self.config["restart_failures"]):
-                self.restart(target, inst)
+            if target.failed >= int(self.config["restart_failures"]) or target.stalled:
+                self.maybe_restart(target, inst, self.state_of(target.key, self.gateway_views(fresh=True)))
+        else:
+            self.deferred.pop(target.key, None)
 
     def gateway_round(self):
-        servers = self.gateway_servers()
-        threads = [threading.Thread(target=hs.guarded(self.targets[s["key"]].round), daemon=True) for s in servers]
+        """One round of every instance of this host's gateway, then the drains and undrains due."""
+        views = self.gateway_views()
+        own = self.gateway_servers(views)
+        if own is None:
+            if not self.gateway_silent:
+                self.gateway_silent = True
+                self.log(f"the gateway's {self.config['gateway']['pools_url']} does not answer: no instance is judged "
+                         "until it does")
+            return
+        if self.gateway_silent:
+            self.gateway_silent = False
+            self.log("the gateway answers again")
+        threads = [threading.Thread(target=hs.guarded(self.targets[k].round), args=(self.state_of(k, views),),
+                                    daemon=True) for k in own]
         for t in threads:
             t.start()
         for t in threads:
             t.join(float(self.config["probe_timeout"]) + 1)
-        for s in servers:
-            t = self.targets[s["key"]]
+        for key in own:
+            t = self.targets[key]
             if t.failed:
-                self.log(f"{s['key']} failed round {t.failed} seen from this gateway: {t.why}")
-        self.gateway_act(servers)
+                self.log(f"{key} failed round {t.failed} seen from this gateway: {t.why}")
+        self.gateway_act(own)
 
     def round_limit(self):
         """Seconds a round may run before its loop counts as stuck: probes, a command, a restart's warm-up."""
@@ -459,7 +683,36 @@ class Guard:
         for key, _t in targets:
             for action in kinds:
                 lines.append(f'herd_guard_actions_total{{server="{escape(key)}",action="{action}"}} {actions.get((key, action), 0)}')
+        lines += self.state_metrics()
         return "\n".join(lines) + "\n"
+
+    def state_metrics(self):
+        """The gateway's view this guard publishes for the other guards (GATEWAY_SERIES), the gateways it reads,
+        and the restart cap."""
+        lines = []
+        with self.views_lock:
+            views = dict(self.views)
+        own = views.get(self.config["host"]) if self.config.get("gateway") else None
+        for field, metric, text in GATEWAY_SERIES if own is not None else ():
+            lines += [f"# HELP {metric} {text}", f"# TYPE {metric} gauge"]
+            for key, inst in sorted(own.items()):
+                value = inst[field]
+                if field == "age" and value is None:
+                    continue
+                value = int(bool(value)) if field in ("drained", "last") else value
+                lines.append(f'{metric}{{server="{escape(key)}"}} {value}')
+        lines += ["# HELP herd_guard_gateway_up 1 when the gateway's view (its /herd/pools, or its guard) was read last round.",
+                  "# TYPE herd_guard_gateway_up gauge"]
+        lines += [f'herd_guard_gateway_up{{gateway="{escape(name)}"}} {int(view is not None)}' for name, view in sorted(views.items())]
+        if self.config.get("local"):
+            now = self.clock()
+            with self.lock:
+                recent = len([t for t, _k in self.history if now - t < 3600])
+            lines += ["# HELP herd_guard_restarts_last_hour Restarts of this host's instances within the last hour.",
+                      "# TYPE herd_guard_restarts_last_hour gauge", f"herd_guard_restarts_last_hour {recent}",
+                      "# HELP herd_guard_restart_capped 1 while guard_restart_max_per_hour stops further restarts.",
+                      "# TYPE herd_guard_restart_capped gauge", f"herd_guard_restart_capped {int(self.capped)}"]
+        return lines
 
 
 def serve(guard, config):

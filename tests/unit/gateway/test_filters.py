@@ -158,50 +158,6 @@ def test_duration_errors(gw):
     assert len(gw.gateway_duration_errors({"a": "10 minutes", "b": "banana", "c": "-1s"})) == 3
 
 
-# Captured on the molecule gateway h4-gw (`ss -H -t -n -e state established`, cgroup column cut) with one stream
-# in flight to 172.18.0.3:11434 and idle keepalive connections to the other instances. nginx workers run as uid 33.
-SS_OUTPUT = """\
-0      0      172.18.0.2:44252 172.18.0.3:11434 uid:33 ino:233673 sk:f <->
-0      0       127.0.0.1:80     127.0.0.1:39064 uid:33 ino:233692 sk:10 <->
-0      0       127.0.0.1:36630  127.0.0.1:11434 uid:33 ino:233688 sk:11 <->
-0      0      172.18.0.2:58602 172.18.0.3:11435 uid:33 ino:233679 sk:12 <->
-0      0       127.0.0.1:11434  127.0.0.1:36630 ino:233689 sk:13 <->
-0      0       127.0.0.1:39064  127.0.0.1:80    ino:233691 sk:14 <->
-"""
-# Same shape with -p where /proc allows it (a host with CAP_SYS_PTRACE): nginx named, a root client too.
-SS_OUTPUT_P = """\
-0      0      10.0.0.1:41878     10.0.0.11:11434 users:(("nginx",pid=2211,fd=14))
-0      0      10.0.0.1:41890     10.0.0.11:11434 users:(("curl",pid=99,fd=3))
-"""
-PS_OUTPUT = """\
-    0 nginx: master process /usr/sbin/nginx -g daemon on; master_process on;
-   33 nginx: worker process
-   33 nginx: worker process
-   33 nginx: worker process is shutting down
-"""
-
-
-def test_worker_uids(gw):
-    assert gw.gateway_worker_uids(PS_OUTPUT) == [33]
-    assert gw.gateway_worker_uids("") == []
-
-
-def test_inflight_counts_nginx_connections_per_server(gw):
-    servers = [
-        {"key": "gpu1:0", "address": "h4-gpu1", "port": 11434},
-        {"key": "gpu1:1", "address": "h4-gpu1", "port": 11435},
-        {"key": "gw:0", "address": "127.0.0.1", "port": 11434},
-    ]
-    resolved = {"h4-gpu1": ["172.18.0.3"]}
-    assert gw.gateway_inflight(SS_OUTPUT, servers, resolved, [33]) == {"gpu1:0": 1, "gpu1:1": 1, "gw:0": 1}
-    # Unresolved names match nothing; sockets of other users never count.
-    assert gw.gateway_inflight(SS_OUTPUT, servers, None, [33]) == {"gpu1:0": 0, "gpu1:1": 0, "gw:0": 1}
-    assert gw.gateway_inflight(SS_OUTPUT, servers, resolved, [1000]) == {"gpu1:0": 0, "gpu1:1": 0, "gw:0": 0}
-    assert gw.gateway_inflight("", servers) == {"gpu1:0": 0, "gpu1:1": 0, "gw:0": 0}
-    remote = [{"key": "gpu1:0", "address": "10.0.0.11", "port": 11434}]
-    assert gw.gateway_inflight(SS_OUTPUT_P, remote) == {"gpu1:0": 1}
-
-
 def test_cidr_errors_name_the_variable_and_the_fix(gw):
     (allow,) = gw.gateway_cidr_errors(["10.0.0.1/8"])
     assert allow.startswith("gateway_allow entry '10.0.0.1/8'") and "Fix:" in allow

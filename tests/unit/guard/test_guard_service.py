@@ -28,8 +28,8 @@ MODEL = "herd-tiny:1b"
 def _config(**over):
     cfg = {"host": "gpu1", "listen_address": "127.0.0.1", "port": 0, "interval": 0.05, "probe_timeout": 0.5,
            "canary_timeout": 0.5, "failures": 3, "restart_failures": 3, "passes": 2, "warm_timeout": 3,
-           "restart_interval": 60, "http_timeout": 1, "http_workers": 2, "http_max_connections": 256,
-           "local": None, "gateway": None}
+           "restart_interval": 60, "stall_seconds": 30, "restart_max_per_hour": 6, "peers": [], "http_timeout": 1,
+           "http_workers": 2, "http_max_connections": 256, "local": None, "gateway": None}
     cfg.update(over)
     return cfg
 
@@ -57,11 +57,20 @@ def instance():
     srv.server_close()
 
 
-def _gateway(tmp_path, servers_text):
-    (tmp_path / "servers.json").write_text(servers_text)
-    (tmp_path / "drained.json").write_text("[]")
-    return {"servers_file": str(tmp_path / "servers.json"), "drained_file": str(tmp_path / "drained.json"),
-            "drain_command": "/bin/true", "state_file": str(tmp_path / "guard-state.json")}
+def _gateway(tmp_path):
+    """A gateway duty whose /herd/pools is read through the Guard's fetch (see _view); nothing listens on port 1."""
+    return {"pools_url": "http://127.0.0.1:1/herd/pools", "drain_command": "/bin/true",
+            "state_file": str(tmp_path / "guard-state.json")}
+
+
+def _view(holder):
+    """A fetch that answers the gateway's view held in holder["view"] (as herd_guard.pools_view returns it)."""
+    return lambda _url, _timeout: holder["view"]
+
+
+def _instance_view(endpoint):
+    return {"gpu1:0": {"endpoint": endpoint, "pools": ["*"], "inflight": 0, "max_conns": 2, "num_parallel": 1,
+                       "drained": False, "down": False, "age": None, "last": []}}
 
 
 def _wait(predicate, limit=5.0):
@@ -82,11 +91,13 @@ def _errors(guard, loop):
 
 
 def test_rounds_that_raise_do_not_stop_the_loops(tmp_path, instance):
-    """A bad servers.json (a server without a key) and a non-dict /api/ps raise in every round: both loops go on,
-    count the errors, stay live, and work again once the input is good."""
+    """A gateway view the guard cannot use (an instance without its slot count) and a non-dict /api/ps raise in
+    every round: both loops go on, count the errors, stay live, and work again once the input is good."""
     local = {"mode": "systemd", "instances": [{"id": 0, "port": 1, "local_url": instance, "models": [],
                                                "unit": "ollama@0.service", "container": "herd-ollama-0"}]}
-    guard = g.Guard(_config(local=local, gateway=_gateway(tmp_path, '{"servers": [{"host": "gpu1"}]}')))
+    holder = {"view": _instance_view(instance.split("//")[1])}
+    del holder["view"]["gpu1:0"]["num_parallel"]
+    guard = g.Guard(_config(local=local, gateway=_gateway(tmp_path)), fetch=_view(holder))
     guard.start()
     try:
         assert _wait(lambda: _errors(guard, "gateway") >= 3 and _errors(guard, "local:gpu1:0") >= 3)
@@ -96,7 +107,7 @@ def test_rounds_that_raise_do_not_stop_the_loops(tmp_path, instance):
         assert 'herd_guard_loop_up{loop="gateway"} 1' in m and 'herd_guard_loop_up{loop="local:gpu1:0"} 1' in m
         assert 'herd_guard_round_errors_total{loop="gateway"} ' in m and 'herd_guard_round_errors_total{loop="local:gpu1:0"} ' in m
         # Good input again: the gateway loop's rounds pass (its error count stops growing).
-        (tmp_path / "servers.json").write_text(json.dumps({"servers": []}))
+        holder["view"] = {}
         time.sleep(0.2)
         before = _errors(guard, "gateway")
         time.sleep(0.3)
@@ -107,16 +118,16 @@ def test_rounds_that_raise_do_not_stop_the_loops(tmp_path, instance):
 
 def test_a_probe_thread_that_raises_counts_for_the_gateway_loop(tmp_path, instance):
     """The gateway probes each server in a thread of its own: a non-dict /api/ps there is an error of its loop."""
-    servers = [{"key": "gpu1:0", "host": "gpu1", "endpoint": instance.split("//")[1], "models": []}]
-    guard = g.Guard(_config(gateway=_gateway(tmp_path, json.dumps({"servers": servers}))))
+    holder = {"view": _instance_view(instance.split("//")[1])}
+    guard = g.Guard(_config(gateway=_gateway(tmp_path)), fetch=_view(holder))
     loop = hs.Loop("gateway", guard.gateway_round, 0.05, 60, guard.stop)
     assert loop.run_round() is True and loop.errors == 1
     assert loop.run_round() is True and loop.errors == 2
 
 
 def test_a_thread_that_cannot_start_is_a_failed_round(tmp_path, monkeypatch):
-    servers = [{"key": "gpu1:0", "host": "gpu1", "endpoint": "127.0.0.1:9", "models": []}]
-    guard = g.Guard(_config(gateway=_gateway(tmp_path, json.dumps({"servers": servers}))))
+    holder = {"view": _instance_view("127.0.0.1:9")}
+    guard = g.Guard(_config(gateway=_gateway(tmp_path)), fetch=_view(holder))
     loop = hs.Loop("gateway", guard.gateway_round, 0.05, 60, guard.stop)
 
     def cannot_start(self):
@@ -156,7 +167,7 @@ def _received(sock, seconds):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_watchdog_is_pinged_while_the_loops_live_and_not_once_one_died(tmp_path, notify_socket):
     path, sock = notify_socket
-    guard = g.Guard(_config(gateway=_gateway(tmp_path, '{"servers": []}')))
+    guard = g.Guard(_config(gateway=_gateway(tmp_path)), fetch=_view({"view": {}}))
     guard.start()
     notify = lambda message: hs.sd_notify(message, {"NOTIFY_SOCKET": path})  # noqa: E731
     try:
@@ -209,7 +220,7 @@ def test_the_guard_tells_systemd_it_is_ready_and_pings_its_watchdog(tmp_path, no
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    config.write_text("# Ansible managed\n" + json.dumps(_config(port=port, gateway=_gateway(tmp_path, '{"servers": []}'))))
+    config.write_text("# Ansible managed\n" + json.dumps(_config(port=port, gateway=_gateway(tmp_path))))
     env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="200000",
                PYTHONPATH=os.path.dirname(hs.__file__))
     env.pop("WATCHDOG_PID", None)

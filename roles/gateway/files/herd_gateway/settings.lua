@@ -98,7 +98,8 @@ function _M.build(settings, servers_record, drained, resolver)
         local server = {
             key = s.key, host = s.host, address = s.address, port = tonumber(s.port),
             endpoint = s.endpoint, ip = resolver(tostring(s.address)),
-            max_conns = tonumber(s.max_conns) or 1, weight = tonumber(s.weight) or 1,
+            max_conns = tonumber(s.max_conns) or 1, num_parallel = tonumber(s.num_parallel) or 1,
+            weight = tonumber(s.weight) or 1,
             backup = s.backup == true, models = {},
             down = down[s.key] == true or down[s.host] == true,
         }

@@ -1,11 +1,16 @@
 -- herd gateway: an instance's slots (max_conns over all its pools), its failures, and the choice of instance.
 --
 -- Owns: take / give_back (a slot, atomic over every worker), candidates (least loaded first, backups last,
--- equals in turn), acquire (a free slot on the preferred or least loaded candidate), fail (count a failure).
+-- equals in turn), acquire (a free slot on the preferred or least loaded candidate), fail (count a failure),
+-- progress (the last upstream byte of an instance), drained (apply_drained / sync_drained: the runtime drain
+-- flags every worker follows).
 -- Shared-dict keys (herd_gateway):
---   i:<key>    read, written: requests in flight on instance <key>
---   f:<key>    read, written: failures of instance <key> within fail_timeout
---   r:<pool>   written: the pool's turn counter
+--   i:<key>       read, written: requests in flight on instance <key>
+--   f:<key>       read, written: failures of instance <key> within fail_timeout
+--   r:<pool>      written: the pool's turn counter
+--   t:<key>       read, written: time of instance <key>'s last upstream byte (or of the admission that found it idle)
+--   d:<key>       read, written: instance <key> is drained
+--   v:drained     read, written: version of the d: flags (a worker that has not seen it applies them)
 local keys = require("herd_gateway.keys")
 local settings = require("herd_gateway.settings")
 
@@ -30,11 +35,15 @@ function _M.fail(server)
     dict():incr("f:" .. server.key, 1, 0, settings.cfg.fail_timeout)
 end
 
--- Take a slot on the server if it has one free (atomic over every worker). Returns true when taken.
+-- Take a slot on the server if it has one free (atomic over every worker). Returns true when taken. The first
+-- request on an idle instance starts its progress clock (an instance is stalled by no byte since then).
 local function take(server)
     local d = dict()
     local n = d:incr("i:" .. server.key, 1, 0)
     if n and n <= server.max_conns then
+        if n == 1 then
+            d:set("t:" .. server.key, ngx.now())
+        end
         return true
     end
     d:incr("i:" .. server.key, -1, 0)
@@ -48,6 +57,60 @@ function _M.give_back(key)
         if n and n < 0 then
             dict():set("i:" .. key, 0)
         end
+    end
+end
+
+-- Progress: body_filter_by_lua calls it with every chunk of an answer. At most one shared-dict write per
+-- instance and worker a second (the guard judges stalls in tens of seconds).
+local written = {}
+function _M.progress(key)
+    local now = ngx.now()
+    if now - (written[key] or 0) >= 1 then
+        written[key] = now
+        dict():set("t:" .. key, now)
+    end
+end
+
+-- Seconds since the server's last upstream byte (or the admission that found it idle); nil when never seen.
+function _M.progress_age(server)
+    local at = dict():get("t:" .. server.key)
+    return at and math.max(0, ngx.now() - at) or nil
+end
+
+-- Drained flags: `targets` ("host" or "host:id", from drained.json and gateway_drain) become the d: flags of
+-- the servers they name, and every worker applies them before its next request (sync_drained). An unresolved
+-- server stays down whatever the record says.
+function _M.apply_drained(targets)
+    local d = dict()
+    local named = {}
+    for _, target in ipairs(targets or {}) do
+        named[tostring(target)] = true
+    end
+    local keys = {}
+    for _, server in ipairs(settings.cfg.servers) do
+        if named[server.key] or named[server.host] then
+            d:set("d:" .. server.key, 1)
+            keys[#keys + 1] = server.key
+        else
+            d:delete("d:" .. server.key)
+        end
+    end
+    d:incr("v:drained", 1, 0)
+    return keys
+end
+
+local seen_version
+-- Apply the d: flags to this worker's servers when they changed since it looked last (one dict read otherwise).
+function _M.sync_drained()
+    local d = dict()
+    local version = d:get("v:drained")
+    if version == seen_version then
+        return
+    end
+    seen_version = version
+    for _, server in ipairs(settings.cfg.servers) do
+        server.drained = d:get("d:" .. server.key) ~= nil
+        server.down = server.drained or server.ip == "0.0.0.0"
     end
 end
 

@@ -1,9 +1,13 @@
--- herd gateway: /herd/pools, the state of every model pool (herd-exporter turns it into metrics).
+-- herd gateway: /herd/pools, the state of every model pool and instance (herd-exporter turns it into metrics,
+-- herd-guard judges the instances by it), and the loopback admin location of the drain command.
 --
 -- Owns: pools_status (content_by_lua of /herd/pools): per pool its queue, counters, wait histogram and
--- instances (in flight, max_conns, down).
--- Shared-dict keys: reads q:<pool>:w (queue.waiting), s:<pool>:<stat> (stats), i:<key> and f:<key> (slots);
--- writes none.
+-- instances (in flight, max_conns, down); per instance (the one source of membership and in-flight counts) its
+-- pools ("*" included), in flight, max_conns, num_parallel, drained, down and progress_age. admin_drained
+-- (content_by_lua of /herd/admin/drained): applies drained.json and gateway_drain now, on every worker.
+-- Shared-dict keys: reads q:<pool>:w (queue.waiting), s:<pool>:<stat> (stats), i:<key>, f:<key>, t:<key> and
+-- d:<key> (slots); writes d:<key> and v:drained through slots.apply_drained.
+local cjson = require("cjson.safe")
 local queue = require("herd_gateway.queue")
 local respond = require("herd_gateway.respond")
 local settings = require("herd_gateway.settings")
@@ -12,7 +16,84 @@ local stats = require("herd_gateway.stats")
 
 local _M = {}
 
+-- The drained record and the drains rendered into the settings (gateway_drain), set by configure_admin at init.
+local drained_file, static_drain = nil, {}
+
+function _M.configure_admin(file, drain)
+    drained_file, static_drain = file, drain or {}
+end
+
+-- The drained targets now: drained.json (written by herd-gateway-drain) and gateway_drain.
+function _M.drained_targets()
+    local targets = {}
+    local handle, err = nil, nil
+    if drained_file then
+        handle, err = io.open(drained_file, "r")
+        if not handle and not tostring(err):find("No such file", 1, true) then
+            return nil, "cannot read the drained record: " .. tostring(err)
+        end
+    end
+    if handle then
+        local doc = cjson.decode(handle:read("*a") or "")
+        handle:close()
+        if type(doc) ~= "table" then
+            return nil, drained_file .. " is not a JSON list"
+        end
+        for _, target in ipairs(doc) do
+            targets[#targets + 1] = tostring(target)
+        end
+    end
+    for _, target in ipairs(static_drain) do
+        targets[#targets + 1] = tostring(target)
+    end
+    return targets
+end
+
+-- Every instance once, in the servers' order: the gateway's own view of it.
+local function instances()
+    local cfg = settings.cfg
+    local pools_of = {}
+    for _, name in ipairs(cfg.pool_names) do
+        for _, server in ipairs(cfg.pools[name]) do
+            pools_of[server.key] = pools_of[server.key] or {}
+            table.insert(pools_of[server.key], name)
+        end
+    end
+    local list = {}
+    for index, server in ipairs(cfg.servers) do
+        local pools = pools_of[server.key] or {}
+        pools[#pools + 1] = "*"
+        local age = slots.progress_age(server)
+        list[index] = respond.canonical({
+            key = server.key, host = server.host, endpoint = server.endpoint, pools = pools,
+            inflight = slots.inflight(server), max_conns = server.max_conns, num_parallel = server.num_parallel,
+            drained = server.drained == true, down = server.down or slots.failed(server),
+            progress_age = age and math.floor(age * 10 + 0.5) / 10 or nil,
+        })
+    end
+    return '"instances":[' .. table.concat(list, ",") .. "],"
+end
+
+-- content_by_lua of /herd/admin/drained (loopback only, POST): drained.json now, on every worker.
+function _M.admin_drained()
+    if ngx.req.get_method() ~= "POST" then
+        return respond.answer(405, "POST applies the drained record")
+    end
+    local targets, err = _M.drained_targets()
+    if not targets then
+        return respond.answer(500, err)
+    end
+    local keys = slots.apply_drained(targets)
+    slots.sync_drained()
+    for index, key in ipairs(keys) do
+        keys[index] = cjson.encode(key)
+    end
+    ngx.header["Content-Type"] = "application/json"
+    ngx.say(respond.encode_list("drained", keys))
+end
+
 function _M.pools_status()
+    slots.sync_drained()
     local cfg = settings.cfg
     local pools = {}
     for _, name in ipairs(cfg.pool_names) do
@@ -24,6 +105,7 @@ function _M.pools_status()
             instances[#instances + 1] = {
                 key = server.key, endpoint = server.endpoint, inflight = slots.inflight(server),
                 max_conns = server.max_conns, down = server.down or slots.failed(server),
+                drained = server.drained == true,
             }
         end
         pools[#pools + 1] = {
@@ -43,7 +125,7 @@ function _M.pools_status()
         }
     end
     ngx.header["Content-Type"] = "application/json"
-    ngx.say(respond.encode_list("pools", pools))
+    ngx.say(respond.encode_list("pools", pools, instances()))
 end
 
 return _M
