@@ -4,8 +4,11 @@ Every decision about the upstream (address, max_conns, weight, backup, down) is 
 template only renders the list. The functions are plain and unit-tested in tests/unit/gateway/.
 """
 
+import importlib.util
 import ipaddress
+import os
 import re
+import sys
 
 try:
     from ansible.errors import AnsibleFilterError
@@ -40,41 +43,46 @@ def _host_vars(hostvars, host):
         return {}
 
 
-REGISTRY = "registry.ollama.ai"
-NAMESPACE = "library"
 KEEP_ALIVE_MODES = ("ignore", "pass")
 
 
-def gateway_model_key(name):
-    """Ollama's model name rule: [host/][namespace/]model[:tag][@digest] with defaults registry.ollama.ai,
-    library and latest, compared without regard to case. Returns the short name Ollama shows (`x:latest`,
-    `ns/x:tag`, `host/ns/x:tag`) in lower case, or None for an empty or malformed name.
+def _load_names():
+    """plugins/module_utils/ollama_names.py, the one home of the model name rule (as plugins/filter/ollama_plan.py
+    loads it: Ansible puts module_utils on the path of modules only). The same relative place in a checkout and in
+    the installed collection."""
+    try:  # a test or another plugin may have imported it already
+        from ansible.module_utils import ollama_names  # type: ignore[attr-defined]
 
-    The gateway's Lua module (files/herd_gateway.lua, model_key) applies the same rule to request names; both
-    are tested on one case table (tests/unit/gateway/model_names.json).
+        return ollama_names
+    except ImportError:
+        pass
+    if "herd_ollama_names" in sys.modules:
+        return sys.modules["herd_ollama_names"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(here, "..", "..", "..", "plugins", "module_utils", "ollama_names.py")
+    spec = importlib.util.spec_from_file_location("herd_ollama_names", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["herd_ollama_names"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+ollama_names = _load_names()
+
+
+def gateway_model_key(name):
+    """The pool a model name belongs to: Ollama's name rule (plugins/module_utils/ollama_names.py, the one source),
+    shortest form (`x:latest`, `ns/x:tag`, `host:port/ns/x:tag`) in lower case, as Ollama compares names without
+    regard to case; None for a name Ollama would refuse (bad characters, a part too long, more than
+    ollama_names.MAX_NAME_BYTES bytes).
+
+    The gateway's Lua port (files/herd_gateway/names.lua) is tested against cases generated from this function
+    (tests/unit/gateway/test_names.py).
     """
-    if not isinstance(name, str):
+    try:
+        return ollama_names.short_name(name).lower()
+    except ValueError:
         return None
-    name = name.strip().lower().split("@", 1)[0]
-    if not name:
-        return None
-    tag = "latest"
-    head, sep, tail = name.rpartition(":")
-    if sep and "/" not in tail:
-        name, tag = head, tail
-    parts = name.split("/")
-    host, namespace, model = REGISTRY, NAMESPACE, parts[-1]
-    if len(parts) == 2:
-        namespace = parts[0]
-    elif len(parts) >= 3:
-        host, namespace = "/".join(parts[:-2]), parts[-2]
-    if not model or not tag or not namespace or not host:
-        return None
-    if host == REGISTRY and namespace == NAMESPACE:
-        return f"{model}:{tag}"
-    if host == REGISTRY:
-        return f"{namespace}/{model}:{tag}"
-    return f"{host}/{namespace}/{model}:{tag}"
 
 
 def gateway_pools(servers):
