@@ -51,7 +51,7 @@ def lua_names(tmp_path_factory):
 def test_lua_port_matches_the_python_rule_on_every_generated_name(gw, lua_names):
     inputs, out = lua_names
     expected = [gw.gateway_model_key(name) for name in inputs]
-    diff = [(name[:60], want, got) for name, want, got in zip(inputs, expected, out["keys"]) if want != got]
+    diff = [(name[:60], want, got) for name, want, got in zip(inputs, expected, out["keys"], strict=True) if want != got]
     assert not diff, diff[:20]
     # The generator reaches both answers, and every limit on both sides.
     assert sum(k is not None for k in expected) > 100 and sum(k is None for k in expected) > 100
