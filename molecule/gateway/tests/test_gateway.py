@@ -65,7 +65,7 @@ def test_nginx_runs_with_lua_and_config_is_valid(gw):
     assert "ngx_http_lua_module.so" in full and "balancer_by_lua_block" in full
     conf = gw.file("/etc/nginx/conf.d/herd-gateway.conf")
     assert conf.mode == 0o644 and conf.user == "root"
-    assert gw.file("/etc/nginx/herd/gateway-keys.conf").mode == 0o600
+    assert gw.file("/etc/nginx/herd/gateway-keys.json").mode == 0o600
     assert gw.file("/usr/local/share/herd/lua/herd_gateway.lua").exists
     assert gw.file("/usr/local/sbin/herd-gateway-drain").mode == 0o755
     assert gw.socket("tcp://0.0.0.0:80").is_listening and gw.socket("tcp://0.0.0.0:443").is_listening

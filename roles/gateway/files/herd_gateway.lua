@@ -173,10 +173,14 @@ function _M.build(settings, servers_record, drained, resolver)
     return c
 end
 
-function _M.init(settings_json)
+function _M.init(settings_json, endpoint_jsons)
     local settings = cjson.decode(settings_json)
     if type(settings) ~= "table" then
         error("herd gateway: settings are not JSON")
+    end
+    settings.endpoints = {}
+    for index, text in ipairs(endpoint_jsons or {}) do
+        settings.endpoints[index] = cjson.decode(text) or error("herd gateway: endpoint " .. index .. " is not JSON")
     end
     local record = read_json(settings.servers_file)
     local drained = read_json(settings.drained_file, {})
@@ -185,6 +189,7 @@ function _M.init(settings_json)
     end
     cfg = _M.build(settings, record, drained)
     _M.cfg = cfg
+    require("herd_gateway.apikeys").load(settings.keys_file)
 end
 
 -- Tests: use a configuration built with _M.build.
