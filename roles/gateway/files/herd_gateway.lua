@@ -15,6 +15,9 @@
 -- Conversation affinity (lua_shared_dict herd_affinity, apart so that its LRU eviction never touches the slots):
 --   <key>             instance that served the conversation <key> last (expires after affinity_ttl)
 local cjson = require("cjson.safe")
+local body = require("herd_gateway.body")
+local endpoints = require("herd_gateway.endpoints")
+local names = require("herd_gateway.names")
 
 local _M = {}
 
@@ -24,19 +27,9 @@ local AFFINITY_DICT = "herd_affinity"
 -- conversation resends unchanged (chat: the messages up to the first user message; completion: system + prompt).
 local AFFINITY_HEADER = "http_x_herd_session"
 local AFFINITY_PREFIX_BYTES = 1024
-local AFFINITY_PATHS = {
-    ["/api/chat"] = "chat", ["/v1/chat/completions"] = "chat",
-    ["/api/generate"] = "prompt", ["/v1/completions"] = "prompt",
-}
 local ANY = "*"
 local BUCKETS = { 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30 }
 local BUCKET_LABELS = { "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10", "30" }
-local MODEL_PATHS = {
-    ["/api/generate"] = "native", ["/api/chat"] = "native", ["/api/embed"] = "native",
-    ["/api/embeddings"] = "native", ["/api/show"] = "show",
-    ["/v1/chat/completions"] = "openai", ["/v1/completions"] = "openai", ["/v1/embeddings"] = "openai",
-}
-
 local cfg            -- settings, servers, pools (built in init, read-only afterwards)
 
 -- ------------------------------------------------------------------------------------------ model names
@@ -120,8 +113,14 @@ function _M.build(settings, servers_record, drained, resolver)
         affinity = settings.affinity == true,
         affinity_ttl = seconds(settings.affinity_ttl, 600),
         servers = {}, by_key = {}, by_endpoint = {}, pools = {}, pool_names = {},
-        model_options = {},
+        model_options = {}, client_options = {},
+        endpoints = endpoints.index(settings.endpoints),
+        body_max = {},
+        expose_upstream = settings.expose_upstream == true,
     }
+    for class, size in pairs(settings.body_max or {}) do
+        c.body_max[class] = _M.bytes(size)
+    end
     local down = {}
     local known_hosts = {}
     for _, s in ipairs(servers_record.servers or {}) do
@@ -170,7 +169,34 @@ function _M.build(settings, servers_record, drained, resolver)
             c.model_options[key] = options
         end
     end
+    -- Options clients may set, per pool: the sampling ones, gateway_client_options["*"] and the pool's own.
+    local client = settings.client_options or {}
+    for _, model in ipairs(c.pool_names) do
+        local allowed = {}
+        for _, list in ipairs({ settings.sampling_options or {}, client["*"] or {} }) do
+            for _, name in ipairs(list) do
+                allowed[name] = true
+            end
+        end
+        for name, list in pairs(client) do
+            if name ~= "*" and _M.model_key(name) == model then
+                for _, option in ipairs(list) do
+                    allowed[option] = true
+                end
+            end
+        end
+        c.client_options[model] = allowed
+    end
     return c
+end
+
+-- Bytes of an nginx size ("16m", "64k", "1024").
+function _M.bytes(size)
+    local number, unit = tostring(size):match("^(%d+)([kKmMgG]?)$")
+    if not number then
+        error("herd gateway: bad size " .. tostring(size))
+    end
+    return tonumber(number) * (({ [""] = 1, k = 1024, m = 1048576, g = 1073741824 })[unit:lower()])
 end
 
 function _M.init(settings_json, endpoint_jsons)
@@ -189,6 +215,7 @@ function _M.init(settings_json, endpoint_jsons)
     end
     cfg = _M.build(settings, record, drained)
     _M.cfg = cfg
+    endpoints.configure(cfg.endpoints)
     require("herd_gateway.apikeys").load(settings.keys_file)
 end
 
@@ -196,6 +223,7 @@ end
 function _M._set_cfg(value)
     cfg = value
     _M.cfg = value
+    endpoints.configure(value.endpoints)
 end
 
 -- ------------------------------------------------------------------------------------------ slots
@@ -357,144 +385,7 @@ end
 
 -- ------------------------------------------------------------------------------------------ request body
 
--- Members of the JSON object text starting at `i` (text already validated by cjson): list of
--- {key, raw_value}, in order, with the raw text of each value. Returns nil when text is not an object.
-local function object_members(text, i)
-    local len = #text
-    local function skip_ws(p)
-        return text:find("[^ \t\r\n]", p) or len + 1
-    end
-    local function skip_string(p) -- p at the opening quote; returns the index after the closing quote
-        p = p + 1
-        while true do
-            local q = text:find('[\\"]', p)
-            if not q then
-                return len + 1
-            end
-            if text:sub(q, q) == "\\" then
-                p = q + 2
-            else
-                return q + 1
-            end
-        end
-    end
-    local function skip_value(p)
-        local ch = text:sub(p, p)
-        if ch == '"' then
-            return skip_string(p)
-        elseif ch == "{" or ch == "[" then
-            local depth = 0
-            while p <= len do
-                local q = text:find('[{}%[%]"]', p)
-                if not q then
-                    return len + 1
-                end
-                local c = text:sub(q, q)
-                if c == '"' then
-                    p = skip_string(q)
-                else
-                    depth = depth + ((c == "{" or c == "[") and 1 or -1)
-                    p = q + 1
-                    if depth == 0 then
-                        return p
-                    end
-                end
-            end
-            return p
-        end
-        return text:find("[,}%] \t\r\n]", p) or len + 1
-    end
-    i = skip_ws(i or 1)
-    if text:sub(i, i) ~= "{" then
-        return nil
-    end
-    local members = {}
-    i = skip_ws(i + 1)
-    if text:sub(i, i) == "}" then
-        return members
-    end
-    while i <= len do
-        local key_end = skip_string(i)
-        local key = cjson.decode(text:sub(i, key_end - 1))
-        i = skip_ws(key_end)
-        i = skip_ws(i + 1) -- after ':'
-        local value_end = skip_value(i)
-        members[#members + 1] = { key = key, raw = text:sub(i, value_end - 1) }
-        i = skip_ws(value_end)
-        if text:sub(i, i) ~= "," then
-            break
-        end
-        i = skip_ws(i + 1)
-    end
-    return members
-end
-_M.object_members = object_members
-
--- The body to send upstream: `keep_alive` dropped (client_keep_alive ignore) and forced options merged into
--- `options` (native endpoints); every other member keeps its exact text. Returns nil when nothing changes.
-function _M.rewrite_body(text, doc, kind, forced)
-    local drop_keep_alive = cfg.client_keep_alive == "ignore" and doc.keep_alive ~= nil
-    local force = kind == "native" and forced and next(forced) ~= nil
-    if not drop_keep_alive and not force then
-        return nil
-    end
-    local members = object_members(text)
-    if not members then
-        return nil
-    end
-    local out = {}
-    local options_done = false
-    local function forced_options(existing_raw)
-        local parts = {}
-        local existing = existing_raw and object_members(existing_raw) or {}
-        for _, m in ipairs(existing) do
-            if forced[m.key] == nil then
-                parts[#parts + 1] = cjson.encode(m.key) .. ":" .. m.raw
-            end
-        end
-        local names = {}
-        for name in pairs(forced) do
-            names[#names + 1] = name
-        end
-        table.sort(names)
-        for _, name in ipairs(names) do
-            parts[#parts + 1] = cjson.encode(name) .. ":" .. cjson.encode(forced[name])
-        end
-        return "{" .. table.concat(parts, ",") .. "}"
-    end
-    for _, m in ipairs(members) do
-        if m.key == "keep_alive" and drop_keep_alive then -- luacheck: ignore 542
-            -- dropped: the instance keeps the model as herd configured it
-        elseif m.key == "options" and force then
-            out[#out + 1] = '"options":' .. forced_options(m.raw:sub(1, 1) == "{" and m.raw or nil)
-            options_done = true
-        else
-            out[#out + 1] = cjson.encode(m.key) .. ":" .. m.raw
-        end
-    end
-    if force and not options_done then
-        out[#out + 1] = '"options":' .. forced_options(nil)
-    end
-    return "{" .. table.concat(out, ",") .. "}"
-end
-
-local function read_body()
-    ngx.req.read_body()
-    local body = ngx.req.get_body_data()
-    if body then
-        return body
-    end
-    local file = ngx.req.get_body_file()
-    if file then -- larger than client_body_buffer_size: read it back once
-        local handle = io.open(file, "rb")
-        if handle then
-            body = handle:read("*a")
-            handle:close()
-            return body
-        end
-    end
-    return nil
-end
+_M.object_members = body.object_members
 
 -- ------------------------------------------------------------------------------------------ affinity
 
@@ -507,7 +398,7 @@ function _M.affinity_key(model, path, doc, session)
     if type(session) == "string" and session ~= "" then
         return "s:" .. ngx.md5(model .. "\0" .. session)
     end
-    local kind = AFFINITY_PATHS[path]
+    local kind = endpoints.AFFINITY_PATHS[path]
     local parts = {}
     if kind == "chat" then
         if type(doc.messages) ~= "table" then
@@ -681,38 +572,96 @@ local function on_abort()
     return ngx.exit(499)
 end
 
--- access_by_lua of the proxied locations. `mode`: "route" (model endpoints and the rest) or "any".
-function _M.access(mode)
-    local kind = mode == "route" and MODEL_PATHS[ngx.var.uri] or nil
-    local pool = ANY
+-- The body limit of an endpoint, checked on Content-Length before anything is read (and on the length read, for a
+-- chunked body). Returns true, or answers 413 itself.
+local function within_limit(entry, length)
+    local limit = cfg.body_max[entry.body]
+    if limit and length and length > limit then
+        answer(413, "request body too large: " .. entry.path .. " takes at most " .. limit .. " bytes")
+        return false
+    end
+    return true
+end
+
+-- The pool of a request for an endpoint with a model, read as Ollama will read it (body.view); the body is
+-- rewritten when herd changes it. Returns the pool, or answers 400/404/413 itself.
+local function route(entry, path_model)
     local ctx = ngx.ctx
-    if kind and ngx.req.get_method() == "POST" then
-        local body = read_body()
-        local doc = body and cjson.decode(body)
-        if type(doc) ~= "table" then
+    local name, view
+    if entry.model == "path" then
+        name = path_model
+    else
+        local text = body.read_body()
+        if not text then
             return answer(400, "the request body must be a JSON object naming a model")
         end
-        local name = doc.model
-        if (name == nil or name == "") and kind == "show" then
-            name = doc.name
+        if not within_limit(entry, #text) then
+            return nil
         end
-        if type(name) ~= "string" or name == "" then
-            return answer(400, "model is required")
+        local err
+        view, err = body.view(text, cjson.decode(text))
+        if not view then
+            return answer(400, err)
         end
-        local model = _M.model_key(name)
-        if not model or not cfg.pools[model] then
-            return answer(404, 'model "' .. name .. '" not found, try pulling it first')
+        name = view.value("model")
+        if (name == nil or name == "") and entry.model == "model|name" then
+            name = view.value("name")
         end
-        pool = model
-        if cfg.affinity then
-            local key = _M.affinity_key(model, ngx.var.uri, doc, ngx.var[AFFINITY_HEADER])
+    end
+    if type(name) ~= "string" or name == "" then
+        return answer(400, "model is required")
+    end
+    local model = names.model_key(name)
+    if not model or not cfg.pools[model] then
+        return answer(404, 'model "' .. names.short_for_error(name) .. '" not found, try pulling it first')
+    end
+    if view then
+        local options, err
+        if entry.kind == "native" then
+            options, err = body.options_members(view)
+            if not options then
+                return answer(400, err)
+            end
+        end
+        if cfg.affinity and entry.affinity then
+            local key = _M.affinity_key(model, entry.path, { messages = view.value("messages"),
+                prompt = view.value("prompt"), system = view.value("system") }, ngx.var[AFFINITY_HEADER])
             if key then
                 ctx.herd_affinity = { key = key, preferred = affinity_lookup(key) }
             end
         end
-        local new_body = _M.rewrite_body(body, doc, kind, cfg.model_options[model])
+        local new_body = body.rewrite(view, {
+            drop_keep_alive = cfg.client_keep_alive == "ignore", native = entry.kind == "native",
+            allowed = cfg.client_options[model], forced = cfg.model_options[model], options = options,
+        })
         if new_body then
             ngx.req.set_body_data(new_body)
+        end
+    end
+    return model
+end
+
+-- access_by_lua of the proxied locations. `mode`: "route" (the allowlisted endpoints: every other path answers
+-- 404, another method 405, without touching an instance) or "any" (model management, when it is allowed).
+function _M.access(mode)
+    local pool = ANY
+    local ctx = ngx.ctx
+    if mode == "route" then
+        local entry, path_model = endpoints.find(cfg.endpoints, ngx.var.uri)
+        if not entry or entry.kind == "catalogue" then
+            return answer(404, "this path is not served by the herd gateway")
+        end
+        if not entry.methods[ngx.req.get_method()] then
+            return answer(405, "method not allowed on " .. entry.path)
+        end
+        if not within_limit(entry, tonumber(ngx.var.http_content_length or "")) then
+            return
+        end
+        if entry.model ~= "" then
+            pool = route(entry, path_model)
+            if not pool then
+                return
+            end
         end
     end
     ngx.var.herd_pool = pool
@@ -906,14 +855,15 @@ local function gather(path)
     return results
 end
 
--- Every model once: of the instances' entries for one model, the smallest canonical text (the same answer
--- whichever instance answered first), in name order.
+-- Every model of the plan's pools once (a model an instance still has on disk but no pool serves is left out:
+-- the gateway would answer 404 for it): of the instances' entries for one model, the smallest canonical text
+-- (the same answer whichever instance answered first), in name order.
 local function merge_unique(results, list_field, name_of)
     local best, names = {}, {}
     for _, r in ipairs(results) do
         for _, m in ipairs(type(r.doc[list_field]) == "table" and r.doc[list_field] or {}) do
             local key = type(m) == "table" and _M.model_key(name_of(m))
-            if key then
+            if key and cfg.pools[key] then
                 local text = canonical(m)
                 if not best[key] then
                     names[#names + 1] = key
@@ -944,9 +894,13 @@ local function merge_ps(results)
     local models = {}
     for _, r in ipairs(results) do
         for _, m in ipairs(type(r.doc.models) == "table" and r.doc.models or {}) do
-            m.herd_instance = r.server.key
-            m.herd_endpoint = r.server.endpoint
-            models[#models + 1] = m
+            local key = type(m) == "table" and _M.model_key(m.name or m.model)
+            if key and cfg.pools[key] then
+                m.herd_instance = r.server.key
+                -- Backend addresses only with gateway_expose_upstream (loopback clients have /herd/pools).
+                m.herd_endpoint = cfg.expose_upstream and r.server.endpoint or nil
+                models[#models + 1] = m
+            end
         end
     end
     table.sort(models, function(a, b)
@@ -969,6 +923,13 @@ local CATALOGUE = {
 function _M.catalogue()
     local path = ngx.var.uri
     local entry = CATALOGUE[path]
+    local allowed = endpoints.find(cfg.endpoints, path)
+    if not allowed then
+        return answer(404, "this path is not served by the herd gateway")
+    end
+    if not allowed.methods[ngx.req.get_method()] then
+        return answer(405, "method not allowed on " .. path)
+    end
     local d = dict()
     local cached = d:get("c:" .. path)
     if not cached then

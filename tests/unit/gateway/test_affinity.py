@@ -12,7 +12,7 @@ local herd = require("herd_gateway")
 local cjson = require("cjson.safe")
 local out = {}
 local record = cjson.decode(io.open(SERVERS_FILE):read("*a"))
-local cfg = herd.build({affinity = true, affinity_ttl = "60s"}, record, {"b:3"}, function(a) return "127.0.0.1" end)
+local cfg = herd.build({affinity = true, affinity_ttl = "60s", endpoints = ENDPOINTS}, record, {"b:3"}, function(a) return "127.0.0.1" end)
 herd._set_cfg(cfg)
 local sys = {role = "system", content = "be brief"}
 local u1 = {role = "user", content = "plan a trip"}

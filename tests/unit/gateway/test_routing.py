@@ -70,7 +70,8 @@ for i, case in ipairs(cases) do
 end
 -- pools and per-instance totals (the shared dict is the real one)
 local record = cjson.decode(io.open(SERVERS_FILE):read("*a"))
-local cfg = herd.build({queue_max = 4, client_keep_alive = "ignore", model_options = {["Small:7b"] = {num_ctx = 8192}}},
+local cfg = herd.build({queue_max = 4, client_keep_alive = "ignore", model_options = {["Small:7b"] = {num_ctx = 8192}}, endpoints = ENDPOINTS,
+                        sampling_options = {"stop"}},
                        record, {"b:2"}, function(a) return "127.0.0.1" end)
 herd.cfg = cfg
 herd._set_cfg(cfg)
@@ -92,10 +93,15 @@ herd.give_back("b:0")
 out.after_release = (herd.acquire("small:7b") or {key = "none"}).key
 -- body rewrite: keep_alive dropped, options forced, every other member byte for byte
 local body = '{"model":"small:7b","messages":[],"keep_alive":0,"options":{"num_ctx":99,"stop":[]},"x":{"y":[1,"a\\"}"]}}'
-out.rewritten = herd.rewrite_body(body, cjson.decode(body), "native", cfg.model_options["small:7b"])
-out.unchanged = herd.rewrite_body('{"model":"tiny"}', {model = "tiny"}, "native", nil) or cjson.null
-out.openai = herd.rewrite_body('{"model":"small:7b","keep_alive":"5m"}', {model = "small:7b", keep_alive = "5m"},
-                               "openai", cfg.model_options["small:7b"])
+local B = require("herd_gateway.body")
+local function rewrite(text, native, forced)
+    local view = B.view(text, cjson.decode(text))
+    return B.rewrite(view, {drop_keep_alive = true, native = native, allowed = cfg.client_options["small:7b"],
+                            forced = forced, options = native and B.options_members(view) or nil})
+end
+out.rewritten = rewrite(body, true, cfg.model_options["small:7b"])
+out.unchanged = rewrite('{"model":"tiny"}', true, nil) or cjson.null
+out.openai = rewrite('{"model":"small:7b","keep_alive":"5m"}', false, cfg.model_options["small:7b"])
 out.canonical = herd.canonical(cjson.decode('{"b":1,"a":[1,{"d":2,"c":null}],"e":"/"}'))
 ngx.say(cjson.encode(out))
 """

@@ -1,0 +1,216 @@
+-- herd gateway: the request body, read the way Ollama will read it.
+--
+-- Owns: read_body, object_members (a scanner over JSON text cjson already validated: each member's raw text),
+-- view (the members the gateway reads, found as Go's encoding/json finds them: a member name matches without
+-- regard to case, by Unicode simple folding; a member the gateway reads that appears twice, in any case, is
+-- refused) and rewrite (keep_alive in any case dropped under client_keep_alive ignore; on native endpoints
+-- `options` rebuilt from the client's allowed options plus gateway_model_options, which win; every other member
+-- byte for byte).
+-- Shared-dict keys: none.
+--
+-- Why refuse rather than normalise a duplicate: Ollama takes the last of `{"model":"m1","MODEL":"m2"}`, a
+-- reader taking the first routes to the wrong pool, and no client sends such a body by mistake.
+local cjson = require("cjson.safe")
+
+local _M = {}
+
+-- Members the gateway reads or rewrites (Ollama's field names). A second one, in any case, is refused.
+_M.WATCHED = { "model", "name", "keep_alive", "options", "stream", "messages", "prompt", "system" }
+local WATCHED = {}
+for _, name in ipairs(_M.WATCHED) do
+    WATCHED[name] = true
+end
+
+-- Go's folding of a member name (bytes.EqualFold): ASCII letters without case, and the two non-ASCII letters
+-- that fold to ASCII ones: U+017F (long s) -> s, U+212A (Kelvin sign) -> k.
+function _M.fold(name)
+    return (name:lower():gsub("\197\191", "s"):gsub("\226\132\170", "k"))
+end
+
+-- Members of the JSON object text starting at `i` (text already validated by cjson): list of
+-- {key, raw_value}, in order, with the raw text of each value. Returns nil when text is not an object.
+function _M.object_members(text, i)
+    local len = #text
+    local function skip_ws(p)
+        return text:find("[^ \t\r\n]", p) or len + 1
+    end
+    local function skip_string(p) -- p at the opening quote; returns the index after the closing quote
+        p = p + 1
+        while true do
+            local q = text:find('[\\"]', p)
+            if not q then
+                return len + 1
+            end
+            if text:sub(q, q) == "\\" then
+                p = q + 2
+            else
+                return q + 1
+            end
+        end
+    end
+    local function skip_value(p)
+        local ch = text:sub(p, p)
+        if ch == '"' then
+            return skip_string(p)
+        elseif ch == "{" or ch == "[" then
+            local depth = 0
+            while p <= len do
+                local q = text:find('[{}%[%]"]', p)
+                if not q then
+                    return len + 1
+                end
+                local c = text:sub(q, q)
+                if c == '"' then
+                    p = skip_string(q)
+                else
+                    depth = depth + ((c == "{" or c == "[") and 1 or -1)
+                    p = q + 1
+                    if depth == 0 then
+                        return p
+                    end
+                end
+            end
+            return p
+        end
+        return text:find("[,}%] \t\r\n]", p) or len + 1
+    end
+    i = skip_ws(i or 1)
+    if text:sub(i, i) ~= "{" then
+        return nil
+    end
+    local members = {}
+    i = skip_ws(i + 1)
+    if text:sub(i, i) == "}" then
+        return members
+    end
+    while i <= len do
+        local key_end = skip_string(i)
+        local key = cjson.decode(text:sub(i, key_end - 1))
+        i = skip_ws(key_end)
+        i = skip_ws(i + 1) -- after ':'
+        local value_end = skip_value(i)
+        members[#members + 1] = { key = key, raw = text:sub(i, value_end - 1), folded = _M.fold(key) }
+        i = skip_ws(value_end)
+        if text:sub(i, i) ~= "," then
+            break
+        end
+        i = skip_ws(i + 1)
+    end
+    return members
+end
+
+-- The request as Ollama reads it. `text` is the body, `doc` its cjson decoding (a table). Returns a view
+-- {members, by = {field -> member}, value = function(field)} or nil and the message of a 400.
+function _M.view(text, doc)
+    local members = _M.object_members(text)
+    if type(doc) ~= "table" or not members then
+        return nil, "the request body must be a JSON object naming a model"
+    end
+    local by = {}
+    for _, m in ipairs(members) do
+        if WATCHED[m.folded] then
+            if by[m.folded] then
+                return nil, "the request names \"" .. m.folded .. "\" twice (member names match without regard to "
+                    .. "case, as Ollama reads them): send it once"
+            end
+            by[m.folded] = m
+        end
+    end
+    local view = { members = members, by = by }
+    -- The decoded value of a member (no duplicates: cjson's table holds it under its own name).
+    function view.value(field)
+        local m = by[field]
+        if m == nil then
+            return nil
+        end
+        return doc[m.key]
+    end
+    return view
+end
+
+-- Options of the client that pass: a JSON object (or null) whose names are each given once (in any case).
+-- Returns the members, or nil and the message of a 400.
+function _M.options_members(view)
+    local m = view.by.options
+    if not m or m.raw == "null" then
+        return {}
+    end
+    local members = m.raw:sub(1, 1) == "{" and _M.object_members(m.raw) or nil
+    if not members then
+        return nil, "options must be a JSON object of Ollama options"
+    end
+    local seen = {}
+    for _, option in ipairs(members) do
+        if seen[option.folded] then
+            return nil, "the request names option \"" .. option.folded .. "\" twice: send it once"
+        end
+        seen[option.folded] = true
+    end
+    return members
+end
+
+-- The body to send upstream, or nil when it is sent as is.
+-- `how`: drop_keep_alive (bool), native (bool: options are Ollama's), allowed (set of option names clients may
+-- set), forced (table of options that win), options (the client's option members, from options_members).
+function _M.rewrite(view, how)
+    local keep_alive = how.drop_keep_alive and view.by.keep_alive ~= nil
+    local options = how.native and (view.by.options ~= nil or (how.forced and next(how.forced) ~= nil))
+    if not keep_alive and not options then
+        return nil
+    end
+    local function options_text()
+        local forced = how.forced or {}
+        local parts = {}
+        for _, m in ipairs(how.options or {}) do
+            if how.allowed[m.key] and forced[m.key] == nil then
+                parts[#parts + 1] = cjson.encode(m.key) .. ":" .. m.raw
+            end
+        end
+        local names = {}
+        for name in pairs(forced) do
+            names[#names + 1] = name
+        end
+        table.sort(names)
+        for _, name in ipairs(names) do
+            parts[#parts + 1] = cjson.encode(name) .. ":" .. cjson.encode(forced[name])
+        end
+        return "{" .. table.concat(parts, ",") .. "}"
+    end
+    local out = {}
+    local options_done = false
+    for _, m in ipairs(view.members) do
+        if m.folded == "keep_alive" and keep_alive then -- luacheck: ignore 542
+            -- dropped: the instance keeps the model as herd configured it
+        elseif m.folded == "options" and options then
+            out[#out + 1] = '"options":' .. options_text()
+            options_done = true
+        else
+            out[#out + 1] = cjson.encode(m.key) .. ":" .. m.raw
+        end
+    end
+    if options and not options_done then
+        out[#out + 1] = '"options":' .. options_text()
+    end
+    return "{" .. table.concat(out, ",") .. "}"
+end
+
+-- The request body (read once; from its temp file when it was larger than client_body_buffer_size), or nil.
+function _M.read_body()
+    ngx.req.read_body()
+    local body = ngx.req.get_body_data()
+    if body then
+        return body
+    end
+    local file = ngx.req.get_body_file()
+    if file then -- larger than client_body_buffer_size: read it back once
+        local handle = io.open(file, "rb")
+        if handle then
+            body = handle:read("*a")
+            handle:close()
+            return body
+        end
+    end
+    return nil
+end
+
+return _M
