@@ -391,7 +391,9 @@ _M.object_members = body.object_members
 
 -- The conversation key of a request (nil: no affinity), from the model, the path, the decoded body and the
 -- session header. Two turns of one chat resend the same first messages, so they get the same key.
-function _M.affinity_key(model, path, doc, session)
+-- `tenant` (the API key name) is part of every key: one tenant cannot probe which prompts another has cached.
+function _M.affinity_key(model, path, doc, session, tenant)
+    model = (tenant or "") .. "\0" .. model
     if type(session) == "table" then
         session = session[1]
     end
@@ -625,7 +627,8 @@ local function route(entry, path_model)
         end
         if cfg.affinity and entry.affinity then
             local key = _M.affinity_key(model, entry.path, { messages = view.value("messages"),
-                prompt = view.value("prompt"), system = view.value("system") }, ngx.var[AFFINITY_HEADER])
+                prompt = view.value("prompt"), system = view.value("system") }, ngx.var[AFFINITY_HEADER],
+                ngx.var.herd_key_name)
             if key then
                 ctx.herd_affinity = { key = key, preferred = affinity_lookup(key) }
             end

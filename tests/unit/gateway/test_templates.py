@@ -80,7 +80,7 @@ def test_everything_on_renders_valid_nginx(tmp_path):
     os.system(f"openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=t -keyout {tls}/gateway.key -out {tls}/gateway.crt"
               " >/dev/null 2>&1")
     text = text.replace("/etc/nginx/herd/tls/", str(tls) + "/")
-    assert "if ($scheme = http)" in text and "set_by_lua_block $herd_key_name" in text
+    assert "if ($herd_plain_http_refused)" in text and '~^http: 1;' in text and "set_by_lua_block $herd_key_name" in text
     assert "limit_conn herd_gateway_conn 64;" in text and "$herd_upstream_shown" in text
     result = nginx_test(tmp_path, text, {"/etc/nginx/herd/gateway-keys.json": keys, **upstream_file()})
     assert result.returncode == 0, result.stdout
