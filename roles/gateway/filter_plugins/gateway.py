@@ -48,23 +48,24 @@ KEEP_ALIVE_MODES = ("ignore", "pass")
 
 
 def _load_names():
-    """plugins/module_utils/ollama_names.py, the one home of the model name rule (as plugins/filter/ollama_plan.py
-    loads it: Ansible puts module_utils on the path of modules only). The same relative place in a checkout and in
-    the installed collection."""
-    try:  # a test or another plugin may have imported it already
-        from ansible.module_utils import ollama_names  # type: ignore[attr-defined]
+    """plugins/module_utils/ollama_names.py, the one home of the model name rule, loaded from the file (as
+    plugins/filter/ollama_plan.py does: Ansible puts module_utils on the path of modules only): found from this
+    file's real place (roles/gateway/filter_plugins/, or plugins/filter/ which links here) in a checkout or the
+    installed collection, else through the collection (a copy of the role alone, as the benchmark renders it)."""
+    loaded = sys.modules.get("herd_gateway_ollama_names")
+    if loaded is not None:
+        return loaded
+    here = os.path.dirname(os.path.realpath(__file__))
+    for path in (os.path.join(here, "..", "..", "..", "plugins", "module_utils", "ollama_names.py"),
+                 os.path.join(here, "..", "module_utils", "ollama_names.py")):
+        if os.path.isfile(path):
+            spec = importlib.util.spec_from_file_location("herd_gateway_ollama_names", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            sys.modules["herd_gateway_ollama_names"] = module
+            return module
+    from ansible_collections.herd.herd.plugins.module_utils import ollama_names as module  # noqa: PLC0415
 
-        return ollama_names
-    except ImportError:
-        pass
-    if "herd_ollama_names" in sys.modules:
-        return sys.modules["herd_ollama_names"]
-    here = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.join(here, "..", "..", "..", "plugins", "module_utils", "ollama_names.py")
-    spec = importlib.util.spec_from_file_location("herd_ollama_names", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["herd_ollama_names"] = module
-    spec.loader.exec_module(module)
     return module
 
 
