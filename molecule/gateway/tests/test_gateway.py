@@ -4,6 +4,7 @@ Pools (molecule.yml): herd-tiny:1b = h4-gw:0 (1 slot) + h4-gpu1:0 (2 slots); her
 + h4-gpu1:2 (2 slots). gateway_queue_per_instance 0, so max_conns = num_parallel and 3 slots per pool.
 """
 
+import hashlib
 import json
 import os
 import statistics
@@ -66,7 +67,16 @@ def test_nginx_runs_with_lua_and_config_is_valid(gw):
     conf = gw.file("/etc/nginx/conf.d/herd-gateway.conf")
     assert conf.mode == 0o644 and conf.user == "root"
     assert gw.file("/etc/nginx/herd/gateway-keys.json").mode == 0o600
-    assert gw.file("/usr/local/share/herd/lua/herd_gateway.lua").exists
+    # The entry module and every module of the role, byte for byte (teardown removes the directory).
+    role_files = os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "roles", "gateway", "files")
+    modules = ["herd_gateway.lua"] + sorted(f"herd_gateway/{name}" for name in
+                                            os.listdir(os.path.join(role_files, "herd_gateway")))
+    assert len(modules) > 10 and gw.file("/usr/local/share/herd/lua/herd_gateway").mode == 0o755
+    for name in modules:
+        deployed = gw.file(f"/usr/local/share/herd/lua/{name}")
+        with open(os.path.join(role_files, name), "rb") as handle:
+            expected = hashlib.sha256(handle.read()).hexdigest()
+        assert deployed.mode == 0o644 and deployed.sha256sum == expected, name
     assert gw.file("/usr/local/sbin/herd-gateway-drain").mode == 0o755
     assert gw.socket("tcp://0.0.0.0:80").is_listening and gw.socket("tcp://0.0.0.0:443").is_listening
     assert "[error]" not in gw.run("tail -n 50 /var/log/nginx/error.log").stdout

@@ -82,7 +82,7 @@ def main_config(tmp_path, http_text):
 
 
 def run_lua(tmp_path, code, dicts=("herd_gateway",)):
-    """Run Lua `code` (it answers with ngx.say) once inside a real nginx with the role's Lua module on its path and
+    """Run Lua `code` (it answers with ngx.say) once inside a real nginx with the role's Lua modules on its path and
     the shared dicts `dicts` (1m each); returns the decoded JSON answer."""
     port = free_port()
     # ENDPOINTS: the role's endpoint table (_gateway_endpoints), as init_by_lua gets it, for the code's build().

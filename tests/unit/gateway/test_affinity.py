@@ -8,22 +8,24 @@ from conftest import run_lua
 from test_routing import _server
 
 LUA_TEST = r"""
-local herd = require("herd_gateway")
+local affinity = require("herd_gateway.affinity")
+local settings = require("herd_gateway.settings")
+local slots = require("herd_gateway.slots")
 local cjson = require("cjson.safe")
 local out = {}
 local record = cjson.decode(io.open(SERVERS_FILE):read("*a"))
-local cfg = herd.build({affinity = true, affinity_ttl = "60s", endpoints = ENDPOINTS}, record, {"b:3"}, function(a) return "127.0.0.1" end)
-herd._set_cfg(cfg)
+local cfg = settings.build({affinity = true, affinity_ttl = "60s", endpoints = ENDPOINTS}, record, {"b:3"}, function(a) return "127.0.0.1" end)
+settings.configure(cfg)
 local sys = {role = "system", content = "be brief"}
 local u1 = {role = "user", content = "plan a trip"}
 local turn1 = {model = "tiny", messages = {sys, u1}}
 local turn2 = {model = "tiny", messages = {sys, u1, {role = "assistant", content = "ok"}, {role = "user", content = "more"}}}
-local k = function(path, doc, session) return herd.affinity_key("tiny:latest", path, doc, session) or "nil" end
+local k = function(path, doc, session) return affinity.key("tiny:latest", path, doc, session) or "nil" end
 out.key = {
     turn1 = k("/api/chat", turn1), turn2 = k("/api/chat", turn2),
     openai2 = k("/v1/chat/completions", turn2),
     other = k("/api/chat", {messages = {sys, {role = "user", content = "plan a party"}}}),
-    other_model = herd.affinity_key("small:7b", "/api/chat", turn1),
+    other_model = affinity.key("small:7b", "/api/chat", turn1),
     session_a = k("/api/chat", turn1, "conv-1"), session_b = k("/api/chat", turn2, "conv-1"),
     session_c = k("/api/chat", turn1, "conv-2"),
     gen1 = k("/api/generate", {prompt = string.rep("x", 1024) .. "turn one"}),
@@ -31,34 +33,34 @@ out.key = {
     gen_short1 = k("/api/generate", {prompt = "hello"}), gen_short2 = k("/api/generate", {prompt = "hellp"}),
     no_messages = k("/api/chat", {messages = {}}), embed = k("/api/embed", {input = "x"}),
     images = k("/api/chat", {messages = {{role = "user", content = cjson.null, images = {"AAAA"}}}}),
-    tenant_b = herd.affinity_key("tiny:latest", "/api/chat", turn1, nil, "team-b"),
-    tenant_b_session = herd.affinity_key("tiny:latest", "/api/chat", turn1, "conv-1", "team-b"),
+    tenant_b = affinity.key("tiny:latest", "/api/chat", turn1, nil, "team-b"),
+    tenant_b_session = affinity.key("tiny:latest", "/api/chat", turn1, "conv-1", "team-b"),
 }
 local function key_of(s) return s and s.key or "none" end
 local by = cfg.by_key
 -- b:0 (2 slots) and b:1 (2 slots) hold tiny; b:2 (backup) too; b:3 is drained.
 local picks = {}
-picks[1] = key_of(herd.acquire("tiny:latest", nil, by["b:1"]))   -- preferred though both are idle
-picks[2] = key_of(herd.acquire("tiny:latest", nil, by["b:1"]))   -- preferred though b:0 is less loaded
-picks[3] = key_of(herd.acquire("tiny:latest", nil, by["b:1"]))   -- b:1 full: least loaded other (b:0)
-herd.give_back("b:1")
-picks[4] = key_of(herd.acquire("tiny:latest", nil, by["b:1"]))   -- a slot freed: back to b:1
-picks[5] = key_of(herd.acquire("tiny:latest", nil, by["b:3"]))   -- drained preferred: ignored
-picks[6] = key_of(herd.acquire("tiny:latest", nil, by["b:4"]))   -- not in the pool: ignored (all full: backup)
-herd.give_back("b:1")
-picks[7] = key_of(herd.acquire("tiny:latest", {["b:1"] = true}, by["b:1"]))  -- excluded (a retry): ignored
+picks[1] = key_of(slots.acquire("tiny:latest", nil, by["b:1"]))   -- preferred though both are idle
+picks[2] = key_of(slots.acquire("tiny:latest", nil, by["b:1"]))   -- preferred though b:0 is less loaded
+picks[3] = key_of(slots.acquire("tiny:latest", nil, by["b:1"]))   -- b:1 full: least loaded other (b:0)
+slots.give_back("b:1")
+picks[4] = key_of(slots.acquire("tiny:latest", nil, by["b:1"]))   -- a slot freed: back to b:1
+picks[5] = key_of(slots.acquire("tiny:latest", nil, by["b:3"]))   -- drained preferred: ignored
+picks[6] = key_of(slots.acquire("tiny:latest", nil, by["b:4"]))   -- not in the pool: ignored (all full: backup)
+slots.give_back("b:1")
+picks[7] = key_of(slots.acquire("tiny:latest", {["b:1"] = true}, by["b:1"]))  -- excluded (a retry): ignored
 out.picks = picks
 out.inflight = {}
 for _, key in ipairs({"b:0", "b:1", "b:2", "b:3", "b:4"}) do
     out.inflight[key] = ngx.shared.herd_gateway:get("i:" .. key) or 0
 end
 -- a backup is never preferred over free regular instances
-for _, key in ipairs({"b:0", "b:0", "b:1", "b:2", "b:2"}) do herd.give_back(key) end
-out.backup_pref = key_of(herd.acquire("tiny:latest", nil, by["b:2"]))
+for _, key in ipairs({"b:0", "b:0", "b:1", "b:2", "b:2"}) do slots.give_back(key) end
+out.backup_pref = key_of(slots.acquire("tiny:latest", nil, by["b:2"]))
 -- the map
-herd.affinity_remember("p:x", by["b:1"])
-out.lookup = key_of(herd.affinity_lookup("p:x"))
-out.lookup_missing = key_of(herd.affinity_lookup("p:y"))
+affinity.remember("p:x", by["b:1"])
+out.lookup = key_of(affinity.lookup("p:x"))
+out.lookup_missing = key_of(affinity.lookup("p:y"))
 out.ttl = ngx.shared.herd_affinity:ttl("p:x")
 ngx.say(cjson.encode(out))
 """

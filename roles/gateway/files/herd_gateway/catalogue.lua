@@ -1,0 +1,163 @@
+-- herd gateway: the cluster catalogue: /api/tags, /v1/models and /api/ps answered for every live instance.
+--
+-- Owns: http_get (a raw HTTP/1.0 GET to an instance over a cosocket), gather (every live instance at once),
+-- the merges (every model of the plan's pools once, the same text whichever instance answered first; ps with the
+-- instance, and its address only with gateway_expose_upstream),
+-- serve (content_by_lua of the catalogue paths, cached briefly so every worker gives the same answer).
+-- Shared-dict keys (herd_gateway):
+--   c:<path>   read, written: the cached answer of <path> (catalogue_ttl; /api/ps 1 s)
+local cjson = require("cjson.safe")
+local endpoints = require("herd_gateway.endpoints")
+local keys = require("herd_gateway.keys")
+local names = require("herd_gateway.names")
+local respond = require("herd_gateway.respond")
+local settings = require("herd_gateway.settings")
+
+local _M = {}
+
+local function http_get(server, path)
+    local sock = ngx.socket.tcp()
+    sock:settimeouts(settings.cfg.connect_timeout * 1000, 10000, 10000)
+    local ok, err = sock:connect(server.ip, server.port)
+    if not ok then
+        return nil, err
+    end
+    ok, err = sock:send("GET " .. path .. " HTTP/1.0\r\nHost: localhost\r\nAccept: application/json\r\n\r\n")
+    if not ok then
+        sock:close()
+        return nil, err
+    end
+    local data
+    data, err = sock:receive("*a")
+    sock:close()
+    if not data then
+        return nil, err
+    end
+    local status = tonumber(data:match("^HTTP/%d%.%d (%d+)"))
+    local body = data:match("\r\n\r\n(.*)$")
+    if status ~= 200 or not body then
+        return nil, "status " .. tostring(status)
+    end
+    return cjson.decode(body)
+end
+
+local function live_servers()
+    local list = {}
+    for _, server in ipairs(settings.cfg.servers) do
+        if not server.down then
+            list[#list + 1] = server
+        end
+    end
+    return list
+end
+
+local function gather(path)
+    local servers = live_servers()
+    local threads = {}
+    for index, server in ipairs(servers) do
+        threads[index] = ngx.thread.spawn(http_get, server, path)
+    end
+    local results = {}
+    for index, thread in ipairs(threads) do
+        local ok, doc = ngx.thread.wait(thread)
+        if ok and type(doc) == "table" then
+            results[#results + 1] = { server = servers[index], doc = doc }
+        end
+    end
+    return results
+end
+
+-- Every model of the plan's pools once (a model an instance still holds on disk but no pool serves is left out:
+-- the gateway would answer 404 for it): of the instances' entries for one model, the smallest canonical text
+-- (the same answer whichever instance answered first), in name order.
+local function merge_unique(results, list_field, name_of)
+    local best, order = {}, {}
+    for _, r in ipairs(results) do
+        for _, m in ipairs(type(r.doc[list_field]) == "table" and r.doc[list_field] or {}) do
+            local key = type(m) == "table" and names.model_key(name_of(m))
+            if key and settings.cfg.pools[key] then
+                local text = respond.canonical(m)
+                if not best[key] then
+                    order[#order + 1] = key
+                    best[key] = text
+                elseif text < best[key] then
+                    best[key] = text
+                end
+            end
+        end
+    end
+    table.sort(order)
+    local items = {}
+    for index, key in ipairs(order) do
+        items[index] = best[key]
+    end
+    return items
+end
+
+local function merge_tags(results)
+    return respond.encode_list("models", merge_unique(results, "models", function(m) return m.name or m.model end))
+end
+
+local function merge_openai(results)
+    return respond.encode_list("data", merge_unique(results, "data", function(m) return m.id end), '"object":"list",')
+end
+
+local function merge_ps(results)
+    local models = {}
+    for _, r in ipairs(results) do
+        for _, m in ipairs(type(r.doc.models) == "table" and r.doc.models or {}) do
+            local key = type(m) == "table" and names.model_key(m.name or m.model)
+            if key and settings.cfg.pools[key] then
+                m.herd_instance = r.server.key
+                -- Backend addresses only with gateway_expose_upstream (loopback clients have /herd/pools).
+                m.herd_endpoint = settings.cfg.expose_upstream and r.server.endpoint or nil
+                models[#models + 1] = m
+            end
+        end
+    end
+    table.sort(models, function(a, b)
+        if a.herd_instance ~= b.herd_instance then
+            return a.herd_instance < b.herd_instance
+        end
+        return tostring(a.name) < tostring(b.name)
+    end)
+    return respond.encode_list("models", models)
+end
+
+local CATALOGUE = {
+    ["/api/tags"] = { merge = merge_tags, ttl = "catalogue_ttl" },
+    ["/v1/models"] = { merge = merge_openai, ttl = "catalogue_ttl" },
+    ["/api/ps"] = { merge = merge_ps, ttl = 1 },
+}
+
+-- content_by_lua of /api/tags, /v1/models and /api/ps: the whole cluster's answer, cached briefly in the
+-- shared dict so every worker gives the same one.
+function _M.serve()
+    local path = ngx.var.uri
+    local entry = CATALOGUE[path]
+    local allowed = endpoints.find(settings.cfg.endpoints, path)
+    if not allowed then
+        return respond.answer(404, "this path is not served by the herd gateway")
+    end
+    if not allowed.methods[ngx.req.get_method()] then
+        return respond.answer(405, "method not allowed on " .. path)
+    end
+    local d = keys.gateway()
+    local cached = d:get("c:" .. path)
+    if not cached then
+        local results = gather(path)
+        if #results == 0 then
+            ngx.var.herd_pool = endpoints.ANY
+            return respond.answer(502, "no herd instance answered " .. path .. "; please try again")
+        end
+        cached = entry.merge(results)
+        local ttl = type(entry.ttl) == "number" and entry.ttl or settings.cfg[entry.ttl]
+        if ttl > 0 then
+            d:set("c:" .. path, cached, ttl)
+        end
+    end
+    ngx.header["Content-Type"] = "application/json; charset=utf-8"
+    ngx.say(cached)
+end
+
+return _M

@@ -1,0 +1,55 @@
+-- herd gateway: the shared dicts and every key the gateway keeps in them (the one list of key prefixes).
+--
+-- Owns: the dict names (nginx: lua_shared_dict herd_gateway / herd_affinity, role gateway's template) and KEYS,
+-- the documentation of every key shape; gateway() and affinity() return the dicts.
+-- Shared-dict keys: none read or written here. tests/unit/gateway/test_keys.py scans every module for the keys
+-- it builds and fails on a shape KEYS does not list, on one the module's own header does not name, and on an
+-- entry of KEYS no code builds (or that another module than its owner builds).
+local _M = {}
+
+-- Slots, queues, counters and the catalogue cache: common to every worker and kept across reloads.
+_M.GATEWAY = "herd_gateway"
+-- Conversation affinity: apart, so that its least-recently-used eviction never touches the slots.
+_M.AFFINITY = "herd_affinity"
+
+-- Every key shape (<...>: a variable part), its dict, its owner module and its meaning.
+_M.KEYS = {
+    { dict = "herd_gateway", key = "i:<key>", owner = "slots",
+      meaning = "requests in flight on instance <key> (all pools together; limit = its max_conns)" },
+    { dict = "herd_gateway", key = "f:<key>", owner = "slots",
+      meaning = "failures of instance <key> within fail_timeout (expires after fail_timeout)" },
+    { dict = "herd_gateway", key = "r:<pool>", owner = "slots",
+      meaning = "turn counter of the pool: equally loaded instances take turns" },
+    { dict = "herd_gateway", key = "q:<pool>:t", owner = "queue",
+      meaning = "ticket counter of the pool's FIFO (last ticket handed out)" },
+    { dict = "herd_gateway", key = "q:<pool>:h", owner = "queue",
+      meaning = "ticket at the head of the pool's FIFO" },
+    { dict = "herd_gateway", key = "q:<pool>:w", owner = "queue",
+      meaning = "requests waiting in the pool's queue" },
+    { dict = "herd_gateway", key = "q:<pool>:l:<n>", owner = "queue",
+      meaning = "ticket n is alive: its holder refreshes it (1 s) while it polls; a missing one counts as gone" },
+    { dict = "herd_gateway", key = "q:<pool>:g:<n>", owner = "queue",
+      meaning = "ticket n left the queue (timed out, hung up, rejected): skipped at the head" },
+    { dict = "herd_gateway", key = "q:<pool>:a:<n>", owner = "queue",
+      meaning = "one worker is moving the head past ticket n (add() marker, 10 s)" },
+    { dict = "herd_gateway", key = "s:<pool>:<stat>", owner = "stats",
+      meaning = "counters of /herd/pools: admitted, rejected_*, abandoned, affinity_*, count, sum_us, b<n>" },
+    { dict = "herd_gateway", key = "c:<path>", owner = "catalogue",
+      meaning = "cached catalogue answer of <path> (/api/tags, /v1/models, /api/ps)" },
+    { dict = "herd_affinity", key = "s:<md5>", owner = "affinity",
+      meaning = "instance key that served the conversation named by the session header last (affinity_ttl)" },
+    { dict = "herd_affinity", key = "p:<md5>", owner = "affinity",
+      meaning = "instance key that served the conversation with this model and prompt prefix last (affinity_ttl)" },
+}
+
+-- The dict of slots, queues, counters and catalogue.
+function _M.gateway()
+    return ngx.shared[_M.GATEWAY]
+end
+
+-- The dict of conversation affinity.
+function _M.affinity()
+    return ngx.shared[_M.AFFINITY]
+end
+
+return _M
