@@ -122,13 +122,26 @@ function _M.access(mode)
         if not entry.methods[ngx.req.get_method()] then
             return respond.answer(405, "method not allowed on " .. entry.path)
         end
-        if not within_limit(entry, tonumber(ngx.var.http_content_length or "")) then
+        local length = tonumber(ngx.var.http_content_length or "")
+        if not within_limit(entry, length) then
             return
+        end
+        -- The bodies held in memory at once, over every worker, stay within gateway_body_memory: a burst of large
+        -- bodies is answered busy instead of growing the workers.
+        if entry.model ~= "" and entry.model ~= "path"
+            and not body.hold(length or settings.cfg.body_max[entry.body] or 0, settings.cfg.body_memory) then
+            return respond.busy("server busy, please try again: the gateway holds too many large requests")
         end
         if entry.model ~= "" then
             pool = route(entry, path_model)
             if not pool then
                 return
+            end
+            if ngx.ctx.herd_body_held and ngx.ctx.herd_body_held > 1048576 then
+                -- The Lua copies of a large body (text, decoded document, rewritten text) are garbage now; free them
+                -- before the request waits in the queue or streams for minutes.
+                collectgarbage("collect")
+                ngx.ctx.herd_body_collected = true
             end
         end
     end
@@ -212,6 +225,7 @@ end
 -- log_by_lua (every request, every path): give the slot back; count a failure when the last attempt got
 -- no answer.
 function _M.log()
+    body.release()
     local key = ngx.var.herd_slot
     if key and key ~= "" then
         slots.give_back(key)

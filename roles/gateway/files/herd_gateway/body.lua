@@ -5,12 +5,14 @@
 -- regard to case, by Unicode simple folding; a member the gateway reads that appears twice, in any case, is
 -- refused) and rewrite (keep_alive in any case dropped under client_keep_alive ignore; on native endpoints
 -- `options` rebuilt from the client's allowed options plus gateway_model_options, which win; every other member
--- byte for byte).
--- Shared-dict keys: none.
+-- byte for byte), hold/release (the budget of request bodies held in memory at once, over every worker).
+-- Shared-dict keys (herd_gateway):
+--   b:held   incr: bytes of request bodies held now (reserved before a body is read, given back in the log phase)
 --
 -- Why refuse rather than normalise a duplicate: Ollama takes the last of `{"model":"m1","MODEL":"m2"}`, a
 -- reader taking the first routes to the wrong pool, and no client sends such a body by mistake.
 local cjson = require("cjson.safe")
+local keys = require("herd_gateway.keys")
 
 local _M = {}
 
@@ -162,7 +164,7 @@ function _M.rewrite(view, how)
         local forced = how.forced or {}
         local parts = {}
         for _, m in ipairs(how.options or {}) do
-            if how.allowed[m.key] and forced[m.key] == nil then
+            if (how.allowed or {})[m.key] and forced[m.key] == nil then
                 parts[#parts + 1] = cjson.encode(m.key) .. ":" .. m.raw
             end
         end
@@ -176,22 +178,65 @@ function _M.rewrite(view, how)
         end
         return "{" .. table.concat(parts, ",") .. "}"
     end
-    local out = {}
+    -- Pieces joined once (a large member is copied once, not once per concatenation).
+    local out = { "{" }
     local options_done = false
+    local function add(name_json, raw)
+        if #out > 1 then
+            out[#out + 1] = ","
+        end
+        out[#out + 1] = name_json
+        out[#out + 1] = ":"
+        out[#out + 1] = raw
+    end
     for _, m in ipairs(view.members) do
         if m.folded == "keep_alive" and keep_alive then -- luacheck: ignore 542
             -- dropped: the instance keeps the model as herd configured it
         elseif m.folded == "options" and options then
-            out[#out + 1] = '"options":' .. options_text()
+            add('"options"', options_text())
             options_done = true
         else
-            out[#out + 1] = cjson.encode(m.key) .. ":" .. m.raw
+            add(cjson.encode(m.key), m.raw)
         end
     end
     if options and not options_done then
-        out[#out + 1] = '"options":' .. options_text()
+        add('"options"', options_text())
     end
-    return "{" .. table.concat(out, ",") .. "}"
+    out[#out + 1] = "}"
+    return table.concat(out)
+end
+
+-- Reserve `bytes` of the body budget `limit` before a body is read (the Content-Length, or the endpoint's limit
+-- for a chunked body). Returns true when the bodies held by every worker stay within the budget; the reservation
+-- is recorded in ngx.ctx and given back by release() (log phase, every request).
+function _M.hold(bytes, limit)
+    if not limit or bytes <= 0 then
+        return true
+    end
+    local d = keys.gateway()
+    local held = d:incr("b:held", bytes, 0)
+    if held and held > limit then
+        d:incr("b:held", -bytes, 0)
+        return false
+    end
+    ngx.ctx.herd_body_held = bytes
+    return true
+end
+
+-- Give the reservation back (log phase, every request). After a large body that was refused, free its Lua copies
+-- now (the parse of one body costs the worker about 9x its size while it runs; see docs/gateway.md).
+function _M.release()
+    local bytes = ngx.ctx.herd_body_held
+    if bytes then
+        ngx.ctx.herd_body_held = nil
+        local held = keys.gateway():incr("b:held", -bytes, 0)
+        if held and held < 0 then
+            keys.gateway():incr("b:held", -held, 0)
+        end
+        if bytes > 1048576 and not ngx.ctx.herd_body_collected then
+            collectgarbage("collect")
+        end
+    end
 end
 
 -- The request body (read once; from its temp file when it was larger than client_body_buffer_size), or nil.

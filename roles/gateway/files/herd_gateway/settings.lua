@@ -14,7 +14,7 @@ local _M = {}
 
 -- The configuration in use (nil until configure): settings, servers, by_key, by_endpoint, pools, pool_names,
 -- model_options, client_options (pool -> set of option names clients may set), endpoints (the index),
--- body_max (limit class -> bytes), expose_upstream.
+-- body_max (limit class -> bytes), body_memory (bytes of bodies held at once), expose_upstream.
 _M.cfg = nil
 
 local function seconds(value, default)
@@ -95,6 +95,7 @@ function _M.build(settings, servers_record, drained, resolver)
         endpoints = endpoints.index(settings.endpoints),
         body_max = {},
         expose_upstream = settings.expose_upstream == true,
+        body_memory = settings.body_memory and _M.bytes(settings.body_memory) or nil,
     }
     for class, size in pairs(settings.body_max or {}) do
         c.body_max[class] = _M.bytes(size)
