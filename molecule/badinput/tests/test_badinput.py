@@ -86,6 +86,8 @@ CASES = [
      ["gateway_body_max_inference='0' is not a positive nginx size", "Fix:"]),
     ("body_limit_above_inference", {"gateway_body_max_embedding": "32m"},
      ["gateway_body_max_embedding", "gateway_body_max_inference", "Fix:"]),
+    ("body_memory_below_inference", {"gateway_body_memory": "8m"},
+     ["must not exceed gateway_body_memory (8m)", "Fix:"]),
     ("client_option_unknown", {"gateway_client_options": {"*": ["num_ctxx"]}},
      ["gateway_client_options['*']", "'num_ctxx' not an Ollama option", "Fix:"]),
     ("limit_conn_negative", {"gateway_limit_conn": -1}, ["gateway_limit_conn", "0 or more"]),
