@@ -441,7 +441,7 @@ def test_hostile_requests_reach_no_instance_and_normal_traffic_keeps_its_ttft(gw
     # Normal traffic keeps its first-token time while 4 clients send 1 MiB pathological names (10 each).
     baseline = _ttft(gw, 5)
     gw.check_output("rm -f /tmp/h26-load.*; for c in 1 2 3 4; do (for i in $(seq 1 10); do "
-                    + _curl("POST", "/api/generate", "@/tmp/h26-name.json") + "; echo; done > /tmp/h26-load.$c &) ; done")
+                    + _curl("POST", "/api/generate", "@/tmp/h26-name.json") + "; echo; done > /tmp/h26-load.$c 2>&1 < /dev/null &) ; done")
     under = _ttft(gw, 5)
     assert wait_files(gw, "/tmp/h26-load.*", 4)
     deadline = time.monotonic() + 60
