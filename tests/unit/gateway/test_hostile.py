@@ -258,6 +258,9 @@ def test_measured_cases_of_the_issue(stack):
     # model and MODEL: refused (Ollama would run the last one).
     status, answer = send(port, "POST", "/api/generate", '{"model":"m1","MODEL":"m2"}')
     assert status == 400 and b"model" in answer
+    # Not JSON, or not an object: 400 (never 500).
+    for text in ('{"model":"m1"', '{"mod\\', '["m1"]', '"m1"', '{"model":"m1"} x', '{"a":1,}'):
+        assert send(port, "POST", "/api/generate", text)[0] == 400, text
     # A lone MODEL names the pool Ollama will run.
     count = len(b.requests)
     status, _ = send(port, "POST", "/api/chat", '{"MODEL":"m2","messages":[]}')

@@ -104,8 +104,9 @@ end
 -- The request as Ollama reads it. `text` is the body, `doc` its cjson decoding (a table). Returns a view
 -- {members, by = {field -> member}, value = function(field)} or nil and the message of a 400.
 function _M.view(text, doc)
-    local members = _M.object_members(text)
-    if type(doc) ~= "table" or not members then
+    -- The scanner reads only text cjson accepted.
+    local members = type(doc) == "table" and _M.object_members(text) or nil
+    if not members then
         return nil, "the request body must be a JSON object naming a model"
     end
     local by = {}
