@@ -71,14 +71,14 @@ end
 -- the gateway would answer 404 for it): of the instances' entries for one model, the smallest canonical text
 -- (the same answer whichever instance answered first), in name order.
 local function merge_unique(results, list_field, name_of)
-    local best, order = {}, {}
+    local best, found = {}, {}
     for _, r in ipairs(results) do
         for _, m in ipairs(type(r.doc[list_field]) == "table" and r.doc[list_field] or {}) do
             local key = type(m) == "table" and names.model_key(name_of(m))
             if key and settings.cfg.pools[key] then
                 local text = respond.canonical(m)
                 if not best[key] then
-                    order[#order + 1] = key
+                    found[#found + 1] = key
                     best[key] = text
                 elseif text < best[key] then
                     best[key] = text
@@ -86,9 +86,9 @@ local function merge_unique(results, list_field, name_of)
             end
         end
     end
-    table.sort(order)
+    table.sort(found)
     local items = {}
-    for index, key in ipairs(order) do
+    for index, key in ipairs(found) do
         items[index] = best[key]
     end
     return items
