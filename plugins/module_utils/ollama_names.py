@@ -26,6 +26,12 @@ DEFAULT_NAMESPACE = "library"
 DEFAULT_TAG = "latest"
 VALID_KINDS = ("skill", "agent", "mcp")
 MISSING_PART = "!MISSING!"
+# Longest name (UTF-8 bytes) looked at: the longest valid name (host 350, namespace, kind, model and tag 80 each,
+# separators) plus room for a scheme and blanks. Longer is invalid before any parsing, so a hostile name costs
+# nothing; the gateway's Lua port (roles/gateway/files/herd_gateway/names.lua) applies the same cap.
+MAX_NAME_BYTES = 1024
+# Blanks trimmed around a name: ASCII only (the gateway's port works on bytes).
+BLANKS = " \t\n\r\f\v"
 
 
 def _cut_promised(s, sep):
@@ -74,7 +80,9 @@ def parse_name(s):
     """
     if not isinstance(s, str):
         raise ValueError(f"model name must be a string, got {s!r}")
-    rest = s.strip()
+    if len(s.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise ValueError(f"invalid model name {s[:40]!r}...: longer than {MAX_NAME_BYTES} bytes")
+    rest = s.strip(BLANKS)
     n = {"host": "", "namespace": "", "kind": "", "model": "", "tag": ""}
     if rest.rfind(":") > rest.rfind("/"):
         rest, n["tag"], _ = _cut_promised(rest, ":")

@@ -33,7 +33,7 @@ dirs=""; for d in /etc /usr/local /opt /var/lib/herd; do [ -e "$d" ] && dirs="$d
 find $dirs -xdev -printf '%p %y %m %u %g %s %l\n' | LC_ALL=C sort
 find $dirs -xdev -type f -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum
 """
-KEY_A = "herd-test-key-AAAAAAAAAAAAAAAA"
+KEY_A = "herd-test-key-AAAAAAAAAAAAAAAA-0123456789"
 # A case whose extra vars hold PEER adds a second GPU host, herd-mol-bad-peer, to the inventory (groups lab and
 # ollama_hosts, not gateways), with those host vars: another inventory name for the same container, so the
 # gateway herd-mol-bad sees it as a remote backend and the snapshot covers both hosts.
@@ -77,7 +77,20 @@ CASES = [
      ["gateway_http_enabled / gateway_tls_enabled", "distinct ports"]),
     ("duplicate_api_key_names", {"gateway_api_keys": [{"name": "team-a", "key": KEY_A}, {"name": "team-a", "key": KEY_A + "B"}]},
      ["gateway_api_keys", "'team-a' is used twice"]),
-    ("api_key_too_short", {"gateway_api_keys": ["herd-short"]}, ["gateway_api_keys", "16-256 characters"]),
+    ("api_key_too_short", {"gateway_api_keys": ["herd-short"]}, ["gateway_api_keys", "32-256 characters",
+                                                                  "gateway_api_key_min_length"]),
+    ("api_key_too_weak", {"gateway_api_keys": ["ab" * 20]}, ["gateway_api_keys", "fewer than 10 distinct", "Fix:"]),
+    ("api_key_min_length_low", {"gateway_api_keys": [KEY_A], "gateway_api_key_min_length": 8},
+     ["gateway_api_key_min_length=8 is below 16", "Fix:"]),
+    ("body_limit_zero", {"gateway_body_max_inference": "0"},
+     ["gateway_body_max_inference=", "is not a positive nginx size", "Fix:"]),
+    ("body_limit_above_inference", {"gateway_body_max_embedding": "32m"},
+     ["gateway_body_max_embedding", "gateway_body_max_inference", "Fix:"]),
+    ("body_memory_below_inference", {"gateway_body_memory": "8m"},
+     ["must not exceed gateway_body_memory (8m)", "Fix:"]),
+    ("client_option_unknown", {"gateway_client_options": {"*": ["num_ctxx"]}},
+     ["gateway_client_options[", "num_ctxx", "not an Ollama option", "Fix:"]),
+    ("limit_conn_negative", {"gateway_limit_conn": -1}, ["gateway_limit_conn", "0 or more"]),
     ("unknown_mode", {"ollama_mode": "kubernetes"}, ["ollama_mode", "systemd"]),
     ("container_bad_volume", {"ollama_mode": "container", "ollama_container_volumes": ["relative:/x"]},
      ["ollama_container_volumes entries must be", "relative:/x"]),

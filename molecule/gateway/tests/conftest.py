@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import testinfra
 
-KEY = "h4-lab-key-team-a-0123456789"
+KEY = "h4-lab-key-team-a-0123456789abcdef"
 GW = "http://127.0.0.1"
 SCENARIO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROJECT = os.path.dirname(os.path.dirname(SCENARIO))

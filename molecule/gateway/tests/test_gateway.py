@@ -66,7 +66,7 @@ def test_nginx_runs_with_lua_and_config_is_valid(gw):
     assert "ngx_http_lua_module.so" in full and "balancer_by_lua_block" in full
     conf = gw.file("/etc/nginx/conf.d/herd-gateway.conf")
     assert conf.mode == 0o644 and conf.user == "root"
-    assert gw.file("/etc/nginx/herd/gateway-keys.conf").mode == 0o600
+    assert gw.file("/etc/nginx/herd/gateway-keys.json").mode == 0o600
     # The entry module and every module of the role, byte for byte (teardown removes the directory).
     role_files = os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "roles", "gateway", "files")
     modules = ["herd_gateway.lua"] + sorted(f"herd_gateway/{name}" for name in
@@ -162,8 +162,9 @@ def test_200_mixed_requests_each_reach_an_instance_of_its_model(gw):
 
 def test_client_keep_alive_zero_leaves_models_loaded(gw):
     for model in (TINY, SMALL):
-        for _ in range(3):
-            reply = call(gw, "POST", GW + "/api/generate", key=KEY, body={"model": model, "keep_alive": 0})
+        # In any case: Ollama reads member names without regard to case.
+        for member in ("keep_alive", "Keep_Alive", "KEEP_ALIVE"):
+            reply = call(gw, "POST", GW + "/api/generate", key=KEY, body={"model": model, member: 0})
             assert reply["status"] == 200, reply
             assert json.loads(reply["body"]).get("done_reason") != "unload", reply
     ip = upstreams_of(gw)
@@ -393,3 +394,83 @@ def test_conversation_stays_on_its_instance_while_it_has_a_free_slot(gw):
     assert after["affinity_new"] - before["affinity_new"] == 1, after
     assert after["affinity_misses"] - before["affinity_misses"] == 1, after
     assert after["affinity_hits"] - before["affinity_hits"] == 2 + max_conns[home] + 1, after
+
+
+# Hostile and odd requests (issue 26): answered by the gateway itself, none reaches an instance.
+HOSTILE = [
+    ("POST", "/API/pull", '{"model":"herd-tiny:1b"}', 404), ("POST", "/api/Pull", '{"model":"herd-tiny:1b"}', 404),
+    ("POST", "/api/signout", "{}", 404), ("POST", "/api/me", "{}", 404), ("GET", "/api/admin", None, 404),
+    ("GET", "/debug/pprof/", None, 404), ("DELETE", "/api/user/keys/x", None, 404), ("GET", "/api/status", None, 404),
+    ("GET", "/api/generate", None, 405), ("PUT", "/api/chat", "{}", 405),
+    ("POST", "/api/generate", '{"model":"herd-tiny:1b","MODEL":"herd-small:7b","prompt":"x"}', 400),
+    ("POST", "/api/generate", '{"model":"herd-small:7b","options":{"num_ctx":1},"OPTIONS":{"num_ctx":131072}}', 400),
+    ("POST", "/api/chat", '{"model":"herd-tiny:1b","Keep_Alive":0,"keep_alive":0,"messages":[]}', 400),
+    ("POST", "/api/generate", "@/tmp/h26-name.json", 404), ("POST", "/api/show", "@/tmp/h26-show.json", 413),
+]
+BIG_NAME = ("python3 -c 'import json; print(json.dumps({\"model\": \"a\" + \" \" * 1048576 + \"b\", \"prompt\": \"x\"}))'"
+            " > /tmp/h26-name.json; python3 -c 'import json; print(json.dumps({\"model\": \"x\" * 204800}))'"
+            " > /tmp/h26-show.json")
+
+
+def _curl(method, path, body, key=KEY):
+    data = ""
+    if body is not None:
+        data = f"--data-binary {body}" if body.startswith("@") else f"--data-binary '{body}'"
+    return (f"curl -s -o /dev/null -w '%{{http_code}}' -X {method} -H 'Authorization: Bearer {key}' {data} "
+            f"'{GW}{path}'")
+
+
+def _ttft(gw, count):
+    firsts = []
+    for _ in range(count):
+        result = stream(gw, tokens=1)
+        assert result["status"] == 200 and result["chunk_times"], result
+        firsts.append(result["chunk_times"][0])
+    return statistics.median(firsts)
+
+
+def test_hostile_requests_reach_no_instance_and_normal_traffic_keeps_its_ttft(gw):
+    wait_idle(gw)
+    gw.check_output(BIG_NAME)
+    before = len(access_log(gw))
+    for method, path, body, status in HOSTILE:
+        assert gw.check_output(_curl(method, path, body)) == str(status), (method, path, body)
+    entries = access_log(gw)[before:]
+    assert [int(e["status"]) for e in entries] == [h[3] for h in HOSTILE], entries
+    assert all(e["upstream"] == "" for e in entries), [e for e in entries if e["upstream"]]
+    # Normal traffic keeps its first-token time while 4 clients send 1 MiB pathological names (10 each).
+    baseline = _ttft(gw, 5)
+    gw.check_output("rm -f /tmp/h26-load.*; for c in 1 2 3 4; do (for i in $(seq 1 10); do "
+                    + _curl("POST", "/api/generate", "@/tmp/h26-name.json") + "; echo; done > /tmp/h26-load.$c 2>&1 < /dev/null &) ; done")
+    under = _ttft(gw, 5)
+    assert wait_files(gw, "/tmp/h26-load.*", 4)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and gw.run("cat /tmp/h26-load.* | grep -c 404").stdout.strip() != "40":
+        time.sleep(0.5)
+    assert gw.run("cat /tmp/h26-load.* | grep -c 404").stdout.strip() == "40"
+    _measured(f"TTFT p50 {baseline * 1000:.0f} ms alone, {under * 1000:.0f} ms while 4 clients send 1 MiB "
+              "pathological names (40 answered 404 by the gateway, none reached an instance)")
+    assert under <= max(2 * baseline, baseline + 0.25), (baseline, under)
+    wait_idle(gw)
+
+
+def test_catalogue_lists_only_the_plans_models_and_each_answers(gw):
+    """An instance that still holds a model no pool serves (left on disk by an earlier deploy): the catalogue leaves
+    it out, and every model it lists answers 200."""
+    ip = gw.check_output("getent ahostsv4 h4-gpu1 | awk 'NR==1{print $1}'")
+    direct = f"http://{ip}:11436"
+    gw.check_output(f"curl -sf -X POST {direct}/api/copy -d '{{\"source\":\"{SMALL}\",\"destination\":\"herd-stale:1b\"}}'")
+    try:
+        on_disk = [m["name"] for m in json.loads(gw.check_output(f"curl -sf {direct}/api/tags"))["models"]]
+        assert "herd-stale:1b" in on_disk, on_disk
+        time.sleep(2.5)  # the catalogue cache (2 s)
+        listed = [m["name"] for m in json.loads(call(gw, "GET", GW + "/api/tags", key=KEY)["body"])["models"]]
+        assert sorted(listed) == [SMALL, TINY], listed
+        for name in listed:
+            assert call(gw, "POST", GW + "/api/show", key=KEY, body={"model": name})["status"] == 200, name
+            reply = call(gw, "POST", GW + "/api/generate", key=KEY,
+                         body={"model": name, "prompt": "hi", "stream": False, "options": {"num_predict": 1}})
+            assert reply["status"] == 200, (name, reply)
+        assert call(gw, "POST", GW + "/api/generate", key=KEY, body={"model": "herd-stale:1b"})["status"] == 404
+    finally:
+        gw.run(f"curl -s -X DELETE {direct}/api/delete -d '{{\"model\":\"herd-stale:1b\"}}'")

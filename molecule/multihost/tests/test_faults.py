@@ -200,7 +200,7 @@ def test_api_key_is_never_printed_and_secret_files_are_private():
                             "-e", json.dumps({"gateway_api_keys": [{"name": "faults", "key": KEY}]}))
         assert rc == 0, out[-3000:]
         assert KEY not in out, "the API key appears in ansible-playbook -v --diff output"
-        mode = _sh(GW, "stat -c '%a %U %G' /etc/nginx/herd/gateway-keys.conf").stdout.split()
+        mode = _sh(GW, "stat -c '%a %U %G' /etc/nginx/herd/gateway-keys.json").stdout.split()
         assert mode == ["600", "root", "root"], mode
         gen = f"""-d '{{"model":"{MODEL}","prompt":"hi","stream":false,"options":{{"num_predict":2}}}}'"""
         code = "curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1/api/generate "
@@ -210,7 +210,7 @@ def test_api_key_is_never_printed_and_secret_files_are_private():
     finally:
         rc, out = _playbook(f"{PROJECT}/site.yml", "--tags", "gateway")
         assert rc == 0, out[-3000:]
-    assert _sh(GW, "test -e /etc/nginx/herd/gateway-keys.conf").returncode != 0
+    assert _sh(GW, "test -e /etc/nginx/herd/gateway-keys.json").returncode != 0
     for host in (GPU1, GPU2):
         for f in ("0.env", "1.env", "store.env"):
             st = _sh(host, f"stat -c '%a %U %G' /etc/herd/ollama/{f}").stdout.split()

@@ -3,15 +3,16 @@
 -- The entry points role gateway's nginx configuration calls (init_by_lua, access, balancer, header filter, log,
 -- content of /herd/pools and of the catalogue paths); the work is done by the modules under herd_gateway/:
 --   keys        the shared dicts and the one list of every key shape they hold (KEYS)
---   names       model_key: Ollama's model-name rule (the pool of a request)
---   endpoints   which paths name a model (MODEL_PATHS) or carry a conversation (AFFINITY_PATHS); ANY
+--   names       model_key: Ollama's model-name rule (the pool of a request), a port of ollama_names.py
+--   endpoints   the endpoint table's index (find: which paths are forwarded, how), AFFINITY_PATHS, ANY
+--   apikeys     the API key record and the key name of a request (set_by_lua of $herd_key_name)
 --   settings    init/build/configure: settings, servers.json, drained.json, DNS -> settings.cfg
 --   slots       i:, f:, r:, p:, d: keys: a slot per request on an instance, failures, least-loaded candidates,
 --               progress (last upstream byte), the runtime drained flags
 --   queue       q: keys: the FIFO of every pool, admit, on_abort
 --   stats       s: keys: counters and the wait histogram of /herd/pools
 --   affinity    herd_affinity: conversation key -> instance
---   body        read_body, the JSON member scanner, rewrite_body (keep_alive, forced options)
+--   body        read_body, the JSON member scanner, view (members as Ollama reads them), rewrite
 --   respond     canonical JSON, error and busy answers
 --   catalogue   c: keys: /api/tags, /v1/models, /api/ps merged over every live instance
 --   status      /herd/pools, and /herd/admin/drained (the drain command's loopback admin location)
@@ -37,9 +38,10 @@ local _M = {}
 
 local ANY = endpoints.ANY
 
--- init_by_lua: the settings role gateway renders (JSON text); the drained record becomes the shared flags.
-function _M.init(settings_json)
-    settings.init(settings_json)
+-- init_by_lua: the settings role gateway renders (JSON text) and its endpoint table (one JSON text per endpoint);
+-- the drained record becomes the shared flags.
+function _M.init(settings_json, endpoint_jsons)
+    settings.init(settings_json, endpoint_jsons)
     local doc = cjson.decode(settings_json)
     status.configure_admin(doc.drained_file, doc.drain)
     local targets = status.drained_targets()
@@ -48,40 +50,111 @@ function _M.init(settings_json)
     end
 end
 
--- access_by_lua of the proxied locations. `mode`: "route" (model endpoints and the rest) or "any".
-function _M.access(mode)
-    slots.sync_drained()
+-- The body limit of an endpoint, checked on Content-Length before anything is read (and on the length read, for a
+-- chunked body). Returns true, or answers 413 itself.
+local function within_limit(entry, length)
+    local limit = settings.cfg.body_max[entry.body]
+    if limit and length and length > limit then
+        respond.answer(413, "request body too large: " .. entry.path .. " takes at most " .. limit .. " bytes")
+        return false
+    end
+    return true
+end
+
+-- The pool of a request for an endpoint that names a model, read as Ollama will read it (body.view); the body is
+-- rewritten when herd changes it. Returns the pool, or answers 400/404/413 itself (and returns nil).
+local function route(entry, path_model)
     local cfg = settings.cfg
-    local kind = mode == "route" and endpoints.MODEL_PATHS[ngx.var.uri] or nil
-    local pool = ANY
     local ctx = ngx.ctx
-    if kind and ngx.req.get_method() == "POST" then
+    local name, view
+    if entry.model == "path" then
+        name = path_model
+    else
         local text = body.read_body()
-        local doc = text and cjson.decode(text)
-        if type(doc) ~= "table" then
+        if not text then
             return respond.answer(400, "the request body must be a JSON object naming a model")
         end
-        local name = doc.model
-        if (name == nil or name == "") and kind == "show" then
-            name = doc.name
+        if not within_limit(entry, #text) then
+            return nil
         end
-        if type(name) ~= "string" or name == "" then
-            return respond.answer(400, "model is required")
+        local err
+        view, err = body.view(text, cjson.decode(text))
+        if not view then
+            return respond.answer(400, err)
         end
-        local model = names.model_key(name)
-        if not model or not cfg.pools[model] then
-            return respond.answer(404, 'model "' .. name .. '" not found, try pulling it first')
+        name = view.value("model")
+        if (name == nil or name == "") and entry.model == "model|name" then
+            name = view.value("name")
         end
-        pool = model
-        if cfg.affinity then
-            local key = affinity.key(model, ngx.var.uri, doc, ngx.var[affinity.HEADER])
+    end
+    if type(name) ~= "string" or name == "" then
+        return respond.answer(400, "model is required")
+    end
+    local model = names.model_key(name)
+    if not model or not cfg.pools[model] then
+        return respond.answer(404, 'model "' .. names.short_for_error(name) .. '" not found, try pulling it first')
+    end
+    if view then
+        local options, err
+        if entry.kind == "native" then
+            options, err = body.options_members(view)
+            if not options then
+                return respond.answer(400, err)
+            end
+        end
+        if cfg.affinity and entry.affinity then
+            local doc = { messages = view.value("messages"), prompt = view.value("prompt"), system = view.value("system") }
+            local key = affinity.key(model, entry.path, doc, ngx.var[affinity.HEADER], ngx.var.herd_key_name)
             if key then
                 ctx.herd_affinity = { key = key, preferred = affinity.lookup(key) }
             end
         end
-        local new_body = body.rewrite_body(text, doc, kind, cfg.model_options[model])
+        local new_body = body.rewrite(view, {
+            drop_keep_alive = cfg.client_keep_alive == "ignore", native = entry.kind == "native",
+            allowed = cfg.client_options[model], forced = cfg.model_options[model], options = options,
+        })
         if new_body then
             ngx.req.set_body_data(new_body)
+        end
+    end
+    return model
+end
+
+-- access_by_lua of the proxied locations. `mode`: "route" (the endpoints of the table: every other path answers
+-- 404, another method 405, without touching an instance) or "any" (model management, when it is allowed).
+function _M.access(mode)
+    slots.sync_drained()
+    local pool = ANY
+    local ctx = ngx.ctx
+    if mode == "route" then
+        local entry, path_model = endpoints.find(settings.cfg.endpoints, ngx.var.uri)
+        if not entry or entry.kind == "catalogue" then
+            return respond.answer(404, "this path is not served by the herd gateway")
+        end
+        if not entry.methods[ngx.req.get_method()] then
+            return respond.answer(405, "method not allowed on " .. entry.path)
+        end
+        local length = tonumber(ngx.var.http_content_length or "")
+        if not within_limit(entry, length) then
+            return
+        end
+        -- The bodies held in memory at once, over every worker, stay within gateway_body_memory: a burst of large
+        -- bodies is answered busy instead of growing the workers.
+        if entry.model ~= "" and entry.model ~= "path"
+            and not body.hold(length or settings.cfg.body_max[entry.body] or 0, settings.cfg.body_memory) then
+            return respond.busy("server busy, please try again: the gateway holds too many large requests")
+        end
+        if entry.model ~= "" then
+            pool = route(entry, path_model)
+            if not pool then
+                return
+            end
+            if ngx.ctx.herd_body_held and ngx.ctx.herd_body_held > 1048576 then
+                -- The Lua copies of a large body (text, decoded document, rewritten text) are garbage now; free them
+                -- before the request waits in the queue or streams for minutes.
+                collectgarbage("collect")
+                ngx.ctx.herd_body_collected = true
+            end
         end
     end
     ngx.var.herd_pool = pool
@@ -172,6 +245,7 @@ end
 -- log_by_lua (every request, every path): give the slot back; count a failure when the last attempt got
 -- no answer.
 function _M.log()
+    body.release()
     local key = ngx.var.herd_slot
     if key and key ~= "" then
         slots.give_back(key)

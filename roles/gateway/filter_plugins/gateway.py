@@ -4,8 +4,12 @@ Every decision about the upstream (address, max_conns, weight, backup, down) is 
 template only renders the list. The functions are plain and unit-tested in tests/unit/gateway/.
 """
 
+import hashlib
+import importlib.util
 import ipaddress
+import os
 import re
+import sys
 
 try:
     from ansible.errors import AnsibleFilterError
@@ -40,41 +44,47 @@ def _host_vars(hostvars, host):
         return {}
 
 
-REGISTRY = "registry.ollama.ai"
-NAMESPACE = "library"
 KEEP_ALIVE_MODES = ("ignore", "pass")
 
 
-def gateway_model_key(name):
-    """Ollama's model name rule: [host/][namespace/]model[:tag][@digest] with defaults registry.ollama.ai,
-    library and latest, compared without regard to case. Returns the short name Ollama shows (`x:latest`,
-    `ns/x:tag`, `host/ns/x:tag`) in lower case, or None for an empty or malformed name.
+def _load_names():
+    """plugins/module_utils/ollama_names.py, the one home of the model name rule, loaded from the file (as
+    plugins/filter/ollama_plan.py does: Ansible puts module_utils on the path of modules only): found from this
+    file's real place (roles/gateway/filter_plugins/, or plugins/filter/ which links here) in a checkout or the
+    installed collection, else through the collection (a copy of the role alone, as the benchmark renders it)."""
+    loaded = sys.modules.get("herd_gateway_ollama_names")
+    if loaded is not None:
+        return loaded
+    here = os.path.dirname(os.path.realpath(__file__))
+    for path in (os.path.join(here, "..", "..", "..", "plugins", "module_utils", "ollama_names.py"),
+                 os.path.join(here, "..", "module_utils", "ollama_names.py")):
+        if os.path.isfile(path):
+            spec = importlib.util.spec_from_file_location("herd_gateway_ollama_names", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            sys.modules["herd_gateway_ollama_names"] = module
+            return module
+    from ansible_collections.herd.herd.plugins.module_utils import ollama_names as module  # noqa: PLC0415
 
-    The gateway's Lua (files/herd_gateway/names.lua, model_key) applies the same rule to request names; both
-    are tested on one case table (tests/unit/gateway/model_names.json).
+    return module
+
+
+ollama_names = _load_names()
+
+
+def gateway_model_key(name):
+    """The pool a model name belongs to: Ollama's name rule (plugins/module_utils/ollama_names.py, the one source),
+    shortest form (`x:latest`, `ns/x:tag`, `host:port/ns/x:tag`) in lower case, as Ollama compares names without
+    regard to case; None for a name Ollama would refuse (bad characters, a part too long, more than
+    ollama_names.MAX_NAME_BYTES bytes).
+
+    The gateway's Lua port (files/herd_gateway/names.lua) is tested against cases generated from this function
+    (tests/unit/gateway/test_names.py).
     """
-    if not isinstance(name, str):
+    try:
+        return ollama_names.short_name(name).lower()
+    except ValueError:
         return None
-    name = name.strip().lower().split("@", 1)[0]
-    if not name:
-        return None
-    tag = "latest"
-    head, sep, tail = name.rpartition(":")
-    if sep and "/" not in tail:
-        name, tag = head, tail
-    parts = name.split("/")
-    host, namespace, model = REGISTRY, NAMESPACE, parts[-1]
-    if len(parts) == 2:
-        namespace = parts[0]
-    elif len(parts) >= 3:
-        host, namespace = "/".join(parts[:-2]), parts[-2]
-    if not model or not tag or not namespace or not host:
-        return None
-    if host == REGISTRY and namespace == NAMESPACE:
-        return f"{model}:{tag}"
-    if host == REGISTRY:
-        return f"{namespace}/{model}:{tag}"
-    return f"{host}/{namespace}/{model}:{tag}"
 
 
 def gateway_pools(servers):
@@ -99,8 +109,16 @@ def gateway_instance_limits(servers, pools=None):
     return {s["key"]: int(s["max_conns"]) for s in servers or [] if s["key"] in members}
 
 
+# Ollama's options (api/types.go): per-request sampling and load-time (Runner) ones.
+OLLAMA_OPTIONS = (
+    "num_keep", "seed", "num_predict", "top_k", "top_p", "min_p", "typical_p", "repeat_last_n", "temperature",
+    "repeat_penalty", "presence_penalty", "frequency_penalty", "stop",
+    "num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "num_thread", "draft_num_predict",
+)
+
+
 def gateway_routing_errors(backend_hosts, hostvars, model_options=None, client_keep_alive="ignore",
-                           queue_max=64, queue_timeout="120s"):
+                           queue_max=64, queue_timeout="120s", client_options=None):
     """Messages for bad routing settings, each naming the variable and the fix. Models are those the instance
     plans (hostvars[h].ollama_instances[*].models) of the backend hosts hold; hosts without a plan in this run
     are not checked against."""
@@ -117,6 +135,21 @@ def gateway_routing_errors(backend_hosts, hostvars, model_options=None, client_k
         errors.append(f"gateway_queue_max={queue_max!r} must be a whole number, 0 or more. Fix: e.g. 64 (0 = no queue)")
     if not DURATION_RE.match(str(queue_timeout)):
         errors.append(f"gateway_queue_timeout={queue_timeout!r} is not an nginx time such as 600s, 10m or 500ms")
+    client_options = {} if client_options is None else client_options
+    if not isinstance(client_options, dict):
+        errors.append("gateway_client_options must be a mapping of model name (or '*') to a list of option names. "
+                      "Fix: e.g. {'qwen2.5:7b': ['num_ctx']}")
+        client_options = {}
+    for model, names in client_options.items():
+        if model != "*" and gateway_model_key(model) is None:
+            errors.append(f"gateway_client_options: {model!r} is not a model name. Fix: write NAME:TAG or '*'")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            errors.append(f"gateway_client_options[{model!r}] must be a list of Ollama option names, e.g. [num_ctx]")
+            continue
+        unknown = [n for n in names if n not in OLLAMA_OPTIONS]
+        if unknown:
+            errors.append(f"gateway_client_options[{model!r}]: {', '.join(map(repr, unknown))} not an Ollama option. "
+                          f"Fix: use names of {', '.join(OLLAMA_OPTIONS)}")
     if not isinstance(model_options, dict):
         errors.append("gateway_model_options must be a mapping of model name to options. Fix: e.g. "
                       "{'qwen2.5:7b': {'num_ctx': 8192}}")
@@ -375,10 +408,30 @@ def gateway_cidr_errors(cidrs, variable="gateway_allow"):
     return errors
 
 
-def gateway_api_keys(keys):
-    """Normalise gateway_api_keys (strings or {name, key}) to a list of {name, key}; errors raise."""
+KEY_DIGEST_PREFIX = "herd-gateway-key:"
+KEY_MIN_DISTINCT = 10
+
+
+def gateway_key_digest(key):
+    """The digest the gateway's Lua compares a presented key by (sha1 of KEY_DIGEST_PREFIX + key, hex)."""
+    return hashlib.sha1((KEY_DIGEST_PREFIX + str(key)).encode("utf-8")).hexdigest()
+
+
+def gateway_api_keys(keys, min_length=32):
+    """Normalise gateway_api_keys (strings or {name, key}) to a list of {name, key, digest}; errors raise.
+
+    A key must be min_length (gateway_api_key_min_length) to 256 characters of A-Z a-z 0-9 . _ ~ + / = - with at
+    least KEY_MIN_DISTINCT distinct characters (refuses "aaaa..." and short repeats). The key itself is never
+    echoed in a message."""
     result = []
     names = set()
+    try:
+        min_length = int(min_length)
+    except (TypeError, ValueError):
+        raise AnsibleFilterError(f"gateway_api_key_min_length={min_length!r} must be a whole number, e.g. 32") from None
+    if min_length < 16:
+        raise AnsibleFilterError(f"gateway_api_key_min_length={min_length} is below 16. Fix: 32 or more "
+                                 "(e.g. `openssl rand -base64 32`)")
     for index, entry in enumerate(keys or []):
         if isinstance(entry, str):
             name, key = f"key{index}", entry
@@ -387,16 +440,33 @@ def gateway_api_keys(keys):
         key = str(key)
         if not KEY_NAME_RE.match(name):
             raise AnsibleFilterError(f"gateway_api_keys: name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
-        if not KEY_RE.match(key):
-            # The key itself is never echoed.
+        if not KEY_RE.match(key) or len(key) < min_length:
             raise AnsibleFilterError(
-                f"gateway_api_keys: key of {name!r} must be 16-256 characters of A-Z a-z 0-9 . _ ~ + / = -"
+                f"gateway_api_keys: key of {name!r} must be {min_length}-256 characters of A-Z a-z 0-9 . _ ~ + / = - "
+                "(gateway_api_key_min_length). Fix: generate one with `openssl rand -base64 32`"
+            )
+        if len(set(key)) < KEY_MIN_DISTINCT:
+            raise AnsibleFilterError(
+                f"gateway_api_keys: key of {name!r} has fewer than {KEY_MIN_DISTINCT} distinct characters: too easy "
+                "to guess. Fix: generate one with `openssl rand -base64 32`"
             )
         if name in names:
             raise AnsibleFilterError(f"gateway_api_keys: name {name!r} is used twice")
         names.add(name)
-        result.append({"name": name, "key": key})
+        result.append({"name": name, "key": key, "digest": gateway_key_digest(key)})
     return result
+
+
+SIZE_RE = re.compile(r"^[1-9][0-9]*[kKmM]?$")
+
+
+def gateway_size_errors(values):
+    """Messages for body limits (dict name -> value) that are not a positive nginx size (0 would mean no limit)."""
+    return [
+        f"{name}={value!r} is not a positive nginx size. Fix: e.g. 16m or 64k (0 would lift the limit)"
+        for name, value in sorted((values or {}).items())
+        if not SIZE_RE.match(str(value))
+    ]
 
 
 def gateway_duration_errors(values):
@@ -420,6 +490,8 @@ class FilterModule:
             "gateway_cidr_errors": gateway_cidr_errors,
             "gateway_api_keys": gateway_api_keys,
             "gateway_duration_errors": gateway_duration_errors,
+            "gateway_size_errors": gateway_size_errors,
+            "gateway_key_digest": gateway_key_digest,
             "gateway_model_key": gateway_model_key,
             "gateway_pools": gateway_pools,
             "gateway_instance_limits": gateway_instance_limits,

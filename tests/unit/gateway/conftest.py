@@ -85,7 +85,9 @@ def run_lua(tmp_path, code, dicts=("herd_gateway",)):
     """Run Lua `code` (it answers with ngx.say) once inside a real nginx with the role's Lua modules on its path and
     the shared dicts `dicts` (1m each); returns the decoded JSON answer."""
     port = free_port()
-    (tmp_path / "test.lua").write_text(code)
+    # ENDPOINTS: the role's endpoint table (_gateway_endpoints), as init_by_lua gets it, for the code's build().
+    endpoints = json.dumps(role_vars()["_gateway_endpoints"])
+    (tmp_path / "test.lua").write_text(f'local ENDPOINTS = require("cjson.safe").decode([==[{endpoints}]==])\n' + code)
     zones = "".join(f"\n  lua_shared_dict {name} 1m;" for name in dicts)
     main = main_config(tmp_path, f"""
   lua_package_path "{LUA_DIR}/?.lua;;";{zones}

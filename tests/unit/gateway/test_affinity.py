@@ -14,7 +14,7 @@ local slots = require("herd_gateway.slots")
 local cjson = require("cjson.safe")
 local out = {}
 local record = cjson.decode(io.open(SERVERS_FILE):read("*a"))
-local cfg = settings.build({affinity = true, affinity_ttl = "60s"}, record, {"b:3"}, function(a) return "127.0.0.1" end)
+local cfg = settings.build({affinity = true, affinity_ttl = "60s", endpoints = ENDPOINTS}, record, {"b:3"}, function(a) return "127.0.0.1" end)
 settings.configure(cfg)
 local sys = {role = "system", content = "be brief"}
 local u1 = {role = "user", content = "plan a trip"}
@@ -33,6 +33,8 @@ out.key = {
     gen_short1 = k("/api/generate", {prompt = "hello"}), gen_short2 = k("/api/generate", {prompt = "hellp"}),
     no_messages = k("/api/chat", {messages = {}}), embed = k("/api/embed", {input = "x"}),
     images = k("/api/chat", {messages = {{role = "user", content = cjson.null, images = {"AAAA"}}}}),
+    tenant_b = affinity.key("tiny:latest", "/api/chat", turn1, nil, "team-b"),
+    tenant_b_session = affinity.key("tiny:latest", "/api/chat", turn1, "conv-1", "team-b"),
 }
 local function key_of(s) return s and s.key or "none" end
 local by = cfg.by_key
@@ -77,6 +79,8 @@ def lua(tmp_path_factory):
 
 def test_conversation_key(lua):
     key = lua["key"]
+    # The API key name is part of the key: another tenant's same conversation gets another entry.
+    assert key["tenant_b"] not in (key["turn1"], "nil") and key["tenant_b_session"] != key["session_a"]
     assert key["turn1"].startswith("p:") and key["turn1"] == key["turn2"] == key["openai2"]
     assert len({key["turn1"], key["other"], key["other_model"], key["session_a"]}) == 4
     assert key["session_a"] == key["session_b"] != key["session_c"] and key["session_a"].startswith("s:")

@@ -141,16 +141,49 @@ def test_cidr_errors(gw):
     assert "empty" in gw.gateway_cidr_errors([])[0]
 
 
+K1 = "k1-0123456789abcdefghijklmnopqrstuv"
+K2 = "K2-ZYXWVUTSRQPONMLKJIHGFEDCBA-987654"
+
+
 def test_api_keys(gw):
-    keys = gw.gateway_api_keys(["k" * 20, {"name": "team-a", "key": "A" * 32}])
-    assert keys == [{"name": "key0", "key": "k" * 20}, {"name": "team-a", "key": "A" * 32}]
+    keys = gw.gateway_api_keys([K1, {"name": "team-a", "key": K2}])
+    assert [(k["name"], k["key"]) for k in keys] == [("key0", K1), ("team-a", K2)]
+    # The digest the Lua compares (sha1 of the prefix + key), distinct for keys that differ only in case.
+    assert keys[0]["digest"] == gw.gateway_key_digest(K1) and len(keys[0]["digest"]) == 40
+    assert gw.gateway_key_digest(K1) != gw.gateway_key_digest(K1.upper())
     with pytest.raises(gw.AnsibleFilterError) as err:
         gw.gateway_api_keys([{"name": "x", "key": 'short"; }'}])
     assert "short" not in str(err.value)  # the key is never echoed
     with pytest.raises(gw.AnsibleFilterError, match="twice"):
-        gw.gateway_api_keys([{"name": "a", "key": "k" * 20}, {"name": "a", "key": "j" * 20}])
+        gw.gateway_api_keys([{"name": "a", "key": K1}, {"name": "a", "key": K2}])
     with pytest.raises(gw.AnsibleFilterError, match="name"):
-        gw.gateway_api_keys([{"name": "a b", "key": "k" * 20}])
+        gw.gateway_api_keys([{"name": "a b", "key": K1}])
+
+
+def test_api_key_strength(gw):
+    with pytest.raises(gw.AnsibleFilterError, match="32-256 characters") as err:
+        gw.gateway_api_keys(["k1-0123456789abcdefghij"])  # 23 characters
+    assert "k1-0123" not in str(err.value)
+    assert gw.gateway_api_keys(["k1-0123456789abcdefghij"], min_length=20)[0]["name"] == "key0"
+    with pytest.raises(gw.AnsibleFilterError, match="fewer than 10 distinct"):
+        gw.gateway_api_keys(["abcabc" * 8])
+    with pytest.raises(gw.AnsibleFilterError, match="below 16"):
+        gw.gateway_api_keys([K1], min_length=8)
+
+
+def test_size_errors(gw):
+    assert gw.gateway_size_errors({"a": "16m", "b": "64k", "c": "1024"}) == []
+    errors = gw.gateway_size_errors({"a": "0", "b": "16 MB", "c": "-1m"})
+    assert len(errors) == 3 and "a='0' is not a positive nginx size" in errors[0]
+
+
+def test_client_options_errors(gw):
+    hostvars = {"gpu1": {"ollama_instances": [{"id": 0, "port": 1, "models": ["qwen2.5:7b"]}]}}
+    ok = gw.gateway_routing_errors(["gpu1"], hostvars, {}, client_options={"*": ["num_ctx"], "qwen2.5:7b": ["num_gpu"]})
+    assert ok == []
+    text = "; ".join(gw.gateway_routing_errors(["gpu1"], hostvars, {}, client_options={"a b": ["num_ctxx"], "x": "num_ctx"}))
+    assert "'a b' is not a model name" in text and "'num_ctxx' not an Ollama option" in text
+    assert "gateway_client_options['x'] must be a list" in text
 
 
 def test_duration_errors(gw):

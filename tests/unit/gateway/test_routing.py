@@ -1,21 +1,12 @@
-"""Routing logic of the gateway: model names as Ollama matches them, pools from the plan, per-instance totals.
+"""Routing logic of the gateway: pools from the plan, per-instance totals, the body rewrite.
 
-The Python rule (filter gateway_model_key) and the Lua rule (herd_gateway/names.lua, run inside the real nginx with
-the Lua module) are tested on the same case table, model_names.json.
+Model names (the Python rule and its Lua port on generated cases) are test_names.py's.
 """
 
 import json
-import os
 
 import pytest
 from conftest import run_lua
-
-CASES = json.load(open(os.path.join(os.path.dirname(__file__), "model_names.json"), encoding="utf-8"))
-
-
-@pytest.mark.parametrize("name,expected", CASES)
-def test_model_key_python(gw, name, expected):
-    assert gw.gateway_model_key(name) == expected
 
 
 def _server(key, models, max_conns=2, **extra):
@@ -58,23 +49,16 @@ def test_routing_settings_errors_name_the_variable(gw):
 # ------------------------------------------------------------------------------------- Lua, in the real nginx
 
 LUA_TEST = r"""
-local names = require("herd_gateway.names")
 local settings = require("herd_gateway.settings")
 local slots = require("herd_gateway.slots")
 local body_mod = require("herd_gateway.body")
 local respond = require("herd_gateway.respond")
 local cjson = require("cjson.safe")
 local out = {}
--- names
-local cases = cjson.decode(io.open(CASES_FILE):read("*a"))
-out.names = {}
-for i, case in ipairs(cases) do
-    local got = names.model_key(case[1])
-    out.names[i] = got == nil and cjson.null or got
-end
 -- pools and per-instance totals (the shared dict is the real one)
 local record = cjson.decode(io.open(SERVERS_FILE):read("*a"))
-local cfg = settings.build({queue_max = 4, client_keep_alive = "ignore", model_options = {["Small:7b"] = {num_ctx = 8192}}},
+local cfg = settings.build({queue_max = 4, client_keep_alive = "ignore", model_options = {["Small:7b"] = {num_ctx = 8192}}, endpoints = ENDPOINTS,
+                        sampling_options = {"stop"}},
                        record, {"b:2"}, function(a) return "127.0.0.1" end)
 settings.configure(cfg)
 out.pools = {}
@@ -95,10 +79,15 @@ slots.give_back("b:0")
 out.after_release = (slots.acquire("small:7b") or {key = "none"}).key
 -- body rewrite: keep_alive dropped, options forced, every other member byte for byte
 local body = '{"model":"small:7b","messages":[],"keep_alive":0,"options":{"num_ctx":99,"stop":[]},"x":{"y":[1,"a\\"}"]}}'
-out.rewritten = body_mod.rewrite_body(body, cjson.decode(body), "native", cfg.model_options["small:7b"])
-out.unchanged = body_mod.rewrite_body('{"model":"tiny"}', {model = "tiny"}, "native", nil) or cjson.null
-out.openai = body_mod.rewrite_body('{"model":"small:7b","keep_alive":"5m"}', {model = "small:7b", keep_alive = "5m"},
-                               "openai", cfg.model_options["small:7b"])
+local B = body_mod
+local function rewrite(text, native, forced)
+    local view = B.view(text, cjson.decode(text))
+    return B.rewrite(view, {drop_keep_alive = true, native = native, allowed = cfg.client_options["small:7b"],
+                            forced = forced, options = native and B.options_members(view) or nil})
+end
+out.rewritten = rewrite(body, true, cfg.model_options["small:7b"])
+out.unchanged = rewrite('{"model":"tiny"}', true, nil) or cjson.null
+out.openai = rewrite('{"model":"small:7b","keep_alive":"5m"}', false, cfg.model_options["small:7b"])
 out.canonical = respond.canonical(cjson.decode('{"b":1,"a":[1,{"d":2,"c":null}],"e":"/"}'))
 ngx.say(cjson.encode(out))
 """
@@ -107,16 +96,11 @@ ngx.say(cjson.encode(out))
 @pytest.fixture(scope="module")
 def lua_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lua")
-    cases_file = os.path.join(os.path.dirname(__file__), "model_names.json")
     servers = {"servers": [_server("b:0", ["tiny", "Small:7b"], 2), _server("b:1", ["tiny:latest"], 1),
                            _server("b:2", ["small:7b"], 4)]}
     (tmp / "servers.json").write_text(json.dumps(servers))
-    code = LUA_TEST.replace("CASES_FILE", json.dumps(cases_file)).replace("SERVERS_FILE", json.dumps(str(tmp / "servers.json")))
+    code = LUA_TEST.replace("SERVERS_FILE", json.dumps(str(tmp / "servers.json")))
     return run_lua(tmp, code)
-
-
-def test_model_key_lua_same_case_table(lua_results):
-    assert lua_results["names"] == [expected for _name, expected in CASES]
 
 
 def test_lua_pools_and_drained_servers(lua_results):

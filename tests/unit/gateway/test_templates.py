@@ -16,7 +16,7 @@ SERVERS = [
 CONF = "etc/nginx/conf.d/herd-gateway.conf.j2"
 UPSTREAM = "etc/nginx/herd/gateway-upstream.conf.j2"
 UP = {"name": "herd_ollama", "zone_size": "256k", "keepalive": 32, "drain": []}
-KEYS = [{"name": "team-a", "key": "A" * 32}]
+KEYS = [{"name": "team-a", "key": "A" * 32, "digest": "0" * 40}]
 
 
 def server_lines(text):
@@ -41,14 +41,14 @@ def test_default_render_is_valid_nginx(tmp_path):
                       'proxy_set_header Connection "";', "proxy_http_version 1.1;", "proxy_read_timeout 600s;",
                       "error_page 502 = @herd_unavailable;", "add_header Retry-After 2 always;",
                       "proxy_next_upstream error timeout non_idempotent;", "proxy_next_upstream_tries 3;",
-                      "lua_shared_dict herd_gateway 1m;", "client_body_buffer_size 64m;",
+                      "lua_shared_dict herd_gateway 1m;", "client_body_buffer_size 16m;", "client_max_body_size 16m;",
                       "lua_check_client_abort on;", 'require("herd_gateway").access("route")',
                       'require("herd_gateway").log()', 'require("herd_gateway").header_filter()',
                       "location = /herd/pools {",
                       "location ~ ^/(api/tags|api/ps|v1/models)$ {", '"pool":"$herd_pool"'):
         assert directive in text, directive
     # The settings reach the Lua module as JSON.
-    settings = json.loads(text.split("init([==[")[1].split("]==])")[0])
+    settings = json.loads(text.split("init([==[")[1].split("]==], {")[0])
     assert settings["queue_max"] == 64 and settings["queue_timeout"] == "120s"
     assert settings["client_keep_alive"] == "ignore" and settings["model_options"] == {}
     assert settings["servers_file"] == "/var/lib/herd/gateway/servers.json"
@@ -61,8 +61,9 @@ def test_default_render_is_valid_nginx(tmp_path):
 
 
 def test_everything_on_renders_valid_nginx(tmp_path):
-    keys = render("etc/nginx/herd/gateway-keys.conf.j2", _gateway_keys=KEYS)
-    assert '"Bearer %s" "team-a";' % ("A" * 32) in keys
+    keys = render("etc/nginx/herd/gateway-keys.json.j2", _gateway_keys=KEYS)
+    # Only names and digests: the keys themselves are not in the file.
+    assert json.loads(keys)["keys"] == [["0" * 40, "team-a"]] and "A" * 32 not in keys
     text = render(
         CONF, _gateway_upstream=UP, _gateway_keys=KEYS, gateway_rate_limit=5, gateway_busy_status=429,
         gateway_tls_enabled=True, gateway_real_ip_from=["10.9.0.0/16"], gateway_block_model_management=False,
@@ -79,7 +80,9 @@ def test_everything_on_renders_valid_nginx(tmp_path):
     os.system(f"openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=t -keyout {tls}/gateway.key -out {tls}/gateway.crt"
               " >/dev/null 2>&1")
     text = text.replace("/etc/nginx/herd/tls/", str(tls) + "/")
-    result = nginx_test(tmp_path, text, {"/etc/nginx/herd/gateway-keys.conf": keys, **upstream_file()})
+    assert "if ($herd_plain_http_refused)" in text and '~^http: 1;' in text and "set_by_lua_block $herd_key_name" in text
+    assert "limit_conn herd_gateway_conn 64;" in text and "$herd_upstream_shown" in text
+    result = nginx_test(tmp_path, text, {"/etc/nginx/herd/gateway-keys.json": keys, **upstream_file()})
     assert result.returncode == 0, result.stdout
 
 

@@ -18,8 +18,10 @@ _M.HEADER = "http_x_herd_session"
 local PREFIX_BYTES = 1024
 
 -- The conversation key of a request (nil: no affinity), from the model, the path, the decoded body and the
--- session header. Two turns of one chat resend the same first messages, so they get the same key.
-function _M.key(model, path, doc, session)
+-- session header. Two turns of one chat resend the same first messages, so they get the same key. `tenant` (the
+-- API key name) is part of every key: one tenant cannot probe which prompts another has cached.
+function _M.key(model, path, doc, session, tenant)
+    model = (tenant or "") .. "\0" .. model
     if type(session) == "table" then
         session = session[1]
     end

@@ -1,13 +1,33 @@
--- herd gateway: the request body: read it, scan its JSON members, rewrite what herd forces.
+-- herd gateway: the request body, read the way Ollama will read it.
 --
 -- Owns: read_body, object_members (a scanner over JSON text cjson already validated: each member's raw text),
--- rewrite_body (keep_alive dropped under client_keep_alive ignore, gateway_model_options merged into `options`
--- of native endpoints, every other member byte for byte).
--- Shared-dict keys: none.
+-- view (the members the gateway reads, found as Go's encoding/json finds them: a member name matches without
+-- regard to case, by Unicode simple folding; a member the gateway reads that appears twice, in any case, is
+-- refused) and rewrite (keep_alive in any case dropped under client_keep_alive ignore; on native endpoints
+-- `options` rebuilt from the client's allowed options plus gateway_model_options, which win; every other member
+-- byte for byte), hold/release (the budget of request bodies held in memory at once, over every worker).
+-- Shared-dict keys (herd_gateway):
+--   b:held   incr: bytes of request bodies held now (reserved before a body is read, given back in the log phase)
+--
+-- Why refuse rather than normalise a duplicate: Ollama takes the last of `{"model":"m1","MODEL":"m2"}`, a
+-- reader taking the first routes to the wrong pool, and no client sends such a body by mistake.
 local cjson = require("cjson.safe")
-local settings = require("herd_gateway.settings")
+local keys = require("herd_gateway.keys")
 
 local _M = {}
+
+-- Members the gateway reads or rewrites (Ollama's field names). A second one, in any case, is refused.
+_M.WATCHED = { "model", "name", "keep_alive", "options", "stream", "messages", "prompt", "system" }
+local WATCHED = {}
+for _, name in ipairs(_M.WATCHED) do
+    WATCHED[name] = true
+end
+
+-- Go's folding of a member name (bytes.EqualFold): ASCII letters without case, and the two non-ASCII letters
+-- that fold to ASCII ones: U+017F (long s) -> s, U+212A (Kelvin sign) -> k.
+function _M.fold(name)
+    return (name:lower():gsub("\197\191", "s"):gsub("\226\132\170", "k"))
+end
 
 -- Members of the JSON object text starting at `i` (text already validated by cjson): list of
 -- {key, raw_value}, in order, with the raw text of each value. Returns nil when text is not an object.
@@ -71,7 +91,7 @@ function _M.object_members(text, i)
         i = skip_ws(key_end)
         i = skip_ws(i + 1) -- after ':'
         local value_end = skip_value(i)
-        members[#members + 1] = { key = key, raw = text:sub(i, value_end - 1) }
+        members[#members + 1] = { key = key, raw = text:sub(i, value_end - 1), folded = _M.fold(key) }
         i = skip_ws(value_end)
         if text:sub(i, i) ~= "," then
             break
@@ -81,25 +101,71 @@ function _M.object_members(text, i)
     return members
 end
 
--- The body to send upstream: `keep_alive` dropped (client_keep_alive ignore) and forced options merged into
--- `options` (native endpoints); every other member keeps its exact text. Returns nil when nothing changes.
-function _M.rewrite_body(text, doc, kind, forced)
-    local drop_keep_alive = settings.cfg.client_keep_alive == "ignore" and doc.keep_alive ~= nil
-    local force = kind == "native" and forced and next(forced) ~= nil
-    if not drop_keep_alive and not force then
-        return nil
-    end
-    local members = _M.object_members(text)
+-- The request as Ollama reads it. `text` is the body, `doc` its cjson decoding (a table). Returns a view
+-- {members, by = {field -> member}, value = function(field)} or nil and the message of a 400.
+function _M.view(text, doc)
+    -- The scanner reads only text cjson accepted.
+    local members = type(doc) == "table" and _M.object_members(text) or nil
     if not members then
+        return nil, "the request body must be a JSON object naming a model"
+    end
+    local by = {}
+    for _, m in ipairs(members) do
+        if WATCHED[m.folded] then
+            if by[m.folded] then
+                return nil, "the request names \"" .. m.folded .. "\" twice (member names match without regard to "
+                    .. "case, as Ollama reads them): send it once"
+            end
+            by[m.folded] = m
+        end
+    end
+    local view = { members = members, by = by }
+    -- The decoded value of a member (no duplicates: cjson's table holds it under its own name).
+    function view.value(field)
+        local m = by[field]
+        if m == nil then
+            return nil
+        end
+        return doc[m.key]
+    end
+    return view
+end
+
+-- Options of the client that pass: a JSON object (or null) whose names are each given once (in any case).
+-- Returns the members, or nil and the message of a 400.
+function _M.options_members(view)
+    local m = view.by.options
+    if not m or m.raw == "null" then
+        return {}
+    end
+    local members = m.raw:sub(1, 1) == "{" and _M.object_members(m.raw) or nil
+    if not members then
+        return nil, "options must be a JSON object of Ollama options"
+    end
+    local seen = {}
+    for _, option in ipairs(members) do
+        if seen[option.folded] then
+            return nil, "the request names option \"" .. option.folded .. "\" twice: send it once"
+        end
+        seen[option.folded] = true
+    end
+    return members
+end
+
+-- The body to send upstream, or nil when it is sent as is.
+-- `how`: drop_keep_alive (bool), native (bool: options are Ollama's), allowed (set of option names clients may
+-- set), forced (table of options that win), options (the client's option members, from options_members).
+function _M.rewrite(view, how)
+    local keep_alive = how.drop_keep_alive and view.by.keep_alive ~= nil
+    local options = how.native and (view.by.options ~= nil or (how.forced and next(how.forced) ~= nil))
+    if not keep_alive and not options then
         return nil
     end
-    local out = {}
-    local options_done = false
-    local function forced_options(existing_raw)
+    local function options_text()
+        local forced = how.forced or {}
         local parts = {}
-        local existing = existing_raw and _M.object_members(existing_raw) or {}
-        for _, m in ipairs(existing) do
-            if forced[m.key] == nil then
+        for _, m in ipairs(how.options or {}) do
+            if (how.allowed or {})[m.key] and forced[m.key] == nil then
                 parts[#parts + 1] = cjson.encode(m.key) .. ":" .. m.raw
             end
         end
@@ -113,20 +179,65 @@ function _M.rewrite_body(text, doc, kind, forced)
         end
         return "{" .. table.concat(parts, ",") .. "}"
     end
-    for _, m in ipairs(members) do
-        if m.key == "keep_alive" and drop_keep_alive then -- luacheck: ignore 542
+    -- Pieces joined once (a large member is copied once, not once per concatenation).
+    local out = { "{" }
+    local options_done = false
+    local function add(name_json, raw)
+        if #out > 1 then
+            out[#out + 1] = ","
+        end
+        out[#out + 1] = name_json
+        out[#out + 1] = ":"
+        out[#out + 1] = raw
+    end
+    for _, m in ipairs(view.members) do
+        if m.folded == "keep_alive" and keep_alive then -- luacheck: ignore 542
             -- dropped: the instance keeps the model as herd configured it
-        elseif m.key == "options" and force then
-            out[#out + 1] = '"options":' .. forced_options(m.raw:sub(1, 1) == "{" and m.raw or nil)
+        elseif m.folded == "options" and options then
+            add('"options"', options_text())
             options_done = true
         else
-            out[#out + 1] = cjson.encode(m.key) .. ":" .. m.raw
+            add(cjson.encode(m.key), m.raw)
         end
     end
-    if force and not options_done then
-        out[#out + 1] = '"options":' .. forced_options(nil)
+    if options and not options_done then
+        add('"options"', options_text())
     end
-    return "{" .. table.concat(out, ",") .. "}"
+    out[#out + 1] = "}"
+    return table.concat(out)
+end
+
+-- Reserve `bytes` of the body budget `limit` before a body is read (the Content-Length, or the endpoint's limit
+-- for a chunked body). Returns true when the bodies held by every worker stay within the budget; the reservation
+-- is recorded in ngx.ctx and given back by release() (log phase, every request).
+function _M.hold(bytes, limit)
+    if not limit or bytes <= 0 then
+        return true
+    end
+    local d = keys.gateway()
+    local held = d:incr("b:held", bytes, 0)
+    if held and held > limit then
+        d:incr("b:held", -bytes, 0)
+        return false
+    end
+    ngx.ctx.herd_body_held = bytes
+    return true
+end
+
+-- Give the reservation back (log phase, every request). After a large body that was refused, free its Lua copies
+-- now (the parse of one body costs the worker about 9x its size while it runs; see docs/gateway.md).
+function _M.release()
+    local bytes = ngx.ctx.herd_body_held
+    if bytes then
+        ngx.ctx.herd_body_held = nil
+        local held = keys.gateway():incr("b:held", -bytes, 0)
+        if held and held < 0 then
+            keys.gateway():incr("b:held", -held, 0)
+        end
+        if bytes > 1048576 and not ngx.ctx.herd_body_collected then
+            collectgarbage("collect")
+        end
+    end
 end
 
 -- The request body (read once; from its temp file when it was larger than client_body_buffer_size), or nil.

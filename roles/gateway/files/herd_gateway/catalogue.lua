@@ -1,7 +1,8 @@
 -- herd gateway: the cluster catalogue: /api/tags, /v1/models and /api/ps answered for every live instance.
 --
 -- Owns: http_get (a raw HTTP/1.0 GET to an instance over a cosocket), gather (every live instance at once),
--- the merges (every model once, the same text whichever instance answered first; ps with the instance),
+-- the merges (every model of the plan's pools once, the same text whichever instance answered first; ps with the
+-- instance, and its address only with gateway_expose_upstream),
 -- serve (content_by_lua of the catalogue paths, cached briefly so every worker gives the same answer).
 -- Shared-dict keys (herd_gateway):
 --   c:<path>   read, written: the cached answer of <path> (catalogue_ttl; /api/ps 1 s)
@@ -66,14 +67,15 @@ local function gather(path)
     return results
 end
 
--- Every model once: of the instances' entries for one model, the smallest canonical text (the same answer
--- whichever instance answered first), in name order.
+-- Every model of the plan's pools once (a model an instance still holds on disk but no pool serves is left out:
+-- the gateway would answer 404 for it): of the instances' entries for one model, the smallest canonical text
+-- (the same answer whichever instance answered first), in name order.
 local function merge_unique(results, list_field, name_of)
     local best, found = {}, {}
     for _, r in ipairs(results) do
         for _, m in ipairs(type(r.doc[list_field]) == "table" and r.doc[list_field] or {}) do
             local key = type(m) == "table" and names.model_key(name_of(m))
-            if key then
+            if key and settings.cfg.pools[key] then
                 local text = respond.canonical(m)
                 if not best[key] then
                     found[#found + 1] = key
@@ -104,9 +106,13 @@ local function merge_ps(results)
     local models = {}
     for _, r in ipairs(results) do
         for _, m in ipairs(type(r.doc.models) == "table" and r.doc.models or {}) do
-            m.herd_instance = r.server.key
-            m.herd_endpoint = r.server.endpoint
-            models[#models + 1] = m
+            local key = type(m) == "table" and names.model_key(m.name or m.model)
+            if key and settings.cfg.pools[key] then
+                m.herd_instance = r.server.key
+                -- Backend addresses only with gateway_expose_upstream (loopback clients have /herd/pools).
+                m.herd_endpoint = settings.cfg.expose_upstream and r.server.endpoint or nil
+                models[#models + 1] = m
+            end
         end
     end
     table.sort(models, function(a, b)
@@ -129,6 +135,13 @@ local CATALOGUE = {
 function _M.serve()
     local path = ngx.var.uri
     local entry = CATALOGUE[path]
+    local allowed = endpoints.find(settings.cfg.endpoints, path)
+    if not allowed then
+        return respond.answer(404, "this path is not served by the herd gateway")
+    end
+    if not allowed.methods[ngx.req.get_method()] then
+        return respond.answer(405, "method not allowed on " .. path)
+    end
     local d = keys.gateway()
     local cached = d:get("c:" .. path)
     if not cached then

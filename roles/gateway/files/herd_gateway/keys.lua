@@ -40,6 +40,8 @@ _M.KEYS = {
       meaning = "one worker is moving the head past ticket n (add() marker, 10 s)" },
     { dict = "herd_gateway", key = "s:<pool>:<stat>", owner = "stats",
       meaning = "counters of /herd/pools: admitted, rejected_*, abandoned, affinity_*, count, sum_us, b<n>" },
+    { dict = "herd_gateway", key = "b:held", owner = "body",
+      meaning = "bytes of request bodies the gateway holds now, over every worker (limit: body_memory)" },
     { dict = "herd_gateway", key = "c:<path>", owner = "catalogue",
       meaning = "cached catalogue answer of <path> (/api/tags, /v1/models, /api/ps)" },
     { dict = "herd_affinity", key = "s:<md5>", owner = "affinity",

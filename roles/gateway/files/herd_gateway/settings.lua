@@ -1,9 +1,11 @@
 -- herd gateway: the configuration (settings, servers, pools), built once per nginx start or reload.
 --
--- Owns: init (init_by_lua: the settings role gateway renders, servers.json, drained.json and gateway_drain),
+-- Owns: init (init_by_lua: the settings role gateway renders, the endpoint table, servers.json, drained.json,
+-- gateway_drain and the API key record),
 -- build (settings + records -> configuration, pure apart from the DNS lookup), configure (the one way to set
 -- the configuration every module reads as settings.cfg; read-only afterwards), durations, DNS resolution.
 -- Shared-dict keys: none.
+local apikeys = require("herd_gateway.apikeys")
 local cjson = require("cjson.safe")
 local endpoints = require("herd_gateway.endpoints")
 local names = require("herd_gateway.names")
@@ -11,7 +13,8 @@ local names = require("herd_gateway.names")
 local _M = {}
 
 -- The configuration in use (nil until configure): settings, servers, by_key, by_endpoint, pools, pool_names,
--- model_options.
+-- model_options, client_options (pool -> set of option names clients may set), endpoints (the index),
+-- body_max (limit class -> bytes), body_memory (bytes of bodies held at once), expose_upstream.
 _M.cfg = nil
 
 local function seconds(value, default)
@@ -88,8 +91,15 @@ function _M.build(settings, servers_record, drained, resolver)
         affinity = settings.affinity == true,
         affinity_ttl = seconds(settings.affinity_ttl, 600),
         servers = {}, by_key = {}, by_endpoint = {}, pools = {}, pool_names = {},
-        model_options = {},
+        model_options = {}, client_options = {},
+        endpoints = endpoints.index(settings.endpoints),
+        body_max = {},
+        expose_upstream = settings.expose_upstream == true,
+        body_memory = settings.body_memory and _M.bytes(settings.body_memory) or nil,
     }
+    for class, size in pairs(settings.body_max or {}) do
+        c.body_max[class] = _M.bytes(size)
+    end
     local down = {}
     for _, target in ipairs(drained or {}) do
         down[tostring(target)] = true
@@ -135,21 +145,55 @@ function _M.build(settings, servers_record, drained, resolver)
             c.model_options[key] = options
         end
     end
+    -- Options clients may set, per pool: the sampling ones, gateway_client_options["*"] and the pool's own.
+    local client = settings.client_options or {}
+    for _, model in ipairs(c.pool_names) do
+        local allowed = {}
+        for _, list in ipairs({ settings.sampling_options or {}, client["*"] or {} }) do
+            for _, name in ipairs(list) do
+                allowed[name] = true
+            end
+        end
+        for name, list in pairs(client) do
+            if name ~= "*" and names.model_key(name) == model then
+                for _, option in ipairs(list) do
+                    allowed[option] = true
+                end
+            end
+        end
+        c.client_options[model] = allowed
+    end
     return c
+end
+
+-- Bytes of an nginx size ("16m", "64k", "1024").
+function _M.bytes(size)
+    local number, unit = tostring(size):match("^(%d+)([kKmMgG]?)$")
+    if not number then
+        error("herd gateway: bad size " .. tostring(size))
+    end
+    return tonumber(number) * (({ [""] = 1, k = 1024, m = 1048576, g = 1073741824 })[unit:lower()])
 end
 
 -- Use the configuration `c` (a build result) from now on: init calls it at every nginx start and reload, the
 -- unit tests with their own build.
 function _M.configure(c)
     _M.cfg = c
+    endpoints.configure(c.endpoints)
 end
 
--- init_by_lua: the settings rendered by role gateway (JSON text naming servers_file and drained_file).
-function _M.init(settings_json)
+-- init_by_lua: the settings rendered by role gateway (JSON text naming servers_file and drained_file) and the
+-- endpoint table (one JSON text per endpoint: nginx reads an inlined string of at most 4 KiB).
+function _M.init(settings_json, endpoint_jsons)
     local settings = cjson.decode(settings_json)
     if type(settings) ~= "table" then
         error("herd gateway: settings are not JSON")
     end
+    settings.endpoints = {}
+    for index, text in ipairs(endpoint_jsons or {}) do
+        settings.endpoints[index] = cjson.decode(text) or error("herd gateway: endpoint " .. index .. " is not JSON")
+    end
+    apikeys.load(settings.keys_file)
     local record = read_json(settings.servers_file)
     local drained = read_json(settings.drained_file, {})
     for _, target in ipairs(settings.drain or {}) do
