@@ -62,7 +62,7 @@ SETTINGS = (
     "base_port", "bind_address", "advertise_address", "gpu_groups", "gpus_per_instance", "vram_headroom_pct",
     "cpu_instances", "use_mig", "num_parallel", "max_queue", "keep_alive", "max_loaded_models", "flash_attention",
     "load_timeout", "context_length", "no_cloud", "kv_cache_type", "extra_env", "models", "instance_overrides",
-    "data_dir",
+    "data_dir", "mode",
 )
 ARGUMENT_SPECS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "roles", "ollama", "meta",
@@ -82,6 +82,10 @@ DEFAULTS = {
     "host": "this host",
     "reserved_ports": [],
 }
+
+# Instance N runs as unit ollama@N.service or container herd-ollama-N (docs/architecture.md, "Instance plan").
+UNIT_PREFIX = "ollama@"
+CONTAINER_PREFIX = "herd-ollama-"
 
 # Binds that only this host can reach (the instance firewall leaves them alone; no remote gateway can dial them).
 LOOPBACK_BINDS = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -1021,9 +1025,15 @@ class _Planner:
                 f"mixes GPU models ({', '.join(names_in_group)})",
                 "Ollama splits layers by memory; the slower card sets the pace.",
             )
+        # How it runs (docs/architecture.md): the systemd template unit or one container per instance; `name` is
+        # the one a user types (systemctl status NAME, docker logs NAME). The only place these names are built.
+        container = self.cfg["mode"] == "container"
         return {
             "id": ident,
-            "name": f"ollama-{ident}",
+            "mode": "container" if container else "systemd",
+            "unit": None if container else f"{UNIT_PREFIX}{ident}.service",
+            "container": f"{CONTAINER_PREFIX}{ident}" if container else None,
+            "name": f"{CONTAINER_PREFIX}{ident}" if container else f"{UNIT_PREFIX}{ident}",
             "port": port,
             "bind_address": bind,
             "gpus": [d["gpu"] for d in slot],

@@ -36,7 +36,8 @@ def test_l20_one_instance_per_gpu(planner, gpus_from):
     assert [i["id"] for i in result] == [0, 1, 2, 3, 4]
     assert [i["port"] for i in result] == [11434, 11435, 11436, 11437, 11438]
     for inst, gpu in zip(result, gpus, strict=True):
-        assert inst["name"] == f"ollama-{inst['id']}"
+        assert inst["name"] == f"ollama@{inst['id']}" and inst["unit"] == f"ollama@{inst['id']}.service"
+        assert inst["mode"] == "systemd" and inst["container"] is None
         assert inst["gpus"] == [gpu["index"]]
         assert inst["gpu_uuids"] == [gpu["uuid"]]
         assert inst["gpu_names"] == ["NVIDIA L20"]
