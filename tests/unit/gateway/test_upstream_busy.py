@@ -129,3 +129,20 @@ def test_answers_other_than_503_get_no_retry_after(stack):
     status, headers, _raw = request(gateway.port, "GET", "/api/version")
     assert status == 200 and "retry-after" not in headers
     assert headers["x-herd-upstream"] == f"127.0.0.1:{ollama.port}"
+
+
+def test_catalogue_through_the_gateway(stack):
+    """The same stack answers the catalogue paths (herd_gateway/catalogue.lua: the raw HTTP client, the merges,
+    the canonical JSON) with the instance's models, 200 every time and the same text from the cache."""
+    ollama, gateway, _workdir = stack
+    answers = {}
+    for path in ("/api/tags", "/v1/models", "/api/ps"):
+        status, headers, raw = request(gateway.port, "GET", path)
+        assert status == 200 and headers["content-type"].startswith("application/json"), (path, status, raw)
+        answers[path] = json.loads(raw)
+        assert request(gateway.port, "GET", path)[2] == raw, f"{path}: a second answer differs"
+    assert [m["name"] for m in answers["/api/tags"]["models"]] == ["herd-real-tiny:latest"]
+    assert answers["/v1/models"]["object"] == "list"
+    assert [m["id"] for m in answers["/v1/models"]["data"]] == ["herd-real-tiny:latest"]
+    assert answers["/api/ps"]["models"] == [] or all(
+        m["herd_endpoint"] == f"127.0.0.1:{ollama.port}" for m in answers["/api/ps"]["models"])

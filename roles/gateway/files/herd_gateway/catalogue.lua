@@ -69,14 +69,14 @@ end
 -- Every model once: of the instances' entries for one model, the smallest canonical text (the same answer
 -- whichever instance answered first), in name order.
 local function merge_unique(results, list_field, name_of)
-    local best, names = {}, {}
+    local best, found = {}, {}
     for _, r in ipairs(results) do
         for _, m in ipairs(type(r.doc[list_field]) == "table" and r.doc[list_field] or {}) do
             local key = type(m) == "table" and names.model_key(name_of(m))
             if key then
                 local text = respond.canonical(m)
                 if not best[key] then
-                    names[#names + 1] = key
+                    found[#found + 1] = key
                     best[key] = text
                 elseif text < best[key] then
                     best[key] = text
@@ -84,9 +84,9 @@ local function merge_unique(results, list_field, name_of)
             end
         end
     end
-    table.sort(names)
+    table.sort(found)
     local items = {}
-    for index, key in ipairs(names) do
+    for index, key in ipairs(found) do
         items[index] = best[key]
     end
     return items
