@@ -3,10 +3,9 @@
 """Instance planner: turns a host's GPUs (nvidia_gpu_info's `gpus`) and the ollama_* knobs into its instance plan.
 
 Filters:
-  ollama_plan(gpus, config)           -> list of instance dicts (docs/architecture.md, "Instance plan");
-                                         raises AnsibleFilterError listing every problem when the config is invalid
-  ollama_plan_errors(gpus, config)    -> list of messages, empty when the config is valid
-  ollama_plan_warnings(gpus, config)  -> list of messages about a valid but questionable plan (idle GPUs, ...)
+  ollama_plan(gpus, config)           -> one run of the planner: {"instances": [instance dicts] (docs/architecture.md,
+                                         "Instance plan"; [] when invalid), "errors": [messages naming the variable
+                                         and the fix], "warnings": [messages about a valid but questionable plan]}
   ollama_model_name(name)             -> the name as Ollama's /api/ps and /api/tags show it ("tiny" -> "tiny:latest");
                                          the rule lives in plugins/module_utils/ollama_names.py
   ollama_pull_name(name, registry)    -> the full name a model is pulled by ("tiny", "mirror:5000" ->
@@ -1171,27 +1170,31 @@ def _pull_name_filter(name, registry=""):
         raise AnsibleFilterError(str(exc)) from exc
 
 
-def _plan(gpus, config):
-    return _Planner(gpus, config).run()
+def ollama_plan(gpus, config):
+    """One run of the planner: the instances ([] when the settings are not valid), every error and every warning."""
+    planner = _Planner(gpus, config).run()
+    errors = list(planner.errors)
+    return {"instances": [] if errors else planner.plan, "errors": errors, "warnings": list(planner.warnings)}
 
 
+# For Python callers (tests, tools): the parts of one run.
 def ollama_plan_errors(gpus, config):
     """Every problem with the config for this host, as messages naming the variable and the fix; [] when valid."""
-    return list(_plan(gpus, config).errors)
+    return ollama_plan(gpus, config)["errors"]
 
 
 def ollama_plan_warnings(gpus, config):
     """Questionable but valid choices (idle GPUs, mixed cards in a group, ...); [] when none."""
-    return list(_plan(gpus, config).warnings)
+    return ollama_plan(gpus, config)["warnings"]
 
 
-def ollama_plan(gpus, config):
-    """The host's instance plan (docs/architecture.md); raises AnsibleFilterError listing every problem."""
-    planner = _plan(gpus, config)
-    if planner.errors:
-        host = planner.host
-        raise AnsibleFilterError(f"ollama instance plan for {host} is not valid:\n- " + "\n- ".join(planner.errors))
-    return planner.plan
+def plan_instances(gpus, config):
+    """The host's instance plan; raises AnsibleFilterError listing every problem."""
+    result = ollama_plan(gpus, config)
+    if result["errors"]:
+        host = (config or {}).get("host", DEFAULTS["host"]) if isinstance(config, dict) else DEFAULTS["host"]
+        raise AnsibleFilterError(f"ollama instance plan for {host} is not valid:\n- " + "\n- ".join(result["errors"]))
+    return result["instances"]
 
 
 class FilterModule:
@@ -1200,8 +1203,6 @@ class FilterModule:
     def filters(self):
         return {
             "ollama_plan": ollama_plan,
-            "ollama_plan_errors": ollama_plan_errors,
-            "ollama_plan_warnings": ollama_plan_warnings,
             "ollama_model_name": _model_name_filter,
             "ollama_pull_name": _pull_name_filter,
             "ollama_registry_error": ollama_names.registry_error,

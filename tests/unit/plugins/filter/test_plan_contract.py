@@ -22,7 +22,7 @@ def documented_entry():
 
 
 def plan(planner, gpus, **config):
-    return planner.ollama_plan(gpus, {"host": "gpu1", **config})
+    return planner.plan_instances(gpus, {"host": "gpu1", **config})
 
 
 def test_documented_fields_and_types_are_the_planners(planner, gpus_from):
