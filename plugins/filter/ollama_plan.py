@@ -6,6 +6,7 @@ Filters:
   ollama_plan(gpus, config)           -> one run of the planner: {"instances": [instance dicts] (docs/architecture.md,
                                          "Instance plan"; [] when invalid), "errors": [messages naming the variable
                                          and the fix], "warnings": [messages about a valid but questionable plan]}
+  ollama_not_ready(ps, warm)          -> warmup's readiness rule: the instances not ready, and why
   ollama_model_name(name)             -> the name as Ollama's /api/ps and /api/tags show it ("tiny" -> "tiny:latest");
                                          the rule lives in plugins/module_utils/ollama_names.py
   ollama_pull_name(name, registry)    -> the full name a model is pulled by ("tiny", "mirror:5000" ->
@@ -1197,6 +1198,39 @@ def plan_instances(gpus, config):
     return result["instances"]
 
 
+def ollama_not_ready(ps_results, warm_results):
+    """Warmup's readiness rule (roles/ollama/tasks/warmup.yml, docs/planner.md): the instances that are not ready.
+
+    ps_results: the registered loop over ollama_instances reading /api/ps (each with `item` = the plan entry, `json`);
+    warm_results: the registered loop over (instance, model) loading each model (`item` = [entry, model], `failed`,
+    `json.response`). An instance is ready when every load succeeded and, with keep_resident, /api/ps lists every
+    model it holds, fully in GPU memory on a GPU instance; without keep_resident, every model answered instead.
+    Returns one dict per instance that is not: id, name, unit, container, failed, silent, missing, partial, loaded.
+    """
+    out = []
+    for result in ps_results or []:
+        inst = result["item"]
+        resident = inst.get("keep_resident", True)
+        warm = [w for w in warm_results or [] if w["item"][0]["id"] == inst["id"]]
+        failed = [w["item"][1] for w in warm if w.get("failed")]
+        silent = [] if resident else [
+            w["item"][1] for w in warm if not w.get("failed") and "response" not in (w.get("json") or {})
+        ]
+        models = (result.get("json") or {}).get("models") or []
+        loaded = [ollama_model_name(m["name"]) for m in models]
+        missing = []
+        if resident:
+            for name in (ollama_model_name(m) for m in inst.get("models", [])):
+                if name not in loaded and name not in missing:
+                    missing.append(name)
+        partial = bool(resident and inst.get("gpus") and [m.get("size") for m in models] != [m.get("size_vram") for m in models])
+        if failed or silent or missing or partial:
+            out.append({"id": inst["id"], "name": inst.get("name"), "unit": inst.get("unit"),
+                        "container": inst.get("container"), "failed": failed, "silent": silent, "missing": missing,
+                        "partial": partial, "loaded": loaded})
+    return out
+
+
 class FilterModule:
     """herd's instance planner filters."""
 
@@ -1204,6 +1238,7 @@ class FilterModule:
         return {
             "ollama_plan": ollama_plan,
             "ollama_model_name": _model_name_filter,
+            "ollama_not_ready": ollama_not_ready,
             "ollama_pull_name": _pull_name_filter,
             "ollama_registry_error": ollama_names.registry_error,
         }
