@@ -1,7 +1,6 @@
 """herd-guard (roles/guard/files/herd_guard.py): probes against real local HTTP servers (a healthy instance, a
 hung one that accepts and never answers, a busy one), the pool rule, restarts and drains with a recorded run."""
 
-import importlib.util
 import json
 import os
 import socket
@@ -11,11 +10,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from herd_testing import load_module
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-SPEC = importlib.util.spec_from_file_location("herd_guard", os.path.join(ROOT, "roles", "guard", "files", "herd_guard.py"))
-g = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(g)
+g = load_module("roles/guard/files/herd_guard.py", "herd_guard")
 
 MODEL = "herd-tiny:1b"
 
