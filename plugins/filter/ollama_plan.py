@@ -12,6 +12,8 @@ Filters:
   ollama_pull_name(name, registry)    -> the full name a model is pulled by ("tiny", "mirror:5000" ->
                                          "mirror:5000/library/tiny:latest"; no registry: "registry.ollama.ai/...")
   ollama_registry_error(registry)     -> '' when ollama_registry is a valid host[:port] (or empty), else the problem
+  ollama_path_errors(paths)           -> messages for the folders ({variable: path}) that are not herd's own: a system
+                                         folder, a folder holding another herd path, two settings on one tree
 
 `config` holds the role's knobs without the `ollama_` prefix (see DEFAULTS); docs/planner.md has the rules.
 """
@@ -403,13 +405,9 @@ class _Planner:
                 f"{advertise!r} is not an IP address or host name",
                 "use the address (or DNS name) a gateway on another host dials to reach this host",
             )
-        data_dir = c["data_dir"]
-        if not isinstance(data_dir, str) or not data_dir.startswith("/") or re.search(r"\s", data_dir):
-            self.error(
-                "ollama_data_dir",
-                f"{data_dir!r} is not an absolute path without spaces",
-                "use an absolute path such as /var/lib/herd",
-            )
+        problem = path_problem(c["data_dir"])
+        if problem:
+            self.error("ollama_data_dir", problem, "use an absolute path of herd's own such as /var/lib/herd")
         self._check_extra_env()
         self.reserved = self._check_reserved_ports()
         return k
@@ -1154,6 +1152,79 @@ def ollama_model_name(name):
     return ollama_names.short_name(name)
 
 
+# Folders herd must never take as its own: install prunes inside ollama_install_dir and teardown removes what herd
+# created there, the model sync hands ollama_data_dir's store and instance folders to the ollama account.
+SYSTEM_DIRS = frozenset(
+    """/ /bin /boot /dev /etc /home /lib /lib32 /lib64 /libx32 /media /mnt /opt /proc /root /run /sbin /snap /srv /sys
+    /tmp /usr /usr/bin /usr/include /usr/lib /usr/lib64 /usr/libexec /usr/local /usr/local/bin /usr/local/etc
+    /usr/local/include /usr/local/lib /usr/local/sbin /usr/local/share /usr/local/src /usr/sbin /usr/share /usr/src
+    /var /var/backups /var/cache /var/lib /var/local /var/lock /var/log /var/mail /var/opt /var/run /var/spool
+    /var/tmp /etc/systemd /etc/default /var/lib/docker /var/lib/containerd""".split()
+)
+# Trees that are not disk folders (or are cleared at boot): nothing of herd's lives below them.
+VIRTUAL_TREES = ("/proc", "/sys", "/dev", "/run", "/boot")
+# Paths herd writes whatever the settings are (role ollama's vars/main.yml): no setting may hold or be below them.
+FIXED_HERD_PATHS = {"/etc/herd/ollama": "herd's instance settings", "/usr/local/bin/ollama": "the ollama command link"}
+PATH_FIX = "use a folder of herd's own, such as /opt/ollama for ollama_install_dir and /var/lib/herd for ollama_data_dir"
+
+
+def _inside(path, parent):
+    return parent == "/" or path == parent or path.startswith(parent + "/")
+
+
+def path_problem(path):
+    """What makes one folder unfit to be herd's own ('' when fit): not an absolute clean path, a system folder, a
+    user's home, or a folder below /proc, /sys, /dev, /run or /boot."""
+    if not isinstance(path, str) or not path.startswith("/") or re.search(r"\s", path):
+        return f"{path!r} is not an absolute path without spaces"
+    clean = path.rstrip("/") or "/"
+    if os.path.normpath(clean) != clean:
+        return f"{path!r} is not a plain path (no '.', '..' or '//' parts)"
+    if clean in SYSTEM_DIRS:
+        return f"{path!r} is a system folder: herd removes what it created there and hands folders to the ollama account"
+    if re.match(r"^/(home/[^/]+|root)$", clean):
+        return f"{path!r} is a user's home folder"
+    for tree in VIRTUAL_TREES:
+        if _inside(clean, tree):
+            return f"{path!r} is below {tree}, which holds no folder of herd's own"
+    return ""
+
+
+def ollama_path_errors(paths):
+    """Messages for every folder in paths ({variable: path}) that is not herd's own, [] when all are.
+
+    Each one alone must pass path_problem; no two may be one folder or one inside the other, and none may hold or be
+    below a path herd writes whatever the settings (FIXED_HERD_PATHS).
+    """
+    if not isinstance(paths, dict):
+        raise AnsibleFilterError(f"ollama_path_errors expects a dict of variable: path, got {type(paths).__name__}")
+    errors, clean = [], {}
+    for var, path in paths.items():
+        problem = path_problem(path)
+        if problem:
+            errors.append(f"{var}: {problem}. Fix: {PATH_FIX}")
+        else:
+            clean[var] = path.rstrip("/")
+    names = list(clean)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            pa, pb = clean[a], clean[b]
+            if pa == pb:
+                errors.append(f"{a} and {b}: both are {pa!r}. Fix: give each its own folder ({PATH_FIX})")
+            elif _inside(pb, pa) or _inside(pa, pb):
+                outer, inner = (a, b) if _inside(pb, pa) else (b, a)
+                errors.append(
+                    f"{outer}: {clean[outer]!r} holds {inner} ({clean[inner]!r}), so removing or pruning one would "
+                    f"reach into the other. Fix: put them side by side, not one inside the other ({PATH_FIX})"
+                )
+        for fixed, what in FIXED_HERD_PATHS.items():
+            if _inside(fixed, clean[a]) or _inside(clean[a], fixed):
+                errors.append(
+                    f"{a}: {clean[a]!r} overlaps {fixed} ({what}), which herd manages on its own. Fix: {PATH_FIX}"
+                )
+    return errors
+
+
 def _model_name_filter(name):
     try:
         return ollama_model_name(name)
@@ -1241,4 +1312,5 @@ class FilterModule:
             "ollama_not_ready": ollama_not_ready,
             "ollama_pull_name": _pull_name_filter,
             "ollama_registry_error": ollama_names.registry_error,
+            "ollama_path_errors": ollama_path_errors,
         }

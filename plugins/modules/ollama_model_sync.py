@@ -109,6 +109,15 @@ notes:
   - Run it while the instance is stopped or before it first starts. At start-up Ollama deletes blobs that
     no manifest references, which can race with a sync in progress (set C(OLLAMA_NOPRUNE=1) to stop that).
   - Only one sync per O(dest) runs at a time; a second one fails at once instead of waiting.
+  - Links are never followed below O(src) and O(dest) (both may be writable by the account Ollama runs as while
+    the module runs as root). Every folder is opened with C(O_NOFOLLOW|O_DIRECTORY) relative to its parent's fd,
+    every file with C(O_NOFOLLOW), and owners and modes are set on the open fd.
+  - In O(dest) a symbolic link or special file where the module expects its own folder or file (O(dest) itself,
+    C(manifests), C(blobs), C(.herd-partial), a manifest path folder, a manifest, a blob) is removed, never followed,
+    and written again; the module warns and lists it in RV(links_replaced). O(dest) itself stays a link when root
+    owns the link and the folder holding it and no one else can write that folder.
+  - In O(src) a symbolic link or special file fails the module, naming the path and the fix.
+  - A blob or manifest in O(dest) with other hard links is replaced, not chowned.
 attributes:
   check_mode:
     description: Can run in check mode and return changed status prediction without modifying target.
@@ -199,6 +208,13 @@ stale_removed:
   type: list
   elements: str
   sample: ["sha256-6a07...-4242"]
+links_replaced:
+  description: Paths in O(dest) where a symbolic link or special file stood in place of the module's own folder or
+    file; each was removed (never followed) and written again.
+  returned: always
+  type: list
+  elements: str
+  sample: ["/var/lib/herd/instances/0/models/manifests"]
 models:
   description: Every listed model as it is in O(dest) after the run.
   returned: always
@@ -246,6 +262,7 @@ import json
 import os
 import pwd
 import re
+import stat
 import time
 
 from ansible.module_utils.basic import AnsibleModule
@@ -356,6 +373,9 @@ def decide_blob(blob, dest_stat, src_stat, method):
         return method, "not a hard link of the store"
     if method != "hardlink" and same_inode:
         return method, "hard link of the store, a separate copy is wanted"
+    if not same_inode and dest_stat.st_nlink > 1:
+        # another name shares the inode (maybe a file outside dest): chown or chmod would change it too
+        return method, f"has {dest_stat.st_nlink - 1} other hard link(s)"
     return None, ""
 
 
@@ -379,32 +399,90 @@ def mount_fstype(path, mountinfo_text):
 
 # ---------------------------------------------------------------------------------------------------------
 # Filesystem work
+#
+# The store and the instance folders are writable by the ollama account (and, in container mode, by root inside
+# the container), while this module runs as root. So below O(src) and O(dest) nothing is reached by path: every
+# folder is opened with O_NOFOLLOW|O_DIRECTORY relative to the fd of its parent, every file with O_NOFOLLOW, and
+# ownership and modes are set with fchown/fchmod on what was opened. A link is never followed.
 # ---------------------------------------------------------------------------------------------------------
 
+O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO planted where a file is expected must not hang the run.
+O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
-def _stat(path):
+
+def _lstat_at(dir_fd, name):
+    """lstat of name in the folder dir_fd (None when missing or when dir_fd is None)."""
+    if dir_fd is None:
+        return None
     try:
-        return os.stat(path)
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
 
 
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _kind(st):
+    if st is None:
+        return "missing"
+    if stat.S_ISLNK(st.st_mode):
+        return "symbolic link"
+    if stat.S_ISDIR(st.st_mode):
+        return "folder"
+    if stat.S_ISREG(st.st_mode):
+        return "file"
+    return "special file"
+
+
+def _open_dir_at(dir_fd, name):
+    """fd of the folder name in dir_fd, opened without following a link; None when missing."""
+    if dir_fd is None:
+        return None
     try:
-        os.fsync(fd)
-    finally:
+        return os.open(name, O_DIR, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+
+
+def _open_file_at(dir_fd, name):
+    """(fd, fstat) of the regular file name in dir_fd, opened without following a link; None when missing.
+
+    Raises OSError ELOOP for a link, and SyncError-free NotRegular for anything that is not a regular file.
+    """
+    if dir_fd is None:
+        return None
+    try:
+        fd = os.open(name, O_READ, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
         os.close(fd)
+        raise NotRegular(_kind(st))
+    return fd, st
 
 
-def _sha256_file(path):
+class NotRegular(Exception):
+    """What was found where a regular file is expected (a folder, a FIFO, a device)."""
+
+
+def _read_fd(fd):
+    chunks = []
+    while True:
+        chunk = os.read(fd, CHUNK)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _sha256_fd(fd):
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(CHUNK)
-            if not chunk:
-                break
-            h.update(chunk)
+    os.lseek(fd, 0, os.SEEK_SET)
+    while True:
+        chunk = os.read(fd, CHUNK)
+        if not chunk:
+            break
+        h.update(chunk)
     return "sha256:" + h.hexdigest()
 
 
@@ -414,8 +492,10 @@ class Syncer:
     def __init__(self, module, params):
         self.module = module
         self.check = module.check_mode
-        self.src = os.path.realpath(params["src"])
-        self.dest = os.path.abspath(params["dest"])
+        self.src = os.path.abspath(params["src"])
+        self.dest = os.path.abspath(params["dest"]).rstrip("/") or "/"
+        if self.dest == "/":
+            raise SyncError("dest must be a models folder, not /")
         self.method = params["method"]
         self.verify = params["verify"]
         self.verify_existing = params["verify_existing"]
@@ -437,10 +517,29 @@ class Syncer:
             "pruned_models": [],
             "pruned_blobs": [],
             "stale_removed": [],
+            "links_replaced": [],
             "models": [],
             "blobs": [],
         }
         self._lock_fd = None
+        self._fds = []
+        # fds of the trusted roots and of the folders below them, opened once without following links
+        self.src_fd = self.src_blobs_fd = None
+        self.dest_fd = self.blobs_fd = self.manifests_fd = self.partial_fd = None
+
+    def close(self):
+        self.unlock()
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = []
+
+    def _keep(self, fd):
+        if fd is not None:
+            self._fds.append(fd)
+        return fd
 
     # -- ownership and modes ---------------------------------------------------------------------------
 
@@ -469,35 +568,72 @@ class Syncer:
             return True
         return self.gid != -1 and st.st_gid != self.gid
 
-    def _apply_attrs(self, path, mode):
+    def _apply_attrs(self, fd, mode):
+        """Owner, group and mode of what fd holds open (never a path: a link swapped in meanwhile is not followed)."""
         if self.uid != -1 or self.gid != -1:
-            os.chown(path, self.uid, self.gid)
-        os.chmod(path, mode)
+            os.fchown(fd, self.uid, self.gid)
+        os.fchmod(fd, mode)
 
-    def fix_attrs(self, path, mode):
-        """Bring an existing path to the wanted owner/group/mode; return True when it changed (or would)."""
-        st = os.stat(path)
-        if not self._attrs_differ(st, mode):
+    def fix_attrs(self, fd, mode):
+        """Bring the open file or folder fd to the wanted owner/group/mode; return True when it changed (or would)."""
+        if not self._attrs_differ(os.fstat(fd), mode):
             return False
         if not self.check:
-            self._apply_attrs(path, mode)
+            self._apply_attrs(fd, mode)
         return True
 
-    def ensure_dir(self, path):
-        st = _stat(path)
+    # -- links found where herd expects its own folders and files ---------------------------------------
+
+    def replace_link(self, dir_fd, name, path, kind):
+        """Remove the entry name (a link or special file, never a folder) so herd writes its own; report it."""
+        self.module.warn(
+            f"ollama_model_sync: {path} was a {kind} where herd keeps its own "
+            f"{'folder' if name in ('blobs', 'manifests', PARTIAL_DIR) else 'file or folder'}; it was removed "
+            f"(never followed) and is written again. Something with write access to {self.dest} put it there: "
+            f"check that host's Ollama instance"
+        )
+        self.result["links_replaced"].append(path)
+        self.result["changed"] = True
+        if not self.check:
+            os.unlink(name, dir_fd=dir_fd)
+
+    def ensure_dir_at(self, dir_fd, name, path, mode=None):
+        """fd of the folder name in dir_fd, created when missing; a link there is replaced, never followed.
+
+        Returns (fd or None in check mode when missing, changed).
+        """
+        mode = self.dir_mode if mode is None else mode
+        st = _lstat_at(dir_fd, name)
+        changed = False
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            if stat.S_ISREG(st.st_mode):
+                raise SyncError(f"{path} is a file where herd expects a folder; remove it by hand")
+            self.replace_link(dir_fd, name, path, _kind(st))
+            st = None
         if st is None:
-            if not self.check:
-                os.makedirs(path, exist_ok=True)
-                self._apply_attrs(path, self.dir_mode)
-            return True
-        if not os.path.isdir(path):
-            raise SyncError(f"{path} exists and is not a folder")
-        return self.fix_attrs(path, self.dir_mode)
+            changed = True
+            if self.check or dir_fd is None:
+                return None, True
+            os.mkdir(name, 0o700, dir_fd=dir_fd)
+        try:
+            fd = os.open(name, O_DIR, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise SyncError(
+                    f"{path} was replaced by a {'link' if exc.errno == errno.ELOOP else 'file'} while herd worked "
+                    f"on it; something with write access to {self.dest} is changing it: stop that host's Ollama "
+                    f"instance and run again"
+                ) from None
+            raise
+        self._keep(fd)
+        return fd, self.fix_attrs(fd, mode) or changed
 
     # -- locking and stale temporaries -----------------------------------------------------------------
 
     def lock(self):
-        self._lock_fd = os.open(os.path.join(self.partial_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock_fd = os.open(
+            LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.partial_fd
+        )
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -511,30 +647,73 @@ class Syncer:
             self._lock_fd = None
 
     def stale_temporaries(self):
-        try:
-            names = os.listdir(self.partial_dir)
-        except FileNotFoundError:
+        if self.partial_fd is None:
             return []
-        return sorted(n for n in names if n != LOCK_NAME)
+        return sorted(n for n in os.listdir(self.partial_fd) if n != LOCK_NAME)
 
     def remove_stale(self):
         for name in self.stale_temporaries():
             path = os.path.join(self.partial_dir, name)
             self.module.log(f"ollama_model_sync: removing stale temporary {path} left by an interrupted run")
+            st = _lstat_at(self.partial_fd, name)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                raise SyncError(f"unexpected folder {path}; remove it by hand")
             if not self.check:
-                if os.path.isdir(path) and not os.path.islink(path):
-                    raise SyncError(f"unexpected folder {path}; remove it by hand")
-                os.unlink(path)
+                os.unlink(name, dir_fd=self.partial_fd)
             self.result["stale_removed"].append(name)
 
-    def _tmp_path(self, name):
-        return os.path.join(self.partial_dir, f"{name}-{os.getpid()}")
+    def _tmp_name(self, name):
+        return f"{name}-{os.getpid()}"
 
     # -- store --------------------------------------------------------------------------------------------
 
+    def _store_link_error(self, path, kind):
+        return SyncError(
+            f"the model store {self.src} holds a {kind} at {path}; herd never follows links in a store "
+            f"(the store belongs to the ollama account): remove {path} and fill the store again "
+            f"('OLLAMA_MODELS={self.src} ollama pull <name>' or unpack the offline model bundle)"
+        )
+
+    def _store_dir(self, dir_fd, name, path):
+        """fd of a folder in the store, never through a link (a link is an error); None when missing."""
+        st = _lstat_at(dir_fd, name)
+        if st is None:
+            return None
+        if not stat.S_ISDIR(st.st_mode):
+            raise self._store_link_error(path, _kind(st))
+        fd = _open_dir_at(dir_fd, name)
+        if fd is None:
+            return None
+        return self._keep(fd)
+
+    def _store_file(self, dir_fd, name, path):
+        """(fd, stat) of a regular file in the store, never through a link; None when missing."""
+        st = _lstat_at(dir_fd, name)
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise self._store_link_error(path, _kind(st))  # not even opened: a device node could act on open
+        try:
+            return _open_file_at(dir_fd, name)
+        except NotRegular as exc:
+            raise self._store_link_error(path, str(exc)) from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise self._store_link_error(path, "symbolic link") from None
+            raise
+
+    def open_src(self):
+        """Open the store root (the path as given, links in it resolved: it is the administrator's path)."""
+        try:
+            self.src_fd = self._keep(os.open(self.src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        except FileNotFoundError:
+            self.src_fd = None
+        except NotADirectoryError:
+            raise SyncError(f"model store {self.src} is not a folder") from None
+
     def load_models(self, names):
         """Read and check every wanted model in the store before anything is written."""
-        if not os.path.isdir(os.path.join(self.src, "manifests")):
+        self.open_src()
+        manifests_fd = self._store_dir(self.src_fd, "manifests", os.path.join(self.src, "manifests"))
+        if manifests_fd is None and names:
             raise SyncError(
                 f"model store {self.src} has no manifests/ folder; fill it with "
                 f"'OLLAMA_MODELS={self.src} ollama pull <name>' or unpack an offline model bundle into it"
@@ -545,16 +724,24 @@ class Syncer:
                 parsed = parse_name(raw)
             except ValueError as exc:
                 raise SyncError(str(exc)) from None
-            rel = os.path.join("manifests", *name_parts(parsed))
+            parts = name_parts(parsed)
+            rel = os.path.join("manifests", *parts)
             if rel in seen:
                 continue
             seen.add(rel)
             path = os.path.join(self.src, rel)
-            if not os.path.isfile(path):
+            dir_fd = manifests_fd
+            for i, part in enumerate(parts[:-1]):
+                dir_fd = self._store_dir(dir_fd, part, os.path.join(self.src, "manifests", *parts[: i + 1]))
+            opened = self._store_file(dir_fd, parts[-1], path)
+            if opened is None:
                 missing.append(f"{raw} ({full_name(parsed)}: no {rel})")
                 continue
-            with open(path, "rb") as f:
-                raw_bytes = f.read()
+            fd, _st = opened
+            try:
+                raw_bytes = _read_fd(fd)
+            finally:
+                os.close(fd)
             try:
                 blobs = parse_manifest(raw_bytes.decode("utf-8"))
             except (ValueError, UnicodeDecodeError) as exc:
@@ -564,6 +751,7 @@ class Syncer:
                     "name": raw,
                     "fullname": full_name(parsed),
                     "manifest": rel,
+                    "parts": parts,
                     "bytes": raw_bytes,
                     "blobs": blobs,
                 }
@@ -574,23 +762,112 @@ class Syncer:
                 f"'OLLAMA_MODELS={self.src} ollama pull <name>' against your registry or mirror, "
                 f"or unpack an offline model bundle into {self.src}"
             )
+        if not models:
+            return models
+        self.src_blobs_fd = self._store_dir(self.src_fd, "blobs", os.path.join(self.src, "blobs"))
         for model in models:
             for blob in model["blobs"]:
-                path = os.path.join(self.src, "blobs", blob_filename(blob["digest"]))
-                st = _stat(path)
-                if st is None:
+                name = blob_filename(blob["digest"])
+                path = os.path.join(self.src, "blobs", name)
+                opened = self._store_file(self.src_blobs_fd, name, path)
+                if opened is None:
                     raise SyncError(
                         f"the store {self.src} is incomplete: model {model['name']} needs blob {blob['digest']} "
                         f"but {path} is missing; pull the model into the store again"
                     )
+                fd, st = opened
+                os.close(fd)
                 if st.st_size != blob["size"]:
                     raise SyncError(
                         f"the store {self.src} is damaged: blob {path} of model {model['name']} has "
                         f"{st.st_size} bytes, its manifest says {blob['size']}; pull the model into the store again"
                     )
+                blob["src_name"] = name
                 blob["src_path"] = path
                 blob["src_stat"] = st
         return models
+
+    def open_src_blob(self, blob):
+        """fd of a store blob, again without following links, checked to be the file load_models saw."""
+        opened = self._store_file(self.src_blobs_fd, blob["src_name"], blob["src_path"])
+        if opened is None:
+            raise SyncError(f"{blob['src_path']} disappeared from the store while herd worked; run again")
+        fd, st = opened
+        if (st.st_dev, st.st_ino) != (blob["src_stat"].st_dev, blob["src_stat"].st_ino):
+            os.close(fd)
+            raise SyncError(f"{blob['src_path']} was replaced in the store while herd worked; run again")
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+        return fd
+
+    # -- dest ---------------------------------------------------------------------------------------------
+
+    def open_dest(self):
+        """Open dest's parent (trusted: herd's own root-owned folder) and dest and its folders without links."""
+        parent, name = os.path.split(self.dest)
+        changed = False
+        if not os.path.isdir(parent) and not self.check:
+            os.makedirs(parent, 0o755)
+            changed = True
+        try:
+            parent_fd = self._keep(os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        except FileNotFoundError:
+            parent_fd = None
+        st = _lstat_at(parent_fd, name)
+        if st is not None and stat.S_ISLNK(st.st_mode) and self._trusted_link(parent_fd, st):
+            # dest itself is a link root made in a folder only root can write (an administrator's choice)
+            self.dest_fd = self._keep(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=parent_fd))
+            changed |= self.fix_attrs(self.dest_fd, self.dir_mode)
+        else:
+            self.dest_fd, c = self.ensure_dir_at(parent_fd, name, self.dest)
+            changed |= c
+        self.blobs_fd, c = self.ensure_dir_at(self.dest_fd, "blobs", self.blobs_dir)
+        changed |= c
+        self.manifests_fd, c = self.ensure_dir_at(self.dest_fd, "manifests", self.manifests_dir)
+        changed |= c
+        return changed
+
+    @staticmethod
+    def _trusted_link(parent_fd, link_st):
+        """A link owned by root in a folder owned by root that no one else can write: only root could make it."""
+        pst = os.fstat(parent_fd)
+        return link_st.st_uid == 0 and pst.st_uid == 0 and not pst.st_mode & 0o022
+
+    def open_partial(self):
+        """The folder for temporaries: root's own (0700); ownership is set on each file before it is renamed."""
+        st = _lstat_at(self.dest_fd, PARTIAL_DIR)
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            self.replace_link(self.dest_fd, PARTIAL_DIR, self.partial_dir, _kind(st))
+            st = None
+        if st is None:
+            os.mkdir(PARTIAL_DIR, 0o700, dir_fd=self.dest_fd)
+        self.partial_fd = self._keep(os.open(PARTIAL_DIR, O_DIR, dir_fd=self.dest_fd))
+        if os.geteuid() == 0 and os.fstat(self.partial_fd).st_uid != 0:
+            os.fchown(self.partial_fd, 0, 0)  # made by someone else: no one but root may swap temporaries in it
+        os.fchmod(self.partial_fd, 0o700)
+
+    def open_dest_file(self, dir_fd, name, path):
+        """(fd, stat) of an existing regular file in dest; a link or special file there is removed (reported).
+
+        Returns None when missing or removed.
+        """
+        st = _lstat_at(dir_fd, name)
+        if st is None:
+            return None
+        if stat.S_ISDIR(st.st_mode):
+            raise SyncError(f"{path} is a folder, expected a file; remove it by hand")
+        if not stat.S_ISREG(st.st_mode):
+            self.replace_link(dir_fd, name, path, _kind(st))
+            return None
+        try:
+            return _open_file_at(dir_fd, name)
+        except (NotRegular, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno != errno.ELOOP:
+                raise
+            raise SyncError(
+                f"{path} was replaced while herd worked on it; something with write access to {self.dest} is "
+                f"changing it: stop that host's Ollama instance and run again"
+            ) from None
 
     # -- blob writers ------------------------------------------------------------------------------------
 
@@ -600,33 +877,32 @@ class Syncer:
             f"nothing was written under its final name; pull the model into the store {self.src} again"
         )
 
-    def _copy_to(self, blob, tmp):
-        """Copy src to tmp, hashing the bytes as they are written. Returns bytes written."""
+    def _copy_to(self, blob, fd):
+        """Copy the store blob into the open temporary fd, hashing the bytes as they are written."""
         h = hashlib.sha256()
         size, written = blob["size"], 0
         next_log = GIB
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        src = self.open_src_blob(blob)
         try:
-            with open(blob["src_path"], "rb") as src:
-                while True:
-                    chunk = src.read(CHUNK)
-                    if not chunk:
-                        break
-                    if self.verify:
-                        h.update(chunk)
-                    view = memoryview(chunk)
-                    while view:
-                        n = os.write(fd, view)
-                        view = view[n:]
-                    written += len(chunk)
-                    if written >= next_log:
-                        self.module.log(
-                            f"ollama_model_sync: {blob['digest']} {human_bytes(written)} of {human_bytes(size)}"
-                        )
-                        next_log += GIB
-            os.fsync(fd)
+            while True:
+                chunk = os.read(src, CHUNK)
+                if not chunk:
+                    break
+                if self.verify:
+                    h.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                written += len(chunk)
+                if written >= next_log:
+                    self.module.log(
+                        f"ollama_model_sync: {blob['digest']} {human_bytes(written)} of {human_bytes(size)}"
+                    )
+                    next_log += GIB
         finally:
-            os.close(fd)
+            os.close(src)
+        os.fsync(fd)
         if written != size:
             raise SyncError(f"blob {blob['src_path']} changed while being copied ({written} bytes, expected {size})")
         if self.verify:
@@ -635,21 +911,19 @@ class Syncer:
                 self._fail_digest(blob, got, "copied from")
         return written
 
-    def _reflink_to(self, blob, tmp):
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    def _reflink_to(self, blob, fd):
+        src = self.open_src_blob(blob)
         try:
-            with open(blob["src_path"], "rb") as src:
-                try:
-                    fcntl.ioctl(fd, FICLONE, src.fileno())
-                except OSError as exc:
-                    if exc.errno in REFLINK_ERRNOS:
-                        raise SyncError(self._reflink_message(exc)) from None
-                    raise
-            os.fsync(fd)
+            fcntl.ioctl(fd, FICLONE, src)
+        except OSError as exc:
+            if exc.errno in REFLINK_ERRNOS:
+                raise SyncError(self._reflink_message(exc)) from None
+            raise
         finally:
-            os.close(fd)
+            os.close(src)
+        os.fsync(fd)
         if self.verify:
-            got = _sha256_file(tmp)
+            got = _sha256_fd(fd)
             if got != blob["digest"]:
                 self._fail_digest(blob, got, "reflinked from")
 
@@ -673,12 +947,19 @@ class Syncer:
         )
 
     def _hardlink_to(self, blob, tmp):
-        if self.verify:
-            got = _sha256_file(blob["src_path"])
-            if got != blob["digest"]:
-                self._fail_digest(blob, got, "store file")
+        """Hard link the store's file (the inode load_models checked, never a link) as tmp in the partial folder."""
+        src = self.open_src_blob(blob)
         try:
-            os.link(blob["src_path"], tmp)
+            if self.verify:
+                got = _sha256_fd(src)
+                if got != blob["digest"]:
+                    self._fail_digest(blob, got, "store file")
+        finally:
+            os.close(src)
+        try:
+            os.link(
+                blob["src_name"], tmp, src_dir_fd=self.src_blobs_fd, dst_dir_fd=self.partial_fd, follow_symlinks=False
+            )
         except OSError as exc:
             if exc.errno == errno.EXDEV:
                 raise SyncError(
@@ -686,6 +967,12 @@ class Syncer:
                     f"use method=copy or method=reflink"
                 ) from None
             raise
+        fd = os.open(tmp, O_READ, dir_fd=self.partial_fd)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (blob["src_stat"].st_dev, blob["src_stat"].st_ino):
+            os.close(fd)
+            raise SyncError(f"{blob['src_path']} was replaced in the store while herd worked; run again")
+        return fd
 
     def write_blob(self, blob, reason):
         name = blob_filename(blob["digest"])
@@ -702,88 +989,152 @@ class Syncer:
             if self.method == "copy":
                 self.result["bytes_copied"] += blob["size"]
             return
-        tmp = self._tmp_path(name)
+        tmp = self._tmp_name(name)
         self.module.log(f"ollama_model_sync: {self.method} {blob['digest']} ({human_bytes(blob['size'])}) -> {final}")
         start = time.monotonic()
+        fd = None
         try:
-            if self.method == "copy":
-                self.result["bytes_copied"] += self._copy_to(blob, tmp)
-            elif self.method == "reflink":
-                self._reflink_to(blob, tmp)
+            if self.method == "hardlink":
+                fd = self._hardlink_to(blob, tmp)
             else:
-                self._hardlink_to(blob, tmp)
-            self._apply_attrs(tmp, self.mode)
-            os.rename(tmp, final)
+                fd = os.open(tmp, O_CREATE, 0o600, dir_fd=self.partial_fd)
+                if self.method == "copy":
+                    self.result["bytes_copied"] += self._copy_to(blob, fd)
+                else:
+                    self._reflink_to(blob, fd)
+            self._apply_attrs(fd, self.mode)
+            # rename replaces the name in blobs/ (a link there is replaced, never followed)
+            os.rename(tmp, name, src_dir_fd=self.partial_fd, dst_dir_fd=self.blobs_fd)
         except BaseException:
             try:
-                os.unlink(tmp)
+                os.unlink(tmp, dir_fd=self.partial_fd)
             except OSError:
                 pass
             raise
-        _fsync_dir(self.blobs_dir)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        os.fsync(self.blobs_fd)
         seconds = time.monotonic() - start
         entry["seconds"] = round(seconds, 3)
         entry["mib_per_s"] = round(blob["size"] / 1048576.0 / seconds, 1) if seconds > 0 else None
         self.module.log(f"ollama_model_sync: done {blob['digest']} in {seconds:.1f} s")
 
     def write_manifest(self, model):
+        parts = model["parts"]
         final = os.path.join(self.dest, model["manifest"])
-        try:
-            with open(final, "rb") as f:
-                current = f.read()
-        except FileNotFoundError:
-            current = None
-        except IsADirectoryError:
-            raise SyncError(f"{final} is a folder, expected a manifest file; remove it by hand") from None
-        parent = os.path.dirname(final)
-        rel_parts = os.path.relpath(parent, self.dest).split(os.sep)
-        for i in range(1, len(rel_parts) + 1):
-            if self.ensure_dir(os.path.join(self.dest, *rel_parts[:i])):
+        dir_fd = self.manifests_fd
+        for i, part in enumerate(parts[:-1]):
+            dir_fd, changed = self.ensure_dir_at(dir_fd, part, os.path.join(self.manifests_dir, *parts[: i + 1]))
+            if changed:
                 self.result["changed"] = True
-        if current == model["bytes"]:
-            if os.path.exists(final) and self.fix_attrs(final, self.mode):
-                self.result["changed"] = True
-            return
+        opened = self.open_dest_file(dir_fd, parts[-1], final)
+        current = None
+        if opened is not None:
+            fd, st = opened
+            try:
+                # a manifest with other hard links is rewritten: fchown on it would change the other names too
+                current = _read_fd(fd) if st.st_nlink == 1 else None
+                if current == model["bytes"]:
+                    if self.fix_attrs(fd, self.mode):
+                        self.result["changed"] = True
+                    return
+            finally:
+                os.close(fd)
         self.result["manifests_written"].append(model["manifest"])
         self.result["changed"] = True
         if self.check:
             return
-        tmp = self._tmp_path("manifest")
+        tmp = self._tmp_name("manifest")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(tmp, O_CREATE, 0o600, dir_fd=self.partial_fd)
             try:
                 os.write(fd, model["bytes"])
                 os.fsync(fd)
+                self._apply_attrs(fd, self.mode)
             finally:
                 os.close(fd)
-            self._apply_attrs(tmp, self.mode)
-            os.rename(tmp, final)
+            os.rename(tmp, parts[-1], src_dir_fd=self.partial_fd, dst_dir_fd=dir_fd)
         except BaseException:
             try:
-                os.unlink(tmp)
+                os.unlink(tmp, dir_fd=self.partial_fd)
             except OSError:
                 pass
             raise
-        _fsync_dir(parent)
+        os.fsync(dir_fd)
 
     # -- prune -------------------------------------------------------------------------------------------
 
-    def dest_manifests(self):
-        """(relative path, full name or None) of every file below dest/manifests."""
+    def _walk(self, dir_fd, parts):
+        """(parts, lstat) of every non-folder entry below the open folder dir_fd; links are listed, never entered."""
         found = []
-        for root, _dirs, files in os.walk(self.manifests_dir):
-            for fname in files:
-                path = os.path.join(root, fname)
-                parts = os.path.relpath(path, self.manifests_dir).split(os.sep)
-                found.append((os.path.join("manifests", *parts), name_from_parts(parts)))
-        return sorted(found)
+        for name in sorted(os.listdir(dir_fd)):
+            st = _lstat_at(dir_fd, name)
+            if st is None:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                sub = _open_dir_at(dir_fd, name)
+                if sub is None:
+                    continue
+                try:
+                    found.extend(self._walk(sub, parts + [name]))
+                finally:
+                    os.close(sub)
+            else:
+                found.append((parts + [name], st))
+        return found
+
+    def dest_manifests(self):
+        """(relative path, full name or None) of every file (or link) below dest/manifests, none followed."""
+        if self.manifests_fd is None:
+            return []
+        return [
+            (os.path.join("manifests", *parts), name_from_parts(parts))
+            for parts, _st in self._walk(self.manifests_fd, [])
+        ]
 
     def dest_blobs(self):
+        """{name: lstat} of the entries named sha256-<hex> in dest/blobs (links included, never followed)."""
+        if self.blobs_fd is None:
+            return {}
+        out = {}
+        for name in os.listdir(self.blobs_fd):
+            if BLOB_FILE_RE.match(name):
+                st = _lstat_at(self.blobs_fd, name)
+                if st is not None and not stat.S_ISDIR(st.st_mode):
+                    out[name] = st
+        return dict(sorted(out.items()))
+
+    def _unlink_manifest(self, rel):
+        parts = rel.split(os.sep)[1:]
+        dir_fd, opened = self.manifests_fd, []
         try:
-            names = os.listdir(self.blobs_dir)
-        except FileNotFoundError:
-            return []
-        return sorted(n for n in names if BLOB_FILE_RE.match(n) and os.path.isfile(os.path.join(self.blobs_dir, n)))
+            for part in parts[:-1]:
+                dir_fd = _open_dir_at(dir_fd, part)
+                if dir_fd is None:
+                    return
+                opened.append(dir_fd)
+            os.unlink(parts[-1], dir_fd=dir_fd)
+        finally:
+            for fd in opened:
+                os.close(fd)
+
+    def _remove_empty_dirs(self, dir_fd):
+        """Remove folders left empty below dir_fd, deepest first (never through a link). True when dir_fd is empty."""
+        for name in os.listdir(dir_fd):
+            st = _lstat_at(dir_fd, name)
+            if st is None or not stat.S_ISDIR(st.st_mode):
+                continue
+            sub = _open_dir_at(dir_fd, name)
+            if sub is None:
+                continue
+            try:
+                empty = self._remove_empty_dirs(sub)
+            finally:
+                os.close(sub)
+            if empty:
+                os.rmdir(name, dir_fd=dir_fd)
+        return not os.listdir(dir_fd)
 
     def prune_dest(self, models):
         wanted_manifests = {m["manifest"] for m in models}
@@ -793,42 +1144,35 @@ class Syncer:
                 continue
             self.result["pruned_models"].append(fullname)
             if not self.check:
-                os.unlink(os.path.join(self.dest, rel))
+                self._unlink_manifest(rel)
         if self.result["pruned_models"] and not self.check:
-            # drop folders left empty below manifests/, deepest first
-            for root, _dirs, _files in sorted(os.walk(self.manifests_dir), key=lambda t: -len(t[0])):
-                if root != self.manifests_dir and not os.listdir(root):
-                    os.rmdir(root)
+            self._remove_empty_dirs(self.manifests_fd)
         for name in self.dest_blobs():
             if name in wanted_blobs:
                 continue
             self.result["pruned_blobs"].append(digest_from_filename(name))
             if not self.check:
-                os.unlink(os.path.join(self.blobs_dir, name))
+                os.unlink(name, dir_fd=self.blobs_fd)
 
     # -- the run -----------------------------------------------------------------------------------------
 
     def snapshot(self):
-        if not os.path.isdir(self.dest):
+        if self.dest_fd is None:
             return ""
         lines = [rel for rel, _name in self.dest_manifests()]
-        for name in self.dest_blobs():
-            lines.append(f"blobs/{name} {os.path.getsize(os.path.join(self.blobs_dir, name))}")
+        for name, st in self.dest_blobs().items():
+            lines.append(f"blobs/{name} {st.st_size}")
         return "".join(line + "\n" for line in lines)
 
     def run(self, names):
         models = self.load_models(names)
+        changed_dirs = self.open_dest()
         before = self.snapshot() if self.module._diff else None
-
-        changed_dirs = False
-        for path in (self.dest, self.blobs_dir, self.manifests_dir):
-            changed_dirs |= self.ensure_dir(path)
         if not self.check:
-            st = _stat(self.partial_dir)
-            if st is None:
-                os.makedirs(self.partial_dir, exist_ok=True)
-            os.chmod(self.partial_dir, 0o700)
+            self.open_partial()
             self.lock()
+        elif _kind(_lstat_at(self.dest_fd, PARTIAL_DIR)) == "folder":
+            self.partial_fd = self._keep(_open_dir_at(self.dest_fd, PARTIAL_DIR))
         self.remove_stale()
 
         # plan every blob first, so a lack of space shows before anything is written
@@ -838,24 +1182,27 @@ class Syncer:
                 if blob["digest"] in seen:
                     continue
                 seen.add(blob["digest"])
-                final = os.path.join(self.blobs_dir, blob_filename(blob["digest"]))
-                dest_st = _stat(final)
-                if dest_st is not None and not os.path.isfile(final):
-                    raise SyncError(f"{final} is not a regular file; remove it by hand")
-                action, reason = decide_blob(blob, dest_st, blob["src_stat"], self.method)
-                if action is None and self.verify_existing:
-                    got = _sha256_file(final)
-                    if got != blob["digest"]:
-                        action, reason = self.method, f"content hashes to {got}"
-                if action is None:
-                    if self.fix_attrs(final, self.mode):
-                        self.result["changed"] = True
-                    continue
+                name = blob_filename(blob["digest"])
+                opened = self.open_dest_file(self.blobs_fd, name, os.path.join(self.blobs_dir, name))
+                fd, dest_st = opened if opened is not None else (None, None)
+                try:
+                    action, reason = decide_blob(blob, dest_st, blob["src_stat"], self.method)
+                    if action is None and self.verify_existing:
+                        got = _sha256_fd(fd)
+                        if got != blob["digest"]:
+                            action, reason = self.method, f"content hashes to {got}"
+                    if action is None:
+                        if self.fix_attrs(fd, self.mode):
+                            self.result["changed"] = True
+                        continue
+                finally:
+                    if fd is not None:
+                        os.close(fd)
                 todo.append((blob, reason))
                 if self.method == "copy":
                     need_bytes += blob["size"]
-        if need_bytes and os.path.isdir(self.dest):
-            vfs = os.statvfs(self.dest)
+        if need_bytes and self.dest_fd is not None:
+            vfs = os.statvfs(self.dest_fd)
             free = vfs.f_bavail * vfs.f_frsize
             if need_bytes > free:
                 raise SyncError(
@@ -898,16 +1245,18 @@ class Syncer:
             f"linked {len(r['linked'])}, repaired {len(r['repaired'])}, "
             f"pruned {len(r['pruned_models'])} model(s) and {len(r['pruned_blobs'])} blob(s)"
         )
+        if r["links_replaced"]:
+            r["msg"] += (
+                f"; replaced {len(r['links_replaced'])} link(s) (never followed): {', '.join(r['links_replaced'])}"
+            )
         if self.check:
             r["msg"] = "check mode, nothing written: " + r["msg"]
         return r
 
     def planned_snapshot(self, models):
         """What snapshot() would show after a real run (used for the diff in check mode)."""
-        manifests = {rel for rel, _name in self.dest_manifests()} if os.path.isdir(self.manifests_dir) else set()
-        blobs = {}
-        for name in self.dest_blobs():
-            blobs[name] = os.path.getsize(os.path.join(self.blobs_dir, name))
+        manifests = {rel for rel, _name in self.dest_manifests()}
+        blobs = {name: st.st_size for name, st in self.dest_blobs().items()}
         for model in models:
             manifests.add(model["manifest"])
             for b in model["blobs"]:
@@ -943,7 +1292,7 @@ def main():
         try:
             result = syncer.run(module.params["models"])
         finally:
-            syncer.unlock()
+            syncer.close()
     except (SyncError, OSError) as exc:
         if isinstance(exc, SyncError):
             msg = str(exc)

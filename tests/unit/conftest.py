@@ -35,3 +35,11 @@ sys.modules.setdefault("herd_testing", sys.modules[__name__])
 MODULE_UTILS = str(pathlib.Path(__file__).resolve().parents[2] / "plugins" / "module_utils")
 if MODULE_UTILS not in ansible.module_utils.__path__:
     ansible.module_utils.__path__.append(MODULE_UTILS)
+
+# herd's service library (role herd_service), importable as herd-exporter and herd-guard import it on the hosts
+# (PYTHONPATH=/usr/local/lib/herd in their units).
+import sys  # noqa: E402
+
+SERVICE_LIB = str(pathlib.Path(__file__).resolve().parents[2] / "roles" / "herd_service" / "files")
+if SERVICE_LIB not in sys.path:
+    sys.path.insert(0, SERVICE_LIB)

@@ -15,7 +15,10 @@ PLAYBOOK = yaml.safe_load((REPO / "playbooks" / "teardown.yml").read_text())
 
 
 def _installs(role: pathlib.Path) -> bool:
-    return any((role / "tasks" / name).exists() for name in ("install.yml", "apply.yml", "configure.yml"))
+    """A role with install/apply/configure tasks, or one that installs a herd service through role herd_service."""
+    main = role / "tasks" / "main.yml"
+    return (any((role / "tasks" / name).exists() for name in ("install.yml", "apply.yml", "configure.yml"))
+            or (main.exists() and "name: herd_service\n" in main.read_text()))
 
 
 def _included() -> list[tuple[str, str]]:

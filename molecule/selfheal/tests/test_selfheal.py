@@ -4,7 +4,9 @@
 - a hung instance (kill -STOP) under streaming load is drained by herd-guard on the gateways, restarted by the
   GPU host's herd-guard, and returns to the pool;
 - docker stop of the gateway host holding the floating address under streaming load from the docker host
-  (only to the scenario's own network): the address moves to the other gateway.
+  (only to the scenario's own network): the address moves to the other gateway;
+- the instance firewall and the VRRP filter survive `systemctl restart nftables` (Debian's `flush ruleset`), and a
+  VRRP advert from a non-peer on the scenario's network (the GPU host) is dropped: the address stays.
 Every figure goes to the scenario's measurements. Every loop is bounded in count and time; the cluster is
 left as found (stopped hosts started again, broken files removed, stopped processes continued).
 """
@@ -26,6 +28,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 GW1, GW2, GPU = "herd-sh-gw1", "herd-sh-gw2", "herd-sh-gpu"
 GATEWAYS = (GW1, GW2)
 VIP = "172.29.216.250"
+VRID, VRRP_PASS = 51, "herd-lab"  # role default gateway_vip_router_id, the scenario's gateway_vip_auth_pass
+PORTS = (11434, 11435)
 MODEL = "herd-tiny:1b"
 LOAD_ARGS = ["--model", MODEL, "--stream", "--prompt-mix", "long:16:200:1",
              "--progress", "0", "--quiet", "--timeout", "20"]
@@ -247,6 +251,169 @@ def test_guard_never_drains_the_last_healthy_instance():
     assert refused is not None
     assert len(drained) == 1 and record == drained, (drained, record)
     assert back is not None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# herd services (role herd_service): notify units with a watchdog, one library per host, one reading per storm
+
+GUARD_WATCHDOG = 10  # guard_watchdog_seconds of herd-sh-gpu (host_vars)
+
+
+def _show(host, unit, *props):
+    out = _sh(host, f"systemctl show {unit} " + " ".join(f"-p {p}" for p in props)).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def test_herd_services_are_notify_units_with_a_watchdog():
+    for host in (GW1, GPU):
+        for unit, watchdog in (("herd-guard", GUARD_WATCHDOG if host == GPU else 30), ("herd-exporter", 30)):
+            show = _show(host, unit, "Type", "WatchdogUSec", "ActiveState", "Environment", "Restart")
+            assert show["Type"] == "notify" and show["ActiveState"] == "active", (host, unit, show)
+            assert show["WatchdogUSec"] == f"{watchdog}s" and show["Restart"] == "on-failure", (host, unit, show)
+            assert "PYTHONPATH=/usr/local/lib/herd" in show["Environment"], (host, unit, show)
+        assert _sh(host, "test -f /usr/local/lib/herd/herd_service.py").returncode == 0, host
+        guard = _sh(host, "curl -sf -m 2 http://127.0.0.1:9856/metrics").stdout
+        assert "herd_guard_up 1\n" in guard and re.search(r'^herd_guard_loop_up\{loop="[^"]+"\} 1$', guard, re.M), host
+        assert not re.search(r"^herd_guard_loop_up\{.*\} 0$", guard, re.M), guard
+
+
+def _readings(host):
+    out = _sh(host, "curl -sf -m 5 http://127.0.0.1:9855/metrics").stdout
+    m = re.search(r'^herd_exporter_readings_total\{host="[^"]*",reading="gpu"\} (\S+)$', out, re.M)
+    return float(m.group(1)) if m else None
+
+
+def test_a_scrape_storm_costs_one_gpu_reading():
+    """30 scrapes at once on the GPU host: nvidia-smi runs once per exporter_cache_seconds (2 s), not 30 times."""
+    before = _readings(GPU)
+    started = time.monotonic()
+    storm = _sh(GPU, "for i in $(seq 30); do curl -sf -m 10 -o /dev/null -w '%{http_code}\\n' "
+                     "http://127.0.0.1:9855/metrics & done; wait")
+    took = time.monotonic() - started
+    after = _readings(GPU)
+    codes = storm.stdout.split()
+    _measured(f"30 concurrent scrapes of herd-exporter on {GPU}: {codes.count('200')} answered 200 in {took:.1f} s, "
+              f"{after - before:.0f} nvidia-smi runs for them and the scrape after (cache 2 s)")
+    assert codes.count("200") == 30, storm.stdout + storm.stderr
+    # The storm's reading(s), plus the one of the scrape that reads the counter after it.
+    assert before is not None and after - before <= 1 + (1 + took // 2), (before, after, took)
+
+
+def test_a_stopped_guard_is_restarted_by_systemds_watchdog():
+    """kill -STOP of herd-guard: no watchdog ping; systemd restarts it after WatchdogSec, and it is live again."""
+    pid = _main_pid(GPU, "herd-guard")
+    restarts = int(_show(GPU, "herd-guard", "NRestarts")["NRestarts"])
+    assert pid not in ("", "0")
+    try:
+        assert _sh(GPU, f"kill -STOP {pid}").returncode == 0
+        replaced = _wait(lambda: _main_pid(GPU, "herd-guard") not in ("", "0", pid), GUARD_WATCHDOG + 30, step=0.5)
+    finally:
+        if _main_pid(GPU, "herd-guard") == pid:
+            _sh(GPU, f"kill -CONT {pid}")
+    live = _wait(lambda: "herd_guard_up 1\n" in _sh(GPU, "curl -sf -m 1 http://127.0.0.1:9856/metrics").stdout, 20)
+    journal = _sh(GPU, "journalctl -u herd-guard --since '-2min' --no-pager -o cat").stdout
+    _measured(f"kill -STOP of herd-guard on {GPU} (WatchdogSec={GUARD_WATCHDOG}): restarted by systemd after "
+              f"{'never' if replaced is None else f'{replaced:.1f}'} s, /metrics live again "
+              f"{'never' if live is None else f'{live:.1f}'} s later")
+    assert replaced is not None, journal[-2000:]
+    assert replaced >= GUARD_WATCHDOG - 1, "restarted before the watchdog could have fired"
+    assert "Watchdog timeout" in journal, journal[-2000:]
+    assert int(_show(GPU, "herd-guard", "NRestarts")["NRestarts"]) == restarts + 1
+    assert live is not None and _show(GPU, "herd-guard", "ActiveState")["ActiveState"] == "active"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The host firewall's lifecycle (GPU host in systemd mode; the gateways' VRRP filter)
+
+
+def _outsider_reaches(url):
+    """curl's exit code from the docker host (on the scenario's network, not a gateway): 7 = refused."""
+    return subprocess.run(["curl", "-sS", "-m", "3", "-o", "/dev/null", url], capture_output=True, timeout=10).returncode
+
+
+def test_instance_firewall_survives_an_nftables_restart():
+    gpu = _sh(GW1, f"getent hosts {GPU}").stdout.split()[0]
+    props = _sh(GPU, "systemctl show -p Requires -p After ollama@0.service").stdout
+    assert re.search(r"^Requires=.*herd-instance-firewall\.service", props, re.M), props
+    assert re.search(r"^After=.*herd-instance-firewall\.service", props, re.M), props
+    pids = [_main_pid(GPU, f"ollama@{i}") for i in range(len(PORTS))]
+    started = time.monotonic()
+    # restart: nftables' ExecStop and ExecStart both flush the ruleset; stop: the ports stay closed too.
+    for action in ("restart", "reload", "stop", "start"):
+        out = _sh(GPU, f"systemctl {action} nftables", timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert _sh(GPU, "nft list table inet herd_instances").returncode == 0, f"herd's table is gone after {action}"
+        for port in PORTS:
+            url = f"http://{gpu}:{port}/api/version"
+            assert _sh(GW1, f"curl -sf -m 3 {url}", timeout=10).returncode == 0, f"the gateway lost {url} after {action}"
+            assert _outsider_reaches(url) == 7, f"a non-gateway address reached {url} after `systemctl {action} nftables`"
+    # Debian's own table came back with nftables.service: herd deleted nothing of it.
+    assert _sh(GPU, "nft list table inet filter").returncode == 0
+    assert [_main_pid(GPU, f"ollama@{i}") for i in range(len(PORTS))] == pids, "the instances were restarted"
+    _measured(f"systemctl restart/reload/stop/start nftables on {GPU}: herd's table reloaded each time, the gateway "
+              f"reaches both instance ports, the docker host is refused, instances not restarted "
+              f"({time.monotonic() - started:.1f} s for the whole check)")
+
+
+_VRRP_SPOOF = """
+import socket, struct, sys, time
+vrid, prio, vip, password, count = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+def csum(b):
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xFFFF)
+    return ~(s + (s >> 16)) & 0xFFFF
+def advert():
+    head = struct.pack("!BBBBBBH", 0x21, vrid, prio, 1, 1, 1, 0) + socket.inet_aton(vip) + password.encode().ljust(8, bytes(1))
+    return head[:6] + struct.pack("!H", csum(head)) + head[8:]
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, 112)
+s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 255)
+for _ in range(count):
+    for target in sys.argv[6:]:
+        s.sendto(advert(), (target, 0))
+    time.sleep(0.5)
+"""
+
+
+def _vrrp_dropped(host):
+    m = re.search(r"ip protocol (?:112|vrrp) counter packets (\d+)", _sh(host, "nft list table inet herd_vrrp").stdout)
+    return int(m.group(1)) if m else None
+
+
+def test_vrrp_from_a_non_peer_is_dropped_and_the_address_stays():
+    assert _wait(lambda: len(_vip_holder()) == 1, 20) is not None
+    holder = _vip_holder()[0]
+    for host in GATEWAYS:
+        conf = _sh(host, "cat /etc/keepalived/keepalived.conf").stdout
+        assert "check_unicast_src" in conf and "script_user herd-vip-check" in conf, conf
+        assert _sh(host, "id -u herd-vip-check").returncode == 0
+    # The filter survives Debian's `flush ruleset` on the holder too.
+    assert _sh(holder, "systemctl restart nftables", timeout=30).returncode == 0
+    before = {h: _vrrp_dropped(h) for h in GATEWAYS}
+    assert None not in before.values(), _sh(holder, "nft list ruleset").stdout
+    targets = [_sh(GW1, f"getent hosts {h}").stdout.split()[0] for h in GATEWAYS]
+    # A well-formed advert with the pair's id and password and the highest priority, from the GPU host (a lab host
+    # on the same network that is not a peer), 8 to each gateway over 4 s; without the filter the holder gives the
+    # address up at the first one.
+    count = 8
+    spoof = subprocess.Popen(["docker", "exec", GPU, "python3", "-c", _VRRP_SPOOF, str(VRID), "254", VIP, VRRP_PASS,
+                              str(count), *targets], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    holders = []
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:
+        holders.append(tuple(_vip_holder()))
+        time.sleep(0.2)
+    _, err = spoof.communicate(timeout=30)
+    assert spoof.returncode == 0, err
+    after = {h: _vrrp_dropped(h) for h in GATEWAYS}
+    dropped = {h: after[h] - before[h] for h in GATEWAYS}
+    _measured(f"{count} forged VRRP adverts (priority 254, right id and password) from {GPU} to each gateway: dropped "
+              f"{dropped}; the address stayed on {holder} in all {len(holders)} samples over 6 s: "
+              f"{all(h == (holder,) for h in holders)}")
+    assert all(d >= count for d in dropped.values()), dropped
+    assert set(holders) == {(holder,)}, holders
+    # keepalived's own journal on the holder: no advert of a higher priority was accepted.
+    journal = _sh(holder, "journalctl -u keepalived --since '-20s' --no-pager").stdout
+    assert "Entering BACKUP STATE" not in journal, journal[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -11,7 +11,10 @@ Prometheus text exposition format (version 0.0.4) on /metrics:
   access log, across rotation), requests in flight (from nginx stub_status) and, per model pool, the wait
   queue's depth, admissions, rejections and wait-time histogram (the gateway's loopback JSON /herd/pools).
 
-Standard library only: it runs on the target hosts with python3 alone.
+Instance and GPU readings are shared by every scrape for `cache_seconds` (a scrape storm costs one nvidia-smi
+and one /api/ps per instance); the HTTP server and the log poll loop are herd_service's (handler timeouts,
+bounded workers, IPv4 or IPv6, systemd watchdog pinged while the loop is live).
+Standard library and herd_service (herd's service library, on PYTHONPATH): it runs on the hosts with python3.
 Usage: herd-exporter --config /etc/herd/exporter.json [--once]
 """
 
@@ -26,13 +29,15 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import herd_service as hs
+from herd_service import escape as escape_label
+from herd_service import format_value
 
 DEFAULT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 GPU_QUERY = "index,uuid,utilization.gpu,memory.used,memory.total"
 MIB = 1024 * 1024
 NONE = "none"
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # A scrape reads at most this much new log; the rest waits for the next poll (bounded work per call).
 MAX_LOG_READ = 32 * MIB
 
@@ -245,30 +250,23 @@ def parse_log_line(line):
     }
 
 
-def strip_comments(text):
-    """Config text without leading '#' lines (the rendered file starts with Ansible's managed comment)."""
-    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
-
-
 def load_config(path):
-    with open(path, encoding="utf-8") as handle:
-        config = json.loads(strip_comments(handle.read()))
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: the config must be a JSON object")
+    config = hs.load_config(path)
     config.setdefault("host", os.uname().nodename)
     config.setdefault("instances", [])
     config.setdefault("listen_address", "127.0.0.1")
     config.setdefault("port", 9855)
     config.setdefault("timeout", 2.0)
     config.setdefault("buckets", list(DEFAULT_BUCKETS))
+    config.setdefault("cache_seconds", 0)
     return config
 
 
 def check_config(config):
     """Raise ValueError on a config the exporter cannot run with; return it otherwise."""
-    port = int(config["port"])
-    if not 0 < port < 65536:
-        raise ValueError(f"port {port} is not a TCP port")
+    hs.check_listen(config)
+    if float(config["cache_seconds"]) < 0:
+        raise ValueError("cache_seconds must be 0 (no cache) or more")
     buckets = [float(b) for b in config["buckets"]]
     if not buckets or buckets != sorted(set(buckets)) or buckets[0] <= 0:
         raise ValueError("buckets must be positive and strictly increasing")
@@ -286,23 +284,6 @@ def check_config(config):
 
 # ---------------------------------------------------------------------------------------------------------
 # Exposition
-
-
-def escape_label(value):
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def format_value(value):
-    value = float(value)
-    if value != value:
-        return "NaN"
-    if value == float("inf"):
-        return "+Inf"
-    if value == float("-inf"):
-        return "-Inf"
-    if value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
 
 
 class Family:
@@ -498,6 +479,11 @@ class Exporter:
         self._servers_file = self.gateway.get("servers_file")
         self._servers_mtime = None
         self.servers = {}
+        # One reading of the instances and one of the GPUs serve every scrape within cache_seconds.
+        cache = float(config.get("cache_seconds") or 0)
+        self.instance_readings = hs.Cached(self.read_instances, cache)
+        self.gpu_readings = hs.Cached(self.read_gpus, cache)
+        self.loops = []  # the log poll loop, when running as a service (main)
 
     # Gateway log polling (also run by a background thread so that rotation between scrapes is not missed).
     def poll_log(self):
@@ -533,6 +519,27 @@ class Exporter:
             "port": port,
         }
 
+    def read_instances(self):
+        """[(instance, models or None when it did not answer, seconds the probe took)] of every planned instance."""
+        timeout = float(self.config.get("timeout") or 2.0)
+        readings = []
+        for inst in self.config.get("instances") or []:
+            url = str(inst["local_url"]).rstrip("/") + "/api/ps"  # the plan's local_url (role ollama)
+            t0 = time.monotonic()
+            try:
+                models = parse_ps(self.fetch(url, timeout))
+            except (OSError, ValueError, urllib.error.URLError):
+                models = None
+            readings.append((inst, models, time.monotonic() - t0))
+        return readings
+
+    def read_gpus(self):
+        """The GPUs' rows from nvidia-smi, or None when it failed."""
+        try:
+            return parse_nvidia_smi(self.smi(self.config["nvidia_smi"], float(self.config.get("timeout") or 2.0)))
+        except (OSError, ValueError, RuntimeError, subprocess.SubprocessError):
+            return None
+
     def collect(self):
         started = time.monotonic()
         host = self.config["host"]
@@ -551,7 +558,7 @@ class Exporter:
         uuid_owner = {}
         if instances:
             ok = True
-            for inst in instances:
+            for inst, models, elapsed in self.instance_readings.get():
                 uuids = [str(u) for u in inst.get("gpu_uuids") or []]
                 for uuid in uuids:
                     uuid_owner[uuid] = str(inst["id"])
@@ -561,15 +568,9 @@ class Exporter:
                     "port": str(inst["port"]),
                     "gpu_uuid": ",".join(uuids),
                 }
-                url = str(inst["local_url"]).rstrip("/") + "/api/ps"  # the plan's local_url (role ollama)
-                t0 = time.monotonic()
-                try:
-                    models = parse_ps(self.fetch(url, timeout))
-                    up = 1
-                except (OSError, ValueError, urllib.error.URLError):
-                    models, up = [], 0
-                    ok = False
-                elapsed = time.monotonic() - t0
+                up = int(models is not None)
+                ok = ok and bool(up)
+                models = models or []
                 fam("herd_instance_up", "gauge", "1 when the Ollama instance answered /api/ps").add(labels, up)
                 fam("herd_instance_probe_duration_seconds", "gauge", "Time the instance took to answer /api/ps").add(
                     labels, elapsed
@@ -594,13 +595,10 @@ class Exporter:
             collector_ok.add({"host": host, "collector": "instances"}, 1 if ok else 0)
 
         # GPUs.
-        smi = self.config.get("nvidia_smi")
-        if smi:
-            try:
-                gpus = parse_nvidia_smi(self.smi(smi, timeout))
-                ok = 1
-            except (OSError, ValueError, RuntimeError, subprocess.SubprocessError):
-                gpus, ok = [], 0
+        if self.config.get("nvidia_smi"):
+            gpus = self.gpu_readings.get()
+            ok = int(gpus is not None)
+            gpus = gpus or []
             collector_ok.add({"host": host, "collector": "gpu"}, ok)
             for gpu in gpus:
                 labels = {
@@ -628,6 +626,18 @@ class Exporter:
         if self.gateway:
             self._gateway(fam, collector_ok, timeout)
 
+        for name, cached, used in (("instances", self.instance_readings, instances),
+                                   ("gpu", self.gpu_readings, self.config.get("nvidia_smi"))):
+            if used:
+                fam("herd_exporter_readings_total", "counter",
+                    "Readings taken of the instances (/api/ps) and GPUs (nvidia-smi); scrapes within cache_seconds "
+                    "share one").add({"host": host, "reading": name}, cached.reads)
+        if self.loops:
+            up = fam("herd_exporter_loop_up", "gauge", "1 while the loop runs and its current round is within its limit")
+            errors = fam("herd_exporter_round_errors_total", "counter", "Rounds of the loop that raised (it went on)")
+            for loop in self.loops:
+                up.add({"host": host, "loop": loop.name}, int(loop.live()))
+                errors.add({"host": host, "loop": loop.name}, loop.errors)
         fam("herd_exporter_scrape_duration_seconds", "gauge", "Time this scrape took").add(
             {"host": host}, time.monotonic() - started
         )
@@ -804,50 +814,10 @@ class Exporter:
 # HTTP server
 
 
-def make_handler(exporter):
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "herd-exporter"
-
-        def do_GET(self):  # noqa: N802 - http.server's naming
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                try:
-                    body, code, ctype = render(exporter.collect()).encode(), 200, CONTENT_TYPE
-                except Exception as exc:  # noqa: BLE001 - a failed scrape answers 500 with the reason
-                    body, code, ctype = f"scrape failed: {exc}\n".encode(), 500, "text/plain; charset=utf-8"
-            elif path == "/":
-                body, code, ctype = b"herd exporter: metrics at /metrics\n", 200, "text/plain; charset=utf-8"
-            else:
-                body, code, ctype = b"not found\n", 404, "text/plain; charset=utf-8"
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_args):
-            pass
-
-    return Handler
-
-
-def _poll_forever(exporter, interval, stop):
-    while not stop.wait(interval):
-        exporter.poll_log()
-
-
-def serve(exporter, address, port):
-    server_cls = ThreadingHTTPServer
-    if ":" in address:
-        import socket
-
-        class V6Server(ThreadingHTTPServer):
-            address_family = socket.AF_INET6
-
-        server_cls = V6Server
-    server = server_cls((address, int(port)), make_handler(exporter))
-    server.daemon_threads = True
-    return server
+def serve(exporter, config):
+    """The /metrics server (herd_service.MetricsServer: timeouts, bounded workers, IPv4 or IPv6)."""
+    handle = hs.metrics_handler(lambda: render(exporter.collect()), "herd-exporter")
+    return hs.MetricsServer(config["listen_address"], config["port"], handle, **hs.http_settings(config))
 
 
 def main(argv=None):
@@ -869,8 +839,11 @@ def main(argv=None):
         return 0
     stop = threading.Event()
     interval = float(config.get("log_poll_interval") or 1.0)
-    threading.Thread(target=_poll_forever, args=(exporter, interval, stop), daemon=True).start()
-    server = serve(exporter, config["listen_address"], config["port"])
+    server = serve(exporter, config)
+    # The log poll loop: a round reads at most MAX_LOG_READ; stuck when one takes a minute.
+    exporter.loops.append(hs.Loop("log_poll", exporter.poll_log, interval, interval + 60, stop, "herd-exporter"))
+    exporter.loops[0].start()
+    hs.Watchdog(lambda: all(loop.live() for loop in exporter.loops), stop, service="herd-exporter").start()
     print(f"herd exporter listening on {config['listen_address']}:{config['port']}", flush=True)
     try:
         server.serve_forever()

@@ -3,6 +3,9 @@
 gateway_vip_problems(settings_by_host, this_host) -> list of messages, each naming the variable and the fix.
 `settings_by_host` maps every gateway host to the facts its own preflight computed (_gateway_vip_settings):
 address, interface, router_id, auth_pass_set, auth_pass_len, host_address, host_prefix, allow (gateway_allow).
+
+gateway_vip_peers(settings_by_host, this_host) -> the other gateways' IPv4 addresses: keepalived's unicast peers and
+the only sources herd's nftables table accepts VRRP adverts from.
 """
 
 from __future__ import annotations
@@ -125,6 +128,28 @@ def gateway_vip_router_ids(keepalived_conf, own_instance):
     return ids
 
 
+def gateway_vip_peers(settings_by_host, this_host):
+    """Sorted, distinct IPv4 addresses of every gateway host but this one (their `host_address`), the unicast peers of
+    this host's VRRP instance; a host whose address is unknown or not IPv4 raises (preflight reports it first)."""
+    peers = set()
+    for host, s in sorted((settings_by_host or {}).items()):
+        if host == this_host:
+            continue
+        address = str((s or {}).get("host_address") or "")
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError as exc:
+            raise AnsibleFilterError(f"gateway {host} has no IPv4 address on its gateway_vip_interface ({address!r})") from exc
+        if ip.version != 4:
+            raise AnsibleFilterError(f"gateway {host}'s address {address} is not IPv4")
+        peers.add(ip)
+    return [str(ip) for ip in sorted(peers)]
+
+
 class FilterModule:
     def filters(self):
-        return {"gateway_vip_problems": gateway_vip_problems, "gateway_vip_router_ids": gateway_vip_router_ids}
+        return {
+            "gateway_vip_problems": gateway_vip_problems,
+            "gateway_vip_router_ids": gateway_vip_router_ids,
+            "gateway_vip_peers": gateway_vip_peers,
+        }

@@ -18,8 +18,11 @@ canaries do (an instance that answers /api/ps but never generates, ollama issues
   The guard only undrains what it drained itself (kept in `state_file`, so a restart of the guard forgets
   nothing); servers an operator drained are left alone.
 
-Every action is logged (stdout -> journal) and counted on /metrics (Prometheus text format).
-Standard library only. Usage: herd-guard --config /etc/herd/guard.json [--check]
+Every action is logged (stdout -> journal) and counted on /metrics (Prometheus text format). Each loop's rounds run
+inside their own error handling (herd_guard_round_errors_total); systemd's watchdog is pinged only while every
+loop is live, so a dead or stuck loop gets the service restarted (herd_service.Loop, herd_service.Watchdog).
+Standard library and herd_service (herd's service library, on PYTHONPATH).
+Usage: herd-guard --config /etc/herd/guard.json [--check]
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ import time
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+import herd_service as hs
+from herd_service import escape, load_config
+
 LOCAL_ACTIONS = ("restart", "restart_failed")
 GATEWAY_ACTIONS = ("drain", "drain_failed", "drain_refused", "undrain", "undrain_failed")
 COMMAND_TIMEOUT = 120
@@ -44,12 +48,6 @@ COMMAND_TIMEOUT = 120
 
 # ---------------------------------------------------------------------------------------------------------
 # Pure helpers
-
-
-def load_config(path):
-    """The config without its leading '#' lines (the rendered file starts with Ansible's managed comment)."""
-    with open(path, encoding="utf-8") as fh:
-        return json.loads("\n".join(line for line in fh.read().splitlines() if not line.lstrip().startswith("#")))
 
 
 def check_config(config):
@@ -60,8 +58,7 @@ def check_config(config):
     for key in ("failures", "restart_failures", "passes"):
         if int(config[key]) < 1:
             raise ValueError(f"{key} must be 1 or more")
-    if not 0 < int(config["port"]) < 65536:
-        raise ValueError("port must be 1-65535")
+    hs.check_listen(config)
     local = config.get("local")
     if local:
         if local["mode"] not in ("systemd", "container"):
@@ -144,10 +141,6 @@ def last_healthy_pools(key, servers, unhealthy):
     me = next(s for s in servers if s["key"] == key)
     return [pool for pool in pools_of(me)
             if not [s for s in servers if s["key"] != key and s["key"] not in unhealthy and in_pool(s, pool)]]
-
-
-def escape(value):
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -273,6 +266,7 @@ class Guard:
         self.last_restart = {}
         self.drained = set()
         self.stop = threading.Event()
+        self.loops = []
         gateway = config.get("gateway")
         if gateway:
             self.drained = set(self._read_json(gateway["state_file"], []))
@@ -295,6 +289,7 @@ class Guard:
 
     def command(self, argv):
         """(ok, output) of a command run with a bounded time."""
+        hs.beat()  # the round is still making progress: the command has its own time limit
         try:
             done = self.run(argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False)
             return done.returncode == 0, (done.stdout + done.stderr).strip()[-500:]
@@ -398,50 +393,50 @@ class Guard:
                     self.count(key, "undrain_failed")
                     self.log(f"undrain of {key} failed: {out}")
 
-    # -- loops -----------------------------------------------------------------------------------------------
-    def local_loop(self, target, inst):
-        while not self.stop.is_set():
-            started = self.clock()
-            healthy, why = target.round()
-            if not healthy:
-                self.log(f"{target.key} failed round {target.failed}: {why}")
-                if target.failed >= int(self.config["restart_failures"]):
-                    self.restart(target, inst)
-            self.stop.wait(max(0.0, float(self.config["interval"]) - (self.clock() - started)))
+    # -- loops: one round of each (herd_service.Loop runs them, each round inside its own error handling) --------
+    def local_round(self, target, inst):
+        healthy, why = target.round()
+        if not healthy:
+            self.log(f"{target.key} failed round {target.failed}: {why}")
+            if target.failed >= int(self.config["restart_failures"]):
+                self.restart(target, inst)
 
-    def gateway_loop(self):
-        while not self.stop.is_set():
-            started = self.clock()
-            servers = self.gateway_servers()
-            threads = [threading.Thread(target=self.targets[s["key"]].round, daemon=True) for s in servers]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(float(self.config["probe_timeout"]) + 1)
-            for s in servers:
-                t = self.targets[s["key"]]
-                if t.failed:
-                    self.log(f"{s['key']} failed round {t.failed} seen from this gateway: {t.why}")
-            self.gateway_act(servers)
-            self.stop.wait(max(0.0, float(self.config["interval"]) - (self.clock() - started)))
-
-    def start(self):
-        threads = []
-        if self.config.get("local"):
-            for target, inst in self.local_targets():
-                threads.append(threading.Thread(target=self.local_loop, args=(target, inst), daemon=True))
-        if self.config.get("gateway"):
-            threads.append(threading.Thread(target=self.gateway_loop, daemon=True))
+    def gateway_round(self):
+        servers = self.gateway_servers()
+        threads = [threading.Thread(target=hs.guarded(self.targets[s["key"]].round), daemon=True) for s in servers]
         for t in threads:
             t.start()
-        return threads
+        for t in threads:
+            t.join(float(self.config["probe_timeout"]) + 1)
+        for s in servers:
+            t = self.targets[s["key"]]
+            if t.failed:
+                self.log(f"{s['key']} failed round {t.failed} seen from this gateway: {t.why}")
+        self.gateway_act(servers)
+
+    def round_limit(self):
+        """Seconds a round may run before its loop counts as stuck: probes, a command, a restart's warm-up."""
+        c = self.config
+        return (float(c["interval"]) + float(c["probe_timeout"]) + float(c["canary_timeout"]) + COMMAND_TIMEOUT
+                + 2 * float(c["warm_timeout"]) + 30)
+
+    def start(self):
+        interval, limit = float(self.config["interval"]), self.round_limit()
+        if self.config.get("local"):
+            for target, inst in self.local_targets():
+                self.loops.append(hs.Loop(f"local:{target.key}", lambda t=target, i=inst: self.local_round(t, i),
+                                          interval, limit, self.stop, "herd-guard"))
+        if self.config.get("gateway"):
+            self.loops.append(hs.Loop("gateway", self.gateway_round, interval, limit, self.stop, "herd-guard"))
+        return [loop.start() for loop in self.loops]
+
+    def live(self):
+        """True while every loop is live (what the systemd watchdog is pinged on)."""
+        return bool(self.loops) and all(loop.live() for loop in self.loops)
 
     # -- metrics ---------------------------------------------------------------------------------------------
     def metrics(self):
-        lines = [
-            "# HELP herd_guard_up 1 while herd-guard runs.",
-            "# TYPE herd_guard_up gauge",
-            "herd_guard_up 1",
+        lines = hs.loop_metrics("herd_guard", self.loops) + [
             "# HELP herd_guard_canaries_total Canary results by instance (pass, fail, busy).",
             "# TYPE herd_guard_canaries_total counter",
         ]
@@ -467,23 +462,10 @@ class Guard:
         return "\n".join(lines) + "\n"
 
 
-def serve(guard, address, port):
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server API
-            if self.path.split("?")[0] != "/metrics":
-                self.send_error(404)
-                return
-            body = guard.metrics().encode()
-            self.send_response(200)
-            self.send_header("Content-Type", CONTENT_TYPE)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_args):
-            pass
-
-    return ThreadingHTTPServer((address, int(port)), Handler)
+def serve(guard, config):
+    """The /metrics server (herd_service.MetricsServer: timeouts, bounded workers, IPv4 or IPv6)."""
+    return hs.MetricsServer(config["listen_address"], config["port"], hs.metrics_handler(guard.metrics, "herd-guard"),
+                            **hs.http_settings(config))
 
 
 def main(argv=None):
@@ -499,8 +481,9 @@ def main(argv=None):
     if args.check:
         return 0
     guard = Guard(config)
+    server = serve(guard, config)
     guard.start()
-    server = serve(guard, config["listen_address"], config["port"])
+    hs.Watchdog(guard.live, guard.stop, service="herd-guard").start()
     duties = [d for d in ("local", "gateway") if config.get(d)]
     print(f"herd-guard: {' and '.join(duties)} duty, {len(guard.targets)} instances known, /metrics on "
           f"{config['listen_address']}:{config['port']}", flush=True)

@@ -354,7 +354,7 @@ def test_without_servers_file_labels_stay_and_no_estimate(ex, tmp_path):
 
 
 def test_http_endpoint_serves_metrics(ex, tmp_path):
-    server = ex.serve(_exporter(ex, tmp_path), "127.0.0.1", 0)
+    server = ex.serve(_exporter(ex, tmp_path), {"listen_address": "127.0.0.1", "port": 0})
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -74,3 +74,18 @@ vrrp_instance herd_gateway {
 """
     assert f.gateway_vip_router_ids(conf, "herd_gateway") == {"office_vip": 51}
     assert f.gateway_vip_router_ids("", "herd_gateway") == {}
+
+
+def test_peers_are_the_other_gateways_sorted_and_distinct():
+    hosts = {"gw1": _host("172.29.216.10"), "gw2": _host("172.29.216.9"), "gw3": _host("172.29.216.9")}
+    assert f.gateway_vip_peers(hosts, "gw1") == ["172.29.216.9"]
+    assert f.gateway_vip_peers(hosts, "gw2") == ["172.29.216.9", "172.29.216.10"]
+    assert f.gateway_vip_peers({"a": _host("10.0.0.2"), "b": _host("10.0.0.10"), "c": _host("10.0.0.3")}, "c") == [
+        "10.0.0.2", "10.0.0.10"]
+    assert f.gateway_vip_peers({"gw1": _host("10.0.0.2")}, "gw1") == []
+
+
+@pytest.mark.parametrize("address", ["", None, "fd00::2", "eth0"])
+def test_a_peer_without_an_ipv4_address_is_an_error(address):
+    with pytest.raises(f.AnsibleFilterError, match="gw2"):
+        f.gateway_vip_peers({"gw1": _host("10.0.0.2"), "gw2": _host(address)}, "gw1")

@@ -707,3 +707,229 @@ def test_info_reports_synced_models_and_damage(run, store, tmp_path, monkeypatch
     assert [m["complete"] for m in res["models"]] == [False]
     assert sorted(res["orphan_blobs"]) == sorted(set(store["beta"][1]) - set(store["alpha"][1]))
     assert res["partial_files"] == ["sha256-x-1"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Links: the store and the instance folders belong to the ollama account, the module runs as root. A link
+# planted anywhere below src or dest must never be followed: the folder or file it points at (root's own,
+# outside) keeps its owner, mode and contents. In dest a link is removed and herd's own folder or file is
+# written instead (reported in links_replaced and a warning); in the store it is an error naming the path.
+# ---------------------------------------------------------------------------------------------------------
+
+BETA = "manifests/registry.ollama.ai/library/beta/latest"
+
+
+@pytest.fixture
+def bait(tmp_path):
+    """A root-owned folder outside src and dest (mode 0700) with a root-owned file (mode 0600)."""
+    b = tmp_path / "bait"
+    b.mkdir()
+    (b / "secret").write_bytes(b"root's own\n")
+    os.chmod(b / "secret", 0o600)
+    os.chmod(b, 0o700)
+    return b
+
+
+def bait_state(b):
+    """Owner, mode and contents of the bait folder and every entry in it."""
+    out = []
+    for p in [b, *sorted(b.rglob("*"))]:
+        st = p.lstat()
+        out.append(
+            (
+                str(p.relative_to(b)),
+                st.st_uid,
+                st.st_gid,
+                st.st_mode,
+                st.st_ino,
+                p.read_bytes() if p.is_file() else None,
+            )
+        )
+    return out
+
+
+def _beta_blob(store):
+    return store["beta"][1][1]  # the model layer
+
+
+# where the link goes, and whether it replaces a folder (the link points at the bait folder) or a file (at a bait file)
+DEST_LINK_LEVELS = [
+    ("manifests", "dir"),
+    ("manifests/registry.ollama.ai", "dir"),
+    ("manifests/registry.ollama.ai/library/beta", "dir"),
+    (BETA, "file"),
+    ("blobs", "dir"),
+    ("blob", "file"),
+    (".herd-partial", "dir"),
+]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing owners needs root")
+@pytest.mark.parametrize("level,kind", DEST_LINK_LEVELS)
+@pytest.mark.parametrize("method", ["copy", "hardlink"])
+@pytest.mark.parametrize("when", ["fresh", "synced"])
+def test_a_link_in_dest_is_replaced_never_followed(run, store, tmp_path, bait, level, kind, method, when):
+    dest = tmp_path / "inst0" / "models"
+    dest.parent.mkdir()
+    args = dict(
+        src=str(store["path"]),
+        dest=str(dest),
+        models=["beta"],
+        method=method,
+        owner="65534",
+        group="65534",
+        dir_mode="0750",
+        prune=True,
+    )
+    if when == "synced":
+        assert not run(**args)[0]
+    rel = f"blobs/{_beta_blob(store).replace(':', '-')}" if level == "blob" else level
+    link = dest / rel
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_dir() and not link.is_symlink():
+        for p in sorted(link.rglob("*"), reverse=True):
+            p.rmdir() if p.is_dir() else p.unlink()
+        link.rmdir()
+    elif link.exists():
+        link.unlink()
+    if kind == "file":
+        # same size as the real file, so only the link (not the size) can give it away
+        real = store["path"] / rel
+        (bait / "secret").write_bytes(real.read_bytes())
+        os.chmod(bait / "secret", 0o600)
+    link.symlink_to(bait / "secret" if kind == "file" else bait)
+    before = bait_state(bait)
+
+    failed, res, _ = run(**args)
+    assert not failed, res["msg"]
+    assert bait_state(bait) == before
+    assert str(link) in res["links_replaced"] and "never followed" in res["msg"]
+    # herd's own folder or file is in place, with herd's owner, and the model is whole
+    st = link.lstat()
+    assert not stat_is_link(st)
+    # herd's own: the instance account's, except the temporaries folder, root's alone
+    assert (st.st_uid, st.st_gid) == ((0, 0) if level == ".herd-partial" else (65534, 65534))
+    assert (dest / BETA).read_bytes() == (store["path"] / BETA).read_bytes()
+    for d in store["beta"][1]:
+        assert not blob(dest, d).is_symlink() and sha(blob(dest, d)) == d
+    again = run(**args)[1]
+    assert again["changed"] is False and again["links_replaced"] == []
+
+
+def stat_is_link(st):
+    import stat as _stat
+
+    return _stat.S_ISLNK(st.st_mode)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing owners needs root")
+def test_dest_itself_a_link_made_by_the_instance_account_is_replaced(run, store, tmp_path, bait):
+    inst = tmp_path / "inst0"
+    inst.mkdir()
+    os.chown(inst, 65534, 65534)  # the instance's own folder, writable by the ollama account
+    (inst / "models").symlink_to(bait)
+    os.lchown(inst / "models", 65534, 65534)
+    before = bait_state(bait)
+    failed, res, _ = run(src=str(store["path"]), dest=str(inst / "models"), models=["beta"], owner="65534")
+    assert not failed, res["msg"]
+    assert bait_state(bait) == before
+    assert not (inst / "models").is_symlink() and (inst / "models" / BETA).is_file()
+
+
+def test_dest_itself_a_link_root_made_in_roots_folder_is_kept(run, store, tmp_path):
+    """An administrator's link (root's, in a folder only root writes) for the models folder is followed."""
+    target = tmp_path / "bigdisk"
+    target.mkdir()
+    parent = tmp_path / "inst0"
+    parent.mkdir(mode=0o755)
+    (parent / "models").symlink_to(target)
+    if os.geteuid() != 0:
+        pytest.skip("a link root made needs root")
+    failed, res, _ = run(src=str(store["path"]), dest=str(parent / "models"), models=["beta"])
+    assert not failed, res["msg"]
+    assert (parent / "models").is_symlink() and (target / BETA).is_file()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing owners needs root")
+def test_prune_never_follows_a_link(run, store, tmp_path, bait):
+    """Prune walks manifests/ and blobs/ without entering links: an unlisted link is removed as a name only."""
+    dest = tmp_path / "inst0"
+    args = dict(src=str(store["path"]), dest=str(dest), models=["beta"], prune=True, owner="65534")
+    assert not run(**args)[0]
+    (bait / "latest").write_text("{}")
+    os.chmod(bait / "latest", 0o600)
+    (dest / "manifests/registry.ollama.ai/library/gamma").symlink_to(bait)
+    (dest / "manifests/registry.ollama.ai/library/beta/old").symlink_to(bait / "secret")
+    (dest / "blobs" / ("sha256-" + "a" * 64)).symlink_to(bait / "secret")
+    before = bait_state(bait)
+    failed, res, _ = run(**args)
+    assert not failed, res["msg"]
+    assert bait_state(bait) == before
+    assert res["pruned_blobs"] == ["sha256:" + "a" * 64]
+    assert "registry.ollama.ai/library/beta:old" in res["pruned_models"]
+    assert not (dest / "blobs" / ("sha256-" + "a" * 64)).exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing owners needs root")
+def test_a_blob_hard_linked_to_a_file_outside_is_replaced_not_chowned(run, store, tmp_path, bait):
+    dest = tmp_path / "inst0"
+    args = dict(src=str(store["path"]), dest=str(dest), models=["beta"], owner="65534", group="65534")
+    assert not run(**args)[0]
+    d = _beta_blob(store)
+    outside = bait / "hardlinked"
+    outside.write_bytes(blob(dest, d).read_bytes())
+    os.chmod(outside, 0o600)
+    blob(dest, d).unlink()
+    os.link(outside, blob(dest, d))
+    before = bait_state(bait)
+    failed, res, _ = run(**args)
+    assert not failed, res["msg"]
+    assert [r["digest"] for r in res["repaired"]] == [d] and "hard link" in res["repaired"][0]["reason"]
+    assert bait_state(bait)[:-1] == before[:-1] and outside.stat().st_nlink == 1
+    assert (outside.stat().st_uid, outside.stat().st_mode & 0o777) == (0, 0o600)
+
+
+STORE_LINK_LEVELS = [
+    ("manifests", "dir"),
+    ("manifests/registry.ollama.ai/library", "dir"),
+    ("manifests/registry.ollama.ai/library/beta", "dir"),
+    (BETA, "file"),
+    ("blobs", "dir"),
+    ("blob", "file"),
+]
+
+
+@pytest.mark.parametrize("level,kind", STORE_LINK_LEVELS)
+def test_a_link_in_the_store_is_refused_naming_the_path(run, store, tmp_path, bait, level, kind):
+    src = store["path"]
+    rel = f"blobs/{_beta_blob(store).replace(':', '-')}" if level == "blob" else level
+    link = src / rel
+    moved = tmp_path / "moved"
+    os.rename(link, moved)  # the real content goes outside; a link to a copy of it takes its place
+    target = bait / "real"
+    os.rename(moved, target)
+    link.symlink_to(target)
+    before = bait_state(bait)
+    dest = tmp_path / "inst0"
+    failed, res, _ = run(src=str(src), dest=str(dest), models=["beta"])
+    assert failed
+    assert str(link) in res["msg"] and "never follows links" in res["msg"] and "remove" in res["msg"]
+    assert bait_state(bait) == before
+    assert not (dest / BETA).exists()
+    assert not any(p.is_file() and p.name.startswith("sha256-") for p in dest.rglob("*"))
+
+
+def test_a_fifo_where_a_blob_is_expected_never_hangs_the_run(run, store, tmp_path):
+    """A FIFO is never opened: in dest it is replaced, in the store it is refused."""
+    dest = tmp_path / "inst0"
+    args = dict(src=str(store["path"]), dest=str(dest), models=["beta"])
+    assert not run(**args)[0]
+    d = _beta_blob(store)
+    blob(dest, d).unlink()
+    os.mkfifo(blob(dest, d))
+    failed, res, _ = run(**args)
+    assert not failed and str(blob(dest, d)) in res["links_replaced"] and sha(blob(dest, d)) == d
+    blob(store["path"], d).unlink()
+    os.mkfifo(blob(store["path"], d))
+    failed, res, _ = run(**args)
+    assert failed and "special file" in res["msg"] and str(blob(store["path"], d)) in res["msg"]
