@@ -77,6 +77,8 @@ def gateway_model_key(name):
     return f"{host}/{namespace}/{model}:{tag}"
 
 
+# The reference model of the Lua's pools and per-instance limits (herd_gateway/settings.lua, slots.lua): not filters,
+# no task uses them; tests/unit/gateway/test_routing.py checks the Lua running in nginx against them.
 def gateway_pools(servers):
     """Model pools of the gateway: {model key: [server keys holding it]}, in server order."""
     pools = {}
@@ -490,7 +492,5 @@ class FilterModule:
             "gateway_inflight": gateway_inflight,
             "gateway_worker_uids": gateway_worker_uids,
             "gateway_model_key": gateway_model_key,
-            "gateway_pools": gateway_pools,
-            "gateway_instance_limits": gateway_instance_limits,
             "gateway_routing_errors": gateway_routing_errors,
         }
