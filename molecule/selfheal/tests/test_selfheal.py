@@ -316,7 +316,8 @@ def test_a_stopped_guard_is_restarted_by_systemds_watchdog():
               f"{'never' if replaced is None else f'{replaced:.1f}'} s, /metrics live again "
               f"{'never' if live is None else f'{live:.1f}'} s later")
     assert replaced is not None, journal[-2000:]
-    assert replaced >= GUARD_WATCHDOG - 1, "restarted before the watchdog could have fired"
+    # The last ping came at most half a WatchdogSec before the signal: the timeout fires 5-10 s after it.
+    assert replaced >= GUARD_WATCHDOG / 2 - 1, "restarted before the watchdog could have fired"
     assert "Watchdog timeout" in journal, journal[-2000:]
     assert int(_show(GPU, "herd-guard", "NRestarts")["NRestarts"]) == restarts + 1
     assert live is not None and _show(GPU, "herd-guard", "ActiveState")["ActiveState"] == "active"

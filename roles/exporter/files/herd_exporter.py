@@ -265,7 +265,7 @@ def load_config(path):
 def check_config(config):
     """Raise ValueError on a config the exporter cannot run with; return it otherwise."""
     hs.check_listen(config)
-    if float(config["cache_seconds"]) < 0:
+    if float(config.get("cache_seconds", 0)) < 0:
         raise ValueError("cache_seconds must be 0 (no cache) or more")
     buckets = [float(b) for b in config["buckets"]]
     if not buckets or buckets != sorted(set(buckets)) or buckets[0] <= 0:
