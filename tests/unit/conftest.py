@@ -6,6 +6,7 @@ folder's conftest.py is imported as `conftest`)."""
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import pathlib
 import sys
@@ -16,14 +17,15 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def load_module(relative_path, name):
-    """Import the file REPO/relative_path as module `name`, once (cached in sys.modules)."""
+    """Import the file REPO/relative_path (or an absolute path) as module `name`, once (cached in sys.modules)."""
     if name in sys.modules:
         return sys.modules[name]
     path = REPO / relative_path
     folder = str(path.parent)
     if folder not in sys.path:  # a file importing its neighbours (benchmarks/, tools/)
         sys.path.append(folder)
-    spec = importlib.util.spec_from_file_location(name, path)
+    loader = importlib.machinery.SourceFileLoader(name, str(path))  # any file name (lab/standins/nvidia-smi)
+    spec = importlib.util.spec_from_loader(name, loader)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
