@@ -3,10 +3,10 @@
 """Instance planner: turns a host's GPUs (nvidia_gpu_info's `gpus`) and the ollama_* knobs into its instance plan.
 
 Filters:
-  ollama_plan(gpus, config)           -> list of instance dicts (docs/architecture.md, "Instance plan");
-                                         raises AnsibleFilterError listing every problem when the config is invalid
-  ollama_plan_errors(gpus, config)    -> list of messages, empty when the config is valid
-  ollama_plan_warnings(gpus, config)  -> list of messages about a valid but questionable plan (idle GPUs, ...)
+  ollama_plan(gpus, config)           -> one run of the planner: {"instances": [instance dicts] (docs/architecture.md,
+                                         "Instance plan"; [] when invalid), "errors": [messages naming the variable
+                                         and the fix], "warnings": [messages about a valid but questionable plan]}
+  ollama_not_ready(ps, warm)          -> warmup's readiness rule: the instances not ready, and why
   ollama_model_name(name)             -> the name as Ollama's /api/ps and /api/tags show it ("tiny" -> "tiny:latest");
                                          the rule lives in plugins/module_utils/ollama_names.py
   ollama_pull_name(name, registry)    -> the full name a model is pulled by ("tiny", "mirror:5000" ->
@@ -64,7 +64,7 @@ SETTINGS = (
     "base_port", "bind_address", "advertise_address", "gpu_groups", "gpus_per_instance", "vram_headroom_pct",
     "cpu_instances", "use_mig", "num_parallel", "max_queue", "keep_alive", "max_loaded_models", "flash_attention",
     "load_timeout", "context_length", "no_cloud", "kv_cache_type", "extra_env", "models", "instance_overrides",
-    "data_dir",
+    "data_dir", "mode",
 )
 ARGUMENT_SPECS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "roles", "ollama", "meta",
@@ -84,6 +84,10 @@ DEFAULTS = {
     "host": "this host",
     "reserved_ports": [],
 }
+
+# Instance N runs as unit ollama@N.service or container herd-ollama-N (docs/architecture.md, "Instance plan").
+UNIT_PREFIX = "ollama@"
+CONTAINER_PREFIX = "herd-ollama-"
 
 # Binds that only this host can reach (the instance firewall leaves them alone; no remote gateway can dial them).
 LOOPBACK_BINDS = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -1019,9 +1023,15 @@ class _Planner:
                 f"mixes GPU models ({', '.join(names_in_group)})",
                 "Ollama splits layers by memory; the slower card sets the pace.",
             )
+        # How it runs (docs/architecture.md): the systemd template unit or one container per instance; `name` is
+        # the one a user types (systemctl status NAME, docker logs NAME). The only place these names are built.
+        container = self.cfg["mode"] == "container"
         return {
             "id": ident,
-            "name": f"ollama-{ident}",
+            "mode": "container" if container else "systemd",
+            "unit": None if container else f"{UNIT_PREFIX}{ident}.service",
+            "container": f"{CONTAINER_PREFIX}{ident}" if container else None,
+            "name": f"{CONTAINER_PREFIX}{ident}" if container else f"{UNIT_PREFIX}{ident}",
             "port": port,
             "bind_address": bind,
             "gpus": [d["gpu"] for d in slot],
@@ -1232,27 +1242,64 @@ def _pull_name_filter(name, registry=""):
         raise AnsibleFilterError(str(exc)) from exc
 
 
-def _plan(gpus, config):
-    return _Planner(gpus, config).run()
+def ollama_plan(gpus, config):
+    """One run of the planner: the instances ([] when the settings are not valid), every error and every warning."""
+    planner = _Planner(gpus, config).run()
+    errors = list(planner.errors)
+    return {"instances": [] if errors else planner.plan, "errors": errors, "warnings": list(planner.warnings)}
 
 
+# For Python callers (tests, tools): the parts of one run.
 def ollama_plan_errors(gpus, config):
     """Every problem with the config for this host, as messages naming the variable and the fix; [] when valid."""
-    return list(_plan(gpus, config).errors)
+    return ollama_plan(gpus, config)["errors"]
 
 
 def ollama_plan_warnings(gpus, config):
     """Questionable but valid choices (idle GPUs, mixed cards in a group, ...); [] when none."""
-    return list(_plan(gpus, config).warnings)
+    return ollama_plan(gpus, config)["warnings"]
 
 
-def ollama_plan(gpus, config):
-    """The host's instance plan (docs/architecture.md); raises AnsibleFilterError listing every problem."""
-    planner = _plan(gpus, config)
-    if planner.errors:
-        host = planner.host
-        raise AnsibleFilterError(f"ollama instance plan for {host} is not valid:\n- " + "\n- ".join(planner.errors))
-    return planner.plan
+def plan_instances(gpus, config):
+    """The host's instance plan; raises AnsibleFilterError listing every problem."""
+    result = ollama_plan(gpus, config)
+    if result["errors"]:
+        host = (config or {}).get("host", DEFAULTS["host"]) if isinstance(config, dict) else DEFAULTS["host"]
+        raise AnsibleFilterError(f"ollama instance plan for {host} is not valid:\n- " + "\n- ".join(result["errors"]))
+    return result["instances"]
+
+
+def ollama_not_ready(ps_results, warm_results):
+    """Warmup's readiness rule (roles/ollama/tasks/warmup.yml, docs/planner.md): the instances that are not ready.
+
+    ps_results: the registered loop over ollama_instances reading /api/ps (each with `item` = the plan entry, `json`);
+    warm_results: the registered loop over (instance, model) loading each model (`item` = [entry, model], `failed`,
+    `json.response`). An instance is ready when every load succeeded and, with keep_resident, /api/ps lists every
+    model it holds, fully in GPU memory on a GPU instance; without keep_resident, every model answered instead.
+    Returns one dict per instance that is not: id, name, unit, container, failed, silent, missing, partial, loaded.
+    """
+    out = []
+    for result in ps_results or []:
+        inst = result["item"]
+        resident = inst.get("keep_resident", True)
+        warm = [w for w in warm_results or [] if w["item"][0]["id"] == inst["id"]]
+        failed = [w["item"][1] for w in warm if w.get("failed")]
+        silent = [] if resident else [
+            w["item"][1] for w in warm if not w.get("failed") and "response" not in (w.get("json") or {})
+        ]
+        models = (result.get("json") or {}).get("models") or []
+        loaded = [ollama_model_name(m["name"]) for m in models]
+        missing = []
+        if resident:
+            for name in (ollama_model_name(m) for m in inst.get("models", [])):
+                if name not in loaded and name not in missing:
+                    missing.append(name)
+        partial = bool(resident and inst.get("gpus") and [m.get("size") for m in models] != [m.get("size_vram") for m in models])
+        if failed or silent or missing or partial:
+            out.append({"id": inst["id"], "name": inst.get("name"), "unit": inst.get("unit"),
+                        "container": inst.get("container"), "failed": failed, "silent": silent, "missing": missing,
+                        "partial": partial, "loaded": loaded})
+    return out
 
 
 class FilterModule:
@@ -1261,9 +1308,8 @@ class FilterModule:
     def filters(self):
         return {
             "ollama_plan": ollama_plan,
-            "ollama_plan_errors": ollama_plan_errors,
-            "ollama_plan_warnings": ollama_plan_warnings,
             "ollama_model_name": _model_name_filter,
+            "ollama_not_ready": ollama_not_ready,
             "ollama_pull_name": _pull_name_filter,
             "ollama_registry_error": ollama_names.registry_error,
             "ollama_path_errors": ollama_path_errors,

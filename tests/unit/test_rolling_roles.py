@@ -20,6 +20,9 @@ def _roles(plays, gpu_hosts_only=False):
         while tasks:
             task = tasks.pop()
             tasks += task.get("block", [])
+            included = task.get("ansible.builtin.include_tasks")
+            if included:  # a task file beside the playbook (tasks/roll.yml)
+                tasks += yaml.safe_load((REPO / "playbooks" / included).read_text()) or []
             include = task.get("ansible.builtin.include_role")
             if include and include.get("tasks_from") in (None, "main"):
                 names = task.get("loop") if "{{" in include["name"] else [include["name"]]

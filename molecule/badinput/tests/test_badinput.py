@@ -178,7 +178,7 @@ CASES = [
      ["guard_stall_seconds above guard_interval", "guard_restart_max_per_hour 1 or more"]),
     ("nginx_start_limit_never_reached", {"nginx_start_limit_interval": 3},
      ["nginx_start_limit_interval above nginx_start_limit_burst x nginx_restart_sec", "raise nginx_start_limit_interval"]),
-    # The gateway's view of the plans (role gateway, gateway_server_errors), raised in preflight, not in the gateway
+    # The gateway's view of the plans (role gateway, gateway_server_plan), raised in preflight, not in the gateway
     # play after the GPU hosts changed. PEER is a second GPU host (see _peer_inventory): the gateway's "remote" host.
     ("gateway_weight_below_one", {"gateway_weights": {"herd-mol-bad:1": 0}},
      ["gateway_weights: weight of herd-mol-bad:1 must be a whole number, 1 or more", "Fix:"]),

@@ -87,6 +87,8 @@ def gateway_model_key(name):
         return None
 
 
+# The reference model of the Lua's pools and per-instance limits (herd_gateway/settings.lua, slots.lua): not filters,
+# no task uses them; tests/unit/gateway/test_routing.py checks the Lua running in nginx against them.
 def gateway_pools(servers):
     """Model pools of the gateway: {model key: [server keys holding it]}, in server order."""
     pools = {}
@@ -295,7 +297,7 @@ def _plan_servers(backend_hosts, hostvars, gateway_host, queue_per_instance=2, m
 def gateway_servers(backend_hosts, hostvars, gateway_host, queue_per_instance=2, max_fails=1, fail_timeout="10s",
                     weights=None, backups=None, weight_by_parallel=True, previous=None):
     """Return the upstream servers of every instance of every backend host; raise on any problem
-    (gateway_server_errors lists the same problems without raising, for the preflight play).
+    (gateway_server_plan returns the servers and the same problems without raising, for the preflight play).
 
     A backend host without `ollama_instances` in this run (for example under `--limit`) keeps the servers it had
     at the last run (`previous`, read from the gateway host); a host never planned is an error.
@@ -307,16 +309,22 @@ def gateway_servers(backend_hosts, hostvars, gateway_host, queue_per_instance=2,
     return servers
 
 
-def gateway_server_errors(backend_hosts, hostvars, gateway_host, queue_per_instance=2, max_fails=1,
-                          fail_timeout="10s", weights=None, backups=None, weight_by_parallel=True, previous=None):
-    """Every problem gateway_servers would raise (a loopback instance behind a remote gateway, two instances at
-    one endpoint, a bad weight, a backend host without a plan), as messages naming the variable and the fix."""
+def gateway_server_plan(backend_hosts, hostvars, gateway_host, queue_per_instance=2, max_fails=1,
+                        fail_timeout="10s", weights=None, backups=None, weight_by_parallel=True, previous=None):
+    """One run for the role: {"servers": the upstream servers, "errors": every problem gateway_servers would raise
+    (a loopback instance behind a remote gateway, two instances at one endpoint, a bad weight, a backend host
+    without a plan, no server at all), as messages naming the variable and the fix}."""
     servers, errors = _plan_servers(backend_hosts, hostvars, gateway_host, queue_per_instance, max_fails,
                                     fail_timeout, weights, backups, weight_by_parallel, previous)
     if not servers and not errors:
         errors.append(f"the gateway has no upstream server: gateway_backend_hosts ({', '.join(backend_hosts or [])}) "
                       "hold no instance. Fix: add hosts to group ollama_hosts or set gateway_backend_hosts")
-    return errors
+    return {"servers": servers, "errors": errors}
+
+
+def gateway_server_errors(*args, **kwargs):
+    """The errors of gateway_server_plan (Python callers)."""
+    return gateway_server_plan(*args, **kwargs)["errors"]
 
 
 def gateway_port_errors(instances, http_port=80, https_port=443, http_enabled=True, tls_enabled=False):
@@ -482,7 +490,7 @@ class FilterModule:
     def filters(self):
         return {
             "gateway_servers": gateway_servers,
-            "gateway_server_errors": gateway_server_errors,
+            "gateway_server_plan": gateway_server_plan,
             "gateway_port_errors": gateway_port_errors,
             "gateway_select": gateway_select,
             "gateway_mark_down": gateway_mark_down,
@@ -493,7 +501,5 @@ class FilterModule:
             "gateway_size_errors": gateway_size_errors,
             "gateway_key_digest": gateway_key_digest,
             "gateway_model_key": gateway_model_key,
-            "gateway_pools": gateway_pools,
-            "gateway_instance_limits": gateway_instance_limits,
             "gateway_routing_errors": gateway_routing_errors,
         }

@@ -1,7 +1,6 @@
 """The benchmark cannot rot: its short mode runs here (make unit), with the gateway rendered by role gateway's
 own tasks, real nginx and emulated instances on loopback; and its ideal FIFO is checked on hand-made cases."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -10,17 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from herd_testing import load_module
 
 ROOT = Path(__file__).resolve().parents[3]
 BENCH = ROOT / "benchmarks"
 
 
 def _load(name, path):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(Path(path).relative_to(ROOT), name)
 
 
 @pytest.fixture(scope="module")

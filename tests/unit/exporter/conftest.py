@@ -1,10 +1,10 @@
 """Load the exporter (roles/exporter/files/herd_exporter.py) and the strict exposition checker."""
 
-import importlib.util
 import os
 import sys
 
 import pytest
+from herd_testing import load_module
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
@@ -12,16 +12,9 @@ FIXTURES = os.path.join(HERE, "fixtures")
 sys.path.insert(0, HERE)
 
 
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def ex():
-    return _load("herd_exporter", os.path.join(ROOT, "roles", "exporter", "files", "herd_exporter.py"))
+    return load_module("roles/exporter/files/herd_exporter.py", "herd_exporter")
 
 
 def fixture_text(name):

@@ -1,6 +1,5 @@
 """Helpers for the gateway role's unit tests: load the role's filter plugin and render its templates."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -12,23 +11,16 @@ import urllib.request
 import jinja2
 import pytest
 import yaml
+from herd_testing import load_module
 from ollama_process import free_port
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 ROLE = os.path.join(ROOT, "roles", "gateway")
 
 
-def _load_filters():
-    path = os.path.join(ROLE, "filter_plugins", "gateway.py")
-    spec = importlib.util.spec_from_file_location("herd_gateway_filters", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def gw():
-    return _load_filters()
+    return load_module("roles/gateway/filter_plugins/gateway.py", "herd_gateway_filters")
 
 
 def role_defaults():

@@ -93,11 +93,14 @@ ngx.say(cjson.encode(out))
 """
 
 
+LUA_SERVERS = [_server("b:0", ["tiny", "Small:7b"], 2), _server("b:1", ["tiny:latest"], 1), _server("b:2", ["small:7b"], 4)]
+LUA_DRAINED = "b:2"
+
+
 @pytest.fixture(scope="module")
 def lua_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lua")
-    servers = {"servers": [_server("b:0", ["tiny", "Small:7b"], 2), _server("b:1", ["tiny:latest"], 1),
-                           _server("b:2", ["small:7b"], 4)]}
+    servers = {"servers": LUA_SERVERS}
     (tmp / "servers.json").write_text(json.dumps(servers))
     code = LUA_TEST.replace("SERVERS_FILE", json.dumps(str(tmp / "servers.json")))
     return run_lua(tmp, code)
@@ -113,6 +116,15 @@ def test_lua_instance_limit_counts_every_pool(lua_results):
     taken = lua_results["taken"]
     assert sorted(taken[:3]) == ["b:0", "b:0", "b:1"] and taken[3:] == ["none", "none", "none"], taken
     assert lua_results["after_release"] == "b:0"
+
+
+def test_lua_pools_and_limits_match_the_reference(gw, lua_results):
+    """gateway_pools and gateway_instance_limits (Python) are the reference model of what the Lua builds."""
+    lua_pools = {model: [key.removesuffix("(down)") for key in keys] for model, keys in lua_results["pools"].items()}
+    assert lua_pools == gw.gateway_pools(LUA_SERVERS)
+    taken = {key: lua_results["taken"].count(key) for key in set(lua_results["taken"]) - {"none"}}
+    limits = gw.gateway_instance_limits(LUA_SERVERS)
+    assert taken == {key: n for key, n in limits.items() if key != LUA_DRAINED}
 
 
 def test_lua_body_rewrite_keeps_every_other_member_exact(lua_results):

@@ -1,14 +1,12 @@
 """roles/gateway_vip/filter_plugins: the cross-host checks of the floating address, one message per problem."""
 
-import importlib.util
 import os
 
 import pytest
+from herd_testing import load_module
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-SPEC = importlib.util.spec_from_file_location("gateway_vip", os.path.join(ROOT, "roles", "gateway_vip", "filter_plugins", "gateway_vip.py"))
-f = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(f)
+f = load_module("roles/gateway_vip/filter_plugins/gateway_vip.py", "gateway_vip")
 
 
 def _host(own, **over):

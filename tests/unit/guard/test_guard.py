@@ -2,7 +2,6 @@
 hung one that accepts and never answers, a busy one), the gateway's pool rule, progress (busy is not hung),
 restarts (gated by the gateways, backoff, cap, one at a time) and drains with a recorded run."""
 
-import importlib.util
 import json
 import os
 import socket
@@ -12,11 +11,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from herd_testing import load_module
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-SPEC = importlib.util.spec_from_file_location("herd_guard", os.path.join(ROOT, "roles", "guard", "files", "herd_guard.py"))
-g = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(g)
+g = load_module("roles/guard/files/herd_guard.py", "herd_guard")
 
 MODEL = "herd-tiny:1b"
 

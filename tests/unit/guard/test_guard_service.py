@@ -2,7 +2,6 @@
 systemd's watchdog is pinged only while every loop is live, /metrics answers while idle sockets are open (and they
 hold no thread), IPv6 listen addresses work, and the real program tells systemd it is ready and pings it."""
 
-import importlib.util
 import json
 import os
 import socket
@@ -15,12 +14,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import herd_service as hs
 import pytest
+from herd_testing import load_module
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 PROGRAM = os.path.join(ROOT, "roles", "guard", "files", "herd_guard.py")
-SPEC = importlib.util.spec_from_file_location("herd_guard_service", PROGRAM)
-g = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(g)
+g = load_module(PROGRAM, "herd_guard_service")
 
 MODEL = "herd-tiny:1b"
 

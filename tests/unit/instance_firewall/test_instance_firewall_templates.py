@@ -40,7 +40,7 @@ def _chain(text, name):
 
 
 def test_systemd_mode_filters_input_only():
-    text = render(RULES, ollama_mode="systemd")
+    text = render(RULES, ollama_instances=[{"id": 0, "mode": "systemd"}])
     assert "table inet herd_instances\ndelete table inet herd_instances\ntable inet herd_instances {" in text
     assert "elements = { 11434, 11435 }" in text
     assert "elements = { 10.0.0.1, 10.0.0.250 }" in text and "elements = { fd00::1 }" in text
@@ -50,7 +50,7 @@ def test_systemd_mode_filters_input_only():
 
 
 def test_container_mode_closes_the_forward_path_whatever_the_destination():
-    text = render(RULES, ollama_mode="container", instance_firewall_action="drop")
+    text = render(RULES, ollama_instances=[{"id": 0, "mode": "container"}], instance_firewall_action="drop")
     rules = _chain(text, "forward")
     assert rules[0] == "type filter hook forward priority filter; policy accept;"
     # No `ct status dnat`: a packet routed straight to a container's address is checked like a published one.

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
-import sys
 
 import pytest
+from herd_testing import load_module
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
 FIXTURES = REPO / "tests" / "unit" / "fixtures" / "nvidia-smi"
 
 
-def load_plugin(relative_path, name):
-    """Import a plugin file as a module named `name` (cached in sys.modules)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / relative_path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+load_plugin = load_module
 
 
 def fixture_text(name):

@@ -1,16 +1,15 @@
 """Helpers and fixtures for herd's lab stand-ins: lab models, GPU specs and emulator processes on loopback."""
 
 import http.client
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
-from importlib.machinery import SourceFileLoader
 from pathlib import Path
 
 import pytest
+from herd_testing import load_module
 from ollama_process import free_port, stop_process  # noqa: F401 - free_port is used by the standins tests
 
 REPO = Path(__file__).resolve().parents[3]
@@ -20,18 +19,10 @@ EMULATOR = STANDINS / "ollama_emulator.py"
 NVIDIA_SMI = STANDINS / "nvidia-smi"
 
 
-def load_module(name, path):
-    loader = SourceFileLoader(name, str(path))
-    spec = importlib.util.spec_from_loader(name, loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
-
-
-emulator = load_module("herd_ollama_emulator", EMULATOR)
-mkmodels = load_module("herd_mkmodels", STANDINS / "mkmodels.py")
-nvidia_smi = load_module("herd_nvidia_smi", NVIDIA_SMI)
-lab_registry_module = load_module("herd_lab_registry", STANDINS / "lab_registry.py")
+emulator = load_module(EMULATOR, "herd_ollama_emulator")
+mkmodels = load_module(STANDINS / "mkmodels.py", "herd_mkmodels")
+nvidia_smi = load_module(NVIDIA_SMI, "herd_nvidia_smi")
+lab_registry_module = load_module(STANDINS / "lab_registry.py", "herd_lab_registry")
 
 
 @pytest.fixture(scope="session")

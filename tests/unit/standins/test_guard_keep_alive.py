@@ -10,7 +10,7 @@ from standins_lab import load_module
 from test_emulator_api import fast
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-guard = load_module("herd_guard", os.path.join(ROOT, "roles", "guard", "files", "herd_guard.py"))
+guard = load_module("roles/guard/files/herd_guard.py", "herd_guard")
 MODEL = "herd-tiny:1b"
 CONFIG = {"interval": 0.25, "probe_timeout": 2, "canary_timeout": 5}
 

@@ -4,6 +4,7 @@ import json
 import subprocess
 
 import pytest
+from herd_testing import load_module
 from standins_lab import GPUS, NVIDIA_SMI
 
 QUERY = "index,uuid,name,pci.bus_id,memory.total,memory.used,memory.free,driver_version,compute_cap,mig.mode.current"
@@ -127,17 +128,12 @@ def test_uuids_are_well_formed_and_unique():
 
 def test_inventory_module_parses_standin_output():
     """The real nvidia_gpu_info parser reads the stand-in's output (the contract of lab hosts)."""
-    import importlib.util
-    import sys
     from pathlib import Path
 
     module_path = Path(__file__).resolve().parents[3] / "plugins" / "modules" / "nvidia_gpu_info.py"
     if not module_path.exists():
         pytest.skip("plugins/modules/nvidia_gpu_info.py not present")
-    spec = importlib.util.spec_from_file_location("herd_nvidia_gpu_info_for_standins", module_path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_module("plugins/modules/nvidia_gpu_info.py", "herd_nvidia_gpu_info_for_standins")
     fields = list(module.QUERY_FIELDS)
     rc, out, _ = smi(f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits", spec="h100-mig")
     assert rc == 0

@@ -16,7 +16,7 @@ import pytest
 from ollama_process import REAL_ARCHIVE as ARCHIVE
 from ollama_process import OllamaProcess as Server
 from ollama_process import unpack_real_release
-from standins_lab import EMULATOR, REPO, STANDINS, load_module
+from standins_lab import EMULATOR, STANDINS, load_module
 
 REAL_VERSION = "0.3.6-ipexllm-20241101"
 ERR_MAX_QUEUE = "server busy, please try again.  maximum pending requests exceeded"
@@ -25,8 +25,8 @@ NAMES = {"herd-real-tiny": "herd-real-tiny:latest", "herd/tiny:1b": "herd/tiny:1
 # The /api/show field current Ollama has and 0.3.6 lacks (capabilities, since 0.6): the emulator keeps it.
 KNOWN_SHOW_EXTRA = {"capabilities"}
 
-mkgguf = load_module("herd_mkgguf", STANDINS / "mkgguf.py")
-ollama_names = load_module("herd_contract_ollama_names", REPO / "plugins" / "module_utils" / "ollama_names.py")
+mkgguf = load_module(STANDINS / "mkgguf.py", "herd_mkgguf")
+ollama_names = load_module("plugins/module_utils/ollama_names.py", "herd_contract_ollama_names")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """End-to-end runs of tools/herd_load.py against a tiny stdlib streaming server on loopback."""
 
-import importlib.util
 import json
 import sys
 import threading
@@ -9,16 +8,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from herd_testing import load_module
 
 TOOL = Path(__file__).resolve().parents[3] / "tools" / "herd_load.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("herd_load", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["herd_load"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module("tools/herd_load.py", "herd_load")
 
 
 hl = _load()

@@ -2,7 +2,6 @@
 does to idle client connections when it reloads), and stops cleanly on SIGTERM."""
 
 import asyncio
-import importlib.util
 import json
 import signal
 import subprocess
@@ -11,11 +10,10 @@ import threading
 import time
 from pathlib import Path
 
+from herd_testing import load_module
+
 TOOL = Path(__file__).resolve().parents[3] / "tools" / "herd_load.py"
-spec = importlib.util.spec_from_file_location("herd_load_ka", TOOL)
-hl = importlib.util.module_from_spec(spec)
-sys.modules["herd_load_ka"] = hl
-spec.loader.exec_module(hl)
+hl = load_module("tools/herd_load.py", "herd_load_ka")
 
 BODY = json.dumps({"model": "m", "response": "hi", "done": True, "eval_count": 1}).encode()
 

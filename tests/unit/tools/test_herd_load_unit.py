@@ -1,21 +1,16 @@
 """Unit tests of tools/herd_load.py: percentiles, aggregation, parsing, target refusal, CLI bounds."""
 
-import importlib.util
 import random
-import sys
 from pathlib import Path
 
 import pytest
+from herd_testing import load_module
 
 TOOL = Path(__file__).resolve().parents[3] / "tools" / "herd_load.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("herd_load", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["herd_load"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module("tools/herd_load.py", "herd_load")
 
 
 hl = _load()

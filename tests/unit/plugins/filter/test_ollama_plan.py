@@ -10,7 +10,7 @@ GIB = 1024
 
 def plan(planner, gpus, **config):
     config.setdefault("host", "gpu1")
-    return planner.ollama_plan(gpus, config)
+    return planner.plan_instances(gpus, config)
 
 
 def errors(planner, gpus, **config):
@@ -36,7 +36,8 @@ def test_l20_one_instance_per_gpu(planner, gpus_from):
     assert [i["id"] for i in result] == [0, 1, 2, 3, 4]
     assert [i["port"] for i in result] == [11434, 11435, 11436, 11437, 11438]
     for inst, gpu in zip(result, gpus, strict=True):
-        assert inst["name"] == f"ollama-{inst['id']}"
+        assert inst["name"] == f"ollama@{inst['id']}" and inst["unit"] == f"ollama@{inst['id']}.service"
+        assert inst["mode"] == "systemd" and inst["container"] is None
         assert inst["gpus"] == [gpu["index"]]
         assert inst["gpu_uuids"] == [gpu["uuid"]]
         assert inst["gpu_names"] == ["NVIDIA L20"]
@@ -256,14 +257,14 @@ def test_kv_cache_without_flash_attention_warns(planner, gpus_from):
 
 def test_accepts_module_result_and_string_numbers(planner, gpus_from):
     gpus = gpus_from("l20x5.csv")
-    result = planner.ollama_plan({"gpus": gpus}, {"host": "gpu1", "base_port": "12000", "num_parallel": "3"})
+    result = planner.plan_instances({"gpus": gpus}, {"host": "gpu1", "base_port": "12000", "num_parallel": "3"})
     assert result[0]["port"] == 12000 and result[0]["env"]["OLLAMA_NUM_PARALLEL"] == "3"
 
 
 def test_filter_registration_and_raise(planner, gpus_from):
     filters = planner.FilterModule().filters()
-    assert set(filters) == {"ollama_plan", "ollama_plan_errors", "ollama_plan_warnings", "ollama_model_name",
-                            "ollama_pull_name", "ollama_registry_error", "ollama_path_errors"}
+    assert set(filters) == {"ollama_plan", "ollama_model_name", "ollama_not_ready", "ollama_pull_name",
+                            "ollama_registry_error", "ollama_path_errors"}
     assert filters["ollama_model_name"]("library/tiny") == "tiny:latest"
     with pytest.raises(AnsibleFilterError):
         filters["ollama_model_name"]("bad name")
@@ -272,8 +273,12 @@ def test_filter_registration_and_raise(planner, gpus_from):
     with pytest.raises(AnsibleFilterError, match="ollama_registry must be a registry host"):
         filters["ollama_pull_name"]("tiny", "http://mirror:5000")
     assert "bad port" in filters["ollama_registry_error"]("mirror:0")
+    result = filters["ollama_plan"](gpus_from("l20x5.csv"), {"host": "gpu1", "gpu_groups": [[9]], "num_parallel": 0})
+    assert result["instances"] == [] and len(result["errors"]) == 2 and result["warnings"] == []
+    valid = filters["ollama_plan"](gpus_from("l20x5.csv"), {"host": "gpu1"})
+    assert len(valid["instances"]) == 5 and valid["errors"] == []
     with pytest.raises(AnsibleFilterError) as err:
-        filters["ollama_plan"](gpus_from("l20x5.csv"), {"host": "gpu1", "gpu_groups": [[9]], "num_parallel": 0})
+        planner.plan_instances(gpus_from("l20x5.csv"), {"host": "gpu1", "gpu_groups": [[9]], "num_parallel": 0})
     text = str(err.value)
     assert text.startswith("ollama instance plan for gpu1 is not valid:")
     assert "GPU 9 is not on this host" in text and "ollama_num_parallel on gpu1: 0 is out of range" in text

@@ -97,7 +97,7 @@ def test_l20_two_models_per_instance_all_resident(planner, lab_gpus):
     assert [g["memory_total_mib"] for g in gpus] == [46068] * 4
     config = cfg(models=[TINY, SMALL], num_parallel=2)
     assert planner.ollama_plan_errors(gpus, config) == []
-    result = planner.ollama_plan(gpus, config)
+    result = planner.plan_instances(gpus, config)
     for inst in result:
         assert inst["models"] == ["herd-tiny:1b", "herd-small:7b"]
         assert inst["env"]["OLLAMA_MAX_LOADED_MODELS"] == "2"
@@ -127,7 +127,7 @@ def test_l20_too_many_models_for_one_gpu_is_refused_with_the_fixes(planner, lab_
                 "ollama_max_loaded_models below the model count with a finite ollama_keep_alive"):
         assert fix in msg
     # Automatic groups (no explicit ones) size each instance for all three together: two L20s each.
-    assert [i["gpus"] for i in planner.ollama_plan(gpus, cfg(models=models))] == [[0, 1], [2, 3]]
+    assert [i["gpus"] for i in planner.plan_instances(gpus, cfg(models=models))] == [[0, 1], [2, 3]]
 
 
 # -- RTX 4090 24 GB: chat + embedding model, and taking turns ---------------------------------------------------------
@@ -135,7 +135,7 @@ def test_rtx4090_chat_and_embedding_fit(planner, lab_gpus):
     gpus = lab_gpus("rtx4090x8")
     assert len(gpus) == 8 and gpus[0]["memory_total_mib"] == 24564
     models = [{"name": "qwen2.5:7b", "vram_gib": 6}, {"name": "bge-m3", "vram_gib": 1.2}]
-    result = planner.ollama_plan(gpus, cfg(models=models))
+    result = planner.plan_instances(gpus, cfg(models=models))
     assert len(result) == 8
     assert result[0]["models"] == ["qwen2.5:7b", "bge-m3:latest"]
     assert result[0]["env"]["OLLAMA_MAX_LOADED_MODELS"] == "2"
@@ -155,7 +155,7 @@ def test_rtx4090_models_that_do_not_fit_together_may_take_turns(planner, lab_gpu
     # The operator lets them take turns: one loaded at a time, finite keep_alive.
     turns = cfg(models=models, gpu_groups=groups, max_loaded_models=1, keep_alive="5m")
     assert planner.ollama_plan_errors(gpus, turns) == []
-    inst = planner.ollama_plan(gpus, turns)[0]
+    inst = planner.plan_instances(gpus, turns)[0]
     assert inst["env"]["OLLAMA_MAX_LOADED_MODELS"] == "1" and inst["keep_resident"] is False
     # ...which contradicts keep_alive -1 (keep every model loaded forever).
     msg = planner.ollama_plan_errors(gpus, cfg(models=models, gpu_groups=[[0]], max_loaded_models=1))[0]
@@ -173,14 +173,14 @@ def test_h100_context_length_default_and_ollama_default(planner, lab_gpus):
     assert [g["memory_total_mib"] for g in gpus] == [81559, 81559]
     llama = {"name": "llama3.3:70b", "vram_gib": 43}
     # herd's default: 4 x 8192 tokens -> (44032 + 10240) x 1.1 = 59699 MiB, fits 81559.
-    result = planner.ollama_plan(gpus, cfg(models=[llama]))
+    result = planner.plan_instances(gpus, cfg(models=[llama]))
     assert result[0]["env"]["OLLAMA_CONTEXT_LENGTH"] == "8192" and result[0]["context_length"] == 8192
     # ollama_context_length 0 leaves Ollama's default: 256k on 80 GB, KV 4 x 256 x 320 MiB = 320 GiB.
     found = planner.ollama_plan_errors(gpus, cfg(models=[llama], context_length=0, gpu_groups=[[0], [1]]))
     assert len(found) == 2
     assert found[0].startswith(
         "ollama_models on gpu1: llama3.3:70b needs about 399.3 GiB (43 GiB + KV 4 x 262144 tokens 320.0 GiB")
-    assert "OLLAMA_CONTEXT_LENGTH" not in planner.ollama_plan(gpus, cfg(context_length=0))[0]["env"]
+    assert "OLLAMA_CONTEXT_LENGTH" not in planner.plan_instances(gpus, cfg(context_length=0))[0]["env"]
     # Two 70B models do not fit one H100 together: (44032 + 10240 + 45056 + 10240) x 1.1 = 120525 MiB.
     two = [llama, {"name": "qwen2.5:72b", "vram_gib": 44}]
     msg = planner.ollama_plan_errors(gpus, cfg(models=two, gpu_groups=[[0], [1]]))[0]
@@ -195,7 +195,7 @@ def test_h100_context_length_default_and_ollama_default(planner, lab_gpus):
 # -- names and environment ---------------------------------------------------------------------------------------------
 def test_names_are_normalised_once(planner, lab_gpus):
     gpus = lab_gpus("l20x4")
-    result = planner.ollama_plan(gpus, cfg(models=["tiny", "registry.ollama.ai/library/herd-small:7b", "team/x"]))
+    result = planner.plan_instances(gpus, cfg(models=["tiny", "registry.ollama.ai/library/herd-small:7b", "team/x"]))
     assert result[0]["models"] == ["tiny:latest", "herd-small:7b", "team/x:latest"]
     found = planner.ollama_plan_errors(gpus, cfg(models=["tiny", "library/tiny:latest"]))
     assert found == [
@@ -208,10 +208,10 @@ def test_names_are_normalised_once(planner, lab_gpus):
 
 def test_no_cloud_noprune_and_explicit_max_loaded(planner, lab_gpus):
     gpus = lab_gpus("l20x4")
-    result = planner.ollama_plan(gpus, cfg(models=[TINY], no_cloud=True, max_loaded_models=3))
+    result = planner.plan_instances(gpus, cfg(models=[TINY], no_cloud=True, max_loaded_models=3))
     assert result[0]["env"]["OLLAMA_NO_CLOUD"] == "1"
     assert result[0]["env"]["OLLAMA_MAX_LOADED_MODELS"] == "3"
-    assert "OLLAMA_NO_CLOUD" not in planner.ollama_plan(gpus, cfg(models=[TINY]))[0]["env"]
+    assert "OLLAMA_NO_CLOUD" not in planner.plan_instances(gpus, cfg(models=[TINY]))[0]["env"]
     msg = planner.ollama_plan_errors(gpus, cfg(extra_env={"OLLAMA_NOPRUNE": "0"}))[0]
     assert msg.startswith("ollama_extra_env.OLLAMA_NOPRUNE on gpu1: OLLAMA_NOPRUNE is set by herd itself")
     assert planner.ollama_plan_errors(gpus, cfg(models=[dict(TINY, kv_mib_per_1k_ctx=0)]))[0].startswith(
@@ -219,5 +219,5 @@ def test_no_cloud_noprune_and_explicit_max_loaded(planner, lab_gpus):
 
 
 def test_cpu_instances_have_no_context_from_gpu_memory(planner):
-    result = planner.ollama_plan([], cfg(cpu_instances=1, context_length=0, models=[TINY]))
+    result = planner.plan_instances([], cfg(cpu_instances=1, context_length=0, models=[TINY]))
     assert result[0]["context_length"] == 0 and result[0]["keep_resident"] is True

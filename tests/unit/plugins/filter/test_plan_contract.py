@@ -22,16 +22,20 @@ def documented_entry():
 
 
 def plan(planner, gpus, **config):
-    return planner.ollama_plan(gpus, {"host": "gpu1", **config})
+    return planner.plan_instances(gpus, {"host": "gpu1", **config})
 
 
 def test_documented_fields_and_types_are_the_planners(planner, gpus_from):
     doc = documented_entry()
-    for config in ({}, {"bind_address": "0.0.0.0", "models": ["qwen2.5:7b"]}, {"cpu_instances": 2, "gpu_groups": []}):
+    for config in ({}, {"bind_address": "0.0.0.0", "models": ["qwen2.5:7b"]}, {"cpu_instances": 2, "gpu_groups": []},
+                   {"mode": "container"}):
         gpus = [] if config.get("cpu_instances") else gpus_from("l20x5.csv")
         for entry in plan(planner, gpus, **config):
             assert sorted(entry) == sorted(doc), "docs/architecture.md and the planner disagree on the fields"
             for key, value in doc.items():
+                if key in ("unit", "container"):  # the one of the two the mode runs, the other null
+                    assert isinstance(entry[key], str) == (entry["mode"] == {"unit": "systemd"}.get(key, "container"))
+                    continue
                 assert isinstance(entry[key], type(value)), f"{key}: documented {type(value).__name__}, got {entry[key]!r}"
                 if isinstance(value, list) and value and entry[key]:
                     assert isinstance(entry[key][0], type(value[0])), key
@@ -60,3 +64,13 @@ def test_bad_advertise_address_names_the_variable(planner, gpus_from):
     errors = planner.ollama_plan_errors(gpus_from("l20x5.csv"), {"host": "gpu1", "advertise_address": "gpu 1"})
     assert errors == ["ollama_advertise_address on gpu1: 'gpu 1' is not an IP address or host name. Fix: use the "
                       "address (or DNS name) a gateway on another host dials to reach this host"]
+
+
+@pytest.mark.parametrize(("mode", "unit", "container", "name"), [
+    ("systemd", "ollama@1.service", None, "ollama@1"),
+    ("container", None, "herd-ollama-1", "herd-ollama-1"),
+])
+def test_the_plan_names_the_unit_or_container_it_runs(planner, gpus_from, mode, unit, container, name):
+    """Consumers (guard, status, rolling, the firewall) take these names from the plan; none rebuilds them."""
+    second = plan(planner, gpus_from("l20x5.csv"), mode=mode)[1]
+    assert (second["mode"], second["unit"], second["container"], second["name"]) == (mode, unit, container, name)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import importlib.util
 import json
 import os
 import signal
@@ -22,14 +21,13 @@ from pathlib import Path
 import pytest
 from ansible.module_utils import basic
 from ansible.module_utils.testing import patch_module_args
+from herd_testing import load_module
 
 ROOT = Path(__file__).resolve().parents[4]
 MODULE_PATH = ROOT / "plugins" / "modules" / "ollama_model_sync.py"
 MKMODELS = ROOT / "lab" / "standins" / "mkmodels.py"
 
-_spec = importlib.util.spec_from_file_location("herd_ollama_model_sync", MODULE_PATH)
-oms = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(oms)
+oms = load_module("plugins/modules/ollama_model_sync.py", "herd_ollama_model_sync")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -650,9 +648,7 @@ def test_a_second_concurrent_sync_is_refused(run, store, tmp_path):
 # ollama_model_info (read-only companion; tested here as the sync's observer)
 # ---------------------------------------------------------------------------------------------------------
 
-_ispec = importlib.util.spec_from_file_location("herd_ollama_model_info", ROOT / "plugins/modules/ollama_model_info.py")
-omi = importlib.util.module_from_spec(_ispec)
-_ispec.loader.exec_module(omi)
+omi = load_module("plugins/modules/ollama_model_info.py", "herd_ollama_model_info")
 
 
 @pytest.mark.parametrize(
