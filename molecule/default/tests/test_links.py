@@ -2,6 +2,7 @@
 account that owns the folder, could do) is never followed by a deployment run as root; and each instance executes
 its own link to the release it was started with."""
 
+import json
 import os
 import subprocess
 
@@ -28,7 +29,10 @@ def test_a_link_planted_in_an_instance_models_folder_is_replaced_never_followed(
     )
     before = _bait_state(host)
     try:
-        run = subprocess.run(["ansible-playbook", "-i", INVENTORY, f"{PROJECT}/site.yml"],
+        # The scenario's state as test_default left it (instance 1 at num_parallel 3): the rerun must not undo it,
+        # test_rolling_by_instance counts on instance 1 needing no restart.
+        run = subprocess.run(["ansible-playbook", "-i", INVENTORY, f"{PROJECT}/site.yml",
+                              "-e", json.dumps({"ollama_instance_overrides": {"1": {"num_parallel": 3}}})],
                              capture_output=True, text=True, timeout=1200)
         out = run.stdout + run.stderr
         assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
