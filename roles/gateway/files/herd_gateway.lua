@@ -37,6 +37,7 @@ local status = require("herd_gateway.status")
 local _M = {}
 
 local ANY = endpoints.ANY
+local NGX_BUSY = -3  -- nginx's return code for "no live upstreams" (src/core/ngx_core.h)
 
 -- init_by_lua: the settings role gateway renders (JSON text) and its endpoint table (one JSON text per endpoint);
 -- the drained record becomes the shared flags.
@@ -196,7 +197,9 @@ function _M.balance()
             local list = slots.candidates(ANY, ctx.herd_tried)
             next_server = list[1] and list[1].server
         else
-            next_server = slots.acquire(ctx.herd_pool, ctx.herd_tried)
+            -- Every slot of the pool taken: the retry waits in the least loaded instance's own queue
+            -- (slots.overflow) rather than fail; the client's request never reached an answer.
+            next_server = slots.acquire(ctx.herd_pool, ctx.herd_tried) or slots.overflow(ctx.herd_pool, ctx.herd_tried)
             if next_server then
                 slots.give_back(last.key)
                 ngx.var.herd_slot = next_server.key
@@ -206,7 +209,10 @@ function _M.balance()
             end
         end
         if not next_server then
-            return ngx.exit(502)
+            -- No other instance: nginx's "no live upstreams" (NGX_BUSY, passed through by lua-nginx-module's
+            -- balancer), a 502 that error_page turns into @herd_unavailable's answer in Ollama's error shape.
+            -- ngx.exit(502) here would be a bare 500: the balancer maps every HTTP status to NGX_ERROR.
+            return ngx.exit(NGX_BUSY)
         end
         server = next_server
         ctx.herd_server = server

@@ -1,9 +1,9 @@
 -- herd gateway: an instance's slots (max_conns over all its pools), its failures, and the choice of instance.
 --
--- Owns: take / give_back (a slot, atomic over every worker), candidates (least loaded first, backups last,
--- equals in turn), acquire (a free slot on the preferred or least loaded candidate), fail (count a failure),
--- progress (the last upstream byte of an instance), drained (apply_drained / sync_drained: the runtime drain
--- flags every worker follows).
+-- Owns: take / give_back (a slot, atomic over every worker), overflow (a retry's slot past max_conns),
+-- candidates (least loaded first, backups last, equals in turn), acquire (a free slot on the preferred or least
+-- loaded candidate), fail (count a failure), progress (the last upstream byte of an instance), drained
+-- (apply_drained / sync_drained: the runtime drain flags every worker follows).
 -- Shared-dict keys (herd_gateway):
 --   i:<key>       read, written: requests in flight on instance <key>
 --   f:<key>       read, written: failures of instance <key> within fail_timeout
@@ -147,6 +147,21 @@ local function in_pool(pool, server)
         end
     end
     return false
+end
+
+-- A retry's slot when no candidate of the pool has one free: the least loaded candidate, past its max_conns
+-- (counted like any slot, so nothing else is admitted there until it falls below). Only a retry overflows: its
+-- request went to an instance that closed or refused it before any byte of an answer (restarted, as herd-guard
+-- does to a hung one); it waits in this instance's own queue (OLLAMA_MAX_QUEUE) instead of failing.
+function _M.overflow(pool, exclude)
+    local entry = candidates(pool, exclude)[1]
+    if not entry then
+        return nil
+    end
+    if dict():incr("i:" .. entry.server.key, 1, 0) == 1 then
+        dict():set("t:" .. entry.server.key, ngx.now())
+    end
+    return entry.server
 end
 
 -- Take a slot on the least loaded candidate with one free; returns the server, or nil and whether any
