@@ -60,17 +60,25 @@ molecule: lab-artifacts lab-images
 	if [ -s .molecule-logs/measurements.txt ]; then echo "=== measured by the scenarios"; cat .molecule-logs/measurements.txt; fi; \
 	exit $$rc
 
+# Every log line starts with the time it was written; the summary line gives each molecule stage's seconds.
 molecule-%:
 	@echo "=== molecule test -s $* (log: .molecule-logs/$*.log)"
-	@start=$$(date +%s); \
-	if $(BIN)/molecule test -s $* > .molecule-logs/$*.log 2>&1; then \
+	@set -o pipefail; start=$$(date +%s); \
+	if $(BIN)/molecule test -s $* 2>&1 | perl -MPOSIX -pe 'BEGIN { $$| = 1 } print strftime("%H:%M:%S ", localtime)' \
+	    > .molecule-logs/$*.log; then \
 	  echo "=== molecule test -s $*: passed in $$(( $$(date +%s) - start )) s"; \
 	  grep -a -o -E "[0-9]+ passed[^=]* in [0-9.]+s" .molecule-logs/$*.log | tail -n 1 | sed 's/^/    testinfra: /' || true; \
+	  $(BIN)/python scripts/molecule_stages.py .molecule-logs/$*.log; \
 	else \
-	  cat .molecule-logs/$*.log; echo "=== molecule test -s $*: FAILED after $$(( $$(date +%s) - start )) s"; exit 1; \
+	  cat .molecule-logs/$*.log; echo "=== molecule test -s $*: FAILED after $$(( $$(date +%s) - start )) s"; \
+	  $(BIN)/python scripts/molecule_stages.py .molecule-logs/$*.log; exit 1; \
 	fi
 
-test: lint unit molecule
+# Lint, the unit tests and the Debian 13 image build run side by side (the image build waits on the network and
+# disk, the tests on the CPU); each one's output is printed whole when it ends. The scenarios follow.
+test:
+	@$(MAKE) --no-print-directory -j3 --output-sync=target lint unit lab-images
+	@$(MAKE) --no-print-directory molecule
 	@echo "make test: all stages passed"
 
 bench: bootstrap

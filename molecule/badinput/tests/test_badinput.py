@@ -4,7 +4,7 @@ Each case runs the real `ansible-playbook site.yml` against the prepared lab hos
 (`-e @case.json`). A case passes when the run fails, the first failed task belongs to the preflight play, the
 output names the variable and a fix, and a checksum snapshot of the host's /etc, /usr/local, /opt and
 /var/lib/herd equals the snapshot taken before any case ran. Cases run three at a time (each is a few seconds
-of preflight); a final test prints the counts.
+of preflight, the host's facts read from a cache after the first); a final test prints the counts.
 """
 
 import json
@@ -199,6 +199,10 @@ CASES = [
 KNOWN_DEFECTS: dict[str, str] = {}
 
 _RESULTS = {}
+# The host's facts are gathered once and read from a cache by every case (the preflight play gathers only when the
+# cache has none): the cases differ in settings, not in the host. It saves about a fifth of each case's run.
+FACT_CACHE = {"ANSIBLE_GATHERING": "smart", "ANSIBLE_CACHE_PLUGIN": "jsonfile", "ANSIBLE_CACHE_PLUGIN_TIMEOUT": "7200",
+              "ANSIBLE_CACHE_PLUGIN_CONNECTION": tempfile.mkdtemp(prefix="herd-badinput-facts-")}
 
 
 def _snapshot():
@@ -247,7 +251,7 @@ def _run_case(case_id, extra):
     try:
         run = subprocess.run(
             ["ansible-playbook", f"{PROJECT}/site.yml", *inventories, "-e", f"@{temporary[0]}", *tags],
-            capture_output=True, text=True, timeout=300, env={**os.environ, "ANSIBLE_FORCE_COLOR": "0"},
+            capture_output=True, text=True, timeout=300, env={**os.environ, "ANSIBLE_FORCE_COLOR": "0", **FACT_CACHE},
         )
     finally:
         for name in temporary:
