@@ -3,13 +3,15 @@
 -- The entry points role gateway's nginx configuration calls (init_by_lua, access, balancer, header filter, log,
 -- content of /herd/pools and of the catalogue paths); the work is done by the modules under herd_gateway/:
 --   keys        the shared dicts and the one list of every key shape they hold (KEYS)
+--   counters    n:, w:, k: keys: counters over every worker with each worker's share (a dead worker's is given
+--               back), writes that never evict, the dicts' free space
 --   names       model_key: Ollama's model-name rule (the pool of a request), a port of ollama_names.py
 --   endpoints   the endpoint table's index (find: which paths are forwarded, how), AFFINITY_PATHS, ANY
 --   apikeys     the API key record and the key name of a request (set_by_lua of $herd_key_name)
 --   settings    init/build/configure: settings, servers.json, drained.json, DNS -> settings.cfg
 --   slots       i:, f:, r:, p:, d: keys: a slot per request on an instance, failures, least-loaded candidates,
 --               progress (last upstream byte), the runtime drained flags
---   queue       q: keys: the FIFO of every pool, admit, on_abort
+--   queue       q: keys: the FIFO of every pool (its markers in herd_queue), admit, on_abort
 --   stats       s: keys: counters and the wait histogram of /herd/pools
 --   affinity    herd_affinity: conversation key -> instance
 --   body        read_body, the JSON member scanner, view (members as Ollama reads them), rewrite
@@ -21,11 +23,13 @@
 -- The servers come from the gateway host's record (servers.json, written by the role) and the drained ones
 -- from drained.json plus gateway_drain: applied at every start and reload, and at runtime by the admin location
 -- (herd-gateway-drain writes drained.json, then POSTs /herd/admin/drained: every worker follows at once).
+-- check (init_by_lua under herd-nginx-check, HERD_GATEWAY_CHECK=1): the same init on candidate records, then exit.
 -- Shared-dict keys: none of its own (through slots, queue and affinity).
 local cjson = require("cjson.safe")
 local affinity = require("herd_gateway.affinity")
 local body = require("herd_gateway.body")
 local catalogue = require("herd_gateway.catalogue")
+local counters = require("herd_gateway.counters")
 local endpoints = require("herd_gateway.endpoints")
 local names = require("herd_gateway.names")
 local queue = require("herd_gateway.queue")
@@ -41,14 +45,42 @@ local NGX_BUSY = -3  -- nginx's return code for "no live upstreams" (src/core/ng
 
 -- init_by_lua: the settings role gateway renders (JSON text) and its endpoint table (one JSON text per endpoint);
 -- the drained record becomes the shared flags.
+--
+-- `nginx -t` does not run init_by_lua. herd-nginx-check (the role's validate, and herd-gateway-drain before it
+-- writes a record) therefore also starts nginx on its private copy of the configuration with HERD_GATEWAY_CHECK=1
+-- (and HERD_GATEWAY_CHECK_SERVERS / HERD_GATEWAY_CHECK_DRAINED naming candidate records): this init loads them
+-- with the very code a reload runs, refuses a drained record that is not a list of names, says what it loaded on
+-- stderr and exits the process before nginx opens a socket. An error is nginx's "init_by_lua error" and status 1.
 function _M.init(settings_json, endpoint_jsons)
-    settings.init(settings_json, endpoint_jsons)
+    local check = os.getenv("HERD_GATEWAY_CHECK")
+    local overrides = nil
+    if check and check ~= "" then
+        overrides = { servers_file = os.getenv("HERD_GATEWAY_CHECK_SERVERS"),
+                      drained_file = os.getenv("HERD_GATEWAY_CHECK_DRAINED") }
+    end
+    settings.init(settings_json, endpoint_jsons, overrides)
     local doc = cjson.decode(settings_json)
-    status.configure_admin(doc.drained_file, doc.drain)
-    local targets = status.drained_targets()
+    local drained_file = overrides and overrides.drained_file or doc.drained_file
+    status.configure_admin(drained_file, doc.drain)
+    local targets, err = status.drained_targets()
+    if overrides then
+        if not targets then
+            error("herd gateway: " .. err)
+        end
+        local cfg = settings.cfg
+        io.stderr:write(string.format("herd gateway: the settings and records load: %d servers, %d pools, %d drained\n",
+            #cfg.servers, #cfg.pool_names, #targets))
+        io.stderr:flush()
+        os.exit(0)
+    end
     if targets then
         slots.apply_drained(targets)
     end
+end
+
+-- init_worker_by_lua: this worker's record, and the timer that gives back what dead workers held.
+function _M.init_worker()
+    counters.register()
 end
 
 -- The body limit of an endpoint, checked on Content-Length before anything is read (and on the length read, for a
@@ -141,9 +173,15 @@ function _M.access(mode)
         end
         -- The bodies held in memory at once, over every worker, stay within gateway_body_memory: a burst of large
         -- bodies is answered busy instead of growing the workers.
-        if entry.model ~= "" and entry.model ~= "path"
-            and not body.hold(length or settings.cfg.body_max[entry.body] or 0, settings.cfg.body_memory) then
-            return respond.busy("server busy, please try again: the gateway holds too many large requests")
+        if entry.model ~= "" and entry.model ~= "path" then
+            local held, err = body.hold(length or settings.cfg.body_max[entry.body] or 0, settings.cfg.body_memory)
+            if err then
+                ngx.log(ngx.ERR, "herd gateway: herd_gateway: ", err)
+                return respond.answer(503, "server busy, please try again: the gateway's shared state is full",
+                    settings.cfg.retry_after)
+            elseif not held then
+                return respond.busy("server busy, please try again: the gateway holds too many large requests")
+            end
         end
         if entry.model ~= "" then
             pool = route(entry, path_model)

@@ -73,7 +73,7 @@ def main_config(tmp_path, http_text):
 
 
 
-def run_lua(tmp_path, code, dicts=("herd_gateway",)):
+def run_lua(tmp_path, code, dicts=("herd_gateway", "herd_queue")):
     """Run Lua `code` (it answers with ngx.say) once inside a real nginx with the role's Lua modules on its path and
     the shared dicts `dicts` (1m each); returns the decoded JSON answer."""
     port = free_port()

@@ -74,7 +74,7 @@ def lua(tmp_path_factory):
                            _server("b:4", ["small:7b"], 2)]}
     (tmp / "servers.json").write_text(json.dumps(servers))
     code = LUA_TEST.replace("SERVERS_FILE", json.dumps(str(tmp / "servers.json")))
-    return run_lua(tmp, code, dicts=("herd_gateway", "herd_affinity"))
+    return run_lua(tmp, code, dicts=("herd_gateway", "herd_queue", "herd_affinity"))
 
 
 def test_conversation_key(lua):

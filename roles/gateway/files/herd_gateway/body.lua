@@ -5,13 +5,16 @@
 -- regard to case, by Unicode simple folding; a member the gateway reads that appears twice, in any case, is
 -- refused) and rewrite (keep_alive in any case dropped under client_keep_alive ignore; on native endpoints
 -- `options` rebuilt from the client's allowed options plus gateway_model_options, which win; every other member
--- byte for byte), hold/release (the budget of request bodies held in memory at once, over every worker).
+-- byte for byte), hold/release (the budget of request bodies held in memory at once, over every worker), held
+-- (the bytes held now, for /herd/pools).
 -- Shared-dict keys (herd_gateway):
---   b:held   incr: bytes of request bodies held now (reserved before a body is read, given back in the log phase)
+--   b:held   read, written (counters.add: a dead worker's share is given back): bytes of request bodies held now
+--            (reserved before a body is read, given back in the log phase)
 --
 -- Why refuse rather than normalise a duplicate: Ollama takes the last of `{"model":"m1","MODEL":"m2"}`, a
 -- reader taking the first routes to the wrong pool, and no client sends such a body by mistake.
 local cjson = require("cjson.safe")
+local counters = require("herd_gateway.counters")
 local keys = require("herd_gateway.keys")
 
 local _M = {}
@@ -209,19 +212,27 @@ end
 
 -- Reserve `bytes` of the body budget `limit` before a body is read (the Content-Length, or the endpoint's limit
 -- for a chunked body). Returns true when the bodies held by every worker stay within the budget; the reservation
--- is recorded in ngx.ctx and given back by release() (log phase, every request).
+-- is recorded in ngx.ctx and given back by release() (log phase, every request). Returns false (and the error
+-- when the dict is full) when refused.
 function _M.hold(bytes, limit)
     if not limit or bytes <= 0 then
         return true
     end
-    local d = keys.gateway()
-    local held = d:incr("b:held", bytes, 0)
-    if held and held > limit then
-        d:incr("b:held", -bytes, 0)
+    local held, err = counters.add("b:held", bytes)
+    if not held then
+        return false, err
+    end
+    if held > limit then
+        counters.add("b:held", -bytes)
         return false
     end
     ngx.ctx.herd_body_held = bytes
     return true
+end
+
+-- Bytes of request bodies held now, over every worker.
+function _M.held()
+    return keys.gateway():get("b:held") or 0
 end
 
 -- Give the reservation back (log phase, every request). After a large body that was refused, free its Lua copies
@@ -230,10 +241,7 @@ function _M.release()
     local bytes = ngx.ctx.herd_body_held
     if bytes then
         ngx.ctx.herd_body_held = nil
-        local held = keys.gateway():incr("b:held", -bytes, 0)
-        if held and held < 0 then
-            keys.gateway():incr("b:held", -held, 0)
-        end
+        counters.add("b:held", -bytes)
         if bytes > 1048576 and not ngx.ctx.herd_body_collected then
             collectgarbage("collect")
         end

@@ -153,7 +153,8 @@ function _M.serve()
         cached = entry.merge(results)
         local ttl = type(entry.ttl) == "number" and entry.ttl or settings.cfg[entry.ttl]
         if ttl > 0 then
-            d:set("c:" .. path, cached, ttl)
+            -- Never evicting: without room the answer is served uncached.
+            d:safe_set("c:" .. path, cached, ttl)
         end
     end
     ngx.header["Content-Type"] = "application/json; charset=utf-8"

@@ -1,21 +1,28 @@
 -- herd gateway: the shared dicts and every key the gateway keeps in them (the one list of key prefixes).
 --
--- Owns: the dict names (nginx: lua_shared_dict herd_gateway / herd_affinity, role gateway's template) and KEYS,
--- the documentation of every key shape; gateway() and affinity() return the dicts.
+-- Owns: the dict names (nginx: lua_shared_dict herd_gateway / herd_queue / herd_affinity, role gateway's template)
+-- and KEYS, the documentation of every key shape; gateway(), queue() and affinity() return the dicts.
+-- herd_gateway and herd_queue are written only with calls that never evict (safe_set, safe_add, incr of a key
+-- that exists: counters.incr): a full dict refuses the write and the request is answered 503; herd_affinity is
+-- the one dict whose least recently used entries nginx may drop.
 -- Shared-dict keys: none read or written here. tests/unit/gateway/test_keys.py scans every module for the keys
 -- it builds and fails on a shape KEYS does not list, on one the module's own header does not name, and on an
 -- entry of KEYS no code builds (or that another module than its owner builds).
 local _M = {}
 
--- Slots, queues, counters and the catalogue cache: common to every worker and kept across reloads.
+-- Slots, queue counters, per-worker shares, statistics and the catalogue cache: common to every worker and kept
+-- across reloads. Its keys are bounded by the servers, pools and workers (never one per request).
 _M.GATEWAY = "herd_gateway"
+-- The queue's per-request markers (one or two per waiting request): apart, so that a burst of waiting requests
+-- fills this dict, never the counters'.
+_M.QUEUE = "herd_queue"
 -- Conversation affinity: apart, so that its least-recently-used eviction never touches the slots.
 _M.AFFINITY = "herd_affinity"
 
 -- Every key shape (<...>: a variable part), its dict, its owner module and its meaning.
 _M.KEYS = {
     { dict = "herd_gateway", key = "i:<key>", owner = "slots",
-      meaning = "requests in flight on instance <key> (all pools together; limit = its max_conns)" },
+      meaning = "requests in flight on instance <key> (all pools together; limit = its max_conns; counters.add)" },
     { dict = "herd_gateway", key = "f:<key>", owner = "slots",
       meaning = "failures of instance <key> within fail_timeout (expires after fail_timeout)" },
     { dict = "herd_gateway", key = "r:<pool>", owner = "slots",
@@ -31,17 +38,23 @@ _M.KEYS = {
     { dict = "herd_gateway", key = "q:<pool>:h", owner = "queue",
       meaning = "ticket at the head of the pool's FIFO" },
     { dict = "herd_gateway", key = "q:<pool>:w", owner = "queue",
-      meaning = "requests waiting in the pool's queue" },
-    { dict = "herd_gateway", key = "q:<pool>:l:<n>", owner = "queue",
+      meaning = "requests waiting in the pool's queue (counters.add)" },
+    { dict = "herd_queue", key = "q:<pool>:l:<n>", owner = "queue",
       meaning = "ticket n is alive: its holder refreshes it (1 s) while it polls; a missing one counts as gone" },
-    { dict = "herd_gateway", key = "q:<pool>:g:<n>", owner = "queue",
+    { dict = "herd_queue", key = "q:<pool>:g:<n>", owner = "queue",
       meaning = "ticket n left the queue (timed out, hung up, rejected): skipped at the head" },
-    { dict = "herd_gateway", key = "q:<pool>:a:<n>", owner = "queue",
+    { dict = "herd_queue", key = "q:<pool>:a:<n>", owner = "queue",
       meaning = "one worker is moving the head past ticket n (add() marker, 10 s)" },
     { dict = "herd_gateway", key = "s:<pool>:<stat>", owner = "stats",
       meaning = "counters of /herd/pools: admitted, rejected_*, abandoned, affinity_*, count, sum_us, b<n>" },
     { dict = "herd_gateway", key = "b:held", owner = "body",
-      meaning = "bytes of request bodies the gateway holds now, over every worker (limit: body_memory)" },
+      meaning = "bytes of request bodies the gateway holds now, over every worker (limit: body_memory; counters.add)" },
+    { dict = "herd_gateway", key = "n:<pid>", owner = "counters",
+      meaning = "worker <pid> is registered: the start time of /proc/<pid>/stat (tells a reused pid)" },
+    { dict = "herd_gateway", key = "w:<pid>:<counter>", owner = "counters",
+      meaning = "worker <pid>'s share of <counter>: taken off the counter when the worker dies" },
+    { dict = "herd_gateway", key = "k:reap", owner = "counters",
+      meaning = "a worker reaps the shares of dead workers this second (1 s): the others skip" },
     { dict = "herd_gateway", key = "c:<path>", owner = "catalogue",
       meaning = "cached catalogue answer of <path> (/api/tags, /v1/models, /api/ps)" },
     { dict = "herd_affinity", key = "s:<md5>", owner = "affinity",
@@ -53,6 +66,11 @@ _M.KEYS = {
 -- The dict of slots, queues, counters and catalogue.
 function _M.gateway()
     return ngx.shared[_M.GATEWAY]
+end
+
+-- The dict of the queue's per-request markers.
+function _M.queue()
+    return ngx.shared[_M.QUEUE]
 end
 
 -- The dict of conversation affinity.

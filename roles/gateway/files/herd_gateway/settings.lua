@@ -183,11 +183,17 @@ function _M.configure(c)
 end
 
 -- init_by_lua: the settings rendered by role gateway (JSON text naming servers_file and drained_file) and the
--- endpoint table (one JSON text per endpoint: nginx reads an inlined string of at most 4 KiB).
-function _M.init(settings_json, endpoint_jsons)
+-- endpoint table (one JSON text per endpoint: nginx reads an inlined string of at most 4 KiB). `overrides`
+-- (servers_file, drained_file: candidate records, for herd-nginx-check) replace the settings' paths.
+function _M.init(settings_json, endpoint_jsons, overrides)
     local settings = cjson.decode(settings_json)
     if type(settings) ~= "table" then
         error("herd gateway: settings are not JSON")
+    end
+    for name, value in pairs(overrides or {}) do
+        if value ~= "" then
+            settings[name] = value
+        end
     end
     settings.endpoints = {}
     for index, text in ipairs(endpoint_jsons or {}) do

@@ -4,13 +4,16 @@
 -- candidates (least loaded first, backups last, equals in turn), acquire (a free slot on the preferred or least
 -- loaded candidate), fail (count a failure), progress (the last upstream byte of an instance), drained
 -- (apply_drained / sync_drained: the runtime drain flags every worker follows).
+-- The in-flight count is a counters.add counter (a worker's share beside it, given back when the worker dies);
+-- every write here is one that never evicts (counters.incr, safe_set): take answers the dict's error when full.
 -- Shared-dict keys (herd_gateway):
---   i:<key>       read, written: requests in flight on instance <key>
+--   i:<key>       read, written: requests in flight on instance <key> (and the worker's share w:<pid>:i:<key>)
 --   f:<key>       read, written: failures of instance <key> within fail_timeout
 --   r:<pool>      written: the pool's turn counter
 --   t:<key>       read, written: time of instance <key>'s last upstream byte (or of the admission that found it idle)
 --   d:<key>       read, written: instance <key> is drained
 --   v:drained     read, written: version of the d: flags (a worker that has not seen it applies them)
+local counters = require("herd_gateway.counters")
 local keys = require("herd_gateway.keys")
 local settings = require("herd_gateway.settings")
 
@@ -32,31 +35,31 @@ local failed = _M.failed
 
 -- Count a failure of the server (it answered nothing); it expires after fail_timeout.
 function _M.fail(server)
-    dict():incr("f:" .. server.key, 1, 0, settings.cfg.fail_timeout)
+    counters.incr("f:" .. server.key, 1, settings.cfg.fail_timeout)
 end
 
--- Take a slot on the server if it has one free (atomic over every worker). Returns true when taken. The first
--- request on an idle instance starts its progress clock (an instance is stalled by no byte since then).
+-- Take a slot on the server if it has one free (atomic over every worker). Returns true when taken, false when
+-- the server is full, nil and the error when the dict is full. The first request on an idle instance starts its
+-- progress clock (an instance is stalled by no byte since then).
 local function take(server)
-    local d = dict()
-    local n = d:incr("i:" .. server.key, 1, 0)
-    if n and n <= server.max_conns then
+    local n, err = counters.add("i:" .. server.key, 1)
+    if not n then
+        return nil, err
+    end
+    if n <= server.max_conns then
         if n == 1 then
-            d:set("t:" .. server.key, ngx.now())
+            dict():safe_set("t:" .. server.key, ngx.now())
         end
         return true
     end
-    d:incr("i:" .. server.key, -1, 0)
+    counters.add("i:" .. server.key, -1)
     return false
 end
 
 -- Give back the slot taken on the instance `key` (never below zero).
 function _M.give_back(key)
     if key and key ~= "" then
-        local n = dict():incr("i:" .. key, -1, 0)
-        if n and n < 0 then
-            dict():set("i:" .. key, 0)
-        end
+        counters.add("i:" .. key, -1)
     end
 end
 
@@ -67,7 +70,7 @@ function _M.progress(key)
     local now = ngx.now()
     if now - (written[key] or 0) >= 1 then
         written[key] = now
-        dict():set("t:" .. key, now)
+        dict():safe_set("t:" .. key, now)
     end
 end
 
@@ -89,13 +92,16 @@ function _M.apply_drained(targets)
     local keys = {}
     for _, server in ipairs(settings.cfg.servers) do
         if named[server.key] or named[server.host] then
-            d:set("d:" .. server.key, 1)
+            local ok, err = d:safe_set("d:" .. server.key, 1)
+            if not ok then
+                ngx.log(ngx.ERR, "herd gateway: cannot drain ", server.key, ": ", err)
+            end
             keys[#keys + 1] = server.key
         else
             d:delete("d:" .. server.key)
         end
     end
-    d:incr("v:drained", 1, 0)
+    counters.incr("v:drained", 1)
     return keys
 end
 
@@ -120,7 +126,7 @@ function _M.candidates(pool, exclude)
     local list = {}
     local servers = settings.cfg.pools[pool] or {}
     local n = #servers
-    local turn = n > 1 and (dict():incr("r:" .. pool, 1, 0) or 0) or 0
+    local turn = n > 1 and (counters.incr("r:" .. pool, 1) or 0) or 0
     for index, server in ipairs(servers) do
         if not server.down and not failed(server) and not (exclude and exclude[server.key]) then
             list[#list + 1] = { server = server, load = inflight(server) / server.weight,
@@ -158,24 +164,37 @@ function _M.overflow(pool, exclude)
     if not entry then
         return nil
     end
-    if dict():incr("i:" .. entry.server.key, 1, 0) == 1 then
-        dict():set("t:" .. entry.server.key, ngx.now())
+    local n = counters.add("i:" .. entry.server.key, 1)
+    if not n then
+        return nil  -- the dict is full: no slot can be counted, so none is taken
+    end
+    if n == 1 then
+        dict():safe_set("t:" .. entry.server.key, ngx.now())
     end
     return entry.server
 end
 
 -- Take a slot on the least loaded candidate with one free; returns the server, or nil and whether any
--- candidate exists at all. `preferred` (conversation affinity) is taken first when it is a live, non-backup
--- member of the pool with a free slot: affinity never goes past an instance's max_conns (bounded load).
+-- candidate exists at all (and the dict's error when it is full). `preferred` (conversation affinity) is taken
+-- first when it is a live, non-backup member of the pool with a free slot: affinity never goes past an
+-- instance's max_conns (bounded load).
 function _M.acquire(pool, exclude, preferred)
     if preferred and not preferred.down and not preferred.backup and not failed(preferred)
-        and not (exclude and exclude[preferred.key]) and in_pool(pool, preferred) and take(preferred) then
-        return preferred, true
+        and not (exclude and exclude[preferred.key]) and in_pool(pool, preferred) then
+        local taken, err = take(preferred)
+        if taken then
+            return preferred, true
+        elseif err then
+            return nil, true, err
+        end
     end
     local list = candidates(pool, exclude)
     for _, entry in ipairs(list) do
-        if take(entry.server) then
+        local taken, err = take(entry.server)
+        if taken then
             return entry.server, true
+        elseif err then
+            return nil, true, err
         end
     end
     return nil, #list > 0

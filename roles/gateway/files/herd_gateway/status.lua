@@ -3,11 +3,14 @@
 --
 -- Owns: pools_status (content_by_lua of /herd/pools): per pool its queue, counters, wait histogram and
 -- instances (in flight, max_conns, down); per instance (the one source of membership and in-flight counts) its
--- pools ("*" included), in flight, max_conns, num_parallel, drained, down and progress_age. admin_drained
+-- pools ("*" included), in flight, max_conns, num_parallel, drained, down and progress_age; the bytes of
+-- request bodies held now (body_held) and every shared dict's capacity and free space (dicts). admin_drained
 -- (content_by_lua of /herd/admin/drained): applies drained.json and gateway_drain now, on every worker.
 -- Shared-dict keys: reads q:<pool>:w (queue.waiting), s:<pool>:<stat> (stats), i:<key>, f:<key>, t:<key> and
--- d:<key> (slots); writes d:<key> and v:drained through slots.apply_drained.
+-- d:<key> (slots), b:held (body.held); writes d:<key> and v:drained through slots.apply_drained.
+local body = require("herd_gateway.body")
 local cjson = require("cjson.safe")
+local counters = require("herd_gateway.counters")
 local queue = require("herd_gateway.queue")
 local respond = require("herd_gateway.respond")
 local settings = require("herd_gateway.settings")
@@ -36,11 +39,18 @@ function _M.drained_targets()
     if handle then
         local doc = cjson.decode(handle:read("*a") or "")
         handle:close()
-        if type(doc) ~= "table" then
+        local count = 0
+        for _ in pairs(type(doc) == "table" and doc or {}) do
+            count = count + 1
+        end
+        if type(doc) ~= "table" or count ~= #doc then
             return nil, drained_file .. " is not a JSON list"
         end
-        for _, target in ipairs(doc) do
-            targets[#targets + 1] = tostring(target)
+        for index, target in ipairs(doc) do
+            if type(target) ~= "string" then
+                return nil, drained_file .. ": entry " .. index .. " is not a \"host\" or \"host:id\" string"
+            end
+            targets[#targets + 1] = target
         end
     end
     for _, target in ipairs(static_drain) do
@@ -125,7 +135,12 @@ function _M.pools_status()
         }
     end
     ngx.header["Content-Type"] = "application/json"
-    ngx.say(respond.encode_list("pools", pools, instances()))
+    local dicts = {}
+    for index, entry in ipairs(counters.free_space()) do
+        dicts[index] = respond.canonical(entry)
+    end
+    local prefix = '"body_held":' .. body.held() .. "," .. respond.encode_list("dicts", dicts):sub(2, -2) .. ","
+    ngx.say(respond.encode_list("pools", pools, prefix .. instances()))
 end
 
 return _M
