@@ -3,8 +3,12 @@
 import json
 import os
 import subprocess
+import sys
 
 import yaml
+
+sys.path.insert(0, os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "molecule"))
+from herd_checks import env_file  # noqa: E402
 
 GPU_SPEC = json.load(open(os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "lab/gpus/l20x4.json")))
 GPUS = GPU_SPEC["gpus"]
@@ -15,15 +19,6 @@ MODEL = "herd-tiny:1b"
 AS_REPORTED = {"herd-tiny:1b": "herd-tiny:1b", "herd-small": "herd-small:latest"}
 with open(os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "molecule/default/host_vars/herd-mol-aio.yml")) as _vars:
     MODELS = [AS_REPORTED[m["name"]] for m in yaml.safe_load(_vars)["ollama_models"]]
-
-
-def env_file(host, i):
-    out = {}
-    for line in host.file(f"/etc/herd/ollama/{i}.env").content_string.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            out[key] = value.strip('"')
-    return out
 
 
 def test_every_instance_runs_and_listens_where_planned(host):

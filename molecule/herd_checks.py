@@ -1,0 +1,67 @@
+"""Shared by the molecule scenarios' tests: run a command in a lab container, wait for a condition, run a playbook
+against the scenario's inventory, read an instance's environment file, and show a host's state when a check fails.
+
+A scenario's tests import it as test_faults.py does (`sys.path` gets MOLECULE_PROJECT_DIRECTORY/molecule); a
+scenario's conftest.py imports `pytest_runtest_makereport` and builds its autouse fixture with `state_on_failure`.
+"""
+
+import os
+import subprocess
+import time
+
+import pytest
+
+
+def sh(container, cmd, timeout=60):
+    """`bash -c cmd` in a lab container (docker exec); the CompletedProcess, output as text."""
+    return subprocess.run(["docker", "exec", container, "bash", "-c", cmd], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def wait(predicate, limit, step=0.25):
+    """Seconds until predicate() is true, or None after `limit` seconds."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(step)
+    return None
+
+
+def playbook(*args, timeout=600, env=None):
+    """ansible-playbook against the scenario's inventory; (return code, stdout + stderr)."""
+    run = subprocess.run(["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], *args], capture_output=True,
+                         text=True, timeout=timeout, env=env)
+    return run.returncode, run.stdout + run.stderr
+
+
+def env_file(host, i):
+    """Instance i's environment file (/etc/herd/ollama/<i>.env) as a dict, quotes removed."""
+    out = {}
+    for line in host.file(f"/etc/herd/ollama/{i}.env").content_string.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out[key] = value.strip('"')
+    return out
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item (item.rep_call), for state_on_failure."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, "rep_" + report.when, report)
+
+
+def state_on_failure(command, title):
+    """An autouse fixture that prints `command`'s output on the host under test after a failed check."""
+
+    @pytest.fixture(autouse=True, name="state_on_failure")
+    def _state_on_failure(request, host):
+        yield
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            out = host.run(command)
+            print(f"\n--- {title} of {host.backend.get_hostname()} ---\n{out.stdout}{out.stderr}")
+
+    return _state_on_failure
