@@ -1032,6 +1032,21 @@ def _ns(seconds):
     return int(seconds * 1e9)
 
 
+def _timings(started, load_duration, evaluated, prompt_s, n_tokens, eval_s):
+    """The duration and count fields that close an Ollama generate or chat answer."""
+    return {"total_duration": _ns(time.monotonic() - started), "load_duration": _ns(load_duration),
+            "prompt_eval_count": evaluated, "prompt_eval_duration": _ns(prompt_s),
+            "eval_count": n_tokens, "eval_duration": _ns(eval_s)}
+
+
+def _send_final(resp, stream, final):
+    """The closing object of a generate or chat answer: the last NDJSON line, or the whole JSON answer."""
+    if stream:
+        resp.chunk(json.dumps(final, separators=(",", ":")) + "\n")
+    else:
+        resp.json(200, final)
+
+
 def estimate_tokens(text):
     return max(1, (len(text) + 3) // 4)
 
@@ -1291,17 +1306,19 @@ class Emulator:
         resp.send(200, b"", "text/plain")
 
     # -- inference
-    async def acquire(self, resp, info, keep_alive):
-        """Schedule like Ollama; returns the Runner or None after writing the error response."""
+    async def acquire(self, resp, info, keep_alive, error=None):
+        """Schedule like Ollama; returns the Runner or None after writing the error response (with error(status,
+        message), by default resp.error)."""
+        error = error or resp.error
         try:
             fut = self.sched.get_runner(info, keep_alive)
         except ModelError as exc:
-            resp.error(exc.status, exc.message)
+            error(exc.status, exc.message)
             return None
         try:
             return await fut
         except ModelError as exc:
-            resp.error(exc.status, exc.message)
+            error(exc.status, exc.message)
             return None
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
@@ -1404,14 +1421,9 @@ class Emulator:
                 "model": model_name, "created_at": go_time(), "response": "".join(pieces), "done": True,
                 "done_reason": "length" if limited else "stop",
                 "context": list(range(1, min(prompt_tokens + n_tokens, 2048) + 1)),
-                "total_duration": _ns(time.monotonic() - started), "load_duration": _ns(load_duration),
-                "prompt_eval_count": evaluated, "prompt_eval_duration": _ns(prompt_s),
-                "eval_count": n_tokens, "eval_duration": _ns(eval_s),
+                **_timings(started, load_duration, evaluated, prompt_s, n_tokens, eval_s),
             }
-            if stream:
-                resp.chunk(json.dumps(final, separators=(",", ":")) + "\n")
-            else:
-                resp.json(200, final)
+            _send_final(resp, stream, final)
         finally:
             self.sched.finished(runner)
 
@@ -1465,14 +1477,9 @@ class Emulator:
                 "model": model_name, "created_at": go_time(),
                 "message": {"role": "assistant", "content": "".join(pieces)}, "done": True,
                 "done_reason": "length" if limited else "stop",
-                "total_duration": _ns(time.monotonic() - started), "load_duration": _ns(load_duration),
-                "prompt_eval_count": evaluated, "prompt_eval_duration": _ns(prompt_s),
-                "eval_count": n_tokens, "eval_duration": _ns(eval_s),
+                **_timings(started, load_duration, evaluated, prompt_s, n_tokens, eval_s),
             }
-            if stream:
-                resp.chunk(json.dumps(final, separators=(",", ":")) + "\n")
-            else:
-                resp.json(200, final)
+            _send_final(resp, stream, final)
         finally:
             self.sched.finished(runner)
 
@@ -1506,22 +1513,9 @@ class Emulator:
         stream = bool(data.get("stream"))
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
         max_tokens = data.get("max_completion_tokens") or data.get("max_tokens")
-        try:
-            fut = self.sched.get_runner(info, None)
-        except ModelError as exc:
-            self.openai_error(resp, exc.status, exc.message)
+        runner = await self.acquire(resp, info, None, lambda status, message: self.openai_error(resp, status, message))
+        if runner is None:
             return
-        try:
-            runner = await fut
-        except ModelError as exc:
-            self.openai_error(resp, exc.status, exc.message)
-            return
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self.sched.finished(fut.result())
-            else:
-                fut.cancel()
-            raise
         try:
             self.counter += 1
             ident = f"chatcmpl-{self.counter % 1000}"
