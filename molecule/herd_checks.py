@@ -5,6 +5,7 @@ A scenario's tests import it as test_faults.py does (`sys.path` gets MOLECULE_PR
 scenario's conftest.py imports `pytest_runtest_makereport` and builds its autouse fixture with `state_on_failure`.
 """
 
+import json
 import os
 import subprocess
 import time
@@ -33,6 +34,24 @@ def playbook(*args, timeout=600, env=None):
     run = subprocess.run(["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], *args], capture_output=True,
                          text=True, timeout=timeout, env=env)
     return run.returncode, run.stdout + run.stderr
+
+
+def gateway_spread(host, model, n, body_path):
+    """n generate requests with distinct prompts (conversation affinity keeps a repeated prompt on the instance
+    that served it) through the host's gateway, each answered 200 and done; (the upstreams that answered, named by
+    X-Herd-Upstream, and the answers)."""
+    seen, bodies = set(), []
+    for i in range(n):
+        out = host.run(
+            f"curl -sS -D - -o {body_path} http://127.0.0.1/api/generate "
+            f"""-d '{{"model":"{model}","prompt":"spread {i}","stream":false,"options":{{"num_predict":4}}}}'"""
+        )
+        assert out.rc == 0 and " 200 " in out.stdout.splitlines()[0], out.stdout + out.stderr
+        seen.update(line.split(":", 1)[1].strip() for line in out.stdout.splitlines()
+                    if line.lower().startswith("x-herd-upstream:"))
+        bodies.append(json.loads(host.file(body_path).content_string))
+        assert bodies[-1]["done"] is True
+    return seen, bodies
 
 
 def env_file(host, i):

@@ -8,7 +8,7 @@ import sys
 import yaml
 
 sys.path.insert(0, os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "molecule"))
-from herd_checks import env_file  # noqa: E402
+from herd_checks import env_file, gateway_spread, playbook  # noqa: E402
 
 GPU_SPEC = json.load(open(os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "lab/gpus/l20x4.json")))
 GPUS = GPU_SPEC["gpus"]
@@ -70,20 +70,8 @@ def test_every_instance_has_both_models_resident(host):
 
 
 def test_gateway_generates_and_spreads_over_every_instance(host):
-    seen = set()
-    # Distinct prompts: conversation affinity keeps one repeated prompt on the instance that served it.
-    for n in range(3 * len(GPUS)):
-        out = host.run(
-            "curl -sS -D - -o /tmp/gen.json http://127.0.0.1/api/generate "
-            f"""-d '{{"model":"{MODEL}","prompt":"spread {n}","stream":false,"options":{{"num_predict":4}}}}'"""
-        )
-        assert out.rc == 0
-        assert " 200 " in out.stdout.splitlines()[0]
-        for line in out.stdout.splitlines():
-            if line.lower().startswith("x-herd-upstream:"):
-                seen.add(line.split(":", 1)[1].strip())
-        body = json.loads(host.file("/tmp/gen.json").content_string)
-        assert body["done"] is True and body["response"]
+    seen, bodies = gateway_spread(host, MODEL, 3 * len(GPUS), "/tmp/gen.json")
+    assert all(body["response"] for body in bodies)
     assert seen == {f"127.0.0.1:{BASE_PORT + i}" for i in range(len(GPUS))}
 
 
@@ -98,12 +86,8 @@ def test_changing_one_instance_restarts_only_that_instance(host):
     before = _start_times(host)
     overrides = json.dumps({"ollama_instance_overrides": {"1": {"num_parallel": 3}}})
     project = os.environ["MOLECULE_PROJECT_DIRECTORY"]
-    run = subprocess.run(
-        ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], f"{project}/site.yml",
-         "--tags", "ollama", "-e", overrides],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    rc, out = playbook(f"{project}/site.yml", "--tags", "ollama", "-e", overrides)
+    assert rc == 0, out[-5000:]
     after = _start_times(host)
     assert after[1] != before[1], "ollama@1 should have restarted"
     assert {i: after[i] for i in after if i != 1} == {i: before[i] for i in before if i != 1}
