@@ -54,6 +54,19 @@ def gateway_spread(host, model, n, body_path):
     return seen, bodies
 
 
+def verified_layers(host, models, manifest="registry.ollama.ai/library/herd-tiny/1b"):
+    """The layers of `manifest` in the model store `models`, after checking that each blob is there with its size
+    and sha256."""
+    path = host.file(f"{models}/manifests/{manifest}")
+    assert path.exists, path.path
+    layers = json.loads(path.content_string)["layers"]
+    for layer in layers:
+        blob = host.file(f"{models}/blobs/" + layer["digest"].replace(":", "-"))
+        assert blob.exists and blob.size == layer["size"]
+        assert "sha256:" + host.check_output(f"sha256sum {blob.path}").split()[0] == layer["digest"]
+    return layers
+
+
 def env_file(host, i):
     """Instance i's environment file (/etc/herd/ollama/<i>.env) as a dict, quotes removed."""
     out = {}

@@ -7,7 +7,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "molecule"))
-from herd_checks import gateway_spread, playbook  # noqa: E402
+from herd_checks import gateway_spread, playbook, verified_layers  # noqa: E402
 
 PROJECT = os.environ["MOLECULE_PROJECT_DIRECTORY"]
 GPUS = json.load(open(os.path.join(PROJECT, "lab/gpus/l20x4.json")))["gpus"][:2]  # ollama_gpu_groups [[0], [1]]
@@ -79,13 +79,7 @@ def test_each_container_has_its_own_models_dir_with_the_models_blobs(host):
         assert mounts["/root/.ollama/models"]["Source"] == models
         assert mounts["/root/.ollama/models"]["RW"] is True
         assert mounts["/etc/herd-lab/gpus.json"]["RW"] is False
-        manifest = host.file(f"{models}/manifests/registry.ollama.ai/library/herd-tiny/1b")
-        assert manifest.exists
-        layers = json.loads(manifest.content_string)["layers"]
-        for layer in layers:
-            blob = host.file(f"{models}/blobs/" + layer["digest"].replace(":", "-"))
-            assert blob.exists and blob.size == layer["size"]
-            assert "sha256:" + host.check_output(f"sha256sum {blob.path}").split()[0] == layer["digest"]
+        layers = verified_layers(host, models)
         inodes.append(host.check_output(f"stat -c %i {models}/blobs/" + layers[0]["digest"].replace(":", "-")))
         # The server inside the container sees exactly this copy.
         tags = json.loads(host.check_output(f"curl -fsS http://127.0.0.1:{BASE_PORT + i}/api/tags"))

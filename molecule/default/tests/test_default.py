@@ -8,7 +8,7 @@ import sys
 import yaml
 
 sys.path.insert(0, os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "molecule"))
-from herd_checks import env_file, gateway_spread, playbook  # noqa: E402
+from herd_checks import env_file, gateway_spread, playbook, verified_layers  # noqa: E402
 
 GPU_SPEC = json.load(open(os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "lab/gpus/l20x4.json")))
 GPUS = GPU_SPEC["gpus"]
@@ -45,14 +45,7 @@ def test_each_instance_has_a_separate_verified_copy(host):
     inodes = []
     for i in range(len(GPUS)):
         models = f"/var/lib/herd/instances/{i}/models"
-        manifest = host.file(f"{models}/manifests/registry.ollama.ai/library/herd-tiny/1b")
-        assert manifest.exists
-        layers = json.loads(manifest.content_string)["layers"]
-        for layer in layers:
-            blob = host.file(f"{models}/blobs/" + layer["digest"].replace(":", "-"))
-            assert blob.exists and blob.size == layer["size"]
-            digest = host.run(f"sha256sum {blob.path}").stdout.split()[0]
-            assert "sha256:" + digest == layer["digest"]
+        layers = verified_layers(host, models)
         first = layers[0]["digest"].replace(":", "-")
         inodes.append(host.run(f"stat -c %i {models}/blobs/{first}").stdout.strip())
     assert len(set(inodes)) == len(GPUS), "copy mode must give every instance its own files"
