@@ -1373,21 +1373,32 @@ class Emulator:
         t2 = loop.time()
         return t1 - t0, t2 - t1
 
-    async def generate(self, req, resp):
+    def _inference_request(self, req, resp):
+        """(data, info, keep_alive, options, stream) of a native generate or chat request, or None after writing the
+        error response."""
         data = self.body_json(req, resp)
         if data is None:
-            return
+            return None
         checked = self._common_inference_checks(data, resp)
         if checked is None:
+            return None
+        return (data, *checked, data.get("stream", True) is not False)
+
+    @staticmethod
+    def _empty_answer(resp, data, empty, reason):
+        """Ollama's answer to an empty prompt or message list: the model unloaded (keep_alive 0) or loaded."""
+        resp.json(200, {"model": data["model"], "created_at": go_time(), **empty, "done": True, "done_reason": reason})
+
+    async def generate(self, req, resp):
+        request = self._inference_request(req, resp)
+        if request is None:
             return
-        info, keep_alive, options = checked
+        data, info, keep_alive, options, stream = request
         prompt = data.get("prompt") or ""
-        stream = data.get("stream", True) is not False
         started = time.monotonic()
         if prompt == "" and keep_alive == 0:
             self.sched.expire(info)
-            resp.json(200, {"model": data["model"], "created_at": go_time(), "response": "", "done": True,
-                            "done_reason": "unload"})
+            self._empty_answer(resp, data, {"response": ""}, "unload")
             return
         runner = await self.acquire(resp, info, keep_alive)
         if runner is None:
@@ -1396,8 +1407,7 @@ class Emulator:
             # Like Ollama: load_duration is the time from arrival until the scheduler handed over a runner.
             load_duration = time.monotonic() - started
             if prompt == "":
-                resp.json(200, {"model": data["model"], "created_at": go_time(), "response": "", "done": True,
-                                "done_reason": "load"})
+                self._empty_answer(resp, data, {"response": ""}, "load")
                 return
             n_tokens, limited = self._answer_length(options)
             tokens = generate_tokens(str(data.get("system") or ""), prompt)
@@ -1428,20 +1438,15 @@ class Emulator:
             self.sched.finished(runner)
 
     async def chat(self, req, resp):
-        data = self.body_json(req, resp)
-        if data is None:
+        request = self._inference_request(req, resp)
+        if request is None:
             return
-        checked = self._common_inference_checks(data, resp)
-        if checked is None:
-            return
-        info, keep_alive, options = checked
+        data, info, keep_alive, options, stream = request
         messages = data.get("messages") or []
-        stream = data.get("stream", True) is not False
         started = time.monotonic()
         if not messages and keep_alive == 0:
             self.sched.expire(info)
-            resp.json(200, {"model": data["model"], "created_at": go_time(),
-                            "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "unload"})
+            self._empty_answer(resp, data, {"message": {"role": "assistant", "content": ""}}, "unload")
             return
         runner = await self.acquire(resp, info, keep_alive)
         if runner is None:
@@ -1449,8 +1454,7 @@ class Emulator:
         try:
             load_duration = time.monotonic() - started
             if not messages:
-                resp.json(200, {"model": data["model"], "created_at": go_time(),
-                                "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"})
+                self._empty_answer(resp, data, {"message": {"role": "assistant", "content": ""}}, "load")
                 return
             n_tokens, limited = self._answer_length(options)
             tokens = chat_tokens(messages)
