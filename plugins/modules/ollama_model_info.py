@@ -118,21 +118,23 @@ ok:
 """
 
 import hashlib
-import json
 import os
-import re
 
 from ansible.module_utils.basic import AnsibleModule
 
 # The collection's path when herd runs as the collection herd.herd; ansible.cfg's module_utils folder in a checkout.
 try:
     from ansible_collections.herd.herd.plugins.module_utils.ollama_names import full_name, name_from_parts, parse_name
+    from ansible_collections.herd.herd.plugins.module_utils.ollama_store import (
+        PARTIAL_DIR,
+        blob_filename,
+        digest_from_filename,
+        parse_manifest,
+    )
 except ImportError:
     from ansible.module_utils.ollama_names import full_name, name_from_parts, parse_name
+    from ansible.module_utils.ollama_store import PARTIAL_DIR, blob_filename, digest_from_filename, parse_manifest
 
-DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
-BLOB_FILE_RE = re.compile(r"^sha256-([0-9a-f]{64})$")
-PARTIAL_DIR = ".herd-partial"
 CHUNK = 8 * 1024 * 1024
 
 
@@ -142,26 +144,6 @@ def qualify(name):
         return full_name(parse_name(name))
     except ValueError:
         return None
-
-
-def parse_manifest(text):
-    """(digest, size) of every blob a manifest references, config first; ValueError when it is not valid."""
-    data = json.loads(text)
-    if not isinstance(data, dict) or not isinstance(data.get("layers"), list) or not data["layers"]:
-        raise ValueError("not an Ollama manifest (no layers)")
-    entries = ([data["config"]] if data.get("config") else []) + data["layers"]
-    out, seen = [], set()
-    for entry in entries:
-        digest = entry.get("digest") if isinstance(entry, dict) else None
-        size = entry.get("size") if isinstance(entry, dict) else None
-        if not isinstance(digest, str) or not DIGEST_RE.match(digest):
-            raise ValueError(f"bad digest {digest!r}")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise ValueError(f"bad size {size!r} for {digest}")
-        if digest not in seen:
-            seen.add(digest)
-            out.append((digest, size))
-    return out
 
 
 def sha256_file(path):
@@ -213,9 +195,10 @@ def scan(path, wanted, verify):
             ok = False
             continue
         complete, verified = True, True
-        for digest, size in entries:
+        for blob in entries:
+            digest, size = blob["digest"], blob["size"]
             referenced.add(digest)
-            bpath = os.path.join(blobs_dir, digest.replace(":", "-", 1))
+            bpath = os.path.join(blobs_dir, blob_filename(digest))
             present = os.path.isfile(bpath)
             entry = {"digest": digest, "size": size, "present": present}
             entry["size_ok"] = present and os.path.getsize(bpath) == size
@@ -232,9 +215,9 @@ def scan(path, wanted, verify):
     orphans = []
     if not wanted and os.path.isdir(blobs_dir):
         for fname in sorted(os.listdir(blobs_dir)):
-            m = BLOB_FILE_RE.match(fname)
-            if m and f"sha256:{m.group(1)}" not in referenced:
-                orphans.append(f"sha256:{m.group(1)}")
+            digest = digest_from_filename(fname)
+            if digest and digest not in referenced:
+                orphans.append(digest)
     partial_dir = os.path.join(path, PARTIAL_DIR)
     partial = sorted(n for n in os.listdir(partial_dir) if n != ".lock") if os.path.isdir(partial_dir) else []
     return {"models": models, "missing": missing, "orphan_blobs": orphans, "partial_files": partial, "ok": ok}

@@ -256,11 +256,8 @@ msg:
 
 import errno
 import fcntl
-import grp
 import hashlib
-import json
 import os
-import pwd
 import re
 import stat
 import time
@@ -275,12 +272,25 @@ try:
         name_parts,
         parse_name,
     )
+    from ansible_collections.herd.herd.plugins.module_utils.ollama_store import (
+        BLOB_FILE_RE,
+        PARTIAL_DIR,
+        account_id,
+        blob_filename,
+        digest_from_filename,
+        parse_manifest,
+    )
 except ImportError:
     from ansible.module_utils.ollama_names import full_name, name_from_parts, name_parts, parse_name
+    from ansible.module_utils.ollama_store import (
+        BLOB_FILE_RE,
+        PARTIAL_DIR,
+        account_id,
+        blob_filename,
+        digest_from_filename,
+        parse_manifest,
+    )
 
-DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
-BLOB_FILE_RE = re.compile(r"^sha256-([0-9a-f]{64})$")
-PARTIAL_DIR = ".herd-partial"
 LOCK_NAME = ".lock"
 CHUNK = 8 * 1024 * 1024
 GIB = 1024 * 1024 * 1024
@@ -295,52 +305,6 @@ class SyncError(Exception):
 # ---------------------------------------------------------------------------------------------------------
 # Pure helpers: names, manifests, plans
 # ---------------------------------------------------------------------------------------------------------
-
-
-def parse_manifest(text):
-    """Return the blobs a manifest references as a list of {digest, size, media_type}, config first.
-
-    Raises ValueError when the text is not an Ollama manifest with valid sha256 digests and sizes.
-    """
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise ValueError(f"not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
-    entries = []
-    config = data.get("config")
-    if config:
-        entries.append(config)
-    layers = data.get("layers")
-    if not isinstance(layers, list) or not layers:
-        raise ValueError("no layers")
-    entries.extend(layers)
-    blobs = []
-    seen = set()
-    for entry in entries:
-        if not isinstance(entry, dict):
-            raise ValueError("a layer is not an object")
-        digest = entry.get("digest")
-        size = entry.get("size")
-        if not isinstance(digest, str) or not DIGEST_RE.match(digest):
-            raise ValueError(f"bad digest {digest!r}")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise ValueError(f"bad size {size!r} for {digest}")
-        if digest in seen:
-            continue
-        seen.add(digest)
-        blobs.append({"digest": digest, "size": size, "media_type": entry.get("mediaType", "")})
-    return blobs
-
-
-def blob_filename(digest):
-    return digest.replace(":", "-", 1)
-
-
-def digest_from_filename(name):
-    m = BLOB_FILE_RE.match(name)
-    return f"sha256:{m.group(1)}" if m else None
 
 
 def parse_octal_mode(value, option):
@@ -502,8 +466,8 @@ class Syncer:
         self.prune = params["prune"]
         self.mode = parse_octal_mode(params["mode"], "mode")
         self.dir_mode = parse_octal_mode(params["dir_mode"], "dir_mode")
-        self.uid = self._uid(params.get("owner"))
-        self.gid = self._gid(params.get("group"))
+        self.uid = self._account(params.get("owner"), "owner")
+        self.gid = self._account(params.get("group"), "group")
         self.blobs_dir = os.path.join(self.dest, "blobs")
         self.manifests_dir = os.path.join(self.dest, "manifests")
         self.partial_dir = os.path.join(self.dest, PARTIAL_DIR)
@@ -544,22 +508,11 @@ class Syncer:
     # -- ownership and modes ---------------------------------------------------------------------------
 
     @staticmethod
-    def _uid(owner):
-        if owner in (None, ""):
-            return -1
+    def _account(value, kind):
         try:
-            return int(owner) if str(owner).isdigit() else pwd.getpwnam(owner).pw_uid
-        except KeyError:
-            raise SyncError(f"owner {owner!r} does not exist on this host") from None
-
-    @staticmethod
-    def _gid(group):
-        if group in (None, ""):
-            return -1
-        try:
-            return int(group) if str(group).isdigit() else grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise SyncError(f"group {group!r} does not exist on this host") from None
+            return account_id(value, kind)
+        except KeyError as exc:
+            raise SyncError(exc.args[0]) from None
 
     def _attrs_differ(self, st, mode):
         if (st.st_mode & 0o7777) != mode:

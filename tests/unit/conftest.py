@@ -10,8 +10,10 @@ import importlib.machinery
 import importlib.util
 import pathlib
 import sys
+import threading
 
 import ansible.module_utils
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -30,6 +32,23 @@ def load_module(relative_path, name):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def run_server():
+    """run_server(server): serve_forever on a daemon thread, and the server back; every server started is shut down
+    and closed at teardown."""
+    servers = []
+
+    def run(server):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield run
+    for server in servers:
+        server.shutdown()
+        server.server_close()
 
 
 sys.modules.setdefault("herd_testing", sys.modules[__name__])

@@ -4,7 +4,10 @@ through Docker's nvidia device request), published where planned, with its own m
 
 import json
 import os
-import subprocess
+import sys
+
+sys.path.insert(0, os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "molecule"))
+from herd_checks import gateway_spread, playbook, verified_layers  # noqa: E402
 
 PROJECT = os.environ["MOLECULE_PROJECT_DIRECTORY"]
 GPUS = json.load(open(os.path.join(PROJECT, "lab/gpus/l20x4.json")))["gpus"][:2]  # ollama_gpu_groups [[0], [1]]
@@ -76,13 +79,7 @@ def test_each_container_has_its_own_models_dir_with_the_models_blobs(host):
         assert mounts["/root/.ollama/models"]["Source"] == models
         assert mounts["/root/.ollama/models"]["RW"] is True
         assert mounts["/etc/herd-lab/gpus.json"]["RW"] is False
-        manifest = host.file(f"{models}/manifests/registry.ollama.ai/library/herd-tiny/1b")
-        assert manifest.exists
-        layers = json.loads(manifest.content_string)["layers"]
-        for layer in layers:
-            blob = host.file(f"{models}/blobs/" + layer["digest"].replace(":", "-"))
-            assert blob.exists and blob.size == layer["size"]
-            assert "sha256:" + host.check_output(f"sha256sum {blob.path}").split()[0] == layer["digest"]
+        layers = verified_layers(host, models)
         inodes.append(host.check_output(f"stat -c %i {models}/blobs/" + layers[0]["digest"].replace(":", "-")))
         # The server inside the container sees exactly this copy.
         tags = json.loads(host.check_output(f"curl -fsS http://127.0.0.1:{BASE_PORT + i}/api/tags"))
@@ -103,17 +100,7 @@ def test_every_container_has_the_model_loaded_on_its_gpu_and_generates(host):
 
 
 def test_gateway_spreads_over_every_container(host):
-    seen = set()
-    # Distinct prompts: conversation affinity keeps one repeated prompt on the instance that served it.
-    for n in range(3 * len(GPUS)):
-        out = host.run(
-            "curl -sS -D - -o /root/gen.json http://127.0.0.1/api/generate "
-            f"""-d '{{"model":"{MODEL}","prompt":"spread {n}","stream":false,"options":{{"num_predict":4}}}}'"""
-        )
-        assert out.rc == 0 and " 200 " in out.stdout.splitlines()[0], out.stdout + out.stderr
-        seen.update(line.split(":", 1)[1].strip() for line in out.stdout.splitlines()
-                    if line.lower().startswith("x-herd-upstream:"))
-        assert json.loads(host.file("/root/gen.json").content_string)["done"] is True
+    seen, _ = gateway_spread(host, MODEL, 3 * len(GPUS), "/root/gen.json")
     assert seen == {f"127.0.0.1:{BASE_PORT + i}" for i in range(len(GPUS))}
 
 
@@ -128,12 +115,8 @@ def _identities(host):
 def test_changing_one_instance_recreates_only_its_container(host):
     before = _identities(host)
     overrides = json.dumps({"ollama_instance_overrides": {"1": {"num_parallel": 3}}})
-    run = subprocess.run(
-        ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], f"{PROJECT}/site.yml",
-         "--tags", "ollama", "-e", overrides],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    rc, out = playbook(f"{PROJECT}/site.yml", "--tags", "ollama", "-e", overrides)
+    assert rc == 0, out[-5000:]
     after = _identities(host)
     assert after[1][0] != before[1][0], "herd-ollama-1 should have been recreated"
     assert {i: after[i] for i in after if i != 1} == {i: before[i] for i in before if i != 1}

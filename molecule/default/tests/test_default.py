@@ -3,8 +3,12 @@
 import json
 import os
 import subprocess
+import sys
 
 import yaml
+
+sys.path.insert(0, os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "molecule"))
+from herd_checks import env_file, gateway_spread, playbook, verified_layers  # noqa: E402
 
 GPU_SPEC = json.load(open(os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "lab/gpus/l20x4.json")))
 GPUS = GPU_SPEC["gpus"]
@@ -15,15 +19,6 @@ MODEL = "herd-tiny:1b"
 AS_REPORTED = {"herd-tiny:1b": "herd-tiny:1b", "herd-small": "herd-small:latest"}
 with open(os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "molecule/default/host_vars/herd-mol-aio.yml")) as _vars:
     MODELS = [AS_REPORTED[m["name"]] for m in yaml.safe_load(_vars)["ollama_models"]]
-
-
-def env_file(host, i):
-    out = {}
-    for line in host.file(f"/etc/herd/ollama/{i}.env").content_string.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            out[key] = value.strip('"')
-    return out
 
 
 def test_every_instance_runs_and_listens_where_planned(host):
@@ -50,14 +45,7 @@ def test_each_instance_has_a_separate_verified_copy(host):
     inodes = []
     for i in range(len(GPUS)):
         models = f"/var/lib/herd/instances/{i}/models"
-        manifest = host.file(f"{models}/manifests/registry.ollama.ai/library/herd-tiny/1b")
-        assert manifest.exists
-        layers = json.loads(manifest.content_string)["layers"]
-        for layer in layers:
-            blob = host.file(f"{models}/blobs/" + layer["digest"].replace(":", "-"))
-            assert blob.exists and blob.size == layer["size"]
-            digest = host.run(f"sha256sum {blob.path}").stdout.split()[0]
-            assert "sha256:" + digest == layer["digest"]
+        layers = verified_layers(host, models)
         first = layers[0]["digest"].replace(":", "-")
         inodes.append(host.run(f"stat -c %i {models}/blobs/{first}").stdout.strip())
     assert len(set(inodes)) == len(GPUS), "copy mode must give every instance its own files"
@@ -75,20 +63,8 @@ def test_every_instance_has_both_models_resident(host):
 
 
 def test_gateway_generates_and_spreads_over_every_instance(host):
-    seen = set()
-    # Distinct prompts: conversation affinity keeps one repeated prompt on the instance that served it.
-    for n in range(3 * len(GPUS)):
-        out = host.run(
-            "curl -sS -D - -o /tmp/gen.json http://127.0.0.1/api/generate "
-            f"""-d '{{"model":"{MODEL}","prompt":"spread {n}","stream":false,"options":{{"num_predict":4}}}}'"""
-        )
-        assert out.rc == 0
-        assert " 200 " in out.stdout.splitlines()[0]
-        for line in out.stdout.splitlines():
-            if line.lower().startswith("x-herd-upstream:"):
-                seen.add(line.split(":", 1)[1].strip())
-        body = json.loads(host.file("/tmp/gen.json").content_string)
-        assert body["done"] is True and body["response"]
+    seen, bodies = gateway_spread(host, MODEL, 3 * len(GPUS), "/tmp/gen.json")
+    assert all(body["response"] for body in bodies)
     assert seen == {f"127.0.0.1:{BASE_PORT + i}" for i in range(len(GPUS))}
 
 
@@ -103,12 +79,8 @@ def test_changing_one_instance_restarts_only_that_instance(host):
     before = _start_times(host)
     overrides = json.dumps({"ollama_instance_overrides": {"1": {"num_parallel": 3}}})
     project = os.environ["MOLECULE_PROJECT_DIRECTORY"]
-    run = subprocess.run(
-        ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], f"{project}/site.yml",
-         "--tags", "ollama", "-e", overrides],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    rc, out = playbook(f"{project}/site.yml", "--tags", "ollama", "-e", overrides)
+    assert rc == 0, out[-5000:]
     after = _start_times(host)
     assert after[1] != before[1], "ollama@1 should have restarted"
     assert {i: after[i] for i in after if i != 1} == {i: before[i] for i in before if i != 1}

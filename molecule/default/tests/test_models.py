@@ -1,18 +1,14 @@
 """Several models per instance (issue 21) and today's Ollama environment (issue 19) on the all-in-one host."""
 
 import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "molecule"))
+from herd_checks import env_file  # noqa: E402
 
 GPUS = 4
 BASE_PORT = 11434
-
-
-def env_file(host, i):
-    out = {}
-    for line in host.file(f"/etc/herd/ollama/{i}.env").content_string.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            out[key] = value.strip('"')
-    return out
 
 
 def test_instances_keep_both_models_and_get_todays_environment(host):

@@ -1,21 +1,12 @@
 """On a failed check, print the journal of the services under test (docker, nginx, lab repository server)."""
 
-import pytest
+import os
+import sys
 
+sys.path.insert(0, os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "molecule"))
+from herd_checks import pytest_runtest_makereport, state_on_failure  # noqa: E402, F401 (the hook pytest calls)
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    setattr(item, "rep_" + report.when, report)
-
-
-@pytest.fixture(autouse=True)
-def _journal_on_failure(request, host):
-    yield
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        out = host.run(
-            "journalctl --no-pager -n 60 -u docker -u containerd -u nginx -u herd-lab-nvidia-repo; cat /etc/docker/daemon.json"
-        )
-        print(f"\n--- journal of {host.backend.get_hostname()} ---\n{out.stdout}{out.stderr}")
+_journal_on_failure = state_on_failure(
+    "journalctl --no-pager -n 60 -u docker -u containerd -u nginx -u herd-lab-nvidia-repo; cat /etc/docker/daemon.json",
+    "journal",
+)

@@ -14,6 +14,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "molecule"))
+from herd_checks import playbook, wait  # noqa: E402
+from herd_checks import sh as _sh
 from herd_measure import measured as _measured  # noqa: E402
 
 testinfra_hosts = ["herd-mh-gw"]
@@ -27,15 +29,8 @@ EXPOSURE_LIMIT = 4.0
 KEY = "herd-fault-test-key-0123456789abcdef"
 
 
-def _sh(container, cmd, timeout=60):
-    return subprocess.run(["docker", "exec", container, "bash", "-c", cmd], capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def _playbook(*args, timeout=600):
-    run = subprocess.run(["ansible-playbook", "-i", INVENTORY, *args], capture_output=True, text=True,
-                         timeout=timeout, env={**os.environ, "ANSIBLE_FORCE_COLOR": "0"})
-    return run.returncode, run.stdout + run.stderr
+    return playbook(*args, timeout=timeout, env={**os.environ, "ANSIBLE_FORCE_COLOR": "0"})
 
 
 def _ip(name):
@@ -43,13 +38,7 @@ def _ip(name):
 
 
 def _wait(predicate, limit, step=0.5):
-    """Seconds until predicate() is true, or None after `limit` seconds."""
-    start = time.monotonic()
-    while time.monotonic() - start < limit:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(step)
-    return None
+    return wait(predicate, limit, step)
 
 
 def _start_load(name, duration, concurrency=6):

@@ -9,6 +9,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "molecule"))
+from herd_checks import playbook  # noqa: E402
 from herd_measure import measured as _measured  # noqa: E402
 
 testinfra_hosts = ["herd-mh-gw"]
@@ -21,8 +22,7 @@ INSTANCES = {f"{h}:{p}" for h in ("herd-mh-gpu1", "herd-mh-gpu2") for p in (1143
 
 
 def _playbook(*args, timeout=900):
-    run = subprocess.run(["ansible-playbook", "-i", INVENTORY, *args], capture_output=True, text=True, timeout=timeout)
-    return run.returncode, run.stdout + run.stderr
+    return playbook(*args, timeout=timeout)
 
 
 _PROMPTS = itertools.count()

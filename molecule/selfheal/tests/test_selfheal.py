@@ -21,6 +21,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "molecule"))
+from herd_checks import sh as _sh  # noqa: E402
+from herd_checks import wait as _wait
 from herd_measure import measured as _measured  # noqa: E402
 
 testinfra_hosts = ["herd-sh-gw1"]
@@ -35,21 +37,6 @@ PORTS = (11434, 11435)
 MODEL = "herd-tiny:1b"
 LOAD_ARGS = ["--model", MODEL, "--stream", "--prompt-mix", "long:16:200:1",
              "--progress", "0", "--quiet", "--timeout", "20"]
-
-
-def _sh(container, cmd, timeout=60):
-    return subprocess.run(["docker", "exec", container, "bash", "-c", cmd], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def _wait(predicate, limit, step=0.25):
-    """Seconds until predicate() is true, or None after `limit` seconds."""
-    start = time.monotonic()
-    while time.monotonic() - start < limit:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(step)
-    return None
 
 
 def _start_load(host, name, duration, concurrency=3, requests=5000):

@@ -815,9 +815,8 @@ class Exporter:
 
 
 def serve(exporter, config):
-    """The /metrics server (herd_service.MetricsServer: timeouts, bounded workers, IPv4 or IPv6)."""
-    handle = hs.metrics_handler(lambda: render(exporter.collect()), "herd-exporter")
-    return hs.MetricsServer(config["listen_address"], config["port"], handle, **hs.http_settings(config))
+    """The /metrics server (herd_service.metrics_server)."""
+    return hs.metrics_server(config, lambda: render(exporter.collect()), "herd-exporter")
 
 
 def main(argv=None):
@@ -826,10 +825,8 @@ def main(argv=None):
     parser.add_argument("--once", action="store_true", help="print one scrape on stdout and exit")
     parser.add_argument("--check", action="store_true", help="only check the config file and exit")
     args = parser.parse_args(argv)
-    try:
-        config = check_config(load_config(args.config))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"herd-exporter: bad config {args.config}: {exc}", file=sys.stderr)
+    config = hs.read_config(args.config, check_config, "herd-exporter", load=load_config)
+    if config is None:
         return 2
     if args.check:
         return 0

@@ -44,9 +44,6 @@ def _host_vars(hostvars, host):
         return {}
 
 
-KEEP_ALIVE_MODES = ("ignore", "pass")
-
-
 def _load_names():
     """plugins/module_utils/ollama_names.py, the one home of the model name rule, loaded from the file (as
     plugins/filter/ollama_plan.py does: Ansible puts module_utils on the path of modules only): found from this
@@ -119,17 +116,12 @@ OLLAMA_OPTIONS = (
 )
 
 
-def gateway_routing_errors(backend_hosts, hostvars, model_options=None, client_keep_alive="ignore",
-                           queue_max=64, queue_timeout="120s", client_options=None):
+def gateway_routing_errors(backend_hosts, hostvars, model_options=None, queue_max=64, queue_timeout="120s",
+                           client_options=None):
     """Messages for bad routing settings, each naming the variable and the fix. Models are those the instance
     plans (hostvars[h].ollama_instances[*].models) of the backend hosts hold; hosts without a plan in this run
     are not checked against."""
     errors = []
-    if str(client_keep_alive) not in KEEP_ALIVE_MODES:
-        errors.append(
-            f"gateway_client_keep_alive={client_keep_alive!r} is not one of ignore, pass. Fix: ignore (clients "
-            "cannot unload herd's models) or pass (clients' keep_alive reaches the instances)"
-        )
     try:
         if int(queue_max) < 0:
             raise ValueError

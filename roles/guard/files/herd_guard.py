@@ -716,9 +716,8 @@ class Guard:
 
 
 def serve(guard, config):
-    """The /metrics server (herd_service.MetricsServer: timeouts, bounded workers, IPv4 or IPv6)."""
-    return hs.MetricsServer(config["listen_address"], config["port"], hs.metrics_handler(guard.metrics, "herd-guard"),
-                            **hs.http_settings(config))
+    """The /metrics server (herd_service.metrics_server)."""
+    return hs.metrics_server(config, guard.metrics, "herd-guard")
 
 
 def main(argv=None):
@@ -726,10 +725,8 @@ def main(argv=None):
     parser.add_argument("--config", default="/etc/herd/guard.json")
     parser.add_argument("--check", action="store_true", help="only check the config file and exit")
     args = parser.parse_args(argv)
-    try:
-        config = check_config(load_config(args.config))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"herd-guard: bad config {args.config}: {exc}", file=sys.stderr)
+    config = hs.read_config(args.config, check_config, "herd-guard", load=load_config)
+    if config is None:
         return 2
     if args.check:
         return 0

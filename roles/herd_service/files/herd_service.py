@@ -24,6 +24,7 @@ import json
 import os
 import selectors
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -52,6 +53,16 @@ def load_config(path):
     if not isinstance(config, dict):
         raise ValueError(f"{path}: the config must be a JSON object")
     return config
+
+
+def read_config(path, check, name, load=load_config):
+    """check(load(path)): the service's checked config, or None after saying on stderr why it is bad (the service
+    then exits 2)."""
+    try:
+        return check(load(path))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"{name}: bad config {path}: {exc}", file=sys.stderr)
+        return None
 
 
 def check_listen(config):
@@ -280,6 +291,12 @@ def http_settings(config):
     """MetricsServer keyword arguments from a service config (http_timeout, http_workers, http_max_connections)."""
     return {"timeout": float(config.get("http_timeout", 5)), "workers": int(config.get("http_workers", 4)),
             "max_connections": int(config.get("http_max_connections", 256))}
+
+
+def metrics_server(config, render, name):
+    """The service's /metrics server (MetricsServer: timeouts, bounded workers, IPv4 or IPv6) on the config's
+    listen_address and port, with its http limits; `render()` gives the exposition text."""
+    return MetricsServer(config["listen_address"], config["port"], metrics_handler(render, name), **http_settings(config))
 
 
 # ---------------------------------------------------------------------------------------------------------

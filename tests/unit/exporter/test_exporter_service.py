@@ -44,20 +44,13 @@ def _config(cache_seconds, **over):
 
 
 @pytest.fixture
-def serving(ex):
-    servers = []
-
+def serving(ex, run_server):
     def start(config, counting):
         exporter = ex.Exporter(config, fetch=counting.fetch, smi=counting.run_smi)
-        server = ex.serve(exporter, config)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
+        server = run_server(ex.serve(exporter, config))
         return f"http://127.0.0.1:{server.server_address[1]}/metrics"
 
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    return start
 
 
 def _storm(url, n):

@@ -37,10 +37,9 @@ def test_routing_settings_errors_name_the_variable(gw):
     hostvars = {"gpu1": {"ollama_instances": [{"id": 0, "port": 1, "models": ["qwen2.5:7b"]}]}}
     assert gw.gateway_routing_errors(["gpu1"], hostvars, {"qwen2.5:7b": {"num_ctx": 8192}}) == []
     assert gw.gateway_routing_errors(["gpu1"], hostvars, {"library/qwen2.5:7b": {"num_ctx": 1}}) == []
-    errors = gw.gateway_routing_errors(["gpu1"], hostvars, {"llama3": {"num_ctx": 1}}, client_keep_alive="never",
-                                       queue_max=-1, queue_timeout="soon")
+    errors = gw.gateway_routing_errors(["gpu1"], hostvars, {"llama3": {"num_ctx": 1}}, queue_max=-1,
+                                       queue_timeout="soon")
     text = "; ".join(errors)
-    assert "gateway_client_keep_alive='never'" in text and "ignore" in text
     assert "gateway_model_options: model 'llama3' is held by no instance" in text and "Fix:" in text
     assert "gateway_queue_max=-1" in text and "gateway_queue_timeout='soon'" in text
     assert "mapping" in gw.gateway_routing_errors(["gpu1"], hostvars, ["x"])[0]

@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import subprocess
-import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -55,19 +54,12 @@ class _Busy(_Instance):
 
 
 @pytest.fixture
-def server():
-    servers = []
-
+def server(run_server):
     def start(handler):
-        srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        servers.append(srv)
+        srv = run_server(ThreadingHTTPServer(("127.0.0.1", 0), handler))
         return f"http://127.0.0.1:{srv.server_address[1]}"
 
-    yield start
-    for srv in servers:
-        srv.shutdown()
-        srv.server_close()
+    return start
 
 
 @pytest.fixture

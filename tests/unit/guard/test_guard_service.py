@@ -47,12 +47,9 @@ class _PsList(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def instance():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _PsList)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+def instance(run_server):
+    srv = run_server(ThreadingHTTPServer(("127.0.0.1", 0), _PsList))
+    return f"http://127.0.0.1:{srv.server_address[1]}"
 
 
 def _gateway(tmp_path):
@@ -239,20 +236,12 @@ def test_the_guard_tells_systemd_it_is_ready_and_pings_its_watchdog(tmp_path, no
 
 
 @pytest.fixture
-def serving():
-    servers = []
-
+def serving(run_server):
     def start(**over):
         guard = g.Guard(_config(**over, local={"mode": "systemd", "instances": []}))
-        server = g.serve(guard, guard.config)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return server
+        return run_server(g.serve(guard, guard.config))
 
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    return start
 
 
 def _get(url, timeout=3):

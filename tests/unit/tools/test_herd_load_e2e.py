@@ -111,14 +111,8 @@ class Handler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def server(request):
-    kwargs = getattr(request, "param", {})
-    srv = FakeOllama(**kwargs)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+def server(request, run_server):
+    return run_server(FakeOllama(**getattr(request, "param", {})))
 
 
 def _cfg(url, **kw):

@@ -42,10 +42,8 @@ class ModuleExit(Exception):
         self.result = result
 
 
-@pytest.fixture
-def run(monkeypatch):
-    """Call main() with args; return (failed, result, log lines)."""
-    logs = []
+def _raise_on_exit(monkeypatch):
+    """AnsibleModule's exit_json and fail_json raise ModuleExit(failed, result) instead of exiting."""
 
     def exit_json(self, **kwargs):
         raise ModuleExit(False, kwargs)
@@ -55,6 +53,14 @@ def run(monkeypatch):
 
     monkeypatch.setattr(basic.AnsibleModule, "exit_json", exit_json)
     monkeypatch.setattr(basic.AnsibleModule, "fail_json", fail_json)
+
+
+@pytest.fixture
+def run(monkeypatch):
+    """Call main() with args; return (failed, result, log lines)."""
+    logs = []
+
+    _raise_on_exit(monkeypatch)
     monkeypatch.setattr(basic.AnsibleModule, "log", lambda self, msg, log_args=None: logs.append(msg))
 
     def _run(check=False, diff=False, **args):
@@ -668,14 +674,7 @@ def test_info_names_agree_with_sync(name):
 
 
 def run_info(monkeypatch, **args):
-    def exit_json(self, **kwargs):
-        raise ModuleExit(False, kwargs)
-
-    def fail_json(self, **kwargs):
-        raise ModuleExit(True, kwargs)
-
-    monkeypatch.setattr(basic.AnsibleModule, "exit_json", exit_json)
-    monkeypatch.setattr(basic.AnsibleModule, "fail_json", fail_json)
+    _raise_on_exit(monkeypatch)
     with patch_module_args(args), pytest.raises(ModuleExit) as info:
         omi.main()
     return info.value.failed, info.value.result
