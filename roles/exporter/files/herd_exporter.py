@@ -178,6 +178,20 @@ def parse_pools(text):
     return pools
 
 
+def parse_gateway_memory(text):
+    """The gateway's GET /herd/pools JSON -> {"dicts": [{name, capacity, free_space}], "body_held": bytes or None}.
+    A gateway from before the shared-state figures has neither: an empty list and None."""
+    data = json.loads(text)
+    dicts = []
+    for raw in data.get("dicts") or []:
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or not raw["name"]:
+            raise ValueError(f"shared dict without a name: {raw!r}"[:200])
+        dicts.append({"name": raw["name"], "capacity": _count(raw.get("capacity"), f"dict {raw['name']}: capacity"),
+                      "free_space": _count(raw.get("free_space"), f"dict {raw['name']}: free_space")})
+    held = data.get("body_held")
+    return {"dicts": dicts, "body_held": None if held is None else _count(held, "body_held")}
+
+
 def parse_ps(text):
     """Ollama /api/ps body -> [{name, size, size_vram}]."""
     data = json.loads(text)
@@ -752,7 +766,9 @@ class Exporter:
             "1 when the gateway answers /herd/pools (0: a gateway without model pools, 404, or no answer)",
         )
         try:
-            pools = parse_pools(self.fetch(url, timeout))
+            text = self.fetch(url, timeout)
+            pools = parse_pools(text)
+            memory = parse_gateway_memory(text)
         except urllib.error.HTTPError as exc:
             # 404: a gateway from before the wait queue; nothing to publish, and nothing failed.
             collector_ok.add({"host": host, "collector": "gateway_pools"}, 1 if exc.code == 404 else 0)
@@ -764,6 +780,18 @@ class Exporter:
             return
         collector_ok.add({"host": host, "collector": "gateway_pools"}, 1)
         available.add({"host": host}, 1)
+        if memory["dicts"]:
+            capacity = fam("herd_gateway_shared_dict_capacity_bytes", "gauge",
+                           "Size of a shared dict of the gateway (lua_shared_dict)")
+            free = fam("herd_gateway_shared_dict_free_bytes", "gauge",
+                       "Free pages of a shared dict of the gateway, in bytes (0: new keys need evictions or fail)")
+            for entry in memory["dicts"]:
+                capacity.add({"host": host, "dict": entry["name"]}, entry["capacity"])
+                free.add({"host": host, "dict": entry["name"]}, entry["free_space"])
+        if memory["body_held"] is not None:
+            fam("herd_gateway_body_held_bytes", "gauge",
+                "Request body bytes the gateway holds in memory now (at most gateway_body_memory)").add(
+                {"host": host}, memory["body_held"])
         if not pools:
             return
         depth = fam("herd_gateway_pool_queue_depth", "gauge", "Requests waiting in the pool's queue now")

@@ -414,3 +414,23 @@ def test_checker_accepts_good_exposition():
     text = GOOD + '# TYPE h histogram\nh_bucket{le="1"} 1\nh_bucket{le="+Inf"} 2\nh_sum 3.5\nh_count 2\nu NaN 123\n'
     fams = promcheck.parse(text)
     assert promcheck.sample_value(fams, "h_count") == 2 and promcheck.sample_value(fams, "a_total", l="v") == 1
+
+
+def test_the_gateways_shared_dicts_and_held_bodies_are_published(ex, tmp_path):
+    """/herd/pools' `dicts` (capacity and free space of each lua_shared_dict) and `body_held` become gauges; a
+    gateway without them publishes neither."""
+    data = json.loads(fixture_text("herd_pools_captured.json"))
+    data["dicts"] = [{"name": "herd_gateway", "capacity": 1048576, "free_space": 987136},
+                     {"name": "herd_queue", "capacity": 1048576, "free_space": 0}]
+    data["body_held"] = 4096
+    fams = promcheck.parse(ex.render(_exporter(ex, tmp_path, fetch=_fetch_with_pools(json.dumps(data))).collect()))
+    assert promcheck.sample_value(fams, "herd_gateway_shared_dict_capacity_bytes", dict="herd_gateway") == 1048576
+    assert promcheck.sample_value(fams, "herd_gateway_shared_dict_free_bytes", dict="herd_gateway") == 987136
+    assert promcheck.sample_value(fams, "herd_gateway_shared_dict_free_bytes", dict="herd_queue") == 0
+    assert promcheck.sample_value(fams, "herd_gateway_body_held_bytes") == 4096
+    fams = promcheck.parse(ex.render(_exporter(ex, tmp_path, fetch=_fetch_with_pools(
+        fixture_text("herd_pools_captured.json"))).collect()))
+    assert "herd_gateway_shared_dict_free_bytes" not in fams and "herd_gateway_body_held_bytes" not in fams
+    data["dicts"] = [{"name": "herd_gateway", "capacity": -1, "free_space": 0}]
+    fams = promcheck.parse(ex.render(_exporter(ex, tmp_path, fetch=_fetch_with_pools(json.dumps(data))).collect()))
+    assert promcheck.sample_value(fams, "herd_exporter_collector_success", collector="gateway_pools") == 0
