@@ -126,3 +126,32 @@ def test_drain_command_runs_the_lua_check_before_writing(tmp_path):
     result = drain("undrain", "h")
     assert result.returncode == 0, result.stderr
     assert json.loads((state / "drained.json").read_text()) == []
+
+
+def _deny_write_execute():
+    """What systemd's MemoryDenyWriteExecute= does to herd-guard and the drain command it runs: no memory may
+    become executable once writable (prctl PR_SET_MDWE, Linux 6.3 or later)."""
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+        os._exit(77)
+
+
+@pytest.mark.parametrize("servers", ["good", "not json"])
+def test_the_check_runs_where_memory_cannot_be_made_executable(tmp_path, servers):
+    """herd-guard's unit has MemoryDenyWriteExecute=true, and LuaJIT's compiler needs executable memory: the check
+    run interprets only (jit.off in check mode). Found by selfheal: every drain failed with LuaJIT's "runtime code
+    generation failed, restricted kernel?" panic."""
+    root = installed(tmp_path)
+    if servers != "good":
+        (root / "var/lib/herd/gateway/servers.json").write_text("{not json")
+    env = dict(os.environ, HERD_NGINX_CONF_ROOT=str(root), HERD_NGINX_BIN=NGINX)
+    result = subprocess.run([sys.executable, CHECK], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, check=False, timeout=60, preexec_fn=_deny_write_execute)
+    if result.returncode == 77:
+        pytest.skip("this kernel has no PR_SET_MDWE")
+    assert "PANIC" not in result.stdout, result.stdout
+    if servers == "good":
+        assert result.returncode == 0, result.stdout
+    else:
+        assert result.returncode != 0 and "is not JSON" in result.stdout, result.stdout
