@@ -478,6 +478,24 @@ def gateway_duration_errors(values):
     ]
 
 
+def gateway_file_listing(src_root, dest_root, pattern=".lua", mode="644", owner="root:root"):
+    """What `find DEST_ROOT -type f -name '*<pattern>' -printf '%p %m %u:%g ' -exec sha256sum {} ;` prints on a
+    host where the files under src_root (on the controller) are installed under dest_root with mode and owner:
+    one line per file, sorted. Role gateway installs its Lua modules only when the host's listing differs (one
+    remote command instead of the copy module's checks of every file)."""
+    lines = []
+    for folder, _dirs, names in os.walk(src_root):
+        for name in names:
+            if not name.endswith(pattern):
+                continue
+            path = os.path.join(folder, name)
+            with open(path, "rb") as handle:
+                digest = hashlib.sha256(handle.read()).hexdigest()
+            dest = os.path.join(dest_root, os.path.relpath(path, src_root))
+            lines.append(f"{dest} {mode} {owner} {digest}  {dest}")
+    return sorted(lines)
+
+
 class FilterModule:
     def filters(self):
         return {
@@ -494,4 +512,5 @@ class FilterModule:
             "gateway_key_digest": gateway_key_digest,
             "gateway_model_key": gateway_model_key,
             "gateway_routing_errors": gateway_routing_errors,
+            "gateway_file_listing": gateway_file_listing,
         }
