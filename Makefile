@@ -74,11 +74,10 @@ molecule-%:
 	  $(BIN)/python scripts/molecule_stages.py .molecule-logs/$*.log; exit 1; \
 	fi
 
-# Lint, the unit tests and the Debian 13 image build run side by side (the image build waits on the network and
-# disk, the tests on the CPU); each one's output is printed whole when it ends. The scenarios follow.
-test:
-	@$(MAKE) --no-print-directory -j3 --output-sync=target lint unit lab-images
-	@$(MAKE) --no-print-directory molecule
+# After the set-up, lint and the unit tests run beside the scenarios (each of the two is one process, so one core
+# would idle while they ran alone); each stage's output is printed whole when it ends, the scenarios' last.
+test: bootstrap lab-artifacts lab-images
+	@$(MAKE) --no-print-directory -j3 --output-sync=target lint unit molecule
 	@echo "make test: all stages passed"
 
 bench: bootstrap
