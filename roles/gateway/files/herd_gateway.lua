@@ -15,7 +15,7 @@
 --   stats       s: keys: counters and the wait histogram of /herd/pools
 --   affinity    herd_affinity: conversation key -> instance
 --   body        read_body, the JSON member scanner, view (members as Ollama reads them), rewrite
---   respond     canonical JSON, error and busy answers
+--   respond     canonical JSON, error and busy answers in the dialect of the request's API
 --   catalogue   c: keys: /api/tags, /v1/models, /api/ps merged over every live instance
 --   status      /herd/pools, and /herd/admin/drained (the drain command's loopback admin location)
 --
@@ -27,6 +27,7 @@
 -- Shared-dict keys: none of its own (through slots, queue and affinity).
 local cjson = require("cjson.safe")
 local affinity = require("herd_gateway.affinity")
+local apikeys = require("herd_gateway.apikeys")
 local body = require("herd_gateway.body")
 local catalogue = require("herd_gateway.catalogue")
 local counters = require("herd_gateway.counters")
@@ -41,6 +42,9 @@ local status = require("herd_gateway.status")
 local _M = {}
 
 local ANY = endpoints.ANY
+-- The body members conversation affinity reads (affinity.key).
+local AFFINITY_MEMBERS = { "messages", "prompt", "system", "instructions", "input", "tools", "prompt_cache_key",
+    "metadata", "user" }
 local NGX_BUSY = -3  -- nginx's return code for "no live upstreams" (src/core/ngx_core.h)
 
 -- init_by_lua: the settings role gateway renders (JSON text) and its endpoint table (one JSON text per endpoint);
@@ -136,8 +140,11 @@ local function route(entry, path_model)
             end
         end
         if cfg.affinity and entry.affinity then
-            local doc = { messages = view.value("messages"), prompt = view.value("prompt"), system = view.value("system") }
-            local key = affinity.key(model, entry.path, doc, ngx.var[affinity.HEADER], ngx.var.herd_key_name)
+            local doc = {}
+            for _, member in ipairs(AFFINITY_MEMBERS) do
+                doc[member] = view.value(member)
+            end
+            local key = affinity.key(model, entry.path, doc, affinity.session_header(), ngx.var.herd_key_name)
             if key then
                 ctx.herd_affinity = { key = key, preferred = affinity.lookup(key) }
             end
@@ -153,9 +160,23 @@ local function route(entry, path_model)
     return model
 end
 
+-- With API keys set, a request without a valid one: 401 (in its endpoint's dialect), before its body is read.
+-- Returns true when the request may go on.
+local function authorized()
+    if apikeys.required() and (ngx.var.herd_key_name or "") == "" then
+        ngx.header["WWW-Authenticate"] = 'Bearer realm="herd"'
+        respond.answer(401, "unauthorized: missing or wrong API key")
+        return false
+    end
+    return true
+end
+
 -- access_by_lua of the proxied locations. `mode`: "route" (the endpoints of the table: every other path answers
 -- 404, another method 405, without touching an instance) or "any" (model management, when it is allowed).
 function _M.access(mode)
+    if not authorized() then
+        return
+    end
     slots.sync_drained()
     local pool = ANY
     local ctx = ngx.ctx
@@ -164,6 +185,8 @@ function _M.access(mode)
         if not entry or entry.kind == "catalogue" then
             return respond.answer(404, "this path is not served by the herd gateway")
         end
+        -- Every answer the gateway writes from here on is in the endpoint's API dialect.
+        ctx.herd_dialect = entry.dialect
         if not entry.methods[ngx.req.get_method()] then
             return respond.answer(405, "method not allowed on " .. entry.path)
         end
@@ -274,6 +297,7 @@ end
 -- answered. The access log tells it from the gateway's own 503 by upstream_status.
 function _M.header_filter()
     if ngx.status == 503 and not ngx.header["Retry-After"] then
+        -- gateway_retry_after, not the pool's measured wait: the gateway does not see the instance's own queue.
         ngx.header["Retry-After"] = tostring(settings.cfg.retry_after)
     end
 end
@@ -305,6 +329,12 @@ function _M.log()
     end
 end
 
+-- content_by_lua of the error locations (error_page: nginx's own 413, 429 and 502): `status` and `message` in
+-- the dialect of the request's endpoint, with Retry-After when given.
+function _M.error_answer(status, message, retry_after)
+    return respond.answer(status, message, retry_after)
+end
+
 -- content_by_lua of /herd/pools.
 _M.pools_status = status.pools_status
 
@@ -313,6 +343,9 @@ _M.admin_drained = status.admin_drained
 
 -- content_by_lua of /api/tags, /v1/models and /api/ps (over the instances not drained).
 function _M.catalogue()
+    if not authorized() then
+        return
+    end
     slots.sync_drained()
     return catalogue.serve()
 end

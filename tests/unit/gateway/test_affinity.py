@@ -36,6 +36,37 @@ out.key = {
     tenant_b = affinity.key("tiny:latest", "/api/chat", turn1, nil, "team-b"),
     tenant_b_session = affinity.key("tiny:latest", "/api/chat", turn1, "conv-1", "team-b"),
 }
+-- agents: /v1/messages and /v1/responses, and the session identifiers agents send
+local tools = {{name = "read_file", input_schema = {type = "object"}}}
+local task_a = {{role = "user", content = "task A"}}
+local task_a_later = {{role = "user", content = "task A"}, {role = "assistant", content = {{type = "text", text = "ok"}}},
+                      {role = "user", content = {{type = "tool_result", tool_use_id = "t1", content = "x"}}}}
+local long = string.rep("s", 5000)
+out.agent = {
+    msg1 = k("/v1/messages", {system = "agent", tools = tools, messages = task_a}),
+    msg2 = k("/v1/messages", {system = "agent", tools = tools, messages = task_a_later}),
+    msg_blocks = k("/v1/messages", {system = {{type = "text", text = "agent"}}, tools = tools, messages = task_a}),
+    msg_tools = k("/v1/messages", {system = "agent", tools = {{name = "write_file"}}, messages = task_a}),
+    msg_task = k("/v1/messages", {system = "agent", tools = tools, messages = {{role = "user", content = "task B"}}}),
+    msg_long_a = k("/v1/messages", {system = long, messages = task_a}),
+    msg_long_b = k("/v1/messages", {system = long, messages = {{role = "user", content = "task B"}}}),
+    resp_text = k("/v1/responses", {instructions = "agent", tools = tools, input = "task A"}),
+    resp_list1 = k("/v1/responses", {instructions = "agent", input = task_a}),
+    resp_list2 = k("/v1/responses", {instructions = "agent", input = {task_a[1], {type = "function_call_output",
+                                                                                   call_id = "c1", output = "x"}}}),
+    resp_none = k("/v1/responses", {instructions = "agent"}),
+    pck1 = k("/v1/responses", {input = "x", prompt_cache_key = "conv-9"}),
+    pck2 = k("/v1/responses", {input = "y", prompt_cache_key = "conv-9"}),
+    meta1 = k("/v1/messages", {messages = task_a, metadata = {user_id = "u-1"}}),
+    meta2 = k("/v1/messages", {messages = {{role = "user", content = "other"}}, metadata = {user_id = "u-1"}}),
+    user = k("/v1/chat/completions", {messages = turn2.messages, user = "u-1"}),
+    header_wins = k("/v1/messages", {messages = task_a, metadata = {user_id = "u-1"}}, "u-2"),
+    header_alone = k("/api/chat", turn1, "u-2"),
+    pck_wins = k("/v1/messages", {messages = task_a, prompt_cache_key = "p", metadata = {user_id = "u-1"}}),
+    pck_alone = k("/v1/responses", {prompt_cache_key = "p"}),
+    meta_wins = k("/v1/chat/completions", {messages = turn1.messages, metadata = {user_id = "m"}, user = "u-1"}),
+    meta_alone = k("/v1/messages", {metadata = {user_id = "m"}}),
+}
 local function key_of(s) return s and s.key or "none" end
 local by = cfg.by_key
 -- b:0 (2 slots) and b:1 (2 slots) hold tiny; b:2 (backup) too; b:3 is drained.
@@ -88,6 +119,20 @@ def test_conversation_key(lua):
     assert key["gen_short1"] != key["gen_short2"]
     assert key["no_messages"] == key["embed"] == "nil"
     assert key["images"].startswith("p:")
+
+
+def test_agent_conversation_keys(lua):
+    """/v1/messages and /v1/responses: system (or instructions) + tools + the first user turn; the session
+    identifiers agents send win over the prefix, in the order docs/gateway.md gives."""
+    key = lua["agent"]
+    assert key["msg1"] == key["msg2"] == key["msg_blocks"] != "nil" and key["msg1"].startswith("p:")
+    assert len({key["msg1"], key["msg_tools"], key["msg_task"]}) == 3
+    assert key["msg_long_a"] != key["msg_long_b"], "a long system prompt must not hide the first user turn"
+    assert key["resp_list1"] == key["resp_list2"] != key["resp_text"] and key["resp_none"] == "nil"
+    assert key["pck1"] == key["pck2"] and key["pck1"].startswith("s:")
+    assert key["meta1"] == key["meta2"] == key["user"] and key["meta1"].startswith("s:")
+    assert key["header_wins"] == key["header_alone"] and key["pck_wins"] == key["pck_alone"]
+    assert key["meta_wins"] == key["meta_alone"]
 
 
 def test_preferred_instance_only_with_a_free_slot(lua):

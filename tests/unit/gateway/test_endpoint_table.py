@@ -28,5 +28,5 @@ def test_every_endpoint_is_well_formed():
     for e in role_vars()["_gateway_endpoints"]:
         assert e["path"].startswith("/") and e["methods"] and e["dialect"] in ("ollama", "openai", "anthropic"), e
         assert e["kind"] in ("native", "compat", "show", "catalogue", "any") and e["body"] in ("inference", "embedding", "small"), e
-        assert e["model"] in MODEL_FROM and e["affinity"] in ("", "chat", "prompt"), e
+        assert e["model"] in MODEL_FROM and e["affinity"] in ("", "chat", "prompt", "messages", "responses"), e
         assert (e["model"] == "path") == e["path"].endswith("{model}"), e

@@ -31,7 +31,8 @@ UP = {"name": "herd_ollama", "zone_size": "256k", "keepalive": 8, "drain": []}
 FORCED = {"num_ctx": 8192}
 SAMPLING = set(role_vars()["_gateway_sampling_options"])
 # Top-level members the gateway reads or rewrites (a duplicate of one, in any case, is refused).
-WATCHED = ("model", "name", "keep_alive", "options", "stream", "messages", "prompt", "system")
+WATCHED = ("model", "name", "keep_alive", "options", "stream", "messages", "prompt", "system", "instructions", "input",
+           "tools", "prompt_cache_key", "metadata", "user")
 KEY = "hostile-test-key-0123456789abcdefXYZ"
 
 

@@ -39,7 +39,8 @@ def test_default_render_is_valid_nginx(tmp_path):
     assert "server 0.0.0.1:1;" in upstream and upstream.index("keepalive 32;") > balancer
     for directive in ("proxy_pass http://herd_ollama;", "proxy_buffering off;",
                       'proxy_set_header Connection "";', "proxy_http_version 1.1;", "proxy_read_timeout 600s;",
-                      "error_page 502 = @herd_unavailable;", "add_header Retry-After 2 always;",
+                      "error_page 502 = @herd_unavailable;",
+                      'error_answer(502, "the herd instance failed to answer; please try again", 2)',
                       "proxy_next_upstream error timeout non_idempotent;", "proxy_next_upstream_tries 3;",
                       "lua_shared_dict herd_gateway 1m;", "client_body_buffer_size 16m;", "client_max_body_size 16m;",
                       "lua_check_client_abort on;", 'require("herd_gateway").access("route")',
@@ -69,7 +70,8 @@ def test_everything_on_renders_valid_nginx(tmp_path):
         gateway_tls_enabled=True, gateway_real_ip_from=["10.9.0.0/16"], gateway_block_model_management=False,
         gateway_allow=["10.0.0.0/8", "fd00::/8"],
     )
-    assert "return 429 '" in text and "limit_req zone=herd_gateway_rate burst=20 nodelay;" in text
+    assert 'error_answer(429, "rate limit exceeded, please slow down", 1)' in text
+    assert "limit_req zone=herd_gateway_rate burst=20 nodelay;" in text and "return 401" not in text
     assert "listen 443 ssl default_server;" in text and "set_real_ip_from 10.9.0.0/16;" in text
     assert "    fd00::/8 1;" in text
     # Model management is proxied without non_idempotent: a failed pull is never replayed elsewhere.

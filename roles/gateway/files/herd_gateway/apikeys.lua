@@ -54,6 +54,11 @@ function _M.load(path)
     digests = map
 end
 
+-- Whether requests need a key (a key record is loaded).
+function _M.required()
+    return digests ~= nil
+end
+
 -- The key name of an Authorization header value, or "".
 function _M.name(authorization)
     if not digests or type(authorization) ~= "string" or #authorization > MAX_HEADER then

@@ -20,7 +20,8 @@ local keys = require("herd_gateway.keys")
 local _M = {}
 
 -- Members the gateway reads or rewrites (Ollama's field names). A second one, in any case, is refused.
-_M.WATCHED = { "model", "name", "keep_alive", "options", "stream", "messages", "prompt", "system" }
+_M.WATCHED = { "model", "name", "keep_alive", "options", "stream", "messages", "prompt", "system", "instructions",
+    "input", "tools", "prompt_cache_key", "metadata", "user" }
 local WATCHED = {}
 for _, name in ipairs(_M.WATCHED) do
     WATCHED[name] = true

@@ -3,14 +3,14 @@
 -- Owns: the endpoint index built from role gateway's table (_gateway_endpoints, passed in the settings: path,
 -- methods, the member naming the model, dialect, the Ollama release it came from, kind, body limit, affinity),
 -- find() (the entry of a request path; every other path is refused 404 without touching an instance), and ANY.
--- AFFINITY_PATHS (path -> chat/prompt) is derived from the same table at every (re)load.
+-- AFFINITY_PATHS (path -> chat/prompt/messages/responses) is derived from the same table at every (re)load.
 -- Shared-dict keys: none.
 local _M = {}
 
 -- The pool of requests that name no model: every instance, least loaded, no slot taken.
 _M.ANY = "*"
 
--- Where the conversation is: "chat" (the messages up to the first user message), "prompt" (system + prompt).
+-- Where the conversation is (affinity.key): "chat", "prompt", "messages" or "responses".
 _M.AFFINITY_PATHS = {}
 
 local KINDS = { native = true, compat = true, show = true, catalogue = true, any = true }

@@ -167,7 +167,8 @@ function _M.admit(pool, affinity)
             if n > cfg.queue_max then
                 leave("rejected_full")
                 ctx.herd_leave = nil
-                return respond.busy("server busy, please try again.  maximum pending requests exceeded")
+                return respond.busy("server busy, please try again.  maximum pending requests exceeded",
+                    stats.retry_after(pool))
             end
         end
         ngx.update_time()
@@ -175,7 +176,8 @@ function _M.admit(pool, affinity)
         if now >= deadline then
             leave("rejected_timeout")
             ctx.herd_leave = nil
-            return respond.busy("server busy, please try again: waited " .. cfg.queue_timeout .. "s for a free herd instance")
+            return respond.busy("server busy, please try again: waited " .. cfg.queue_timeout .. "s for a free herd instance",
+                stats.retry_after(pool))
         end
         local position = math.max(0, ticket - head)
         ngx.sleep(math.min(0.002 + 0.001 * position, 0.02, deadline - now))

@@ -1,16 +1,24 @@
 -- herd gateway: the counters of every pool that /herd/pools reports (herd-exporter turns them into metrics).
 --
--- Owns: count (a counter), observe_wait (the queue-wait histogram), get and wait_seconds (reading them back).
+-- Owns: count (a counter), observe_wait (the queue-wait histogram and its moving average), get and wait_seconds
+-- (reading them back), retry_after (the Retry-After of a pool's busy answers, from its measured wait).
 -- Every write never evicts (counters.incr): a counter that finds the dict full is not counted.
 -- Shared-dict keys (herd_gateway):
 --   s:<pool>:<stat>   read, written: admitted, rejected_full, rejected_timeout, abandoned, affinity_hits,
---                     affinity_misses, affinity_new; the wait histogram b<n> (per bucket), count, sum_us
+--                     affinity_misses, affinity_new; the wait histogram b<n> (per bucket), count, sum_us;
+--                     wait_avg_us (moving average of the last waits, safe_set: lossy between workers, never evicts)
 local counters = require("herd_gateway.counters")
 local keys = require("herd_gateway.keys")
+local settings = require("herd_gateway.settings")
 
 local _M = {}
 
 local dict = keys.gateway
+
+local AVG_WEIGHT = 0.2
+-- The longest Retry-After the gateway sends: both SDKs (openai, anthropic) ignore a longer one and back off
+-- themselves.
+local RETRY_AFTER_MAX = 60
 
 local BUCKETS = { 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30 }
 local BUCKET_LABELS = { "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10", "30" }
@@ -29,7 +37,24 @@ function _M.observe_wait(pool, wait)
         end
     end
     counters.incr("s:" .. pool .. ":count", 1)
-    counters.incr("s:" .. pool .. ":sum_us", math.floor(wait * 1e6 + 0.5))
+    local us = math.floor(wait * 1e6 + 0.5)
+    counters.incr("s:" .. pool .. ":sum_us", us)
+    -- Exponentially weighted (each wait weighs AVG_WEIGHT): follows a queue that grows or drains within a few
+    -- dozen admissions. Two workers may overwrite each other's update: one sample lost, never a wrong scale.
+    local key = "s:" .. pool .. ":wait_avg_us"
+    local avg = dict():get(key)
+    dict():safe_set(key, avg and (avg + (us - avg) * AVG_WEIGHT) or us)
+end
+
+-- Retry-After (whole seconds) of a busy answer for `pool`: the moving average of its measured queue waits, rounded
+-- up, within 1..RETRY_AFTER_MAX; gateway_retry_after before the pool has admitted anything. A client that comes
+-- back after it finds a queue that has turned over about once.
+function _M.retry_after(pool)
+    local avg = pool and dict():get("s:" .. pool .. ":wait_avg_us")
+    if not avg then
+        return settings.cfg.retry_after
+    end
+    return math.max(1, math.min(RETRY_AFTER_MAX, math.ceil(avg / 1e6)))
 end
 
 -- The pool's counter `name` (0 when never counted).
