@@ -1270,8 +1270,9 @@ def ollama_not_ready(ps_results, warm_results):
 
     ps_results: the registered loop over ollama_instances reading /api/ps (each with `item` = the plan entry, `json`);
     warm_results: the registered loop over (instance, model) loading each model (`item` = [entry, model], `failed`,
-    `json.response`). An instance is ready when every load succeeded and, with keep_resident, /api/ps lists every
-    model it holds, fully in GPU memory on a GPU instance; without keep_resident, every model answered instead.
+    `json.response`, or `json.embeddings` for an embedding-only model). An instance is ready when every load
+    succeeded and, with keep_resident, /api/ps lists every model it holds, fully in GPU memory on a GPU instance;
+    without keep_resident, every model answered instead.
     Returns one dict per instance that is not: id, name, unit, container, failed, silent, missing, partial, loaded.
     """
     out = []
@@ -1281,7 +1282,8 @@ def ollama_not_ready(ps_results, warm_results):
         warm = [w for w in warm_results or [] if w["item"][0]["id"] == inst["id"]]
         failed = [w["item"][1] for w in warm if w.get("failed")]
         silent = [] if resident else [
-            w["item"][1] for w in warm if not w.get("failed") and "response" not in (w.get("json") or {})
+            w["item"][1] for w in warm
+            if not w.get("failed") and not {"response", "embeddings"} & set(w.get("json") or {})
         ]
         models = (result.get("json") or {}).get("models") or []
         loaded = [ollama_model_name(m["name"]) for m in models]
@@ -1298,6 +1300,19 @@ def ollama_not_ready(ps_results, warm_results):
     return out
 
 
+def ollama_embedding_only(show_results):
+    """The models an instance can only embed, from a registered loop of POST /api/show (`item` = the model name as
+    the plan holds it, `json.capabilities`): "embedding" among the capabilities and no "completion" (Ollama derives
+    them from the model file since 0.6: a pooling type makes an embedding model). A release without capabilities, or
+    an answer that is not 200, counts as a completion model: it is warmed with a generate, as before."""
+    out = []
+    for result in show_results or []:
+        caps = (result.get("json") or {}).get("capabilities") if result.get("status") == 200 else None
+        if isinstance(caps, list) and "embedding" in caps and "completion" not in caps:
+            out.append(result["item"])
+    return out
+
+
 class FilterModule:
     """herd's instance planner filters."""
 
@@ -1306,6 +1321,7 @@ class FilterModule:
             "ollama_plan": ollama_plan,
             "ollama_model_name": _model_name_filter,
             "ollama_not_ready": ollama_not_ready,
+            "ollama_embedding_only": ollama_embedding_only,
             "ollama_pull_name": _pull_name_filter,
             "ollama_registry_error": ollama_names.registry_error,
             "ollama_path_errors": ollama_path_errors,

@@ -9,8 +9,8 @@ every guard reads the other gateways' guards (`peers`), so each one sees the who
 
 - An instance with requests in flight is hung only when none of them produced a byte for `stall_seconds` on
   some gateway (tokens flowing = alive, however long the answers).
-- A canary (a 1-token /api/generate of a loaded model, in the background, with the time the model has left as
-  keep_alive so that it never keeps an idle model loaded) runs only while the instance has a free slot (in flight
+- A canary (a 1-token /api/generate of a loaded model, a one-input /api/embed of a model that only embeds, in
+  the background, with the time the model has left as keep_alive so that it never keeps an idle model loaded) runs only while the instance has a free slot (in flight
   over every gateway below its num_parallel), so it never queues behind clients; one that timed out while the
   instance made progress counts as busy. An answer "server busy" (503) is neither a pass nor a failure.
 - A probe or canary that fails (refused, error, timeout while idle) fails the round, as before.
@@ -270,20 +270,35 @@ def probe(base, timeout):
         return False, {}, f"/api/ps: {exc}"
 
 
+# Models an instance answered "does not support generate" (Ollama's 400 for an embedding-only model): their canary
+# is a one-input /api/embed from then on. Learnt from the answer, never assumed: an instance that says so about a
+# model that can generate gets an embed canary, which proves it answers all the same.
+EMBED_ONLY = set()
+NO_GENERATE = "does not support generate"
+
+
 def canary(base, model, timeout, keep_alive=None):
-    """'pass', 'busy' or 'fail', and why: a 1-token generate of a loaded model (keep_alive: see canary_keep_alive)."""
-    body = {"model": model, "prompt": "ok", "stream": False, "options": {"num_predict": 1}}
+    """'pass', 'busy' or 'fail', and why: a 1-token generate of a loaded model, or a one-input embed of a model that
+    only embeds (keep_alive: see canary_keep_alive)."""
+    embed = model in EMBED_ONLY
+    body = {"model": model, "input": "ok"} if embed else {"model": model, "prompt": "ok", "stream": False,
+                                                          "options": {"num_predict": 1}}
     if keep_alive is not None:
         body["keep_alive"] = keep_alive
+    what = "embed" if embed else "generate"
     try:
-        status, answer = _request(base + "/api/generate", timeout, body)
-        if status == 200 and json.loads(answer).get("done") is True:
-            return "pass", "generated"
-        return "fail", f"generate answered {status}"
+        status, answer = _request(base + ("/api/embed" if embed else "/api/generate"), timeout, body)
+        doc = json.loads(answer)
+        if status == 200 and (doc.get("embeddings") if embed else doc.get("done") is True):
+            return "pass", "embedded" if embed else "generated"
+        return "fail", f"{what} answered {status}"
     except urllib.error.HTTPError as exc:
-        return ("busy" if exc.code == 503 else "fail"), f"generate answered {exc.code}"
-    except (OSError, ValueError) as exc:
-        return "fail", f"generate: {exc}"
+        if exc.code == 400 and not embed and NO_GENERATE in exc.read(4096).decode("utf-8", "replace"):
+            EMBED_ONLY.add(model)
+            return canary(base, model, timeout, keep_alive)
+        return ("busy" if exc.code == 503 else "fail"), f"{what} answered {exc.code}"
+    except (OSError, ValueError, AttributeError) as exc:
+        return "fail", f"{what}: {exc}"
 
 
 # ---------------------------------------------------------------------------------------------------------

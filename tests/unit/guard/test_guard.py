@@ -107,6 +107,31 @@ def test_busy_answer_is_not_a_failure(server):
     assert g.canary(server(_Busy), MODEL, 1)[0] == "busy"
 
 
+class _EmbedOnly(_Instance):
+    """An instance whose model only embeds, as Ollama answers it: generate 400, embed 200."""
+
+    paths = []
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        _EmbedOnly.paths.append(self.path)
+        if self.path == "/api/embed":
+            assert body["input"] and "options" not in body
+            return self._json(200, {"model": body["model"], "embeddings": [[0.6, 0.8]]})
+        return self._json(400, {"error": f'"{body["model"]}" does not support generate'})
+
+
+def test_canary_of_an_embedding_only_model_embeds(server):
+    """An embedding-only model fails every generate (400): the canary learns it from Ollama's answer and embeds,
+    so the guard never takes such an instance for broken."""
+    base = server(_EmbedOnly)
+    g.EMBED_ONLY.discard("embed-only:v1")
+    assert g.canary(base, "embed-only:v1", 1) == ("pass", "embedded")
+    assert g.canary(base, "embed-only:v1", 1) == ("pass", "embedded")
+    assert _EmbedOnly.paths == ["/api/generate", "/api/embed", "/api/embed"]
+    g.EMBED_ONLY.discard("embed-only:v1")
+
+
 def test_target_counts_rounds_and_canary_results(server, hung, tmp_path):
     cfg = _config(tmp_path)
     good = g.Target("gpu1:0", server(_Instance), [MODEL], cfg)

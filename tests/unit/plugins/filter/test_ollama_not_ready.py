@@ -61,3 +61,25 @@ def test_the_warmup_uses_the_filter():
 
     text = (pathlib.Path(__file__).resolve().parents[4] / "roles/ollama/tasks/warmup.yml").read_text(encoding="utf-8")
     assert "herd.herd.ollama_not_ready(" in text and "{%-" not in text
+
+
+def test_an_embedding_model_that_embedded_answered(not_ready):
+    """Warmup embeds with an embedding-only model: its answer has embeddings, no response."""
+    embedded = {"item": [TURNS, "small:7b"], "json": {"embeddings": [[0.1, 0.2]]}}
+    assert not_ready([ps(TURNS)], [warm(TURNS, "tiny"), embedded]) == []
+    (bad,) = not_ready([ps(TURNS)], [warm(TURNS, "tiny"), dict(embedded, json={})])
+    assert bad["silent"] == ["small:7b"]
+
+
+def test_embedding_only_models_from_show(planner):
+    embedding_only = planner.FilterModule().filters()["ollama_embedding_only"]
+    results = [
+        {"item": "herd-embed:v1", "status": 200, "json": {"capabilities": ["embedding"]}},
+        {"item": "tiny", "status": 200, "json": {"capabilities": ["completion", "tools"]}},
+        {"item": "both", "status": 200, "json": {"capabilities": ["completion", "embedding"]}},
+        {"item": "old", "status": 200, "json": {"modelfile": "FROM x"}},  # a release without capabilities
+        {"item": "gone", "status": 404, "json": {"error": "not found"}},
+        {"item": "skipped", "skipped": True},
+    ]
+    assert embedding_only(results) == ["herd-embed:v1"]
+    assert embedding_only(None) == []
