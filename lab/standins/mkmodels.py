@@ -14,6 +14,11 @@ section that only herd's Ollama emulator reads: declared VRAM need, load time
 and token rates. Bytes are deterministic, so digests are stable across runs
 and machines. Standard library only.
 
+``herd-embed:v1`` is an embedding-only model (a nomic-bert stand-in): its GGUF carries
+``nomic-bert.pooling_type``, which makes Ollama (and the emulator) list it with the capability
+``embedding`` only, refuse generate and chat on it, and embed with it. It has no template layer.
+The chat models' template uses ``.Tools``, which gives them the capability ``tools`` as in Ollama.
+
 One model is also published under the tag ``latest`` (ALIASES), as Ollama's library
 publishes ``qwen2.5:latest`` as the same manifest as ``qwen2.5:7b``: a name written
 without a tag (``herd-small``) pulls it, and both tags share every blob.
@@ -43,7 +48,9 @@ GGUF_FILE_TYPES = {"F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17}
 
 # The lab catalogue. vram_mib is the weights' GPU memory; the emulator adds the KV cache,
 # num_parallel x context x kv_mib_per_1k_ctx / 1024 (the figure of the real architecture
-# the model stands in for: Llama 3.2 1B, Qwen2.5 7B, Llama 3.x 70B); the rates are per slot.
+# the model stands in for: Llama 3.2 1B, Qwen2.5 7B, Llama 3.x 70B, nomic-embed-text); the rates are per slot.
+# embedding_length is the GGUF's <arch>.embedding_length (the emulator's vector length); a model with
+# pooling_type (<arch>.pooling_type, 1 = mean) is embedding-only and has no chat template.
 MODELS = {
     "herd-tiny:1b": {
         "family": "llama",
@@ -51,6 +58,7 @@ MODELS = {
         "parameter_count": 1_235_814_400,
         "quantization": "Q4_K_M",
         "context_length": 8192,
+        "embedding_length": 2048,
         "vram_mib": 1536,
         "kv_mib_per_1k_ctx": 32,
         "load_seconds": 0.4,
@@ -65,6 +73,7 @@ MODELS = {
         "parameter_count": 7_615_616_512,
         "quantization": "Q4_K_M",
         "context_length": 32768,
+        "embedding_length": 3584,
         "vram_mib": 5632,
         "kv_mib_per_1k_ctx": 56,
         "load_seconds": 1.5,
@@ -79,6 +88,7 @@ MODELS = {
         "parameter_count": 70_553_706_496,
         "quantization": "Q4_K_M",
         "context_length": 8192,
+        "embedding_length": 8192,
         "vram_mib": 43008,
         "kv_mib_per_1k_ctx": 320,
         "load_seconds": 6.0,
@@ -86,6 +96,22 @@ MODELS = {
         "prompt_tokens_per_second": 400.0,
         "busy_slowdown": 0.7,
         "blob_kib": 256,
+    },
+    "herd-embed:v1": {
+        "family": "nomic-bert",
+        "parameter_size": "137M",
+        "parameter_count": 136_727_040,
+        "quantization": "F16",
+        "context_length": 2048,
+        "embedding_length": 768,
+        "pooling_type": 1,
+        "vram_mib": 320,
+        "kv_mib_per_1k_ctx": 6,
+        "load_seconds": 0.3,
+        "tokens_per_second": 1.0,
+        "prompt_tokens_per_second": 8000.0,
+        "busy_slowdown": 0.9,
+        "blob_kib": 64,
     },
 }
 
@@ -95,8 +121,13 @@ ALIASES = {
     "herd-small:latest": "herd-small:7b",
 }
 
+# A chat template that renders the tools offered and the tool calls of earlier turns (so Ollama lists "tools").
 TEMPLATE = (
-    "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n"
+    "{{- if .Tools }}<|tools|>\n{{ range .Tools }}{{ .Function.Name }}: {{ .Function.Description }}\n{{ end }}"
+    "<|end|>\n{{ end }}"
+    "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}"
+    "{{ range .ToolCalls }}<|tool_call|>{{ .Function.Name }} {{ .Function.Arguments }}{{ end }}<|end|>\n{{ end }}"
+    "<|assistant|>\n"
 )
 LICENSE = (
     "herd lab stand-in model. Contains no weights and produces no real text.\n"
@@ -132,7 +163,10 @@ def gguf_bytes(name, spec):
         _gguf_kv("general.parameter_count", 10, spec["parameter_count"]),
         _gguf_kv("general.file_type", 4, GGUF_FILE_TYPES[spec["quantization"]]),
         _gguf_kv(arch + ".context_length", 4, spec["context_length"]),
+        _gguf_kv(arch + ".embedding_length", 4, spec["embedding_length"]),
     ]
+    if "pooling_type" in spec:
+        kvs.append(_gguf_kv(arch + ".pooling_type", 4, spec["pooling_type"]))
     header = b"GGUF" + struct.pack("<IQQ", 3, 0, len(kvs)) + b"".join(kvs)
     header += b"\0" * (-len(header) % 32)
     size = spec["blob_kib"] * 1024
@@ -152,12 +186,10 @@ def split_name(name):
 
 def model_files(name, spec):
     """Return (manifest_bytes, {digest_hex: bytes}) for one lab model."""
-    layers = [
-        (MEDIA_MODEL, gguf_bytes(name, spec)),
-        (MEDIA_TEMPLATE, TEMPLATE.encode()),
-        (MEDIA_LICENSE, LICENSE.encode()),
-        (MEDIA_PARAMS, json.dumps({"stop": ["<|end|>"]}, sort_keys=True).encode()),
-    ]
+    layers = [(MEDIA_MODEL, gguf_bytes(name, spec)), (MEDIA_LICENSE, LICENSE.encode())]
+    if "pooling_type" not in spec:  # an embedding model has no chat template and no stop words
+        layers[1:1] = [(MEDIA_TEMPLATE, TEMPLATE.encode())]
+        layers.append((MEDIA_PARAMS, json.dumps({"stop": ["<|end|>"]}, sort_keys=True).encode()))
     blobs = {}
     layer_refs = []
     for media, data in layers:

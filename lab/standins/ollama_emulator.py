@@ -36,6 +36,7 @@ Where this differs from Ollama is written next to the code (look for "DIFFERS").
 """
 
 import asyncio
+import base64
 import contextlib
 import datetime
 import email.utils
@@ -1072,23 +1073,124 @@ def generate_tokens(system, prompt):
 
 
 def message_tokens(message):
-    """One chat message: 4 header tokens naming the role, then its content."""
-    return [(MARK, str(message.get("role") or "")), (TEXT, str(message.get("content") or ""))]
+    """One chat message: 4 header tokens naming the role, then its content and the tool calls it carries (as the
+    template renders them: name and arguments), so that a turn resent with its tool calls matches the cache."""
+    text = str(message.get("content") or "")
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        text += "".join(tool_call_text(call) for call in calls)
+    return [(MARK, str(message.get("role") or "")), (TEXT, text)]
 
 
-def chat_tokens(messages):
-    """A chat prompt: every message, then 4 tokens that open the assistant's answer (as the chat template)."""
-    out = []
+def chat_tokens(messages, tools=None):
+    """A chat prompt: the tools offered (as the template renders them first), every message, then 4 tokens that
+    open the assistant's answer (as the chat template)."""
+    out = [(MARK, "tools"), (TEXT, compact_json(tools))] if tools else []
     for m in messages:
         if isinstance(m, dict):
             out += message_tokens(m)
     return out + [(MARK, "answer")]
 
 
+def compact_json(obj):
+    """JSON as Go's encoder writes it: no spaces."""
+    return json.dumps(obj, separators=(",", ":"))
+
+
+# --------------------------------------------------------------------------- tools, capabilities, embeddings
+
+# The emulator's stand-in for a model that decides to call a tool: see tool_call_for.
+TOOL_TRIGGER = "use tool"
+_PLACEHOLDERS = {"string": "herd", "integer": 1, "number": 1, "boolean": True, "array": [], "object": {}}
+
+
+def tool_call_text(call):
+    """A tool call as the prompt holds it: its name and its arguments (a dict, or the JSON text OpenAI sends)."""
+    function = (call.get("function") or {}) if isinstance(call, dict) else {}
+    args = function.get("arguments")
+    if isinstance(args, str):
+        with contextlib.suppress(ValueError):
+            args = json.loads(args)
+    return "<tool_call>{}{}".format(function.get("name") or "", json.dumps(args or {}, sort_keys=True))
+
+
+def placeholder_arguments(parameters):
+    """Arguments for a tool's JSON schema: each required property gets a placeholder of its type ("herd", 1,
+    true, [], {})."""
+    parameters = parameters if isinstance(parameters, dict) else {}
+    properties = parameters.get("properties") if isinstance(parameters.get("properties"), dict) else {}
+    args = {}
+    for name in parameters.get("required") or []:
+        kind = (properties.get(name) or {}).get("type") if isinstance(properties.get(name), dict) else None
+        args[str(name)] = _PLACEHOLDERS.get(kind[0] if isinstance(kind, list) and kind else kind, "herd")
+    return args
+
+
+def tool_call_for(messages, tools):
+    """The tool call the emulated model answers with, or None for a text answer.
+
+    DIFFERS: a model decides from the text. The emulator calls a tool when the request offers tools (Ollama's
+    api.Tool shape, {"function": {"name", "parameters"}}) and the last message is the user's and contains
+    TOOL_TRIGGER ("use tool", any case): it calls the first tool, with placeholder arguments. A tool result
+    (role "tool") or any other turn gets a text answer, so a multi-turn agent conversation ends.
+    """
+    last = next((m for m in reversed(messages) if isinstance(m, dict)), None)
+    if not tools or last is None or last.get("role") != "user":
+        return None
+    if TOOL_TRIGGER not in str(last.get("content") or "").lower():
+        return None
+    function = (tools[0].get("function") or {}) if isinstance(tools[0], dict) else {}
+    return {"id": "call_" + os.urandom(4).hex(),
+            "function": {"index": 0, "name": str(function.get("name") or ""),
+                         "arguments": placeholder_arguments(function.get("parameters"))}}
+
+
+def model_capabilities(model_info, template):
+    """/api/show capabilities as current Ollama derives them (server/images.go): from the GGUF, "embedding" when it
+    has <arch>.pooling_type, else "completion", and "vision" with <arch>.vision.block_count; from the Go template,
+    "tools" when it uses .Tools and "insert" when it uses .Suffix."""
+    arch = str(model_info.get("general.architecture") or "")
+    caps = ["embedding" if f"{arch}.pooling_type" in model_info else "completion"]
+    if f"{arch}.vision.block_count" in model_info:
+        caps.append("vision")
+    if re.search(r"\.Tools\b", template):
+        caps.append("tools")
+    if re.search(r"\.Suffix\b", template):
+        caps.append("insert")
+    return caps
+
+
+# The vector length of a model whose GGUF has no <arch>.embedding_length (nomic-embed-text's).
+DEFAULT_EMBEDDING_LENGTH = 768
+
+
+def embedding_vector(model, text, dims):
+    """A made-up embedding: `dims` values in [-1, 1] from sha256(model + NUL + text) and its chained hashes, so the
+    same model and text give the same vector; L2-normalised as Ollama's /api/embed returns them."""
+    values = []
+    block = hashlib.sha256(f"{model}\0{text}".encode()).digest()
+    while len(values) < dims:
+        values += [v / 2147483648.0 for v in struct.unpack("<8i", block)]
+        block = hashlib.sha256(block).digest()
+    return normalize(values[:dims])
+
+
+def normalize(vector):
+    """Scale to length 1 as Ollama's normalize() (a zero vector stays zero); values rounded to float32 precision."""
+    norm = 1.0 / max(math.sqrt(sum(v * v for v in vector)), 1e-12)
+    return [round(v * norm, 8) for v in vector]
+
+
 def chat_kept_tokens(prompt, answer):
-    """What a slot holds after a chat turn: the prompt up to the answer's opening, then the answer as the next
-    turn's history renders it (an assistant message), so that the next turn finds it cached."""
-    return prompt[:-1] + message_tokens({"role": "assistant", "content": answer})
+    """What a slot holds after a chat turn: the prompt up to the answer's opening, then the answer (its text, or the
+    assistant message with its tool calls) as the next turn's history renders it, so that the next turn finds it
+    cached."""
+    message = answer if isinstance(answer, dict) else {"role": "assistant", "content": answer}
+    return prompt[:-1] + message_tokens(message)
+
+
+def _silent(_index, _text):
+    """An emit() that writes nothing (a tool call's or an embedding's tokens)."""
 
 
 def _common_chars(a, b):
@@ -1116,12 +1218,613 @@ def common_prefix(a, b):
     return total
 
 
+# --------------------------------------------------------------------------- requests in each API's dialect
+
+
+def go_kind(value):
+    """The JSON kind Go's decoder names in a type error ("array", "object", ...)."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), "null")
+
+
+def _rand_id(limit):
+    """A random number below limit, as Ollama's middleware numbers its answers (rand.Intn)."""
+    return int.from_bytes(os.urandom(4), "big") % limit
+
+
+def _function_tool(name, description, parameters):
+    """A tool in Ollama's own shape (api.Tool), whatever API offered it."""
+    return {"type": "function", "function": {"name": str(name or ""), "description": str(description or ""),
+                                             "parameters": parameters if isinstance(parameters, dict) else {}}}
+
+
+def _tool_call(call_id, name, arguments):
+    """A tool call in Ollama's own shape (api.ToolCall)."""
+    return {"id": call_id, "function": {"index": 0, "name": name, "arguments": arguments}}
+
+
+def openai_messages(messages):
+    """OpenAI chat messages as Ollama's (openai.FromChatRequest): each text part of a list becomes a message of its
+    own, tool calls' JSON arguments are decoded, content may be missing only beside tool calls. ValueError says why
+    a message is refused, in Ollama's words."""
+    out = []
+    for msg in messages:
+        if not isinstance(msg, dict):
+            raise ValueError("invalid message format")
+        role, content, calls = str(msg.get("role") or ""), msg.get("content"), []
+        for raw in msg.get("tool_calls") or []:
+            raw = raw if isinstance(raw, dict) else {}
+            function = raw.get("function") if isinstance(raw.get("function"), dict) else {}
+            try:
+                args = json.loads(function.get("arguments") or "")
+            except (TypeError, ValueError):
+                raise ValueError("invalid tool call arguments") from None
+            calls.append(_tool_call(raw.get("id") or "", str(function.get("name") or ""), args))
+        if isinstance(content, str):
+            out.append({"role": role, "content": content})
+        elif isinstance(content, list):
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") not in ("text", "image_url", "input_audio"):
+                    raise ValueError("invalid message format")
+                out.append({"role": role, "content": str(part.get("text") or "")})
+        elif not calls:
+            raise ValueError("invalid message content type: " + {"null": "<nil>", "number": "float64", "bool": "bool",
+                                                                  "object": "map[string]interface {}"}[go_kind(content)])
+        else:
+            out.append({"role": role, "content": ""})
+        if calls and out:
+            out[-1]["tool_calls"] = calls
+    return out
+
+
+def _responses_content(content):
+    """The text of a Responses message's content (a string, or input_text/output_text parts; images are skipped)."""
+    if isinstance(content, str):
+        return content
+    text = ""
+    for part in content if isinstance(content, list) else []:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "input_file":
+            raise ValueError("file inputs are not currently supported")
+        if kind in ("input_text", "output_text"):
+            text += str(part.get("text") or "")
+    return text
+
+
+def _responses_tools(tools, prefix=""):
+    """Responses tools ({type, name, parameters}; a namespace's members named "namespace.member") as Ollama's."""
+    out = []
+    for tool in tools if isinstance(tools, list) else []:
+        if not isinstance(tool, dict):
+            continue
+        name = prefix + str(tool.get("name") or "")
+        if tool.get("type") == "namespace":
+            out += _responses_tools(tool.get("tools"), name + "." if tool.get("name") else prefix)
+        else:
+            out.append(_function_tool(name, tool.get("description"), tool.get("parameters")))
+    return out
+
+
+def responses_request(data):
+    """(messages, tools) of an OpenAI Responses request as Ollama's (openai.FromResponsesRequest): instructions
+    become a system message, a string input a user message; items are messages (`role` alone is enough),
+    function_call (merged into the assistant message before it), function_call_output (a tool message) and
+    reasoning (skipped)."""
+    messages = [{"role": "system", "content": data["instructions"]}] if data.get("instructions") else []
+    items = data.get("input")
+    if isinstance(items, str):
+        messages += [{"role": "user", "content": items}] if items else []
+        items = []
+    elif items is not None and not isinstance(items, list):
+        raise ValueError(f"input must be a string or array: json: cannot unmarshal {go_kind(items)} into Go value "
+                         "of type []json.RawMessage")
+    for index, item in enumerate(items or []):
+        item = item if isinstance(item, dict) else {}
+        kind = item.get("type") or ("message" if item.get("role") else "")
+        if kind == "message":
+            messages.append({"role": str(item.get("role") or ""), "content": _responses_content(item.get("content"))})
+        elif kind == "function_call":
+            try:
+                args = json.loads(item.get("arguments") or "{}")
+            except ValueError as exc:
+                raise ValueError(f"failed to parse function call arguments: {exc}") from None
+            call = _tool_call(item.get("call_id") or "", str(item.get("name") or ""), args)
+            if messages and messages[-1]["role"] == "assistant":
+                messages[-1].setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            messages.append({"role": "tool", "content": _responses_content(output), "tool_call_id": item.get("call_id")})
+        elif kind not in ("reasoning", "web_search_call"):
+            problem = f"unknown input item type: {json.dumps(kind)}" if kind else "input item missing required 'type' field"
+            raise ValueError(f"input[{index}]: {problem}")
+    return messages, _responses_tools(data.get("tools"))
+
+
+def _anthropic_text(content):
+    """The text of an Anthropic tool_result's or system's content: a string, or its text blocks joined."""
+    if isinstance(content, str):
+        return content
+    return "".join(str(b.get("text") or "") for b in content if isinstance(b, dict) and b.get("type") == "text") \
+        if isinstance(content, list) else ""
+
+
+def anthropic_message(msg):
+    """One Anthropic message as Ollama's (anthropic.convertMessage): text blocks joined, tool_use blocks as tool
+    calls, each tool_result block a tool message (before the user's text, after anyone else's)."""
+    msg = msg if isinstance(msg, dict) else {}
+    role, content = str(msg.get("role") or "").lower(), msg.get("content")
+    blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+    text, calls, results = "", [], []
+    for block in blocks if isinstance(blocks, list) else []:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            text += str(block.get("text") or "")
+        elif kind in ("tool_use", "server_tool_use"):
+            for field in ("id", "name"):
+                if kind == "tool_use" and not block.get(field):
+                    raise ValueError(f"tool_use block missing required '{field}' field")
+            calls.append(_tool_call(block.get("id") or "", str(block.get("name") or ""), block.get("input") or {}))
+        elif kind == "tool_result":
+            results.append({"role": "tool", "content": _anthropic_text(block.get("content")),
+                            "tool_call_id": block.get("tool_use_id")})
+    own = [{"role": role, "content": text, **({"tool_calls": calls} if calls else {})}] if text or calls else []
+    return results + own if role == "user" else own + results
+
+
+def anthropic_request(data):
+    """(messages, tools) of an Anthropic Messages request as Ollama's (anthropic.FromMessagesRequest): the system
+    string or text blocks first, then every message; tools' input_schema as parameters."""
+    system = _anthropic_text(data.get("system"))
+    messages = [{"role": "system", "content": system}] if system else []
+    for msg in data.get("messages") or []:
+        messages += anthropic_message(msg)
+    tools = [_function_tool(t.get("name"), t.get("description"), t.get("input_schema"))
+             for t in data.get("tools") or [] if isinstance(t, dict)]
+    return messages, tools
+
+
+def embed_inputs(value):
+    """/api/embed's input as a list of texts (an empty string is no input), or None when it is not text."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
+    return None
+
+
+# --------------------------------------------------------------------------- answers in each API's dialect
+
+
+class Job:
+    """One inference request in Ollama's own terms, whatever API it came in: the model as named and its store entry,
+    keep_alive, the prompt as emulated tokens (empty: load only), the answer's length, whether it is a chat (the
+    slot then keeps the answer as history) and the tool call to answer with."""
+
+    def __init__(self, name, info, keep_alive, tokens, n_tokens, limited, chat=False, call=None):
+        self.name, self.info, self.keep_alive = name, info, keep_alive
+        self.tokens, self.n_tokens, self.limited = tokens, n_tokens, limited
+        self.chat, self.call = chat, call
+
+
+class Answer:
+    """What one inference produced: text pieces or tool calls, counts and timings, which every dialect's closing
+    event reports."""
+
+    def __init__(self, job, started, load_duration):
+        self.model = job.name
+        self.started, self.load_duration = started, load_duration
+        self.pieces, self.calls = [], []
+        self.prompt_tokens = prompt_len(job.tokens)
+        self.evaluated = self.n_tokens = 0
+        self.prompt_s = self.eval_s = 0.0
+        self.done_reason = "load"
+
+    @property
+    def text(self):
+        return "".join(self.pieces)
+
+    def message(self):
+        """The answer as an Ollama chat message."""
+        return {"role": "assistant", "content": self.text, **({"tool_calls": self.calls} if self.calls else {})}
+
+    def timings(self):
+        return _timings(self.started, self.load_duration, self.evaluated, self.prompt_s, self.n_tokens, self.eval_s)
+
+    def usage(self):
+        """(input, output) tokens for the OpenAI and Anthropic usage fields: the whole prompt, as current Ollama's
+        prompt_eval_count counts it (llama-server's cache_n + prompt_n), and the answer."""
+        return (self.prompt_tokens if self.n_tokens else 0), self.n_tokens
+
+    def openai_usage(self):
+        prompt, completion = self.usage()
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def empty_answer(resp, data, empty, reason):
+    """Ollama's answer to an empty prompt or message list: the model unloaded (keep_alive 0) or loaded."""
+    resp.json(200, {"model": data["model"], "created_at": go_time(), **empty, "done": True, "done_reason": reason})
+
+
+def encoded_json(resp, status, obj):
+    """A body as Ollama's middleware writers encode it (json.NewEncoder: a newline after it, no charset)."""
+    resp.send(status, compact_json(obj) + "\n", "application/json")
+
+
+def openai_error(resp, status, message, abort=False):
+    """OpenAI's error object (openai.NewError): a handler's error rewritten by the middleware's writer, or with
+    abort=True the middleware's own refusal (gin's JSON, with charset)."""
+    etype = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+    body = {"error": {"message": message, "type": etype, "param": None, "code": None}}
+    resp.json(status, body) if abort else encoded_json(resp, status, body)
+
+
+def anthropic_error(resp, status, message, abort=False):
+    """Anthropic's error object as Ollama's anthropic middleware writes it (anthropic.NewError)."""
+    etype = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "not_found_error", 429: "rate_limit_error", 503: "overloaded_error",
+             529: "overloaded_error"}.get(status, "api_error")
+    body = {"type": "error", "error": {"type": etype, "message": message}, "request_id": "req_" + os.urandom(12).hex()}
+    resp.json(status, body) if abort else encoded_json(resp, status, body)
+
+
+def openai_tool_calls(calls):
+    """Tool calls as OpenAI writes them (openai.ToToolCalls): arguments as JSON text."""
+    return [{"id": call["id"], "index": call["function"]["index"], "type": "function",
+             "function": {"name": call["function"]["name"], "arguments": compact_json(call["function"]["arguments"])}}
+            for call in calls]
+
+
+class Dialect:
+    """How one API writes an answer. The emulator calls error() (instead of any answer), loaded() for a load-only
+    request, or begin(), text() per token or tool_calls() once, then finish(). Subclasses own their shapes."""
+
+    stream_type = "text/event-stream"
+
+    def __init__(self, resp, data, stream):
+        self.resp, self.data, self.stream = resp, data, stream
+        self.created = int(time.time())
+
+    def error(self, status, message):
+        self.resp.error(status, message)
+
+    def begin(self, answer):
+        if self.stream:
+            self.resp.start_stream(self.stream_type)
+
+    def text(self, piece):
+        pass
+
+    def tool_calls(self, calls):
+        pass
+
+    def loaded(self, answer):
+        self.begin(answer)
+        self.finish(answer)
+
+    def finish(self, answer):
+        raise NotImplementedError
+
+    def sse(self, obj, event=None, sort_keys=False):
+        """One server-sent event: `data: JSON`, after `event: NAME` when named (sort_keys: a Go map, not a struct)."""
+        head = f"event: {event}\n" if event else ""
+        body = json.dumps(obj, separators=(",", ":"), sort_keys=sort_keys)
+        self.resp.chunk(f"{head}data: {body}\n\n")
+
+
+class NativeGenerate(Dialect):
+    """/api/generate: NDJSON {model, created_at, response, done} per token, then the final object with timings."""
+
+    stream_type = "application/x-ndjson"
+
+    def __init__(self, resp, data, stream):
+        super().__init__(resp, data, stream)
+        self.head = '{"model":' + json.dumps(data["model"]) + ',"created_at":"'
+
+    def text(self, piece):
+        if self.stream:
+            self.resp.chunk(f'{self.head}{go_time()}","response":{json.dumps(piece)},"done":false}}\n')
+
+    def loaded(self, answer):
+        empty_answer(self.resp, self.data, {"response": ""}, "load")
+
+    def finish(self, a):
+        _send_final(self.resp, self.stream, {
+            "model": a.model, "created_at": go_time(), "response": "" if self.stream else a.text, "done": True,
+            "done_reason": a.done_reason, "context": list(range(1, min(a.prompt_tokens + a.n_tokens, 2048) + 1)),
+            **a.timings()})
+
+
+class NativeChat(NativeGenerate):
+    """/api/chat: NDJSON {model, created_at, message, done} per token (a tool call is one line whose message has
+    tool_calls), then the final object with timings."""
+
+    def text(self, piece):
+        if self.stream:
+            self.resp.chunk(f'{self.head}{go_time()}","message":{{"role":"assistant","content":{json.dumps(piece)}}},'
+                            '"done":false}\n')
+
+    def tool_calls(self, calls):
+        if self.stream:
+            self.resp.chunk(compact_json({"model": self.data["model"], "created_at": go_time(), "message": {
+                "role": "assistant", "content": "", "tool_calls": calls}, "done": False}) + "\n")
+
+    def loaded(self, answer):
+        empty_answer(self.resp, self.data, {"message": {"role": "assistant", "content": ""}}, "load")
+
+    def finish(self, a):
+        _send_final(self.resp, self.stream, {
+            "model": a.model, "created_at": go_time(),
+            "message": {"role": "assistant", "content": ""} if self.stream else a.message(), "done": True,
+            "done_reason": a.done_reason, **a.timings()})
+
+
+class OpenAIChat(Dialect):
+    """/v1/chat/completions (openai.ToChatCompletion, ToStreamChunks, FinishChunk): SSE chunks with the role in the
+    first only, a finish chunk with an empty delta, a usage chunk with stream_options.include_usage, [DONE]."""
+
+    def __init__(self, resp, data, stream):
+        super().__init__(resp, data, stream)
+        self.ident = f"chatcmpl-{_rand_id(999)}"
+        self.role_sent = False
+        self.top = {"id": self.ident, "object": "chat.completion.chunk", "created": self.created,
+                    "model": data.get("model"), "system_fingerprint": "fp_ollama"}
+        self.head = "data: " + compact_json(self.top)[:-1] + ',"choices":['
+
+    def error(self, status, message):
+        openai_error(self.resp, status, message)
+
+    def _role(self):
+        role, self.role_sent = ('' if self.role_sent else '"role":"assistant",'), True
+        return role
+
+    def text(self, piece):
+        if self.stream:
+            self.resp.chunk(f'{self.head}{{"index":0,"delta":{{{self._role()}"content":{json.dumps(piece)}}},'
+                            '"finish_reason":null}]}\n\n')
+
+    def tool_calls(self, calls):
+        if self.stream:
+            delta = f'{{{self._role()}"content":"","tool_calls":{compact_json(openai_tool_calls(calls))}}}'
+            self.resp.chunk(f'{self.head}{{"index":0,"delta":{delta},"finish_reason":null}}]}}\n\n')
+
+    def finish(self, a):
+        reason = "tool_calls" if a.done_reason == "stop" and a.calls else a.done_reason
+        if not self.stream:
+            message = {"role": "assistant", "content": a.text}
+            if a.calls:
+                message["tool_calls"] = openai_tool_calls(a.calls)
+            encoded_json(self.resp, 200, {**self.top, "object": "chat.completion", "choices": [
+                {"index": 0, "message": message, "finish_reason": reason}], "usage": a.openai_usage()})
+            return
+        if not self.role_sent:
+            self.text("")
+        self.sse({**self.top, "choices": [{"index": 0, "delta": {}, "finish_reason": reason}]})
+        if (self.data.get("stream_options") or {}).get("include_usage"):
+            self.sse({**self.top, "choices": [], "usage": a.openai_usage()})
+        self.resp.chunk("data: [DONE]\n\n")
+
+
+class OpenAICompletion(Dialect):
+    """/v1/completions (openai.ToCompletion, ToCompleteChunk): SSE text_completion chunks, the last with the
+    finish_reason; with stream_options.include_usage every chunk carries a zero usage and one more the real one;
+    [DONE]."""
+
+    def __init__(self, resp, data, stream):
+        super().__init__(resp, data, stream)
+        self.ident = f"cmpl-{_rand_id(999)}"
+        self.include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+
+    def error(self, status, message):
+        openai_error(self.resp, status, message)
+
+    def _object(self, choices, usage):
+        obj = {"id": self.ident, "object": "text_completion", "created": self.created, "choices": choices,
+               "model": self.data.get("model"), "system_fingerprint": "fp_ollama"}
+        return {**obj, "usage": usage} if usage else obj
+
+    def _chunk(self, text, reason):
+        zero = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0} if self.include_usage else None
+        self.sse(self._object([{"text": text, "index": 0, "finish_reason": reason}], zero))
+
+    def text(self, piece):
+        if self.stream:
+            self._chunk(piece, None)
+
+    def finish(self, a):
+        if not self.stream:
+            encoded_json(self.resp, 200, self._object(
+                [{"text": a.text, "index": 0, "finish_reason": a.done_reason}], a.openai_usage()))
+            return
+        self._chunk("", a.done_reason)
+        if self.include_usage:
+            self.sse(self._object([], a.openai_usage()))
+        self.resp.chunk("data: [DONE]\n\n")
+
+
+class Responses(Dialect):
+    """/v1/responses (openai.ToResponse, ResponsesStreamConverter): named SSE events with sequence numbers:
+    response.created, response.in_progress, then a message item (output_item.added, content_part.added,
+    output_text.delta per token, output_text.done, content_part.done, output_item.done) or a function_call item
+    (output_item.added, function_call_arguments.delta/.done, output_item.done), and response.completed with the
+    whole response and its usage; without stream, the response object."""
+
+    def __init__(self, resp, data, stream):
+        super().__init__(resp, data, stream)
+        self.response_id, self.item_id = f"resp_{_rand_id(999999)}", f"msg_{_rand_id(999999)}"
+        self.sequence = 0
+        self.started_text = False
+        self.calls = []
+
+    def error(self, status, message):
+        openai_error(self.resp, status, message)
+
+    def event(self, name, **fields):
+        self.sse({**fields, "type": name, "sequence_number": self.sequence}, name, sort_keys=True)
+        self.sequence += 1
+
+    def response(self, status, output, usage):
+        """The response object, echoing the request's settings as Ollama does."""
+        data = self.data
+        reasoning = data.get("reasoning") if isinstance(data.get("reasoning"), dict) else {}
+        tools = [{"type": t.get("type"), "name": t.get("name"), "description": t.get("description"),
+                  "strict": t.get("strict"), "parameters": t.get("parameters")}
+                 for t in data.get("tools") or [] if isinstance(t, dict)]
+        return {
+            "id": self.response_id, "object": "response", "created_at": self.created,
+            "completed_at": int(time.time()) if status == "completed" else None, "status": status,
+            "incomplete_details": None, "model": data.get("model"), "previous_response_id": None,
+            "instructions": data.get("instructions") or None, "output": output, "error": None, "tools": tools,
+            "tool_choice": "auto", "truncation": data.get("truncation") or "disabled", "parallel_tool_calls": True,
+            "text": {"format": ((data.get("text") or {}).get("format")) or {"type": "text"}},
+            "top_p": data.get("top_p", 1.0), "presence_penalty": 0, "frequency_penalty": 0, "top_logprobs": 0,
+            "temperature": data.get("temperature", 1.0),
+            "reasoning": ({"effort": reasoning.get("effort"), "summary": reasoning.get("summary")}
+                          if reasoning.get("effort") or reasoning.get("summary") else None),
+            "usage": usage, "max_output_tokens": data.get("max_output_tokens"), "max_tool_calls": None,
+            "store": False, "background": bool(data.get("background")), "service_tier": "default", "metadata": {},
+            "safety_identifier": None, "prompt_cache_key": None}
+
+    def _message(self, status, text):
+        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+        return {"id": self.item_id, "type": "message", "status": status, "role": "assistant",
+                "content": [part] if status == "completed" else []}
+
+    def begin(self, answer):
+        super().begin(answer)
+        if self.stream:
+            for name in ("response.created", "response.in_progress"):
+                self.event(name, response=self.response("in_progress", [], None))
+
+    def text(self, piece):
+        if not self.stream:
+            return
+        if not self.started_text:
+            self.started_text = True
+            self.event("response.output_item.added", output_index=0, item=self._message("in_progress", ""))
+            self.event("response.content_part.added", item_id=self.item_id, output_index=0, content_index=0,
+                       part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+        self.event("response.output_text.delta", item_id=self.item_id, output_index=0, content_index=0, delta=piece,
+                   logprobs=[])
+
+    def _call_items(self, calls):
+        return [{"id": f"fc_{self.response_id}_{i}", "type": "function_call", "status": "completed",
+                 "call_id": call["id"], "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
+                for i, call in enumerate(openai_tool_calls(calls))]
+
+    def tool_calls(self, calls):
+        if not self.stream:
+            return
+        for index, item in enumerate(self._call_items(calls)):
+            self.event("response.output_item.added", output_index=index,
+                       item={**item, "status": "in_progress", "arguments": ""})
+            self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                       delta=item["arguments"])
+            self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                       arguments=item["arguments"])
+            self.event("response.output_item.done", output_index=index, item=item)
+
+    def finish(self, a):
+        prompt, completion = a.usage()
+        usage = {"input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt + completion,
+                 "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
+        output = self._call_items(a.calls) if a.calls else [self._message("completed", a.text)]
+        if not self.stream:
+            encoded_json(self.resp, 200, self.response("completed", output, usage))
+            return
+        if self.started_text:
+            part = output[0]["content"][0]
+            self.event("response.output_text.done", item_id=self.item_id, output_index=0, content_index=0,
+                       text=a.text, logprobs=[])
+            self.event("response.content_part.done", item_id=self.item_id, output_index=0, content_index=0, part=part)
+            self.event("response.output_item.done", output_index=0, item=output[0])
+        self.event("response.completed",
+                   response=self.response("completed", output if a.calls or self.started_text else [], usage))
+
+
+class Anthropic(Dialect):
+    """/v1/messages (anthropic.ToMessagesResponse, StreamConverter): SSE message_start (the input tokens),
+    content_block_start/delta/stop for the text and for each tool_use (its input as one input_json_delta),
+    message_delta (stop_reason and usage), message_stop; without stream, the message object."""
+
+    def __init__(self, resp, data, stream):
+        super().__init__(resp, data, stream)
+        self.ident = "msg_" + os.urandom(12).hex()
+        self.index = 0
+        self.started_text = False
+
+    def error(self, status, message):
+        anthropic_error(self.resp, status, message)
+
+    def event(self, name, **fields):
+        self.sse({"type": name, **fields}, name)
+
+    def begin(self, answer):
+        super().begin(answer)
+        if self.stream:
+            self.event("message_start", message={
+                "id": self.ident, "type": "message", "role": "assistant", "model": self.data.get("model"),
+                "content": [], "usage": {"input_tokens": answer.prompt_tokens, "output_tokens": 0}})
+
+    def text(self, piece):
+        if not self.stream:
+            return
+        if not self.started_text:
+            self.started_text = True
+            self.event("content_block_start", index=self.index, content_block={"type": "text", "text": ""})
+        self.event("content_block_delta", index=self.index, delta={"type": "text_delta", "text": piece})
+
+    def _close_text(self):
+        if self.started_text:
+            self.started_text = False
+            self.event("content_block_stop", index=self.index)
+            self.index += 1
+
+    def tool_calls(self, calls):
+        if not self.stream:
+            return
+        self._close_text()
+        for call in calls:
+            function = call["function"]
+            self.event("content_block_start", index=self.index,
+                       content_block={"type": "tool_use", "id": call["id"], "name": function["name"], "input": {}})
+            self.event("content_block_delta", index=self.index,
+                       delta={"type": "input_json_delta", "partial_json": compact_json(function["arguments"])})
+            self.event("content_block_stop", index=self.index)
+            self.index += 1
+
+    def finish(self, a):
+        reason = "tool_use" if a.calls else {"stop": "end_turn", "length": "max_tokens"}.get(a.done_reason,
+                                                                                            "stop_sequence")
+        prompt, completion = a.usage()
+        if not self.stream:
+            content = [{"type": "text", "text": a.text}] if a.text else []
+            content += [{"type": "tool_use", "id": c["id"], "name": c["function"]["name"],
+                         "input": c["function"]["arguments"]} for c in a.calls]
+            encoded_json(self.resp, 200, {
+                "id": self.ident, "type": "message", "role": "assistant", "model": self.data.get("model"),
+                "content": content, "stop_reason": reason,
+                "usage": {"input_tokens": prompt, "output_tokens": completion}})
+            return
+        self._close_text()
+        self.event("message_delta", delta={"stop_reason": reason},
+                   usage={"input_tokens": prompt, "output_tokens": completion})
+        self.event("message_stop")
+
+
 class Emulator:
     def __init__(self, settings):
         self.settings = settings
         self.spec = load_gpu_spec(settings.gpu_spec_path)
         self.gpus = visible_gpus(self.spec, settings.cuda_visible_devices)
         self.store = ModelStore(settings)
+        self.meta_cache = {}  # manifest digest -> (model_info, template, capabilities)
         self.sched = None
         self.server = None
         self.counter = 0
@@ -1198,7 +1901,13 @@ class Emulator:
             ("POST", "/api/pull"): self.pull,
             ("POST", "/api/copy"): self.copy,
             ("DELETE", "/api/delete"): self.delete,
+            ("POST", "/api/embed"): self.embed,
+            ("POST", "/api/embeddings"): self.embeddings,
             ("POST", "/v1/chat/completions"): self.openai_chat,
+            ("POST", "/v1/completions"): self.openai_completions,
+            ("POST", "/v1/embeddings"): self.openai_embeddings,
+            ("POST", "/v1/responses"): self.openai_responses,
+            ("POST", "/v1/messages"): self.anthropic_messages,
             ("GET", "/v1/models"): self.openai_models,
         }
         handler = routes.get((method, req.path))
@@ -1259,12 +1968,10 @@ class Emulator:
         if info is None:
             resp.error(404, f"model '{name}' not found")
             return
-        # Ollama's default template when the model has none.
-        template = self._read_layer(info, ".template") or "{{ .Prompt }}"
+        model_info, template, capabilities = self._model_meta(info)
         params = self._read_layer(info, ".params")
         license_text = self._read_layer(info, ".license")
         model_blob = self.store.blob_path(self._layer_digest(info, ".model") or "")
-        model_info = read_gguf_info(model_blob) or {"general.architecture": info.config.get("model_family", "")}
         body = {
             "license": license_text,
             "modelfile": f"# Modelfile generated by \"ollama show\" (herd emulator)\nFROM {model_blob}\nTEMPLATE \"\"\"{template}\"\"\"\n",
@@ -1273,7 +1980,7 @@ class Emulator:
             "template": template,
             "details": info.details(),
             "model_info": model_info,
-            "capabilities": ["completion"],
+            "capabilities": capabilities,
             "modified_at": go_time(info.modified),
         }
         # Empty license and parameters are left out, as Ollama's ShowResponse does (omitempty).
@@ -1373,6 +2080,79 @@ class Emulator:
         t2 = loop.time()
         return t1 - t0, t2 - t1
 
+    def _model_meta(self, info):
+        """(model_info, template, capabilities) of a model from its GGUF and template layer, read once per manifest."""
+        meta = self.meta_cache.get(info.digest)
+        if meta is None:
+            # Ollama's default template when the model has none.
+            template = self._read_layer(info, ".template") or "{{ .Prompt }}"
+            model_blob = self.store.blob_path(self._layer_digest(info, ".model") or "")
+            model_info = read_gguf_info(model_blob) or {"general.architecture": info.config.get("model_family", "")}
+            meta = self.meta_cache[info.digest] = (model_info, template, model_capabilities(model_info, template))
+        return meta
+
+    def _refused(self, name, info, want, verb, error):
+        """Ollama's capability check before scheduling (scheduleRunner): True after writing the 400 when the model
+        lacks one of `want`. Without "completion" the handler's own text (`"NAME" does not support generate`/`chat`),
+        else handleScheduleError's (`FULL/NAME:TAG does not support tools`)."""
+        missing = [cap for cap in want if cap not in self._model_meta(info)[2]]
+        if not missing:
+            return False
+        if "completion" in missing:
+            error(400, f"{json.dumps(name)} does not support {verb}")
+        else:
+            host, namespace, model, tag = parse_model_name(info.name)
+            error(400, "{}/{}/{}:{} does not support {}".format(host, namespace, model, tag, "\n".join(missing)))
+        return True
+
+    def _generate_job(self, name, info, keep_alive, system, prompt, num_predict):
+        """A completion: the template's 4 tokens around system + prompt; an empty prompt loads the model only."""
+        n_tokens, limited = self._answer_length({}, num_predict)
+        return Job(name, info, keep_alive, generate_tokens(system, prompt) if prompt else [], n_tokens, limited)
+
+    def _chat_job(self, name, info, keep_alive, messages, tools, num_predict):
+        """A chat: the rendered tools and messages; the answer is a tool call when tool_call_for says so (as long
+        as its text), else num_predict tokens of text; no messages loads the model only."""
+        n_tokens, limited = self._answer_length({}, num_predict)
+        call = tool_call_for(messages, tools)
+        if call is not None:
+            n_tokens, limited = estimate_tokens(tool_call_text(call)), False
+        tokens = chat_tokens(messages, tools) if messages else []
+        return Job(name, info, keep_alive, tokens, n_tokens, limited, chat=True, call=call)
+
+    async def _infer(self, resp, job, out):
+        """Schedule the job's model, take a slot for its prompt (the cached prefix is not evaluated again), then
+        answer with its tool call or with text at the slot's rate, every piece written in the request's dialect."""
+        started = time.monotonic()
+        runner = await self.acquire(resp, job.info, job.keep_alive, out.error)
+        if runner is None:
+            return
+        try:
+            # Like Ollama: load_duration is the time from arrival until the scheduler handed over a runner.
+            answer = Answer(job, started, time.monotonic() - started)
+            if not job.tokens:
+                out.loaded(answer)
+                return
+            out.begin(answer)
+
+            def emit(_i, piece):
+                answer.pieces.append(piece)
+                out.text(piece)
+
+            async with runner.slot(job.tokens) as use:
+                answer.evaluated, answer.n_tokens = answer.prompt_tokens - use.cached, job.n_tokens
+                answer.prompt_s, answer.eval_s = await self._run_tokens(
+                    runner, answer.evaluated, job.n_tokens, emit if job.call is None else _silent, resp)
+                if job.call is not None:
+                    answer.calls = [job.call]
+                    out.tool_calls(answer.calls)
+                if job.chat:
+                    use.keep = chat_kept_tokens(job.tokens, answer.message())
+            answer.done_reason = "length" if job.limited else "stop"
+            out.finish(answer)
+        finally:
+            self.sched.finished(runner)
+
     def _inference_request(self, req, resp):
         """(data, info, keep_alive, options, stream) of a native generate or chat request, or None after writing the
         error response."""
@@ -1384,58 +2164,22 @@ class Emulator:
             return None
         return (data, *checked, data.get("stream", True) is not False)
 
-    @staticmethod
-    def _empty_answer(resp, data, empty, reason):
-        """Ollama's answer to an empty prompt or message list: the model unloaded (keep_alive 0) or loaded."""
-        resp.json(200, {"model": data["model"], "created_at": go_time(), **empty, "done": True, "done_reason": reason})
-
     async def generate(self, req, resp):
         request = self._inference_request(req, resp)
         if request is None:
             return
         data, info, keep_alive, options, stream = request
         prompt = data.get("prompt") or ""
-        started = time.monotonic()
         if prompt == "" and keep_alive == 0:
             self.sched.expire(info)
-            self._empty_answer(resp, data, {"response": ""}, "unload")
+            empty_answer(resp, data, {"response": ""}, "unload")
             return
-        runner = await self.acquire(resp, info, keep_alive)
-        if runner is None:
+        if self._refused(data["model"], info, ["completion"] + (["insert"] if data.get("suffix") else []),
+                         "generate", resp.error):
             return
-        try:
-            # Like Ollama: load_duration is the time from arrival until the scheduler handed over a runner.
-            load_duration = time.monotonic() - started
-            if prompt == "":
-                self._empty_answer(resp, data, {"response": ""}, "load")
-                return
-            n_tokens, limited = self._answer_length(options)
-            tokens = generate_tokens(str(data.get("system") or ""), prompt)
-            prompt_tokens = prompt_len(tokens)
-            model_name = data["model"]
-            pieces = []
-            if stream:
-                resp.start_stream("application/x-ndjson")
-
-            def emit(_i, text):
-                if stream:
-                    line = f'{{"model":{json.dumps(model_name)},"created_at":"{go_time()}","response":{json.dumps(text)},"done":false}}\n'
-                    resp.chunk(line)
-                else:
-                    pieces.append(text)
-
-            async with runner.slot(tokens) as use:
-                evaluated = prompt_tokens - use.cached
-                prompt_s, eval_s = await self._run_tokens(runner, evaluated, n_tokens, emit, resp)
-            final = {
-                "model": model_name, "created_at": go_time(), "response": "".join(pieces), "done": True,
-                "done_reason": "length" if limited else "stop",
-                "context": list(range(1, min(prompt_tokens + n_tokens, 2048) + 1)),
-                **_timings(started, load_duration, evaluated, prompt_s, n_tokens, eval_s),
-            }
-            _send_final(resp, stream, final)
-        finally:
-            self.sched.finished(runner)
+        job = self._generate_job(data["model"], info, keep_alive, str(data.get("system") or ""), prompt,
+                                 options.get("num_predict"))
+        await self._infer(resp, job, NativeGenerate(resp, data, stream))
 
     async def chat(self, req, resp):
         request = self._inference_request(req, resp)
@@ -1443,54 +2187,49 @@ class Emulator:
             return
         data, info, keep_alive, options, stream = request
         messages = data.get("messages") or []
-        started = time.monotonic()
         if not messages and keep_alive == 0:
             self.sched.expire(info)
-            self._empty_answer(resp, data, {"message": {"role": "assistant", "content": ""}}, "unload")
+            empty_answer(resp, data, {"message": {"role": "assistant", "content": ""}}, "unload")
             return
-        runner = await self.acquire(resp, info, keep_alive)
-        if runner is None:
+        tools = data.get("tools") if isinstance(data.get("tools"), list) else None
+        if self._refused(data["model"], info, ["completion"] + (["tools"] if tools else []), "chat", resp.error):
             return
+        job = self._chat_job(data["model"], info, keep_alive, messages, tools, options.get("num_predict"))
+        await self._infer(resp, job, NativeChat(resp, data, stream))
+
+    # -- OpenAI and Anthropic compatibility (Ollama's middleware in front of its own handlers)
+    @staticmethod
+    def _middleware_body(req, resp, error):
+        """A request's JSON object as the middleware binds it, or None after its 400 (gin's bind error)."""
         try:
-            load_duration = time.monotonic() - started
-            if not messages:
-                self._empty_answer(resp, data, {"message": {"role": "assistant", "content": ""}}, "load")
-                return
-            n_tokens, limited = self._answer_length(options)
-            tokens = chat_tokens(messages)
-            prompt_tokens = prompt_len(tokens)
-            model_name = data["model"]
-            pieces = []
-            answer = []
-            if stream:
-                resp.start_stream("application/x-ndjson")
+            data = json.loads(req.body or b"")
+        except ValueError as exc:
+            error(resp, 400, f"invalid character in JSON body: {exc}" if req.body else "EOF", abort=True)
+            return None
+        if not isinstance(data, dict):
+            error(resp, 400, f"json: cannot unmarshal {go_kind(data)} into Go value of type map", abort=True)
+            return None
+        return data
 
-            def emit(_i, text):
-                answer.append(text)
-                if stream:
-                    resp.chunk(f'{{"model":{json.dumps(model_name)},"created_at":"{go_time()}","message":{{"role":"assistant","content":{json.dumps(text)}}},'
-                               '"done":false}\n')
-                else:
-                    pieces.append(text)
+    def _named_model(self, name, error, missing="model '{}' not found"):
+        """The store entry of a request's model, or None after writing the handler's 400 or 404 with error()."""
+        name = name if isinstance(name, str) else ""
+        if not name.strip():
+            error(400, "model is required")
+            return None
+        info = self.store.resolve(name)
+        if info is None:
+            error(404, missing.format(name))
+        return info
 
-            async with runner.slot(tokens) as use:
-                evaluated = prompt_tokens - use.cached
-                prompt_s, eval_s = await self._run_tokens(runner, evaluated, n_tokens, emit, resp)
-                use.keep = chat_kept_tokens(tokens, "".join(answer))
-            final = {
-                "model": model_name, "created_at": go_time(),
-                "message": {"role": "assistant", "content": "".join(pieces)}, "done": True,
-                "done_reason": "length" if limited else "stop",
-                **_timings(started, load_duration, evaluated, prompt_s, n_tokens, eval_s),
-            }
-            _send_final(resp, stream, final)
-        finally:
-            self.sched.finished(runner)
-
-    # -- OpenAI compatibility
-    def openai_error(self, resp, status, message):
-        etype = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
-        resp.json(status, {"error": {"message": message, "type": etype, "param": None, "code": None}})
+    async def _dialect_chat(self, resp, data, messages, tools, num_predict, out):
+        """A chat that came as OpenAI or Anthropic, as Ollama's middleware hands it to its chat handler."""
+        name = data.get("model")
+        info = self._named_model(name, out.error)
+        if info is None or self._refused(name, info, ["completion"] + (["tools"] if tools else []), "chat",
+                                         out.error):
+            return
+        await self._infer(resp, self._chat_job(name, info, None, messages, tools, num_predict), out)
 
     async def openai_models(self, req, resp):
         # Ollama's OpenAI middleware: owned_by is the name's namespace, and the type has no charset.
@@ -1500,71 +2239,182 @@ class Emulator:
             for info in self.store.list()]}, separators=(",", ":")), "application/json")
 
     async def openai_chat(self, req, resp):
+        """POST /v1/chat/completions."""
+        data = self._middleware_body(req, resp, openai_error)
+        if data is None:
+            return
+        if not data.get("messages") or not isinstance(data["messages"], list):
+            openai_error(resp, 400, "[] is too short - 'messages'", abort=True)
+            return
         try:
-            data = json.loads(req.body or b"")
-            assert isinstance(data, dict)
-        except (ValueError, AssertionError):
-            self.openai_error(resp, 400, "invalid request body")
+            messages = openai_messages(data["messages"])
+        except ValueError as exc:
+            openai_error(resp, 400, str(exc), abort=True)
             return
-        if not data.get("messages"):
-            self.openai_error(resp, 400, "[] is too short - 'messages'")
+        tools = data.get("tools") if isinstance(data.get("tools"), list) else None
+        await self._dialect_chat(resp, data, messages, tools, data.get("max_completion_tokens") or data.get("max_tokens"),
+                                 OpenAIChat(resp, data, bool(data.get("stream"))))
+
+    async def openai_completions(self, req, resp):
+        """POST /v1/completions: the legacy completions API on Ollama's generate handler (prompt: one string)."""
+        data = self._middleware_body(req, resp, openai_error)
+        if data is None:
             return
-        name = data.get("model") or ""
-        info = self.store.resolve(name)
+        prompt = data.get("prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            openai_error(resp, 400, f"json: cannot unmarshal {go_kind(prompt)} into Go struct field "
+                         "CompletionRequest.prompt of type string", abort=True)
+            return
+        out = OpenAICompletion(resp, data, bool(data.get("stream")))
+        name = data.get("model")
+        info = self._named_model(name, out.error)
+        if info is None or self._refused(name, info, ["completion"] + (["insert"] if data.get("suffix") else []),
+                                         "generate", out.error):
+            return
+        await self._infer(resp, self._generate_job(name, info, None, "", prompt or "", data.get("max_tokens")), out)
+
+    async def openai_responses(self, req, resp):
+        """POST /v1/responses: the OpenAI Responses API on Ollama's chat handler."""
+        data = self._middleware_body(req, resp, openai_error)
+        if data is None:
+            return
+        try:
+            messages, tools = responses_request(data)
+        except ValueError as exc:
+            openai_error(resp, 400, str(exc), abort=True)
+            return
+        await self._dialect_chat(resp, data, messages, tools, data.get("max_output_tokens"),
+                                 Responses(resp, data, data.get("stream") is True))
+
+    async def anthropic_messages(self, req, resp):
+        """POST /v1/messages: the Anthropic Messages API on Ollama's chat handler (no /v1/messages/count_tokens:
+        Ollama has the types but no route)."""
+        data = self._middleware_body(req, resp, anthropic_error)
+        if data is None:
+            return
+        max_tokens = data.get("max_tokens")
+        refusal = ("model is required" if not data.get("model") else
+                   "max_tokens is required and must be positive"
+                   if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0 else
+                   "messages is required" if not data.get("messages") else None)
+        try:
+            messages, tools = anthropic_request(data) if refusal is None else ([], [])
+        except ValueError as exc:
+            refusal = str(exc)
+        if refusal is not None:
+            anthropic_error(resp, 400, refusal, abort=True)
+            return
+        # max_tokens is required and large (a coding agent sends 32000): it caps the emulated answer's usual length
+        # (HERD_EMU_RESPONSE_TOKENS) instead of setting it, so an answer ends with end_turn unless it is cut.
+        cap = max_tokens if max_tokens < self.settings.response_tokens else None
+        await self._dialect_chat(resp, data, messages, tools, cap, Anthropic(resp, data, data.get("stream") is True))
+
+    # -- embeddings (any model embeds, as in Ollama: /api/embed asks for no capability)
+    async def _embed(self, resp, data, inputs, error, missing="model '{}' not found"):
+        """Embed `inputs` with data's model: scheduled like any inference, one slot held while their tokens are
+        evaluated at the prompt rate; longer than the context, an input is cut (truncate false: refused).
+        Returns (name, vectors, prompt tokens, timings) or None after writing the error with error(status, text)."""
+        name = data.get("model")
+        info = self._named_model(name, error, missing)
         if info is None:
-            self.openai_error(resp, 404, f"model '{name}' not found")
-            return
-        stream = bool(data.get("stream"))
-        include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-        max_tokens = data.get("max_completion_tokens") or data.get("max_tokens")
-        runner = await self.acquire(resp, info, None, lambda status, message: self.openai_error(resp, status, message))
-        if runner is None:
-            return
+            return None
         try:
-            self.counter += 1
-            ident = f"chatcmpl-{self.counter % 1000}"
-            created = int(time.time())
-            n_tokens, limited = self._answer_length({}, max_tokens)
-            tokens = chat_tokens(data["messages"])
-            prompt_tokens = prompt_len(tokens)
-            answer = []
-            pieces = []
-            head = (f'{{"id":"{ident}","object":"chat.completion.chunk","created":{created},"model":{json.dumps(name)},'
-                    '"system_fingerprint":"fp_ollama","choices":[')
-            if stream:
-                resp.start_stream("text/event-stream")
-
-            def emit(_i, text):
-                answer.append(text)
-                if stream:
-                    resp.chunk(f'data: {head}{{"index":0,"delta":{{"role":"assistant","content":{json.dumps(text)}}},"finish_reason":null}}]}}'
-                               '\n\n')
-                else:
-                    pieces.append(text)
-
-            async with runner.slot(tokens) as use:
-                await self._run_tokens(runner, prompt_tokens - use.cached, n_tokens, emit, resp)
-                use.keep = chat_kept_tokens(tokens, "".join(answer))
-            finish = "length" if limited else "stop"
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n_tokens,
-                     "total_tokens": prompt_tokens + n_tokens}
-            if stream:
-                resp.chunk(f'data: {head}{{"index":0,"delta":{{"role":"assistant","content":""}},"finish_reason":"{finish}"}}]}}\n\n')
-                if include_usage:
-                    resp.chunk("data: {}\n\n".format(json.dumps({
-                        "id": ident, "object": "chat.completion.chunk", "created": created, "model": name,
-                        "system_fingerprint": "fp_ollama", "choices": [], "usage": usage}, separators=(",", ":"))))
-                resp.chunk("data: [DONE]\n\n")
-            else:
-                resp.json(200, {
-                    "id": ident, "object": "chat.completion", "created": created, "model": name,
-                    "system_fingerprint": "fp_ollama",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-                                 "finish_reason": finish}],
-                    "usage": usage,
-                })
+            keep_alive = parse_keep_alive_request(data.get("keep_alive"))
+        except ValueError as exc:
+            error(400, str(exc))
+            return None
+        started = time.monotonic()
+        runner = await self.acquire(resp, info, keep_alive, error)
+        if runner is None:
+            return None
+        try:
+            load_duration = time.monotonic() - started
+            texts, count = [], 0
+            for text in inputs:
+                tokens = estimate_tokens(text)
+                if tokens > runner.context_length:
+                    if data.get("truncate") is False:
+                        error(400, "the input length exceeds the context length")
+                        return None
+                    text, tokens = text[: runner.context_length * 4], runner.context_length
+                texts.append(text)
+                count += tokens
+            if texts:
+                # DIFFERS: Ollama embeds a request's inputs in parallel, one slot each; one slot for all here.
+                async with runner.slot([(TEXT, text) for text in texts]):
+                    await self._run_tokens(runner, count, 0, _silent, resp)
+            model_info = self._model_meta(info)[0]
+            dims = int(model_info.get(f"{model_info.get('general.architecture')}.embedding_length") or 0)
+            vectors = [embedding_vector(info.name, text, dims or DEFAULT_EMBEDDING_LENGTH) for text in texts]
+            wanted = data.get("dimensions")
+            if isinstance(wanted, int) and not isinstance(wanted, bool) and 0 < wanted < (dims or DEFAULT_EMBEDDING_LENGTH):
+                vectors = [normalize(vector[:wanted]) for vector in vectors]
+            # An empty input only loads the model: no timings (omitempty in Ollama's EmbedResponse).
+            timings = {"total_duration": _ns(time.monotonic() - started), "load_duration": _ns(load_duration)}
+            return name, vectors, count, timings if texts else {}
         finally:
             self.sched.finished(runner)
+
+    async def embed(self, req, resp):
+        """POST /api/embed: input (a string or strings), truncate, dimensions -> {model, embeddings, timings}."""
+        data = self.body_json(req, resp)
+        if data is None:
+            return
+        inputs = embed_inputs(data.get("input"))
+        if data.get("model") and inputs is None:
+            resp.error(400, "invalid input type")
+            return
+        done = await self._embed(resp, data, inputs or [], resp.error)
+        if done is not None:
+            name, vectors, count, timings = done
+            body = {"model": name, "embeddings": vectors, **timings, "prompt_eval_count": count}
+            # total_duration, load_duration and prompt_eval_count are omitempty in Ollama's EmbedResponse.
+            resp.json(200, {key: val for key, val in body.items() if val or key in ("model", "embeddings")})
+
+    async def embeddings(self, req, resp):
+        """POST /api/embeddings (the legacy API): prompt -> {embedding}; an empty prompt loads the model only."""
+        data = self.body_json(req, resp)
+        if data is None:
+            return
+        prompt = data.get("prompt")
+        done = await self._embed(resp, data, [prompt] if isinstance(prompt, str) and prompt else [], resp.error,
+                                 'model "{}" not found, try pulling it first')
+        if done is not None:
+            resp.json(200, {"embedding": done[1][0] if done[1] else []})
+
+    async def openai_embeddings(self, req, resp):
+        """POST /v1/embeddings: input (a string or strings), dimensions, encoding_format float or base64 (little-endian
+        float32) -> {object: list, data: [{object: embedding, embedding, index}], model, usage}."""
+        data = self._middleware_body(req, resp, openai_error)
+        if data is None:
+            return
+        encoding = data.get("encoding_format") or ""
+        if encoding and str(encoding).lower() not in ("float", "base64"):
+            openai_error(resp, 400, f"Invalid value for 'encoding_format' = {encoding}. Supported values: "
+                         "['float', 'base64'].", abort=True)
+            return
+        raw = [""] if data.get("input") == "" else data.get("input")
+        if raw is None or raw == []:
+            openai_error(resp, 400, "invalid input", abort=True)
+            return
+        inputs = embed_inputs(raw)
+        if inputs is None:
+            openai_error(resp, 400, "invalid input type")
+            return
+        done = await self._embed(resp, data, inputs, lambda status, message: openai_error(resp, status, message))
+        if done is None:
+            return
+        name, vectors, count, _timings = done
+
+        def encode(vector):
+            if str(encoding).lower() != "base64":
+                return vector
+            return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+        encoded_json(resp, 200, {
+            "object": "list", "data": [{"object": "embedding", "embedding": encode(v), "index": i}
+                                       for i, v in enumerate(vectors)],
+            "model": name, "usage": {"prompt_tokens": count, "total_tokens": count}})
 
     # -- pull over Ollama's registry protocol (a registry.ollama.ai, a site's registry, lab/standins/lab_registry.py)
     async def pull(self, req, resp):

@@ -28,7 +28,8 @@ def test_health_version_tags(start_emulator, lab_models):
     version = emu.get_json("/api/version")["version"]
     assert version.endswith("-herd-emulator") and version.split("-")[0].count(".") == 2
     tags = emu.get_json("/api/tags")["models"]
-    assert sorted(m["name"] for m in tags) == ["herd-large:70b", "herd-small:7b", "herd-small:latest", "herd-tiny:1b"]
+    assert sorted(m["name"] for m in tags) == ["herd-embed:v1", "herd-large:70b", "herd-small:7b", "herd-small:latest",
+                                             "herd-tiny:1b"]
     # two tags of one manifest (Ollama's library tags `latest` so): one digest
     small = {m["name"]: m["digest"] for m in tags if m["name"].startswith("herd-small:")}
     assert small["herd-small:latest"] == small["herd-small:7b"]
@@ -46,7 +47,7 @@ def test_show_and_unknown_model(start_emulator, lab_models):
     assert status == 200
     assert body["details"]["family"] == "qwen2"
     assert body["model_info"]["general.architecture"] == "qwen2"
-    assert body["capabilities"] == ["completion"]
+    assert body["capabilities"] == ["completion", "tools"]  # the lab template renders .Tools
     assert emu.post_json("/api/generate", {"model": "nope:1b", "prompt": "x"}) == (
         404, {"error": "model 'nope:1b' not found"})
     assert emu.post_json("/api/chat", {"model": "nope", "messages": []})[0] == 404
@@ -388,4 +389,4 @@ def test_startup_prunes_unreferenced_blobs_unless_noprune(start_emulator, lab_mo
     assert "total unused blobs removed: 1" in emu.log()
     # every lab model is still whole
     assert sorted(m["name"] for m in emu.get_json("/api/tags")["models"]) == [
-        "herd-large:70b", "herd-small:7b", "herd-small:latest", "herd-tiny:1b"]
+        "herd-embed:v1", "herd-large:70b", "herd-small:7b", "herd-small:latest", "herd-tiny:1b"]

@@ -26,7 +26,7 @@ def test_layout_and_digests(tmp_path):
         config = json.loads((tmp_path / "blobs" / manifest["config"]["digest"].replace(":", "-")).read_text())
         spec = mkmodels.MODELS[mkmodels.ALIASES.get(name, name)]
         assert config["model_type"] == spec["parameter_size"]
-        assert config["file_type"] == "Q4_K_M"
+        assert config["file_type"] == spec["quantization"]
         assert config["herd_lab"]["vram_mib"] == spec["vram_mib"]
 
 

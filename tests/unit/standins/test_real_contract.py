@@ -2,7 +2,8 @@
 
 The real server is Ollama 0.3.6 (Intel's ipex-llm build from PyPI's bigdl-core-cpp wheel, unpacked from the
 release-shaped archive lab/build-real-ollama.sh makes; `make lab-artifacts` builds it). It cannot generate here,
-so inference is compared only where it ends before a model loads (unknown model, bad body, queue overflow).
+so inference is compared only where it ends before a model loads (unknown model, bad body, queue overflow), on the
+native, embedding and OpenAI completion endpoints 0.3.6 has (/v1/responses and /v1/messages are newer).
 Models are made at test time: a tiny GGUF from PyPI's gguf package, `ollama create` by the real binary, under a
 tagless, a namespaced and a registry-host-prefixed name. Differences the emulator keeps on purpose (it follows
 current Ollama where 0.3.6 is older) are the KNOWN_* tables below, and docs/standins.md lists them with reasons.
@@ -24,6 +25,48 @@ NAMES = {"herd-real-tiny": "herd-real-tiny:latest", "herd/tiny:1b": "herd/tiny:1
          "127.0.0.1:5000/herd/tiny:2b": "127.0.0.1:5000/herd/tiny:2b"}
 # The /api/show field current Ollama has and 0.3.6 lacks (capabilities, since 0.6): the emulator keeps it.
 KNOWN_SHOW_EXTRA = {"capabilities"}
+# Endpoints current Ollama serves and 0.3.6 does not (gin's "404 page not found" there): the emulator serves them.
+KNOWN_NEW_ENDPOINTS = {"/v1/responses": "OpenAI Responses API, Ollama 0.13", "/v1/messages": "Anthropic Messages, 0.14"}
+# Errors of the embedding and completion endpoints, which both servers answer before a model loads. Every case not
+# listed in KNOWN_ERROR_TEXTS reads the same to the letter.
+EMBED_AND_COMPLETION_CASES = [
+    ("/api/embed", '{"model": "nope", "input": "hi"}'),
+    ("/api/embed", '{"input": "hi"}'),
+    ("/api/embed", ""),
+    ("/api/embed", '{"model": "nope", "input": 5}'),
+    ("/api/embeddings", '{"model": "nope", "prompt": "hi"}'),
+    ("/api/embeddings", '{"prompt": "hi"}'),
+    ("/api/embeddings", ""),
+    ("/v1/embeddings", '{"model": "nope", "input": "hi"}'),
+    ("/v1/embeddings", '{"input": "hi"}'),
+    ("/v1/embeddings", ""),
+    ("/v1/embeddings", '{"model": "nope"}'),
+    ("/v1/completions", '{"model": "nope", "prompt": "hi"}'),
+    ("/v1/completions", '{"prompt": "hi"}'),
+    ("/v1/completions", ""),
+]
+
+
+def _openai(status, message, etype):
+    return status, {"error": {"message": message, "type": etype, "param": None, "code": None}}
+
+
+# (real 0.3.6, emulator) where they differ on purpose: the emulator follows current Ollama. Its EmbedHandler and
+# GenerateHandler say "model 'x' not found" (0.3.6 and current /api/embeddings: `model "x" not found, try pulling it
+# first`), and current openai.NewError types a 400 invalid_request_error and a 404 not_found_error (0.3.6: api_error
+# for every error a handler wrote).
+_OLD_404, _NEW_404 = 'model "nope" not found, try pulling it first', "model 'nope' not found"
+KNOWN_ERROR_TEXTS = {
+    ("/api/embed", '{"model": "nope", "input": "hi"}'): ((404, {"error": _OLD_404}), (404, {"error": _NEW_404})),
+    ("/v1/embeddings", '{"model": "nope", "input": "hi"}'): (_openai(404, _OLD_404, "api_error"),
+                                                            _openai(404, _NEW_404, "not_found_error")),
+    ("/v1/embeddings", '{"input": "hi"}'): (_openai(400, "model is required", "api_error"),
+                                           _openai(400, "model is required", "invalid_request_error")),
+    ("/v1/completions", '{"model": "nope", "prompt": "hi"}'): (_openai(404, _OLD_404, "api_error"),
+                                                              _openai(404, _NEW_404, "not_found_error")),
+    ("/v1/completions", '{"prompt": "hi"}'): (_openai(400, "model is required", "api_error"),
+                                             _openai(400, "model is required", "invalid_request_error")),
+}
 
 mkgguf = load_module(STANDINS / "mkgguf.py", "herd_mkgguf")
 ollama_names = load_module("plugins/module_utils/ollama_names.py", "herd_contract_ollama_names")
@@ -96,6 +139,9 @@ def test_versions_say_which_server(servers):
     ("POST", "/api/chat", '{"model": "nope", "messages": []}'),
     ("POST", "/api/generate", '{"prompt": "hi"}'),
     ("POST", "/api/generate", '{"model": "herd-real-tiny", "keep_alive": "soon"}'),
+    ("POST", "/v1/messages/count_tokens", '{"model": "herd-real-tiny"}'),
+    *[("POST", path, body) for path, body in EMBED_AND_COMPLETION_CASES],
+    *[("POST", path, "{bad") for path in ("/api/embed", "/api/embeddings", "/v1/embeddings", "/v1/completions")],
 ])
 def test_status_content_type_and_shape_match(servers, method, path, body):
     real, emu = servers
@@ -108,6 +154,25 @@ def test_status_content_type_and_shape_match(servers, method, path, body):
         assert shape(json.loads(e_body)) == shape(json.loads(r_body)), (r_body, e_body)
     else:
         assert e_body == r_body
+
+
+@pytest.mark.parametrize(("path", "body"), EMBED_AND_COMPLETION_CASES)
+def test_embedding_and_completion_errors_say_the_same(servers, path, body):
+    real, emu = servers
+    answers = (real.json("POST", path, body), emu.json("POST", path, body))
+    if (path, body) in KNOWN_ERROR_TEXTS:
+        assert answers == KNOWN_ERROR_TEXTS[(path, body)]
+    else:
+        assert answers[1] == answers[0]
+
+
+@pytest.mark.parametrize("path", sorted(KNOWN_NEW_ENDPOINTS))
+def test_endpoints_newer_than_the_real_binary(servers, path):
+    real, emu = servers
+    body = '{"model": "nope", "max_tokens": 5, "input": "hi", "messages": [{"role": "user", "content": "hi"}]}'
+    assert real.request("POST", path, body)[::2] == (404, b"404 page not found")
+    status, answer = emu.json("POST", path, body)
+    assert status == 404 and "model 'nope' not found" in json.dumps(answer)
 
 
 def test_tags_list_the_same_models_with_the_same_digests(servers):
