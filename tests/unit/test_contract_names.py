@@ -80,7 +80,7 @@ def test_the_plan_reads_nothing_of_the_gateway():
 
 
 # Role ollama's published names (docs/architecture.md): the plan contract, and what its teardown publishes.
-OLLAMA_CONTRACT = {"ollama_instances", "ollama_gpus", "ollama_teardown_mode"}
+OLLAMA_CONTRACT = {"ollama_instances", "ollama_gpus", "ollama_teardown_mode", "ollama_embedding_models"}
 # A user's setting that another part reads on purpose, with the reason; nothing else of role ollama's is read.
 OLLAMA_SHARED = {
     ("playbooks/smoke.yml", "ollama_ready_timeout"): "smoke waits for a model as long as the role's readiness does",

@@ -1,7 +1,8 @@
 """Real HTTP behaviour through the gateway on h4-gw (nginx + Lua from roles nginx + gateway, lab Ollama emulators).
 
 Pools (molecule.yml): herd-tiny:1b = h4-gw:0 (1 slot) + h4-gpu1:0 (2 slots); herd-small:7b = h4-gpu1:1 (1 slot)
-+ h4-gpu1:2 (2 slots). gateway_queue_per_instance 0, so max_conns = num_parallel and 3 slots per pool.
++ h4-gpu1:2 (2 slots); herd-embed:v1 = h4-gpu1:3 (2 slots, an embedding-only model: test_dialects.py).
+gateway_queue_per_instance 0, so max_conns = num_parallel and 3 slots per pool.
 """
 
 import hashlib
@@ -16,17 +17,17 @@ from conftest import GW, KEY, SCENARIO, access_log, call, dump_journal, playbook
 sys.path.insert(0, os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "molecule"))
 from herd_measure import measured as _measured  # noqa: E402
 
-TINY, SMALL = "herd-tiny:1b", "herd-small:7b"
+TINY, SMALL, EMBED = "herd-tiny:1b", "herd-small:7b", "herd-embed:v1"
 
 
 def upstreams_of(gw):
     """Every instance's address as nginx reports it in X-Herd-Upstream -> its key."""
     ip = gw.check_output("getent ahostsv4 h4-gpu1 | awk 'NR==1{print $1}'")
     return {f"{ip}:11434": "h4-gpu1:0", f"{ip}:11435": "h4-gpu1:1", f"{ip}:11436": "h4-gpu1:2",
-            "127.0.0.1:11434": "h4-gw:0"}
+            f"{ip}:11437": "h4-gpu1:3", "127.0.0.1:11434": "h4-gw:0"}
 
 
-POOL_OF = {"h4-gw:0": TINY, "h4-gpu1:0": TINY, "h4-gpu1:1": SMALL, "h4-gpu1:2": SMALL}
+POOL_OF = {"h4-gw:0": TINY, "h4-gpu1:0": TINY, "h4-gpu1:1": SMALL, "h4-gpu1:2": SMALL, "h4-gpu1:3": EMBED}
 
 
 def wait_files(gw, pattern, count, timeout=60):
@@ -90,7 +91,7 @@ def test_health_answers_without_backend(gw):
 
 def test_pool_status_lists_pools_and_instances(gw):
     state = pools(gw)
-    assert set(state) == {TINY, SMALL}
+    assert set(state) == {TINY, SMALL, EMBED}
     assert {i["key"]: i["max_conns"] for i in state[TINY]["instances"]} == {"h4-gw:0": 1, "h4-gpu1:0": 2}
     assert {i["key"]: i["max_conns"] for i in state[SMALL]["instances"]} == {"h4-gpu1:1": 1, "h4-gpu1:2": 2}
     assert state[TINY]["queue_max"] == 32 and "+Inf" in state[TINY]["wait_seconds"]["buckets"]
@@ -104,9 +105,9 @@ def test_one_catalogue_same_answer_every_time(gw):
     assert all(a["status"] == 200 for a in answers), answers[0]
     assert len({a["body"] for a in answers}) == 1, sorted({a["body"] for a in answers})
     names = [m["name"] for m in json.loads(answers[0]["body"])["models"]]
-    assert sorted(names) == [SMALL, TINY], names
+    assert sorted(names) == [EMBED, SMALL, TINY], names
     models = json.loads(call(gw, "GET", GW + "/v1/models", key=KEY)["body"])
-    assert models["object"] == "list" and sorted(m["id"] for m in models["data"]) == [SMALL, TINY]
+    assert models["object"] == "list" and sorted(m["id"] for m in models["data"]) == [EMBED, SMALL, TINY]
     ps = json.loads(call(gw, "GET", GW + "/api/ps", key=KEY)["body"])["models"]
     assert {(m["herd_instance"], m["name"]) for m in ps} == {(k, POOL_OF[k]) for k in POOL_OF}
     assert call(gw, "GET", GW + "/api/tags")["status"] == 401
@@ -155,7 +156,7 @@ def test_200_mixed_requests_each_reach_an_instance_of_its_model(gw):
     assert len(entries) == 200
     for e in entries:
         assert POOL_OF[addresses[e["upstream"]]] == e["pool"], e
-    assert {addresses[e["upstream"]] for e in entries} == set(POOL_OF)
+    assert {addresses[e["upstream"]] for e in entries} == {k for k, pool in POOL_OF.items() if pool != EMBED}
     _measured(f"200 mixed requests (2 models, 3 endpoints, 12 at once) in {took:.1f} s, every one on its pool")
     wait_idle(gw)
 
@@ -322,8 +323,11 @@ def test_small_queue_max_answers_503_at_once_for_the_excess(gw):
     try:
         start_streams(gw, "qmax", 4, 40)  # 3 slots + 1 waiting place
         time.sleep(1.0)
+        # Retry-After: the pool's measured wait (/herd/pools retry_after, 1-60 s), no longer gateway_retry_after (3).
+        measured_wait = pools(gw)[TINY]["retry_after"]
         reply = call(gw, "POST", GW + "/api/generate", key=KEY, body={"model": TINY, "prompt": "x"})
-        assert reply["status"] == 503 and reply["headers"]["retry-after"] == "3", reply
+        assert reply["status"] == 503 and reply["headers"]["retry-after"] == str(measured_wait), (measured_wait, reply)
+        assert 1 <= measured_wait <= 60
         assert "server busy" in json.loads(reply["body"])["error"]
         # Answered at once by the gateway (no instance touched), as the access log shows.
         busy = [e for e in access_log(gw) if e["status"] == "503"][-1]
@@ -466,11 +470,12 @@ def test_catalogue_lists_only_the_plans_models_and_each_answers(gw):
         assert "herd-stale:1b" in on_disk, on_disk
         time.sleep(2.5)  # the catalogue cache (2 s)
         listed = [m["name"] for m in json.loads(call(gw, "GET", GW + "/api/tags", key=KEY)["body"])["models"]]
-        assert sorted(listed) == [SMALL, TINY], listed
+        assert sorted(listed) == [EMBED, SMALL, TINY], listed
         for name in listed:
             assert call(gw, "POST", GW + "/api/show", key=KEY, body={"model": name})["status"] == 200, name
-            reply = call(gw, "POST", GW + "/api/generate", key=KEY,
-                         body={"model": name, "prompt": "hi", "stream": False, "options": {"num_predict": 1}})
+            reply = call(gw, "POST", GW + "/api/embed", key=KEY, body={"model": name, "input": "hi"}) if name == EMBED \
+                else call(gw, "POST", GW + "/api/generate", key=KEY,
+                          body={"model": name, "prompt": "hi", "stream": False, "options": {"num_predict": 1}})
             assert reply["status"] == 200, (name, reply)
         assert call(gw, "POST", GW + "/api/generate", key=KEY, body={"model": "herd-stale:1b"})["status"] == 404
     finally:

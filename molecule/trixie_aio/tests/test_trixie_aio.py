@@ -1,5 +1,6 @@
 """All-in-one on Debian 13 (trixie), deployed by the installed collection herd.herd: 2 instances of 2 GPUs each and
-the gateway; the gateway's rate limit answers 429 with Retry-After."""
+the gateway; an embedding-only model beside the chat model (warmed with an embed, embedded through the gateway);
+the agents' endpoints; the gateway's rate limit answers 429 with Retry-After."""
 
 import json
 import os
@@ -13,7 +14,7 @@ PROJECT = os.environ["MOLECULE_PROJECT_DIRECTORY"]
 GPUS = json.load(open(os.path.join(PROJECT, "lab/gpus/l20x4.json")))["gpus"]
 GROUPS = [[0, 1], [2, 3]]
 BASE_PORT = 11434
-MODEL = "herd-tiny:1b"
+MODEL, EMBED = "herd-tiny:1b", "herd-embed:v1"
 RATE_LIMIT, RATE_BURST = 10, 10
 BURST = 60
 
@@ -56,6 +57,41 @@ def test_gateway_generates_from_both_instances(host):
         assert json.loads(payload)["response"]
         upstreams |= {line.split(":", 1)[1].strip() for line in head.splitlines() if line.lower().startswith("x-herd-upstream:")}
     assert upstreams == {f"127.0.0.1:{BASE_PORT + i}" for i in range(len(GROUPS))}, upstreams
+
+
+def post(host, path, doc):
+    """POST `doc` to the gateway on the host: (status, headers text, body text)."""
+    out = host.run(f"curl -sS -m 20 -D - -H 'Content-Type: application/json' -d {shlex.quote(json.dumps(doc))} "
+                   f"http://127.0.0.1{path}")
+    assert out.rc == 0, out.stderr
+    head, _, payload = out.stdout.partition("\r\n\r\n")
+    return int(head.split()[1]), head, payload
+
+
+def test_embedding_model_warmed_with_an_embed_and_embedded_through_the_gateway(host):
+    """Warmup read the model's capabilities (embedding only) and loaded it with /api/embed: both instances hold
+    both models resident; /api/embed and /v1/embeddings through the gateway answer from them."""
+    for i in range(len(GROUPS)):
+        ps = json.loads(host.check_output(f"curl -sf http://127.0.0.1:{BASE_PORT + i}/api/ps"))["models"]
+        assert sorted(m["name"] for m in ps) == [EMBED, MODEL], ps
+    status, _head, body = post(host, "/api/embed", {"model": EMBED, "input": ["one", "two"]})
+    vectors = json.loads(body)["embeddings"]
+    assert status == 200 and len(vectors) == 2 and len(vectors[0]) == 768, body
+    status, _head, body = post(host, "/v1/embeddings", {"model": EMBED, "input": "one"})
+    assert status == 200 and json.loads(body)["data"][0]["embedding"] == vectors[0], body
+    status, _head, body = post(host, "/api/generate", {"model": EMBED, "prompt": "hi", "stream": False})
+    assert status == 400 and "does not support generate" in json.loads(body)["error"], body
+    measured(f"trixie_aio embedding model {EMBED}: resident on {len(GROUPS)} instances after warmup, 768-dim vectors")
+
+
+def test_agent_endpoints_through_the_gateway(host):
+    status, _head, body = post(host, "/v1/messages", {"model": MODEL, "max_tokens": 32,
+                                                      "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200 and json.loads(body)["content"][0]["text"], body
+    status, head, body = post(host, "/v1/responses", {"model": MODEL, "input": "hi", "stream": True})
+    assert status == 200 and "text/event-stream" in head and "event: response.completed" in body, body[-500:]
+    status, _head, body = post(host, "/v1/messages", {"model": "nope:1b", "max_tokens": 8, "messages": []})
+    assert status == 404 and json.loads(body)["error"]["type"] == "not_found_error", body
 
 
 # Sent on the host (loopback is one client address): BURST requests at once, each bounded by a 10 s timeout.

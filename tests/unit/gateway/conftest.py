@@ -189,3 +189,24 @@ class Gateway:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
+
+
+UPSTREAM = {"name": "herd_ollama", "zone_size": "256k", "keepalive": 8, "drain": []}
+
+
+def gateway_over(tmp_path, gw, instances, **overrides):
+    """The real nginx serving the role's gateway rendered (role defaults and vars, then `overrides`) in front of
+    `instances`: (port, num_parallel, models) of each, on loopback, as one host's plan; gateway_queue_per_instance
+    0 (max_conns = num_parallel). Returns the started Gateway (its `port`)."""
+    plan = {"h": {"ollama_instances": [
+        {"id": n, "port": port, "num_parallel": parallel, "local_url": f"http://127.0.0.1:{port}",
+         "endpoint": f"127.0.0.1:{port}", "models": models} for n, (port, parallel, models) in enumerate(instances)]}}
+    servers = gw.gateway_servers(["h"], plan, "h", queue_per_instance=0)
+    values = {"_gateway_upstream": UPSTREAM, "_gateway_keys": [], "gateway_http_port": free_port(), **overrides}
+    files = {"/etc/nginx/herd/gateway-upstream.conf": render("etc/nginx/herd/gateway-upstream.conf.j2",
+                                                             _gateway_servers=servers, _gateway_upstream=UPSTREAM)}
+    if values["_gateway_keys"]:
+        files["/etc/nginx/herd/gateway-keys.json"] = render("etc/nginx/herd/gateway-keys.json.j2",
+                                                            _gateway_keys=values["_gateway_keys"])
+    return Gateway(tmp_path, values["gateway_http_port"], render("etc/nginx/conf.d/herd-gateway.conf.j2", **values),
+                   files, servers={"upstream": UPSTREAM, "servers": servers})

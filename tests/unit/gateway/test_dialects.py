@@ -18,11 +18,9 @@ import threading
 import time
 
 import pytest
-from conftest import Gateway, free_port, render, role_vars, run_lua
+from conftest import gateway_over, role_vars, run_lua
 from test_hostile import Backend
 
-CONF = "etc/nginx/conf.d/herd-gateway.conf.j2"
-UP = {"name": "herd_ollama", "zone_size": "256k", "keepalive": 8, "drain": []}
 KEY = "dialect-test-key-0123456789abcdefXYZ"
 ENDPOINTS = role_vars()["_gateway_endpoints"]
 MODEL_ENDPOINTS = [e for e in ENDPOINTS if e["model"]]
@@ -73,20 +71,8 @@ def body_for(entry, model):
 
 def start(tmp_path, gw, delay=0.0, **overrides):
     a, b = Backend(["m1:latest", "m3:latest"], delay), Backend(["m2:latest", "m3:latest"], delay)
-    plan = {"h": {"ollama_instances": [
-        {"id": n, "port": s.port, "num_parallel": 2, "local_url": f"http://127.0.0.1:{s.port}",
-         "endpoint": f"127.0.0.1:{s.port}", "models": models}
-        for n, (s, models) in enumerate(((a, ["m1", "m3"]), (b, ["m2", "m3"])))]}}
-    servers = gw.gateway_servers(["h"], plan, "h", queue_per_instance=0)
-    port = free_port()
-    values = {"_gateway_upstream": UP, "_gateway_keys": [], "gateway_http_port": port,
-              "gateway_expose_upstream": True, **overrides}
-    files = {"/etc/nginx/herd/gateway-upstream.conf": render("etc/nginx/herd/gateway-upstream.conf.j2",
-                                                             _gateway_servers=servers, _gateway_upstream=UP)}
-    if values["_gateway_keys"]:
-        files["/etc/nginx/herd/gateway-keys.json"] = render("etc/nginx/herd/gateway-keys.json.j2",
-                                                            _gateway_keys=values["_gateway_keys"])
-    gateway = Gateway(tmp_path, port, render(CONF, **values), files, servers={"upstream": UP, "servers": servers})
+    gateway = gateway_over(tmp_path, gw, [(a.port, 2, ["m1", "m3"]), (b.port, 2, ["m2", "m3"])],
+                           **{"gateway_expose_upstream": True, **overrides})
     return a, b, gateway
 
 

@@ -21,13 +21,11 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import Gateway, free_port, render, role_vars
+from conftest import gateway_over, role_vars
 from go_json import go_fold, go_map, loads, struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-CONF = "etc/nginx/conf.d/herd-gateway.conf.j2"
-UP = {"name": "herd_ollama", "zone_size": "256k", "keepalive": 8, "drain": []}
 FORCED = {"num_ctx": 8192}
 SAMPLING = set(role_vars()["_gateway_sampling_options"])
 # Top-level members the gateway reads or rewrites (a duplicate of one, in any case, is refused).
@@ -84,23 +82,8 @@ class Backend:
 
 def _start(tmp_path, gw, delay=0.0, **overrides):
     a, b = Backend(["m1:latest", "stale:latest"], delay), Backend(["m2:latest"], delay)
-    plan = {"h": {"ollama_instances": [
-        {"id": 0, "port": a.port, "num_parallel": 4, "local_url": f"http://127.0.0.1:{a.port}",
-         "endpoint": f"127.0.0.1:{a.port}", "models": ["m1"]},
-        {"id": 1, "port": b.port, "num_parallel": 4, "local_url": f"http://127.0.0.1:{b.port}",
-         "endpoint": f"127.0.0.1:{b.port}", "models": ["m2"]},
-    ]}}
-    servers = gw.gateway_servers(["h"], plan, "h", queue_per_instance=0)
-    port = free_port()
-    values = {"_gateway_upstream": UP, "_gateway_keys": [], "gateway_http_port": port,
-              "gateway_model_options": {"m1": FORCED}, **overrides}
-    text = render(CONF, **values)
-    files = {"/etc/nginx/herd/gateway-upstream.conf": render("etc/nginx/herd/gateway-upstream.conf.j2",
-                                                             _gateway_servers=servers, _gateway_upstream=UP)}
-    if values["_gateway_keys"]:
-        files["/etc/nginx/herd/gateway-keys.json"] = render("etc/nginx/herd/gateway-keys.json.j2",
-                                                            _gateway_keys=values["_gateway_keys"])
-    gateway = Gateway(tmp_path, port, text, files, servers={"upstream": UP, "servers": servers})
+    gateway = gateway_over(tmp_path, gw, [(a.port, 4, ["m1"]), (b.port, 4, ["m2"])],
+                           **{"gateway_model_options": {"m1": FORCED}, **overrides})
     return a, b, gateway
 
 

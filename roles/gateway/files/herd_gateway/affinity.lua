@@ -27,10 +27,10 @@ _M.HEADERS = { "http_x_herd_session", "http_x_session_affinity", "http_x_claude_
 _M.HEADER = _M.HEADERS[1]
 local PREFIX_BYTES = 1024
 
--- The first session header the request carries, or nil.
-function _M.session_header()
-    for _, name in ipairs(_M.HEADERS) do
-        local value = ngx.var[name]
+-- The first of `count` values that is a non-empty string (a header given twice counts by its first value), or nil.
+local function first_text(values, count)
+    for index = 1, count do  -- not ipairs: it stops at the first absent value
+        local value = values[index]
         if type(value) == "table" then
             value = value[1]
         end
@@ -41,17 +41,19 @@ function _M.session_header()
     return nil
 end
 
+-- The first session header the request carries, or nil.
+function _M.session_header()
+    local values = {}
+    for index, name in ipairs(_M.HEADERS) do
+        values[index] = ngx.var[name]
+    end
+    return first_text(values, #_M.HEADERS)
+end
+
 -- The session identifier in the body (prompt_cache_key, metadata.user_id, user), or nil.
 local function body_session(doc)
     local metadata = doc.metadata
-    local candidates = { doc.prompt_cache_key, type(metadata) == "table" and metadata.user_id or nil, doc.user }
-    for index = 1, 3 do  -- not ipairs: it stops at the first absent one
-        local value = candidates[index]
-        if type(value) == "string" and value ~= "" then
-            return value
-        end
-    end
-    return nil
+    return first_text({ doc.prompt_cache_key, type(metadata) == "table" and metadata.user_id or nil, doc.user }, 3)
 end
 
 -- A message's content (or a system prompt) as text: a string as it is; a list of blocks as the text of its text

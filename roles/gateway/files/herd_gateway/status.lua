@@ -131,6 +131,7 @@ function _M.pools_status()
             affinity_misses = get("affinity_misses"),
             affinity_new = get("affinity_new"),
             wait_seconds = stats.wait_seconds(name),
+            retry_after = stats.retry_after(name),
             instances = instances,
         }
     end
