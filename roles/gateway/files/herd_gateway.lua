@@ -42,9 +42,6 @@ local status = require("herd_gateway.status")
 local _M = {}
 
 local ANY = endpoints.ANY
--- The body members conversation affinity reads (affinity.key).
-local AFFINITY_MEMBERS = { "messages", "prompt", "system", "instructions", "input", "tools", "prompt_cache_key",
-    "metadata", "user" }
 local NGX_BUSY = -3  -- nginx's return code for "no live upstreams" (src/core/ngx_core.h)
 
 -- init_by_lua: the settings role gateway renders (JSON text) and its endpoint table (one JSON text per endpoint);
@@ -141,7 +138,7 @@ local function route(entry, path_model)
         end
         if cfg.affinity and entry.affinity then
             local doc = {}
-            for _, member in ipairs(AFFINITY_MEMBERS) do
+            for _, member in ipairs(affinity.MEMBERS) do
                 doc[member] = view.value(member)
             end
             local key = affinity.key(model, entry.path, doc, affinity.session_header(), ngx.var.herd_key_name)

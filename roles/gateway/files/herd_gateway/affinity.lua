@@ -1,7 +1,7 @@
 -- herd gateway: conversation affinity (a conversation goes back to the instance that holds its context).
 --
--- Owns: session_header and key (the conversation key of a request), lookup and remember (the map, in its own dict so that its
--- least-recently-used eviction never touches the slots). The load bound is slots.acquire's.
+-- Owns: MEMBERS, session_header and key (the conversation key of a request), lookup and remember (the map, in its
+-- own dict so that its least-recently-used eviction never touches the slots). The load bound is slots.acquire's.
 -- Shared-dict keys (herd_affinity):
 --   s:<md5>   read, written: the instance of the conversation named by the session header
 --   p:<md5>   read, written: the instance of the conversation with this model and prompt prefix
@@ -24,7 +24,9 @@ local _M = {}
 --   messages   system + tools + the messages up to the first user message (/v1/messages);
 --   responses  instructions + tools + the input up to its first user message (/v1/responses).
 _M.HEADERS = { "http_x_herd_session", "http_x_session_affinity", "http_x_claude_code_session_id", "http_session_id" }
-_M.HEADER = _M.HEADERS[1]
+-- The body members key() reads (the access handler hands their values over, read as Ollama reads them).
+_M.MEMBERS = { "messages", "prompt", "system", "instructions", "input", "tools", "prompt_cache_key", "metadata",
+    "user" }
 local PREFIX_BYTES = 1024
 
 -- The first of `count` values that is a non-empty string (a header given twice counts by its first value), or nil.

@@ -46,7 +46,8 @@ _M.KEYS = {
     { dict = "herd_queue", key = "q:<pool>:a:<n>", owner = "queue",
       meaning = "one worker is moving the head past ticket n (add() marker, 10 s)" },
     { dict = "herd_gateway", key = "s:<pool>:<stat>", owner = "stats",
-      meaning = "counters of /herd/pools: admitted, rejected_*, abandoned, affinity_*, count, sum_us, b<n>; wait_avg_us" },
+      meaning = "counters of /herd/pools: admitted, rejected_*, abandoned, affinity_*, count, sum_us, b<n>; "
+          .. "wait_avg_us" },
     { dict = "herd_gateway", key = "b:held", owner = "body",
       meaning = "bytes of request bodies the gateway holds now, over every worker (limit: body_memory; counters.add)" },
     { dict = "herd_gateway", key = "n:<pid>", owner = "counters",

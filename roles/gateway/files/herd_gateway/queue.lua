@@ -176,8 +176,8 @@ function _M.admit(pool, affinity)
         if now >= deadline then
             leave("rejected_timeout")
             ctx.herd_leave = nil
-            return respond.busy("server busy, please try again: waited " .. cfg.queue_timeout .. "s for a free herd instance",
-                stats.retry_after(pool))
+            return respond.busy("server busy, please try again: waited " .. cfg.queue_timeout
+                .. "s for a free herd instance", stats.retry_after(pool))
         end
         local position = math.max(0, ticket - head)
         ngx.sleep(math.min(0.002 + 0.001 * position, 0.02, deadline - now))

@@ -63,7 +63,8 @@ function _M.error_body(dialect, status, message)
                                         param = cjson.null, code = OPENAI_CODES[status] or cjson.null } })
     elseif dialect == "anthropic" then
         local request_id = ngx.var.request_id
-        return cjson.encode({ type = "error", error = { type = ANTHROPIC_TYPES[status] or "api_error", message = message },
+        return cjson.encode({ type = "error",
+                              error = { type = ANTHROPIC_TYPES[status] or "api_error", message = message },
                               request_id = request_id and ("req_" .. request_id) or nil })
     end
     return cjson.encode({ error = message })
