@@ -38,6 +38,11 @@ DEFAULT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 GPU_QUERY = "index,uuid,utilization.gpu,memory.used,memory.total"
 MIB = 1024 * 1024
 NONE = "none"
+# Time per output token at the gateway: tens of milliseconds on a GPU, up to a second on a slow or crowded one.
+TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+# The most (key, model) pairs the token counters keep: key names and pools are the gateway's configuration, so a
+# log line naming more is not the gateway's (the rest are counted as "other").
+MAX_TENANT_SERIES = 4096
 # A scrape reads at most this much new log; the rest waits for the next poll (bounded work per call).
 MAX_LOG_READ = 32 * MIB
 
@@ -226,8 +231,15 @@ def _seconds(value):
         return None
 
 
+def _tokens(value):
+    """A token count of the log ("" when the answer has none) -> int or None."""
+    text = str(value or "")
+    return int(text) if text.isdigit() and len(text) <= 12 else None
+
+
 def parse_log_line(line):
-    """One line of the gateway's JSON access log -> {upstream, status, request_time, header_time, bytes, attempts}.
+    """One line of the gateway's JSON access log -> {upstream, status, request_time, header_time, bytes, attempts,
+    key, pool, prompt_tokens, output_tokens, tokens_from, ttft, tpot}.
 
     `upstream` is the server that gave the final answer ("" when no instance was asked, or when nginx found no
     live upstream and wrote the group's name); `attempts` lists (upstream, upstream_status) of every try.
@@ -261,6 +273,13 @@ def parse_log_line(line):
         "header_time": _seconds(record.get("upstream_header_time")),
         "bytes": size,
         "attempts": attempts,
+        "key": str(record.get("key") or ""),
+        "pool": str(record.get("pool") or ""),
+        "prompt_tokens": _tokens(record.get("prompt_tokens")),
+        "output_tokens": _tokens(record.get("output_tokens")),
+        "tokens_from": str(record.get("tokens_from") or ""),
+        "ttft": _seconds(record.get("ttft")),
+        "tpot": _seconds(record.get("tpot")),
     }
 
 
@@ -424,6 +443,11 @@ class GatewayStats:
         self.duration = {}  # upstream -> Histogram
         self.header = {}  # upstream -> Histogram
         self.lines = {"parsed": 0, "invalid": 0}
+        self.tokens = {}  # (key, model, type) -> tokens; type prompt or output
+        self.tenant_requests = {}  # (key, model, status) -> count
+        self.tenants = set()  # (key, model) pairs seen, at most MAX_TENANT_SERIES
+        self.ttft = {}  # model -> Histogram (streamed answers)
+        self.tpot = {}  # model -> Histogram (streamed answers that reported their output tokens)
 
     def add_line(self, line):
         rec = parse_log_line(line)
@@ -440,6 +464,27 @@ class GatewayStats:
             self.duration.setdefault(up, Histogram(self.buckets)).observe(rec["request_time"])
         if rec["header_time"] is not None and rec["upstream"]:
             self.header.setdefault(up, Histogram(self.buckets)).observe(rec["header_time"])
+        self._tenant(rec)
+
+    def _tenant(self, rec):
+        """Requests and tokens per API key and model pool (requests that named a model the gateway serves)."""
+        model = rec["pool"]
+        if not model or model == "*":
+            return
+        key = rec["key"] or NONE
+        if (key, model) not in self.tenants:
+            if len(self.tenants) >= MAX_TENANT_SERIES:
+                key, model = "other", "other"
+            self.tenants.add((key, model))
+        self.tenant_requests[(key, model, rec["status"])] = self.tenant_requests.get((key, model, rec["status"]), 0) + 1
+        for kind in ("prompt", "output"):
+            count = rec[f"{kind}_tokens"]
+            if count:
+                self.tokens[(key, model, kind)] = self.tokens.get((key, model, kind), 0) + count
+        if rec["ttft"] is not None:
+            self.ttft.setdefault(model, Histogram(self.buckets)).observe(rec["ttft"])
+        if rec["tpot"] is not None:
+            self.tpot.setdefault(model, Histogram(TPOT_BUCKETS)).observe(rec["tpot"])
 
 
 def load_servers(path):
@@ -696,6 +741,25 @@ class Exporter:
                 hist = fam(name, "histogram", help_text)
                 for up, histogram in sorted(source.items()):
                     for suffix, labels, value in histogram.samples(self._upstream_labels(up)):
+                        hist.add(labels, value, suffix)
+            tokens = fam("herd_gateway_tokens_total", "counter",
+                         "Tokens of the answers by API key and model (type prompt or output), as the instances reported "
+                         "them, or the records delivered of a cut stream")
+            for (key, model, kind), count in sorted(stats.tokens.items()):
+                tokens.add({"host": host, "key": key, "model": model, "type": kind}, count)
+            tenant = fam("herd_gateway_key_requests_total", "counter",
+                         "Requests that named a model the gateway serves, by API key, model and status")
+            for (key, model, code), count in sorted(stats.tenant_requests.items()):
+                tenant.add({"host": host, "key": key, "model": model, "status": code}, count)
+            for name, source, help_text in (
+                ("herd_gateway_time_to_first_token_seconds", stats.ttft,
+                 "Time from the request's arrival to the first byte of its streamed answer (queue wait included)"),
+                ("herd_gateway_time_per_output_token_seconds", stats.tpot,
+                 "Time between the first and the last record of a streamed answer per further output token"),
+            ):
+                hist = fam(name, "histogram", help_text)
+                for model, histogram in sorted(source.items()):
+                    for suffix, labels, value in histogram.samples({"host": host, "model": model}):
                         hist.add(labels, value, suffix)
             lines = fam("herd_gateway_log_lines_total", "counter", "Access log lines read, by result")
             for result, count in sorted(stats.lines.items()):

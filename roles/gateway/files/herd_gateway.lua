@@ -16,6 +16,9 @@
 --   affinity    herd_affinity: conversation key -> instance
 --   body        read_body, the JSON member scanner, view (members as Ollama reads them), rewrite
 --   respond     canonical JSON, error and busy answers in the dialect of the request's API
+--   usage       u: keys: token counts of every answer read as it streams (the access log's token fields), the
+--               per-key token window
+--   tenants     e: keys: the per-key limits (models, requests in flight plus queued, tokens per minute)
 --   catalogue   c: keys: /api/tags, /v1/models, /api/ps merged over every live instance
 --   status      /herd/pools, and /herd/admin/drained (the drain command's loopback admin location)
 --
@@ -38,6 +41,8 @@ local respond = require("herd_gateway.respond")
 local settings = require("herd_gateway.settings")
 local slots = require("herd_gateway.slots")
 local status = require("herd_gateway.status")
+local tenants = require("herd_gateway.tenants")
+local usage = require("herd_gateway.usage")
 
 local _M = {}
 
@@ -125,7 +130,8 @@ local function route(entry, path_model)
         return respond.answer(400, "model is required")
     end
     local model = names.model_key(name)
-    if not model or not cfg.pools[model] then
+    -- A model outside the API key's `models` is absent for that key.
+    if not model or not cfg.pools[model] or not tenants.may_use(ngx.var.herd_key_name or "", model) then
         return respond.answer(404, 'model "' .. names.short_for_error(name) .. '" not found, try pulling it first')
     end
     if view then
@@ -177,8 +183,10 @@ function _M.access(mode)
     slots.sync_drained()
     local pool = ANY
     local ctx = ngx.ctx
+    local entry
     if mode == "route" then
-        local entry, path_model = endpoints.find(settings.cfg.endpoints, ngx.var.uri)
+        local path_model
+        entry, path_model = endpoints.find(settings.cfg.endpoints, ngx.var.uri)
         if not entry or entry.kind == "catalogue" then
             return respond.answer(404, "this path is not served by the herd gateway")
         end
@@ -227,6 +235,10 @@ function _M.access(mode)
         ctx.herd_server = list[1].server
         return
     end
+    -- The key's own limits: over its requests in flight plus queued, or its tokens per minute: 429.
+    if not tenants.admit(ngx.var.herd_key_name or "") then
+        return
+    end
     local ok, err = ngx.on_abort(queue.on_abort)
     if not ok and err ~= "duplicate call" then
         ngx.log(ngx.WARN, "herd gateway: on_abort: ", err)
@@ -234,6 +246,7 @@ function _M.access(mode)
     local server = queue.admit(pool, ctx.herd_affinity)
     ctx.herd_server = server
     ngx.var.herd_slot = server.key
+    usage.start(ctx, entry and entry.usage)
 end
 
 -- balancer_by_lua: the chosen instance first; on a retry another candidate of the same pool.
@@ -292,29 +305,40 @@ end
 -- busy answers; its status and body are the instance's. A Retry-After the instance sent is kept. The 503 is not
 -- retried elsewhere (proxy_next_upstream is error/timeout only) and does not mark the instance failed: it
 -- answered. The access log tells it from the gateway's own 503 by upstream_status.
+-- The answer's framing (stream or not) goes to its token meter.
 function _M.header_filter()
     if ngx.status == 503 and not ngx.header["Retry-After"] then
         -- gateway_retry_after, not the pool's measured wait: the gateway does not see the instance's own queue.
         ngx.header["Retry-After"] = tostring(settings.cfg.retry_after)
     end
+    usage.framing(ngx.ctx, ngx.header["Content-Type"])
 end
 
--- body_filter_by_lua of the proxied locations: every chunk an instance sends is progress of that instance.
+-- body_filter_by_lua of the proxied locations: every chunk an instance sends is progress of that instance, and
+-- is read by its token meter on its way (never held back).
 function _M.body_filter()
     local key = ngx.var.herd_slot
-    if key ~= nil and key ~= "" and ngx.arg[1] ~= "" then
-        slots.progress(key)
+    if key ~= nil and key ~= "" then
+        local data = ngx.arg[1]
+        if data ~= "" then
+            slots.progress(key)
+        end
+        usage.chunk(ngx.ctx, data, ngx.arg[2])
     end
 end
 
--- log_by_lua (every request, every path): give the slot back; count a failure when the last attempt got
--- no answer.
+-- log_by_lua (every request, every path): give the slot back; the answer's tokens into the access log and the API
+-- key's window; count a failure when the last attempt got no answer.
 function _M.log()
     body.release()
+    local ctx = ngx.ctx
     local key = ngx.var.herd_slot
     if key and key ~= "" then
         slots.give_back(key)
     end
+    -- The answer's tokens (the access log's fields), counted against its API key's window.
+    local tokens = usage.finish(ctx, ngx.req.start_time())
+    tenants.done(ctx, tokens)
     local code = ngx.var.status
     local header_times = ngx.var.upstream_header_time
     if (code == "502" or code == "504") and header_times and header_times:match("%-$") then

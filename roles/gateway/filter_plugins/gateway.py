@@ -440,6 +440,7 @@ def gateway_api_keys(keys, min_length=32):
         key = str(key)
         if not KEY_NAME_RE.match(name):
             raise AnsibleFilterError(f"gateway_api_keys: name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        limits = _key_limits(name, {} if isinstance(entry, str) else entry)
         if not KEY_RE.match(key) or len(key) < min_length:
             raise AnsibleFilterError(
                 f"gateway_api_keys: key of {name!r} must be {min_length}-256 characters of A-Z a-z 0-9 . _ ~ + / = - "
@@ -453,8 +454,48 @@ def gateway_api_keys(keys, min_length=32):
         if name in names:
             raise AnsibleFilterError(f"gateway_api_keys: name {name!r} is used twice")
         names.add(name)
-        result.append({"name": name, "key": key, "digest": gateway_key_digest(key)})
+        result.append({"name": name, "key": key, "digest": gateway_key_digest(key), "limits": limits})
     return result
+
+
+KEY_FIELDS = ("name", "key", "models", "max_requests", "tokens_per_minute")
+
+
+def _key_limits(name, entry):
+    """The limits of one gateway_api_keys entry: {models: [pool keys] (only when the entry names models),
+    max_requests, tokens_per_minute} (0 = no limit); errors name the key's name and the field, never the key."""
+    try:
+        fields = list(entry.keys())
+    except AttributeError:
+        raise AnsibleFilterError(f"gateway_api_keys: entry {name!r} must be a string or a {{name, key}} mapping") from None
+    unknown = sorted(str(f) for f in fields if f not in KEY_FIELDS)
+    if unknown:
+        raise AnsibleFilterError(f"gateway_api_keys: entry {name!r} has unknown fields {unknown}. Fix: use only "
+                                 f"{', '.join(KEY_FIELDS)}")
+    limits = {}
+    for field in ("max_requests", "tokens_per_minute"):
+        value = _get(entry, field, 0)
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise AnsibleFilterError(f"gateway_api_keys: {field} of {name!r} must be a whole number of 0 or more "
+                                     f"(0 = no limit), got {value!r}")
+        limits[field] = value
+    models = _get(entry, "models")
+    if models is not None:
+        if isinstance(models, str) or not isinstance(models, (list, tuple)) or not models:
+            raise AnsibleFilterError(f"gateway_api_keys: models of {name!r} must be a non-empty list of model names "
+                                     "(leave it out to allow every model)")
+        pools = []
+        for model in models:
+            pool = gateway_model_key(str(model))
+            if pool is None:
+                raise AnsibleFilterError(f"gateway_api_keys: models of {name!r} holds {str(model)[:80]!r}, which is "
+                                         "not a model name Ollama accepts. Fix: e.g. llama3.2:3b")
+            if pool not in pools:
+                pools.append(pool)
+        limits["models"] = pools
+    return limits
 
 
 SIZE_RE = re.compile(r"^[1-9][0-9]*[kKmM]?$")

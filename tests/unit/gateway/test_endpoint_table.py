@@ -6,14 +6,16 @@ import os
 from conftest import ROOT, role_vars
 
 MODEL_FROM = {"model": "`model`", "model|name": "`model` (else `name`)", "path": "the path", "": "none"}
+USAGE = {"native": "`prompt_eval_count`, `eval_count`", "openai": "`usage.prompt_tokens`, `completion_tokens`",
+         "io": "`usage.input_tokens`, `output_tokens`", "": "-"}
 
 
 def table_rows():
-    rows = ["| path | methods | model named by | dialect | since Ollama | body limit | affinity |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| path | methods | model named by | dialect | since Ollama | body limit | affinity | tokens from |",
+            "|---|---|---|---|---|---|---|---|"]
     for e in role_vars()["_gateway_endpoints"]:
         rows.append(f"| `{e['path']}` | {', '.join(e['methods'])} | {MODEL_FROM[e['model']]} | {e['dialect']} | "
-                    f"{e['since']} | {e['body']} | {e['affinity'] or '-'} |")
+                    f"{e['since']} | {e['body']} | {e['affinity'] or '-'} | {USAGE[e['usage']]} |")
     return rows
 
 
@@ -30,3 +32,5 @@ def test_every_endpoint_is_well_formed():
         assert e["kind"] in ("native", "compat", "show", "catalogue", "any") and e["body"] in ("inference", "embedding", "small"), e
         assert e["model"] in MODEL_FROM and e["affinity"] in ("", "chat", "prompt", "messages", "responses"), e
         assert (e["model"] == "path") == e["path"].endswith("{model}"), e
+        # Only answers of inference and embedding endpoints carry token counts.
+        assert e["usage"] in USAGE and (e["usage"] == "" or e["body"] != "small"), e

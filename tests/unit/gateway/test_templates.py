@@ -64,7 +64,7 @@ def test_default_render_is_valid_nginx(tmp_path):
 def test_everything_on_renders_valid_nginx(tmp_path):
     keys = render("etc/nginx/herd/gateway-keys.json.j2", _gateway_keys=KEYS)
     # Only names and digests: the keys themselves are not in the file.
-    assert json.loads(keys)["keys"] == [["0" * 40, "team-a"]] and "A" * 32 not in keys
+    assert json.loads(keys)["keys"] == [["0" * 40, "team-a", {}]] and "A" * 32 not in keys
     text = render(
         CONF, _gateway_upstream=UP, _gateway_keys=KEYS, gateway_rate_limit=5, gateway_busy_status=429,
         gateway_tls_enabled=True, gateway_real_ip_from=["10.9.0.0/16"], gateway_block_model_management=False,

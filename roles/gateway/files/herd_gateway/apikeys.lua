@@ -1,9 +1,11 @@
 -- herd gateway: API keys.
 --
--- Owns: the key record (/etc/nginx/herd/gateway-keys.json, mode 0600, rendered by role gateway: key names and
--- the sha1 of "herd-gateway-key:" + key, never the keys) and name(), the key name of a request's Authorization
--- header ("" when it names no key). The nginx config sets $herd_key_name from it (set_by_lua), so the log, the
--- rate and connection limits and the 401 checks see the name.
+-- Owns: the key record (/etc/nginx/herd/gateway-keys.json, mode 0600, rendered by role gateway: key names, the
+-- sha1 of "herd-gateway-key:" + key, never the keys, and each key's limits), name(), the key name of a request's
+-- Authorization header ("" when it names no key), and limits(), the limits of a key name (models: the set of
+-- pools it may use, or nil for every one; max_requests: in flight plus queued; tokens_per_minute; 0 = none).
+-- The nginx config sets $herd_key_name from name() (set_by_lua), so the log, the rate and connection limits and
+-- the 401 checks see the name.
 -- Shared-dict keys: none.
 --
 -- A presented key is hashed and its digest looked up: the comparison is case-sensitive (an nginx map of strings
@@ -17,6 +19,8 @@ local PREFIX = "herd-gateway-key:"
 local MAX_HEADER = 512
 
 local digests -- hex digest -> key name; nil when the gateway has no keys
+local limits = {} -- key name -> {models = set or nil, max_requests, tokens_per_minute}
+local NO_LIMITS = { max_requests = 0, tokens_per_minute = 0 }
 
 local function hex(bin)
     return (bin:gsub(".", function(c)
@@ -33,6 +37,7 @@ end
 function _M.load(path)
     if path == nil or path == "" then
         digests = nil
+        limits = {}
         return
     end
     local handle, err = io.open(path, "r")
@@ -44,19 +49,36 @@ function _M.load(path)
     if type(record) ~= "table" or type(record.keys) ~= "table" then
         error("herd gateway: " .. path .. " is not a key record (deploy the gateway with site.yml)")
     end
-    local map = {}
+    local map, by_name = {}, {}
     for _, entry in ipairs(record.keys) do
-        if type(entry) ~= "table" or type(entry[1]) ~= "string" or type(entry[2]) ~= "string" then
+        local limit = type(entry) == "table" and (entry[3] or {}) or nil
+        if type(entry) ~= "table" or type(entry[1]) ~= "string" or type(entry[2]) ~= "string"
+            or type(limit) ~= "table" then
             error("herd gateway: " .. path .. " holds a bad entry (deploy the gateway with site.yml)")
         end
         map[entry[1]] = entry[2]
+        local models
+        if type(limit.models) == "table" then
+            models = {}
+            for _, model in ipairs(limit.models) do
+                models[model] = true
+            end
+        end
+        by_name[entry[2]] = { models = models, max_requests = tonumber(limit.max_requests) or 0,
+                              tokens_per_minute = tonumber(limit.tokens_per_minute) or 0 }
     end
     digests = map
+    limits = by_name
 end
 
 -- Whether requests need a key (a key record is loaded).
 function _M.required()
     return digests ~= nil
+end
+
+-- The limits of key name `name` (a table with max_requests and tokens_per_minute 0 for a name without limits).
+function _M.limits(name)
+    return limits[name] or NO_LIMITS
 end
 
 -- The key name of an Authorization header value, or "".

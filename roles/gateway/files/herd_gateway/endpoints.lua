@@ -1,7 +1,8 @@
 -- herd gateway: the endpoints the gateway forwards, and how each is treated.
 --
 -- Owns: the endpoint index built from role gateway's table (_gateway_endpoints, passed in the settings: path,
--- methods, the member naming the model, dialect, the Ollama release it came from, kind, body limit, affinity),
+-- methods, the member naming the model, dialect, the Ollama release it came from, kind, body limit, affinity,
+-- usage family),
 -- find() (the entry of a request path; every other path is refused 404 without touching an instance), and ANY.
 -- AFFINITY_PATHS (path -> chat/prompt/messages/responses) is derived from the same table at every (re)load.
 -- Shared-dict keys: none.
@@ -26,6 +27,7 @@ function _M.index(list)
         local entry = {
             path = e.path, methods = {}, model = e.model or "", kind = e.kind, body = e.body or "small",
             dialect = e.dialect, affinity = (e.affinity ~= nil and e.affinity ~= "") and e.affinity or nil,
+            usage = (e.usage ~= nil and e.usage ~= "") and e.usage or nil,
         }
         for _, method in ipairs(e.methods) do
             entry.methods[method] = true
