@@ -73,12 +73,17 @@ def test_gateway_counters_and_histograms_move_with_requests(host):
     before = scrape(host)
     value = promcheck.sample_value
     n = 2 * len(GPUS)
+    reported = {"prompt": 0, "output": 0}
     for i in range(n):  # distinct prompts: affinity keeps one repeated prompt on one instance
         out = host.run(
-            "curl -sS -o /dev/null -w '%{http_code}' http://127.0.0.1/api/generate "
-            f"""-d '{{"model":"{MODEL}","prompt":"count {i}","stream":false,"options":{{"num_predict":4}}}}'"""
+            "curl -sS -o /tmp/exporter-answer -w '%{http_code}' http://127.0.0.1/api/generate "
+            f"""-d '{{"model":"{MODEL}","prompt":"count {i}","stream":{'true' if i % 2 else 'false'},"""
+            """"options":{"num_predict":4}}'"""
         )
         assert out.stdout == "200"
+        final = json.loads(host.file("/tmp/exporter-answer").content_string.strip().splitlines()[-1])
+        reported["prompt"] += final["prompt_eval_count"]
+        reported["output"] += final["eval_count"]
     deadline = time.monotonic() + 10
     while True:
         after = scrape(host)
@@ -99,6 +104,17 @@ def test_gateway_counters_and_histograms_move_with_requests(host):
     assert value(after, "herd_gateway_upstream_header_duration_seconds_sum") > value(
         before, "herd_gateway_upstream_header_duration_seconds_sum"
     )
+    # Token accounting (issue 30): the gateway read each answer's usage (streamed or not) into its access log, the
+    # exporter summed it per key (none: this lab has no API keys) and model: exactly what the instances reported.
+    for kind in ("prompt", "output"):
+        labels = {"key": "none", "model": MODEL, "type": kind}
+        grown = value(after, "herd_gateway_tokens_total", **labels) - value(before, "herd_gateway_tokens_total", **labels)
+        assert grown == reported[kind], (kind, grown, reported)
+    requests = "herd_gateway_key_requests_total"
+    labels = {"key": "none", "model": MODEL, "status": "200"}
+    assert value(after, requests, **labels) - value(before, requests, **labels) == n
+    ttft = "herd_gateway_time_to_first_token_seconds_count"
+    assert value(after, ttft, model=MODEL) - value(before, ttft, model=MODEL) == n // 2
     # Every answer is attributed to a planned instance (least loaded spread the distinct prompts over several).
     served = {
         s[1]["instance_id"]

@@ -4,11 +4,15 @@ Embeddings of the embedding-only model (herd-embed:v1, pool h4-gpu1:3) through /
 chats of herd-tiny:1b through the Anthropic Messages API (/v1/messages) and the OpenAI Responses API
 (/v1/responses), streamed (SSE) and not: every answer comes from an instance of the model's pool (access log), and
 the gateway's own errors come in each API's shape. playbooks/smoke.yml asks the embedding model with an embed.
+A second API key with limits (team-b: herd-tiny:1b only, one request at a time) gets 404 for the other models and
+429 with Retry-After over its limit, in each dialect, while team-a is served; its answer's tokens are in the log.
 """
 
 import json
+import threading
+import time
 
-from conftest import GW, KEY, access_log, call, playbook
+from conftest import GW, KEY, access_log, call, playbook, pools, stream
 from test_gateway import EMBED, POOL_OF, TINY, upstreams_of, wait_idle
 
 
@@ -98,3 +102,46 @@ def test_smoke_embeds_with_the_embedding_model():
     rc, out = playbook("playbooks/smoke.yml")
     assert rc == 0, out[-3000:]
     assert "herd-embed:v1" in out and "failed=0" in out, out[-3000:]
+
+
+KEY_B = "h4-lab-key-team-b-0123456789abcdef"
+SMALL = "herd-small:7b"
+DIALECT_CALLS = (  # (path, body for a model, the error's message in that dialect)
+    ("/api/generate", lambda m: {"model": m, "prompt": "hi", "stream": False, "options": {"num_predict": 4}},
+     lambda d: d["error"]),
+    ("/v1/chat/completions", lambda m: {"model": m, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+     lambda d: d["error"]["message"]),
+    ("/v1/messages", lambda m: {"model": m, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]},
+     lambda d: d["error"]["message"] if d.get("type") == "error" else None),
+)
+
+
+def test_a_keys_limits_in_each_dialect(gw):
+    for path, body, message in DIALECT_CALLS:
+        reply = call(gw, "POST", GW + path, key=KEY_B, body=body(SMALL))
+        assert reply["status"] == 404 and "not found" in message(json.loads(reply["body"])), (path, reply)
+    before = len(access_log(gw))
+    held = {}
+    holder = threading.Thread(target=lambda: held.update(stream(gw, key=KEY_B, tokens=120)))
+    holder.start()
+    try:
+        # The stream holds team-b's one place from its admission: once it is in flight, a request is over the limit.
+        deadline = time.monotonic() + 10
+        while sum(i["inflight"] for i in pools(gw)[TINY]["instances"]) == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for path, body, message in DIALECT_CALLS:
+            reply = call(gw, "POST", GW + path, key=KEY_B, body=body(TINY))
+            assert reply["status"] == 429 and int(reply["headers"]["retry-after"]) >= 1, (path, reply)
+            assert "1 requests in flight or queued" in message(json.loads(reply["body"])), reply
+        # Another key is not limited by team-b's.
+        assert call(gw, "POST", GW + "/api/generate", key=KEY, body=DIALECT_CALLS[0][1](TINY))["status"] == 200
+    finally:
+        holder.join(timeout=60)
+    assert held.get("status") == 200 and held.get("done"), held
+    wait_idle(gw)
+    entries = [e for e in access_log(gw)[before:] if e["key"] == "team-b" and e["status"] == "200"]
+    assert len(entries) == 1 and entries[0]["tokens_from"] == "reported", entries
+    assert int(entries[0]["output_tokens"]) == 120 and int(entries[0]["prompt_tokens"]) > 0, entries
+    assert float(entries[0]["ttft"]) > 0 and float(entries[0]["tpot"]) > 0, entries
+    # The place is given back: team-b is served again.
+    assert call(gw, "POST", GW + "/api/generate", key=KEY_B, body=DIALECT_CALLS[0][1](TINY))["status"] == 200

@@ -8,7 +8,7 @@ import re
 import promcheck
 import pytest
 from conftest import ROOT
-from test_exporter import _exporter
+from test_exporter import _exporter, _token_line
 
 DASHBOARDS = sorted(glob.glob(os.path.join(ROOT, "dashboards", "*.json")))
 IDENT = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
@@ -67,7 +67,12 @@ def selectors(expr):
 @pytest.fixture(scope="module")
 def published(ex, tmp_path_factory):
     """Sample name -> label names, from a scrape in which every collector has data."""
-    families = promcheck.parse(ex.render(_exporter(ex, tmp_path_factory.mktemp("scrape")).collect()))
+    tmp = tmp_path_factory.mktemp("scrape")
+    exporter = _exporter(ex, tmp)
+    with open(tmp / "access.log", "a", encoding="utf-8") as handle:  # an answer with its tokens (issue 30)
+        handle.write(_token_line("team-a", "qwen3:8b", prompt="9", output="3", source="reported", ttft="0.1",
+                                 tpot="0.02") + "\n")
+    families = promcheck.parse(ex.render(exporter.collect()))
     names = {}
     for fam in families.values():
         for name, labels, _ in fam["samples"]:

@@ -434,3 +434,47 @@ def test_the_gateways_shared_dicts_and_held_bodies_are_published(ex, tmp_path):
     data["dicts"] = [{"name": "herd_gateway", "capacity": -1, "free_space": 0}]
     fams = promcheck.parse(ex.render(_exporter(ex, tmp_path, fetch=_fetch_with_pools(json.dumps(data))).collect()))
     assert promcheck.sample_value(fams, "herd_exporter_collector_success", collector="gateway_pools") == 0
+
+
+def _token_line(key, pool, status="200", prompt="", output="", source="", ttft="", tpot=""):
+    return json.dumps({"time": "2026-12-02T00:00:00+00:00", "client": "127.0.0.1", "key": key, "method": "POST",
+                       "uri": "/api/generate", "status": status, "bytes": "10", "pool": pool, "request_time": "0.5",
+                       "upstream": "127.0.0.1:18951", "upstream_status": status, "upstream_connect_time": "0.000",
+                       "upstream_header_time": "0.1", "upstream_response_time": "0.5", "prompt_tokens": prompt,
+                       "output_tokens": output, "tokens_from": source, "ttft": ttft, "tpot": tpot})
+
+
+def test_tokens_and_requests_per_key_and_model(ex, tmp_path):
+    exporter = _exporter(ex, tmp_path)
+    lines = [
+        _token_line("team-a", "qwen3:8b", prompt="100", output="20", source="reported", ttft="0.200", tpot="0.0300"),
+        _token_line("team-a", "qwen3:8b", prompt="50", output="7", source="delivered", ttft="0.100"),
+        _token_line("", "qwen3:8b", prompt="5", output="1", source="reported"),
+        _token_line("team-a", "qwen3:8b", status="429"),
+        _token_line("team-b", "*"),  # no model: not a tenant's request (version, health)
+        _token_line("team-b", "", status="401"),
+    ]
+    with open(tmp_path / "access.log", "a") as handle:
+        handle.write("\n".join(lines) + "\n")
+    fams = promcheck.parse(ex.render(exporter.collect()))
+    v = promcheck.sample_value
+    assert v(fams, "herd_gateway_tokens_total", key="team-a", model="qwen3:8b", type="prompt") == 150
+    assert v(fams, "herd_gateway_tokens_total", key="team-a", model="qwen3:8b", type="output") == 27
+    assert v(fams, "herd_gateway_tokens_total", key="none", model="qwen3:8b", type="output") == 1
+    assert v(fams, "herd_gateway_key_requests_total", key="team-a", model="qwen3:8b", status="200") == 2
+    assert v(fams, "herd_gateway_key_requests_total", key="team-a", model="qwen3:8b", status="429") == 1
+    assert v(fams, "herd_gateway_key_requests_total", key="team-b") == 0
+    assert v(fams, "herd_gateway_time_to_first_token_seconds_count", model="qwen3:8b") == 2
+    assert v(fams, "herd_gateway_time_to_first_token_seconds_sum", model="qwen3:8b") == pytest.approx(0.3)
+    assert v(fams, "herd_gateway_time_per_output_token_seconds_bucket", model="qwen3:8b", le="0.03") == 1
+    assert v(fams, "herd_gateway_time_per_output_token_seconds_count", model="qwen3:8b") == 1
+
+
+def test_tenant_series_are_bounded(ex):
+    stats = ex.GatewayStats([0.1, 1])
+    for index in range(ex.MAX_TENANT_SERIES + 50):
+        stats.add_line(_token_line(f"k{index}", "m:1", prompt="1", output="1", source="reported"))
+    assert len(stats.tenants) == ex.MAX_TENANT_SERIES + 1
+    assert stats.tokens[("other", "other", "prompt")] == 50
+    # A count that is not a whole number of tokens is not counted.
+    assert ex.parse_log_line(_token_line("a", "m:1", prompt="-3", output="1e9"))["prompt_tokens"] is None

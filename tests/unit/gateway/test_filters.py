@@ -160,6 +160,26 @@ def test_api_keys(gw):
         gw.gateway_api_keys([{"name": "a b", "key": K1}])
 
 
+def test_api_key_limits(gw):
+    keys = gw.gateway_api_keys([K1, {"name": "team-a", "key": K2, "models": ["Llama3.2", "llama3.2:latest", "qwen3:8b"],
+                                     "max_requests": 4, "tokens_per_minute": "50000"}])
+    assert keys[0]["limits"] == {"max_requests": 0, "tokens_per_minute": 0}
+    # Models become their pools (Ollama's name rule, lower case), once each.
+    assert keys[1]["limits"] == {"max_requests": 4, "tokens_per_minute": 50000, "models": ["llama3.2:latest", "qwen3:8b"]}
+    for entry, message in (
+        ({"max_request": 1}, r"unknown fields \['max_request'\]"),
+        ({"max_requests": -1}, "max_requests of 'b' must be a whole number of 0 or more"),
+        ({"tokens_per_minute": True}, "tokens_per_minute of 'b'"),
+        ({"tokens_per_minute": "1e6"}, "tokens_per_minute of 'b'"),
+        ({"models": "llama3.2"}, "must be a non-empty list"),
+        ({"models": []}, "must be a non-empty list"),
+        ({"models": ["no such name!"]}, "not a model name Ollama accepts"),
+    ):
+        with pytest.raises(gw.AnsibleFilterError, match=message) as err:
+            gw.gateway_api_keys([{"name": "b", "key": K1, **entry}])
+        assert K1 not in str(err.value)
+
+
 def test_api_key_strength(gw):
     with pytest.raises(gw.AnsibleFilterError, match="32-256 characters") as err:
         gw.gateway_api_keys(["k1-0123456789abcdefghij"])  # 23 characters
