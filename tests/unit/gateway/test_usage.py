@@ -251,6 +251,16 @@ def test_a_model_outside_the_keys_models_is_absent(stack):
         assert status == 404 and "not found" in assert_error_shape(dialect, 404, raw), (path, raw)
     status, _headers, raw = send(port, "POST", "/api/embed", {"model": EMBED, "input": "x"}, auth("narrow"))
     assert status == 200, raw[:200]
+    # The catalogue leaves the model out for that key too; another key sees every model.
+    for path, member, name in (("/api/tags", "models", "name"), ("/v1/models", "data", "id")):
+        listed = {}
+        for key in ("narrow", "meter"):
+            status, _headers, raw = send(port, "GET", path, None, auth(key))
+            assert status == 200, raw[:200]
+            listed[key] = sorted(m[name] for m in json.loads(raw)[member])
+        assert listed == {"narrow": [EMBED], "meter": [EMBED, TINY]}, listed
+        if path == "/v1/models":
+            assert json.loads(raw)["object"] == "list"
 
 
 def test_over_max_requests_is_429_in_each_dialect(stack):

@@ -3,7 +3,8 @@
 -- Owns: http_get (a raw HTTP/1.0 GET to an instance over a cosocket), gather (every live instance at once),
 -- the merges (every model of the plan's pools once, the same text whichever instance answered first; ps with the
 -- instance, and its address only with gateway_expose_upstream),
--- serve (content_by_lua of the catalogue paths, cached briefly so every worker gives the same answer).
+-- serve (content_by_lua of the catalogue paths, cached briefly so every worker gives the same answer; an API key
+-- limited to some models sees only those, as if the others were absent).
 -- Shared-dict keys (herd_gateway):
 --   c:<path>   read, written: the cached answer of <path> (catalogue_ttl; /api/ps 1 s)
 local cjson = require("cjson.safe")
@@ -12,6 +13,7 @@ local keys = require("herd_gateway.keys")
 local names = require("herd_gateway.names")
 local respond = require("herd_gateway.respond")
 local settings = require("herd_gateway.settings")
+local tenants = require("herd_gateway.tenants")
 
 local _M = {}
 
@@ -94,12 +96,20 @@ local function merge_unique(results, list_field, name_of)
     return items
 end
 
+local function tag_name(m)
+    return m.name or m.model
+end
+
+local function openai_name(m)
+    return m.id
+end
+
 local function merge_tags(results)
-    return respond.encode_list("models", merge_unique(results, "models", function(m) return m.name or m.model end))
+    return respond.encode_list("models", merge_unique(results, "models", tag_name))
 end
 
 local function merge_openai(results)
-    return respond.encode_list("data", merge_unique(results, "data", function(m) return m.id end), '"object":"list",')
+    return respond.encode_list("data", merge_unique(results, "data", openai_name), '"object":"list",')
 end
 
 local function merge_ps(results)
@@ -125,10 +135,24 @@ local function merge_ps(results)
 end
 
 local CATALOGUE = {
-    ["/api/tags"] = { merge = merge_tags, ttl = "catalogue_ttl" },
-    ["/v1/models"] = { merge = merge_openai, ttl = "catalogue_ttl" },
-    ["/api/ps"] = { merge = merge_ps, ttl = 1 },
+    ["/api/tags"] = { merge = merge_tags, ttl = "catalogue_ttl", list = "models", name_of = tag_name },
+    ["/v1/models"] = { merge = merge_openai, ttl = "catalogue_ttl", list = "data", name_of = openai_name,
+                       prefix = '"object":"list",' },
+    ["/api/ps"] = { merge = merge_ps, ttl = 1, list = "models", name_of = tag_name },
 }
+
+-- The cluster's answer `text` of catalogue `entry` with only the models of the set `allowed`.
+local function only(entry, text, allowed)
+    local doc = cjson.decode(text)
+    local items = {}
+    for _, m in ipairs(type(doc) == "table" and type(doc[entry.list]) == "table" and doc[entry.list] or {}) do
+        local key = type(m) == "table" and names.model_key(entry.name_of(m))
+        if key and allowed[key] then
+            items[#items + 1] = m
+        end
+    end
+    return respond.encode_list(entry.list, items, entry.prefix)
+end
 
 -- content_by_lua of /api/tags, /v1/models and /api/ps: the whole cluster's answer, cached briefly in the
 -- shared dict so every worker gives the same one.
@@ -156,6 +180,10 @@ function _M.serve()
             -- Never evicting: without room the answer is served uncached.
             d:safe_set("c:" .. path, cached, ttl)
         end
+    end
+    local own = tenants.models(ngx.var.herd_key_name or "")
+    if own then
+        cached = only(entry, cached, own)
     end
     ngx.header["Content-Type"] = "application/json; charset=utf-8"
     ngx.say(cached)

@@ -1,7 +1,7 @@
 -- herd gateway: the limits of each API key (gateway_api_keys: models, max_requests, tokens_per_minute).
 --
--- Owns: may_use (a model outside a key's `models` is absent for that key: route answers 404 as for any unknown
--- model), admit (before the queue: over max_requests in flight plus queued, or over tokens_per_minute in the
+-- Owns: models and may_use (a model outside a key's `models` is absent for that key: route answers 404 as for any
+-- unknown model, the catalogue leaves it out), admit (before the queue: over max_requests in flight plus queued, or over tokens_per_minute in the
 -- last 60 s, the request is answered 429 with Retry-After, in its endpoint's dialect) and done (log phase: the
 -- request's place is given back and its tokens counted against the key's window).
 -- Requests without a key (no gateway_api_keys) have no per-key limits: gateway_rate_limit and gateway_limit_conn
@@ -19,6 +19,11 @@ local settings = require("herd_gateway.settings")
 local usage = require("herd_gateway.usage")
 
 local _M = {}
+
+-- The set of pools API key `key` ("" for none) may use, or nil for every one.
+function _M.models(key)
+    return key ~= "" and apikeys.limits(key).models or nil
+end
 
 -- Whether API key `key` ("" for none) may use the pool `pool`.
 function _M.may_use(key, pool)
