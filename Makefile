@@ -51,13 +51,18 @@ unit: lab-artifacts
 	$(BIN)/pytest tests/unit -q
 
 # Scenarios run MOLECULE_JOBS at a time (their hosts and networks have distinct names); each one's log is
-# kept in .molecule-logs/ and printed whole when it fails.
+# kept in .molecule-logs/ and printed whole when it fails; the failed checks' lines are printed again at the end,
+# after the measurements, where a reader of the output's last lines finds them.
 MOLECULE_JOBS ?= 2
 
 molecule: lab-artifacts lab-images
 	@rm -rf .molecule-logs && mkdir -p .molecule-logs
 	@$(MAKE) --no-print-directory -k -j$(MOLECULE_JOBS) $(addprefix molecule-,$(SCENARIOS)); rc=$$?; \
 	if [ -s .molecule-logs/measurements.txt ]; then echo "=== measured by the scenarios"; cat .molecule-logs/measurements.txt; fi; \
+	for s in $$(cat .molecule-logs/failed.txt 2>/dev/null); do \
+	  echo "=== $$s failed: pytest's summary and first assertion lines (the whole log is printed above)"; \
+	  grep -a -E "(FAILED|ERROR) [^ ]*tests/[^ ]*::|^[0-9:]+ E  " .molecule-logs/$$s.log | head -n 60 | cut -c 1-400; \
+	done; \
 	exit $$rc
 
 # Every log line starts with the time it was written; the summary line gives each molecule stage's seconds.
@@ -70,6 +75,7 @@ molecule-%:
 	  grep -a -o -E "[0-9]+ passed[^=]* in [0-9.]+s" .molecule-logs/$*.log | tail -n 1 | sed 's/^/    testinfra: /' || true; \
 	  $(BIN)/python scripts/molecule_stages.py .molecule-logs/$*.log; \
 	else \
+	  echo $* >> .molecule-logs/failed.txt; \
 	  cat .molecule-logs/$*.log; echo "=== molecule test -s $*: FAILED after $$(( $$(date +%s) - start )) s"; \
 	  $(BIN)/python scripts/molecule_stages.py .molecule-logs/$*.log; exit 1; \
 	fi

@@ -486,6 +486,10 @@ def test_vrrp_from_a_non_peer_is_dropped_and_the_address_stays():
         conf = _sh(host, "cat /etc/keepalived/keepalived.conf").stdout
         assert "check_unicast_src" in conf and "script_user herd-vip-check" in conf, conf
         assert _sh(host, "id -u herd-vip-check").returncode == 0
+    # The gateways' addresses, resolved before the restart: Debian's `flush ruleset` also removes the rules of the
+    # lab containers' own resolver (Docker's 127.0.0.11 is NAT rules in the container), so names of other hosts
+    # no longer resolve on the host that restarted nftables (a lab artefact: a real host's resolver has no rules).
+    targets = [_sh(GW1, f"getent hosts {h}").stdout.split()[0] for h in GATEWAYS]
     # The filter survives Debian's `flush ruleset` on the holder too.
     restart = _sh(holder, "systemctl restart nftables", timeout=60)
     assert restart.returncode == 0, (restart.stdout, restart.stderr, _sh(holder, "systemctl status nftables").stdout)
@@ -495,7 +499,6 @@ def test_vrrp_from_a_non_peer_is_dropped_and_the_address_stays():
     assert _wait(lambda: len(_vip_holder()) == 1, 30) is not None, _vip_state()
     holder = _vip_holder()[0]
     before = {h: _vrrp_dropped(h) for h in GATEWAYS}
-    targets = [_sh(GW1, f"getent hosts {h}").stdout.split()[0] for h in GATEWAYS]
     # A well-formed advert with the pair's id and password and the highest priority, from the GPU host (a lab host
     # on the same network that is not a peer), 8 to each gateway over 4 s; without the filter the holder gives the
     # address up at the first one.
