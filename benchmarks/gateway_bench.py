@@ -67,7 +67,13 @@ LABELS = {
     "random": "random + zone + keepalive",
     "baseline": "herd before the queue (role gateway at --baseline-ref)",
     "ideal": "ideal central FIFO (computed)",
+    "keys-fair": "herd, two API keys, fair share (default)",
+    "keys-fifo": "herd, two API keys, gateway_fair_share false (one FIFO)",
+    "herd-noacct": "herd, gateway_token_accounting false",
 }
+# The noisy-neighbour section's two API keys (lab values, not secrets).
+NOISY_KEY = "noisy-bench-key-0123456789abcdefghijklm"
+QUIET_KEY = "quiet-bench-key-0123456789abcdefghijklm"
 
 
 def _load_module(path: Path, name: str):
@@ -407,13 +413,15 @@ class Bench:
     # -- one load run
 
     def load(self, name: str, url: str, api: str, concurrency: int, requests: int, mix: str,
-             record: bool = True) -> dict:
+             record: bool = True, api_key: str | None = None) -> dict:
         out = self.work / "runs" / f"{name}.json"
         out.parent.mkdir(exist_ok=True)
         argv = ["python3", str(LOAD_TOOL), "--url", url, "--api", api, "--model", MODEL,
                 "--concurrency", str(concurrency), "--requests", str(requests), "--seed", str(self.args.seed),
                 "--duration", str(self.args.max_run_seconds), "--prompt-mix", mix,
                 "--timeout", "120", "--json", str(out), "--quiet" if not record else "--progress=5"]
+        if api_key:
+            argv += ["--api-key", api_key]
         if record:
             log(f"run {name}: {api} {url} c={concurrency} n={requests} mix={mix}")
         served0 = self.served()
@@ -484,10 +492,21 @@ class Bench:
                 self.load("ttft-gateway", gw.url, "generate", self.slots, a.ttft_requests, short)
             finally:
                 gw.stop()
+            # 6. the cost of token accounting: the same run through herd's gateway with it off
+            gw.render_herd("herd-noacct", self.ports, a.num_parallel, overrides={"gateway_token_accounting": False})
+            gw.start("herd-noacct")
+            try:
+                self.load("ttft-gateway-noacct", gw.url, "generate", self.slots, a.ttft_requests, short)
+            finally:
+                gw.stop()
 
         # 3. peer router
         extra["litellm"] = self.section_litellm(gw) if "herd" in a.configs else {"status": "skipped",
                                                                                   "reason": "herd not run"}
+
+        # 5. noisy neighbour: two API keys on one instance's pool, fair share on and off
+        if a.noisy_seconds and "herd" in a.configs:
+            extra["noisy"] = self.noisy_section(gw)
 
         # 4. multi-turn chat: affinity on (herd) and off (herd-noaff), the same conversations, prompt time on
         if a.chat_conversations and {"herd", "herd-noaff"} <= set(a.configs):
@@ -501,6 +520,99 @@ class Bench:
                 finally:
                     gw.stop()
         return extra
+
+    def noisy_section(self, gw: Gateway) -> dict:
+        """A pool of one instance's slots shared by two API keys: `noisy` keeps --noisy-clients streaming clients
+        busy for --noisy-seconds, `quiet` sends --quiet-requests one at a time. The quiet key alone first, then
+        beside the noise with fair share on and off (gateway_fair_share), each gateway rendered by the role."""
+        a = self.args
+        keys = [{"name": "noisy", "key": NOISY_KEY}, {"name": "quiet", "key": QUIET_KEY}]
+        ports = self.ports[:1]
+        mix = f"n:{a.prompt_words}:{a.noisy_tokens}"
+        out: dict = {"slots": a.num_parallel, "answer_tokens": a.noisy_tokens,
+                     "answer_s": a.noisy_tokens * a.token_seconds, "noisy_clients": a.noisy_clients,
+                     "quiet_requests": a.quiet_requests, "seconds": a.noisy_seconds}
+        for name, fair in (("keys-fair", True), ("keys-fifo", False)):
+            gw.render_herd(name, ports, a.num_parallel, overrides={"gateway_api_keys": keys, "gateway_fair_share": fair,
+                                                                   "gateway_queue_max": 256})
+        gw.start("keys-fair")
+        try:
+            alone = self.load("quiet-alone", gw.url, "generate", 1, a.quiet_requests, mix, api_key=QUIET_KEY)
+        finally:
+            gw.stop()
+        out["alone"] = self.key_figures(alone["summary"])
+        for name in ("keys-fair", "keys-fifo"):
+            gw.start(name)
+            try:
+                log_path = next(gw.prefixes[name].path.rglob("herd-gateway.access.log"), None)
+                skip = len(log_path.read_text().splitlines()) if log_path and log_path.exists() else 0
+                noise = self.load_async(f"{name}-noisy", gw.url, a.noisy_clients, 100000, mix, NOISY_KEY,
+                                        a.noisy_seconds)
+                time.sleep(min(2.0, a.noisy_seconds / 4))  # the pool full and the noisy key's queue built up
+                quiet = self.load(f"{name}-quiet", gw.url, "generate", 1, a.quiet_requests, mix, api_key=QUIET_KEY)
+                noisy = self.finish_async(noise)
+            finally:
+                gw.stop()
+            tokens = noisy["summary"]["output_tokens"] + quiet["summary"]["output_tokens"]
+            wall = self.cpu[f"{name}-noisy"]["elapsed_s"]
+            out[name] = {"quiet": self.key_figures(quiet["summary"]), "noisy": self.key_figures(noisy["summary"]),
+                         "pool_tokens_per_s": tokens / wall if wall else None,
+                         "quiet_waits": self.quiet_waits(log_path, skip, a.num_parallel)}
+            log(f"  -> {name}: quiet TTFT p90 {fmt(out[name]['quiet']['ttft_p90'])} s, pool "
+                f"{fmt(out[name]['pool_tokens_per_s'], 1)} tok/s")
+        return out
+
+    @staticmethod
+    def key_figures(s: dict) -> dict:
+        return {"requests": s["requests"], "ok": s["ok"], "ttft_p50": s["ttft_s"]["p50"],
+                "ttft_p90": s["ttft_s"]["p90"], "ttft_max": s["ttft_s"]["max"],
+                "output_tokens_per_s": s["output_tokens_per_s"]}
+
+    @staticmethod
+    def quiet_waits(log_path: Path | None, skip: int, slots: int) -> dict:
+        """From the gateway's access log: the quiet key's queue waits, and for each quiet request the soonest any
+        slot freed after it arrived (no scheduler that cannot take a slot back serves it sooner)."""
+        if not log_path or not log_path.exists():
+            return {}
+        recs = []
+        for line in log_path.read_text().splitlines()[skip:]:
+            rec = json.loads(line)
+            if rec.get("queue_wait") in (None, "") or rec.get("status") != "200":
+                continue
+            end, length, wait = float(rec["msec"]), float(rec["request_time"]), float(rec["queue_wait"])
+            recs.append((rec["key"], end - length, end - length + wait, end, wait))
+        waits, bounds = [], []
+        for key, start, _, _, wait in recs:
+            if key != "quiet":
+                continue
+            waits.append(wait)
+            busy = [end for _, _, admitted, end, _ in recs if admitted <= start < end]
+            # Every slot busy at its arrival: the first of them to end; otherwise no wait at all.
+            bounds.append(min(busy) - start if len(busy) >= slots else 0.0)
+        return {"wait": herd_load.distribution(waits), "soonest_free_slot": herd_load.distribution(bounds)}
+
+    def load_async(self, name: str, url: str, concurrency: int, requests: int, mix: str, api_key: str,
+                   seconds: float) -> tuple:
+        """Start a load run in the background (finish_async collects it)."""
+        out = self.work / "runs" / f"{name}.json"
+        out.parent.mkdir(exist_ok=True)
+        argv = ["python3", str(LOAD_TOOL), "--url", url, "--api", "generate", "--model", MODEL,
+                "--concurrency", str(concurrency), "--requests", str(requests), "--seed", str(self.args.seed),
+                "--duration", str(seconds), "--prompt-mix", mix, "--timeout", "120", "--json", str(out), "--quiet",
+                "--api-key", api_key]
+        log(f"run {name}: generate {url} c={concurrency} for {seconds:g} s mix={mix} (background)")
+        return name, out, subprocess.Popen(argv, stdout=subprocess.DEVNULL), time.monotonic()
+
+    def finish_async(self, run: tuple) -> dict:
+        name, out, proc, t0 = run
+        if proc.wait(timeout=self.args.max_run_seconds + 120) not in (0, 1):
+            raise RuntimeError(f"load run {name} failed with {proc.returncode}")
+        data = json.loads(out.read_text())
+        self.cpu[name] = {"elapsed_s": time.monotonic() - t0, "machine_busy": 0.0, "emulators_cpu_s": 0.0,
+                          "nginx_cpu_s": 0.0, "litellm_cpu_s": 0.0, "load_tool_cpu_s": 0.0,
+                          "cores": os.cpu_count() or 1, "served_by_instance": []}
+        self.runs[name] = data
+        return data
 
     def conversations(self) -> list[dict]:
         """The multi-turn workload: a shared system prompt, then per conversation a document and follow-ups."""
@@ -917,7 +1029,14 @@ def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: 
     checks = goals(tab, a.multipliers, ttft)
     chat = extra.get("chat") or {}
     aff_checks = affinity_goals(tab, a.multipliers, chat)
-    out = {"overload": {str(m): v for m, v in tab.items()}, "request_list": {"requests": len(reference),
+    if "ttft-gateway-noacct" in bench.runs:
+        s = bench.runs["ttft-gateway-noacct"]["summary"]
+        ttft["gateway-noacct"] = {"ttft_p50": s["ttft_s"]["p50"], "ttft_p99": s["ttft_s"]["p99"],
+                                  "latency_p50": s["latency_s"]["p50"], "ok": s["ok"], "requests": s["requests"]}
+    noisy_checks = noisy_goals(extra.get("noisy"))
+    out = {"overload": {str(m): v for m, v in tab.items()}, "noisy": extra.get("noisy"),
+           "noisy_goals": [{"goal": g, "measured": v, "met": ok} for g, v, ok in noisy_checks],
+           "accounting": accounting_figures(bench), "request_list": {"requests": len(reference),
            "long": longs, "short": len(reference) - longs}, "ttft": ttft, "peer_router": peer,
            "goals": [{"goal": g, "measured": v, "met": ok} for g, v, ok in checks],
            "chat": chat, "affinity_goals": [{"goal": g, "measured": v, "met": ok} for g, v, ok in aff_checks],
@@ -1100,6 +1219,11 @@ def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: 
                 pass
     if aff_checks:
         L += goals_table(20, aff_checks)
+    noisy = extra.get("noisy")
+    if noisy:
+        L += noisy_report(noisy, a)
+    if "ttft-gateway-noacct" in bench.runs:
+        L += accounting_report(bench, ttft)
 
     L.append("## CPU use (is the machine the bottleneck?)")
     L.append("")
@@ -1120,6 +1244,98 @@ def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: 
              f"`{started[:10]}-lab.json`; plot: `{started[:10]}-lab.png`.")
     L.append("")
     return "\n".join(L), out
+
+
+def noisy_goals(noisy: dict | None) -> list[tuple[str, str, bool | None]]:
+    """Issue 30's goals for the noisy-neighbour section."""
+    if not noisy:
+        return []
+    alone, fair, fifo = noisy["alone"], noisy["keys-fair"], noisy["keys-fifo"]
+    checks = []
+    r = ratio(fair["quiet"]["ttft_p90"], alone["ttft_p90"])
+    checks.append(("the quiet key's TTFT p90 beside the noisy key is at most 2x its TTFT p90 alone",
+                   f"{fmt(fair['quiet']['ttft_p90'])} s vs {fmt(alone['ttft_p90'])} s alone: {fmt(r, 2)}x",
+                   None if r is None else r <= 2.0))
+    r = ratio(fair["pool_tokens_per_s"], fifo["pool_tokens_per_s"])
+    checks.append(("the pool's throughput with fair share is at least 0.95x plain FIFO's, same run",
+                   f"{fmt(fair['pool_tokens_per_s'], 1)} vs {fmt(fifo['pool_tokens_per_s'], 1)} tok/s: {fmt(r, 3)}x",
+                   None if r is None else r >= 0.95))
+    return checks
+
+
+def noisy_report(noisy: dict, a) -> list[str]:
+    L = ["## 5. Noisy neighbour: two API keys in one full pool", ""]
+    L.append(f"One instance's pool ({noisy['slots']} slots), answers of {noisy['answer_tokens']} tokens "
+             f"({fmt(noisy['answer_s'], 2)} s). Key `noisy` keeps {noisy['noisy_clients']} streaming clients busy for "
+             f"{noisy['seconds']:g} s; key `quiet` sends {noisy['quiet_requests']} requests one at a time, first alone, "
+             "then beside the noise, through herd's gateway rendered by the role with fair share (the default) and "
+             "with `gateway_fair_share: false` (one FIFO per pool, as before issue 30). Pool throughput: both keys' "
+             "output tokens over the noisy run's time.")
+    L.append("")
+    L.append("| gateway | quiet: served | quiet TTFT p50 | quiet TTFT p90 | quiet TTFT max | noisy: served | "
+             "noisy tok/s | pool tok/s |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    al = noisy["alone"]
+    L.append(f"| quiet key alone | {al['ok']}/{al['requests']} | {fmt(al['ttft_p50'])} s | {fmt(al['ttft_p90'])} s | "
+             f"{fmt(al['ttft_max'])} s | - | - | - |")
+    for name in ("keys-fair", "keys-fifo"):
+        v = noisy[name]
+        q, n = v["quiet"], v["noisy"]
+        L.append(f"| {LABELS[name]} | {q['ok']}/{q['requests']} | {fmt(q['ttft_p50'])} s | {fmt(q['ttft_p90'])} s | "
+                 f"{fmt(q['ttft_max'])} s | {n['ok']}/{n['requests']} | {fmt(n['output_tokens_per_s'], 1)} | "
+                 f"{fmt(v['pool_tokens_per_s'], 1)} |")
+    L.append("")
+    fair = noisy["keys-fair"].get("quiet_waits") or {}
+    if fair.get("wait", {}).get("count"):
+        w, b = fair["wait"], fair["soonest_free_slot"]
+        L.append(f"From the fair gateway's access log: the quiet key's queue wait p50 {fmt(w['p50'])} s, p90 "
+                 f"{fmt(w['p90'])} s; the soonest any slot freed after each quiet request arrived p50 {fmt(b['p50'])} s, "
+                 f"p90 {fmt(b['p90'])} s. A slot cannot be taken back from an answer in progress (neither Ollama nor the "
+                 "gateway preempts), so that is the least any scheduler could make it wait: with every slot held by "
+                 "answers of this length, the quiet key's TTFT is bounded by the answers' length, not by the noisy "
+                 "key's queue.")
+        L.append("")
+    L += goals_table(30, noisy_goals(noisy))
+    return L
+
+
+def accounting_figures(bench: Bench) -> dict | None:
+    on, off = bench.cpu.get("ttft-gateway"), bench.cpu.get("ttft-gateway-noacct")
+    if not on or not off:
+        return None
+    son, soff = bench.runs["ttft-gateway"]["summary"], bench.runs["ttft-gateway-noacct"]["summary"]
+    direct = bench.runs.get("ttft-direct", {}).get("summary")
+    fig = {"requests": son["requests"], "nginx_cpu_ms_per_request": {
+        "on": 1000 * on["nginx_cpu_s"] / max(son["requests"], 1),
+        "off": 1000 * off["nginx_cpu_s"] / max(soff["requests"], 1)},
+        "latency_p50": {"on": son["latency_s"]["p50"], "off": soff["latency_s"]["p50"]},
+        "ttft_p50": {"on": son["ttft_s"]["p50"], "off": soff["ttft_s"]["p50"]}}
+    if direct:
+        fig["added_latency_p50_ms"] = {k: 1000 * (fig["latency_p50"][k] - direct["latency_s"]["p50"])
+                                       for k in ("on", "off")}
+    return fig
+
+
+def accounting_report(bench: Bench, ttft: dict) -> list[str]:
+    fig = accounting_figures(bench)
+    cpu = fig["nginx_cpu_ms_per_request"]
+    L = ["## 6. The cost of token accounting", ""]
+    L.append(f"Section 2's gateway run ({fig['requests']} streaming requests at concurrency = slots) again through "
+             "herd's gateway rendered with `gateway_token_accounting: false`, right after it: the body filter then "
+             "reads no chunk for usage.")
+    L.append("")
+    L.append("| gateway | nginx CPU per request | TTFT p50 | latency p50 | latency p50 added over direct |")
+    L.append("|---|---|---|---|---|")
+    added = fig.get("added_latency_p50_ms", {})
+    for k, label in (("on", "accounting on (default)"), ("off", "accounting off")):
+        L.append(f"| {label} | {fmt(cpu[k], 3)} ms | {fmt(fig['ttft_p50'][k])} s | {fmt(fig['latency_p50'][k])} s | "
+                 f"{fmt(added.get(k), 2)} ms |")
+    L.append("")
+    L.append(f"Ratio on / off: nginx CPU per request {fmt(ratio(cpu['on'], cpu['off']), 2)}x, latency p50 "
+             f"{fmt(ratio(fig['latency_p50']['on'], fig['latency_p50']['off']), 3)}x, added latency p50 "
+             f"{fmt(ratio(added.get('on'), added.get('off')), 2)}x.")
+    L.append("")
+    return L
 
 
 def write_plot(bench: Bench, data: dict, path: Path) -> bool:
@@ -1200,6 +1416,11 @@ def parse_args(argv=None):
     p.add_argument("--chat-answer-tokens", type=int, default=64, help="answer length of every turn")
     p.add_argument("--chat-think-s", type=float, default=1.0,
                    help="mean pause between an answer and the next turn (uniform 0.5x-1.5x, seeded)")
+    p.add_argument("--noisy-seconds", type=float, default=20.0, help="noisy-neighbour section: seconds (0: none)")
+    p.add_argument("--noisy-clients", type=int, default=16, help="noisy-neighbour section: the noisy key's clients")
+    p.add_argument("--noisy-tokens", type=int, default=50, help="noisy-neighbour section: answer length of both keys")
+    p.add_argument("--quiet-requests", type=int, default=30,
+                   help="noisy-neighbour section: the quiet key's requests, one at a time")
     p.add_argument("--nginx-workers", default="2", help="worker_processes (empty: as this machine's nginx.conf)")
     p.add_argument("--max-run-seconds", type=float, default=120.0, help="bound of every load run")
     p.add_argument("--litellm-routing", default="least-busy")
@@ -1212,6 +1433,7 @@ def parse_args(argv=None):
         a.ttft_requests, a.skip_litellm = 24, True
         a.chat_conversations, a.chat_turns, a.chat_doc_bytes, a.chat_answer_tokens = 8, 3, 2000, 8
         a.chat_prompt_tps, a.chat_think_s = 5000.0, 0.05
+        a.noisy_seconds, a.noisy_clients, a.quiet_requests = 4.0, 8, 10
     a.multipliers = [int(x) for x in str(a.multipliers).split(",") if x]
     a.configs = [x for x in str(a.configs).split(",") if x]
     unknown = set(a.configs) - set(CONFIGS) - {"baseline"}

@@ -57,7 +57,7 @@ MAX_REQUESTS = 100_000
 MAX_DURATION_S = 3600.0
 MAX_CONCURRENCY = 4096
 MAX_ERROR_BODY = 65536
-PERCENTILES = (50, 95, 99)
+PERCENTILES = (50, 90, 95, 99)
 
 API_PATHS = {
     "generate": "/api/generate",
@@ -170,7 +170,7 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 def distribution(values: Iterable[float | None]) -> dict[str, float | None]:
-    """min/mean/p50/p95/p99/max of the values that are not None."""
+    """min/mean/p50/p90/p95/p99/max of the values that are not None."""
     data = [float(v) for v in values if v is not None]
     out: dict[str, float | None] = {"count": len(data)}
     if not data:

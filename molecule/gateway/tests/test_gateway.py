@@ -67,7 +67,14 @@ def test_nginx_runs_with_lua_and_config_is_valid(gw):
     assert "ngx_http_lua_module.so" in full and "balancer_by_lua_block" in full
     conf = gw.file("/etc/nginx/conf.d/herd-gateway.conf")
     assert conf.mode == 0o644 and conf.user == "root"
-    assert gw.file("/etc/nginx/herd/gateway-keys.json").mode == 0o600
+    keys = gw.file("/etc/nginx/herd/gateway-keys.json")
+    assert keys.mode == 0o600
+    # Names, digests and limits, never a key; the fair-share fields as the inventory set them.
+    record = {entry[1]: entry[2] for entry in json.loads(keys.content_string)["keys"]}
+    assert "h4-lab-key" not in keys.content_string
+    assert record["team-a"]["weight"] == 2 and record["team-a"]["priority"] == "interactive", record
+    assert record["team-b"] == {"max_requests": 1, "tokens_per_minute": 0, "models": ["herd-tiny:1b"], "weight": 1,
+                                "priority": "batch"}, record
     # The entry module and every module of the role, byte for byte (teardown removes the directory).
     role_files = os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "roles", "gateway", "files")
     modules = ["herd_gateway.lua"] + sorted(f"herd_gateway/{name}" for name in

@@ -243,10 +243,12 @@ function _M.access(mode)
     if not ok and err ~= "duplicate call" then
         ngx.log(ngx.WARN, "herd gateway: on_abort: ", err)
     end
-    local server = queue.admit(pool, ctx.herd_affinity)
+    local server = queue.admit(pool, ctx.herd_affinity, ngx.var.herd_key_name or "")
     ctx.herd_server = server
     ngx.var.herd_slot = server.key
-    usage.start(ctx, entry and entry.usage)
+    if settings.cfg.token_accounting then
+        usage.start(ctx, entry and entry.usage)
+    end
 end
 
 -- balancer_by_lua: the chosen instance first; on a retry another candidate of the same pool.
@@ -336,6 +338,7 @@ function _M.log()
     if key and key ~= "" then
         slots.give_back(key)
     end
+    queue.done(ctx)
     -- The answer's tokens (the access log's fields), counted against its API key's window.
     local tokens = usage.finish(ctx, ngx.req.start_time())
     tenants.done(ctx, tokens)

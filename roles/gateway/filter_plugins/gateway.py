@@ -116,8 +116,14 @@ OLLAMA_OPTIONS = (
 )
 
 
+def _duration_seconds(value):
+    """Seconds of an nginx time that DURATION_RE accepts (no unit = seconds)."""
+    number, unit = re.match(r"^([0-9]+)([a-z]*)$", str(value)).groups()
+    return int(number) * {"ms": 0.001, "": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+
+
 def gateway_routing_errors(backend_hosts, hostvars, model_options=None, queue_max=64, queue_timeout="120s",
-                           client_options=None):
+                           client_options=None, batch_aging="30s"):
     """Messages for bad routing settings, each naming the variable and the fix. Models are those the instance
     plans (hostvars[h].ollama_instances[*].models) of the backend hosts hold; hosts without a plan in this run
     are not checked against."""
@@ -129,6 +135,11 @@ def gateway_routing_errors(backend_hosts, hostvars, model_options=None, queue_ma
         errors.append(f"gateway_queue_max={queue_max!r} must be a whole number, 0 or more. Fix: e.g. 64 (0 = no queue)")
     if not DURATION_RE.match(str(queue_timeout)):
         errors.append(f"gateway_queue_timeout={queue_timeout!r} is not an nginx time such as 600s, 10m or 500ms")
+    if not DURATION_RE.match(str(batch_aging)):
+        errors.append(f"gateway_batch_aging={batch_aging!r} is not an nginx time such as 30s or 2m")
+    elif DURATION_RE.match(str(queue_timeout)) and _duration_seconds(batch_aging) >= _duration_seconds(queue_timeout):
+        errors.append(f"gateway_batch_aging={batch_aging} is not below gateway_queue_timeout={queue_timeout}: a batch "
+                      "request would time out before it may compete with interactive ones. Fix: e.g. 30s")
     client_options = {} if client_options is None else client_options
     if not isinstance(client_options, dict):
         errors.append("gateway_client_options must be a mapping of model name (or '*') to a list of option names. "
@@ -417,7 +428,7 @@ def gateway_key_digest(key):
     return hashlib.sha1((KEY_DIGEST_PREFIX + str(key)).encode("utf-8")).hexdigest()
 
 
-def gateway_api_keys(keys, min_length=32):
+def gateway_api_keys(keys, min_length=32, token_accounting=True):
     """Normalise gateway_api_keys (strings or {name, key}) to a list of {name, key, digest}; errors raise.
 
     A key must be min_length (gateway_api_key_min_length) to 256 characters of A-Z a-z 0-9 . _ ~ + / = - with at
@@ -441,6 +452,9 @@ def gateway_api_keys(keys, min_length=32):
         if not KEY_NAME_RE.match(name):
             raise AnsibleFilterError(f"gateway_api_keys: name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
         limits = _key_limits(name, {} if isinstance(entry, str) else entry)
+        if limits["tokens_per_minute"] and not token_accounting:
+            raise AnsibleFilterError(f"gateway_api_keys: tokens_per_minute of {name!r} needs the gateway's token "
+                                     "accounting. Fix: set gateway_token_accounting: true, or drop tokens_per_minute")
         if not KEY_RE.match(key) or len(key) < min_length:
             raise AnsibleFilterError(
                 f"gateway_api_keys: key of {name!r} must be {min_length}-256 characters of A-Z a-z 0-9 . _ ~ + / = - "
@@ -458,12 +472,16 @@ def gateway_api_keys(keys, min_length=32):
     return result
 
 
-KEY_FIELDS = ("name", "key", "models", "max_requests", "tokens_per_minute")
+KEY_FIELDS = ("name", "key", "models", "max_requests", "tokens_per_minute", "weight", "priority")
+KEY_PRIORITIES = ("interactive", "batch")
+# A key's weight: its share of a full pool against the other keys waiting there.
+KEY_WEIGHT_MAX = 1000
 
 
 def _key_limits(name, entry):
     """The limits of one gateway_api_keys entry: {models: [pool keys] (only when the entry names models),
-    max_requests, tokens_per_minute} (0 = no limit); errors name the key's name and the field, never the key."""
+    max_requests, tokens_per_minute (0 = no limit), weight (1 by default), priority (interactive by default)};
+    errors name the key's name and the field, never the key."""
     try:
         fields = list(entry.keys())
     except AttributeError:
@@ -481,6 +499,18 @@ def _key_limits(name, entry):
             raise AnsibleFilterError(f"gateway_api_keys: {field} of {name!r} must be a whole number of 0 or more "
                                      f"(0 = no limit), got {value!r}")
         limits[field] = value
+    weight = _get(entry, "weight", 1)
+    if isinstance(weight, str) and weight.isdigit():
+        weight = int(weight)
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= KEY_WEIGHT_MAX:
+        raise AnsibleFilterError(f"gateway_api_keys: weight of {name!r} must be a whole number from 1 to "
+                                 f"{KEY_WEIGHT_MAX} (its share of a full pool against the other keys), got {weight!r}")
+    limits["weight"] = weight
+    priority = _get(entry, "priority", "interactive")
+    if priority not in KEY_PRIORITIES:
+        raise AnsibleFilterError(f"gateway_api_keys: priority of {name!r} must be one of {', '.join(KEY_PRIORITIES)}, "
+                                 f"got {str(priority)[:40]!r}")
+    limits["priority"] = priority
     models = _get(entry, "models")
     if models is not None:
         if isinstance(models, str) or not isinstance(models, (list, tuple)) or not models:

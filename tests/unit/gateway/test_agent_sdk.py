@@ -16,12 +16,10 @@ import time
 import urllib.request
 
 import pytest
-from conftest import NGINX, gateway_over
-from herd_testing import load_module
+from conftest import emulated_stack
 
 anthropic = pytest.importorskip("anthropic")
 openai = pytest.importorskip("openai")
-lab = load_module("tests/unit/standins/standins_lab.py", "herd_standins_lab_sdk")
 
 TINY, EMBED = "herd-tiny:1b", "herd-embed:v1"
 SYSTEM = [{"type": "text", "text": "You are a coding agent. Read files with the tools you are given."}]
@@ -32,27 +30,10 @@ HOLD_TOKENS = 150  # at 100 tokens/s: a request that holds its slot 1.5 s
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, gw):
-    if NGINX is None:
-        pytest.skip("nginx is not installed here")
     tmp = tmp_path_factory.mktemp("agent-sdk")
-    models = tmp / "models"
-    lab.mkmodels.write_models(str(models), [TINY, EMBED])
-    emus = []
-    try:
-        for gpu in (0, 1):
-            emus.append(lab.Emu(tmp, {"OLLAMA_MODELS": str(models), "HERD_LAB_GPU_SPEC": str(lab.GPUS / "l20x4.json"),
-                                      "CUDA_VISIBLE_DEVICES": str(gpu), "OLLAMA_NUM_PARALLEL": "1",
-                                      "OLLAMA_MAX_LOADED_MODELS": "2", "HERD_EMU_LOAD_SECONDS": "0.05",
-                                      "HERD_EMU_TOKENS_PER_SECOND": "100"}))
-        gateway = gateway_over(tmp, gw, [(e.port, 1, [TINY, EMBED]) for e in emus], gateway_expose_upstream=True,
-                               gateway_queue_max=0)
-        try:
-            yield f"http://127.0.0.1:{gateway.port}", emus, tmp
-        finally:
-            gateway.stop()
-    finally:
-        for emu in emus:
-            emu.stop()
+    with emulated_stack(tmp, gw, [TINY, EMBED], gpus=(0, 1), gateway_expose_upstream=True,
+                        gateway_queue_max=0) as (gateway, emus):
+        yield f"http://127.0.0.1:{gateway.port}", emus, tmp
 
 
 def access_log(tmp):

@@ -163,9 +163,14 @@ def test_api_keys(gw):
 def test_api_key_limits(gw):
     keys = gw.gateway_api_keys([K1, {"name": "team-a", "key": K2, "models": ["Llama3.2", "llama3.2:latest", "qwen3:8b"],
                                      "max_requests": 4, "tokens_per_minute": "50000"}])
-    assert keys[0]["limits"] == {"max_requests": 0, "tokens_per_minute": 0}
+    assert keys[0]["limits"] == {"max_requests": 0, "tokens_per_minute": 0, "weight": 1, "priority": "interactive"}
     # Models become their pools (Ollama's name rule, lower case), once each.
-    assert keys[1]["limits"] == {"max_requests": 4, "tokens_per_minute": 50000, "models": ["llama3.2:latest", "qwen3:8b"]}
+    assert keys[1]["limits"] == {"max_requests": 4, "tokens_per_minute": 50000, "models": ["llama3.2:latest", "qwen3:8b"],
+                                 "weight": 1, "priority": "interactive"}
+    with pytest.raises(gw.AnsibleFilterError, match="tokens_per_minute of 'b' needs the gateway's token accounting"):
+        gw.gateway_api_keys([{"name": "b", "key": K1, "tokens_per_minute": 5}], token_accounting=False)
+    batch = gw.gateway_api_keys([{"name": "b", "key": K1, "weight": "3", "priority": "batch"}])
+    assert batch[0]["limits"] == {"max_requests": 0, "tokens_per_minute": 0, "weight": 3, "priority": "batch"}
     for entry, message in (
         ({"max_request": 1}, r"unknown fields \['max_request'\]"),
         ({"max_requests": -1}, "max_requests of 'b' must be a whole number of 0 or more"),
@@ -174,6 +179,10 @@ def test_api_key_limits(gw):
         ({"models": "llama3.2"}, "must be a non-empty list"),
         ({"models": []}, "must be a non-empty list"),
         ({"models": ["no such name!"]}, "not a model name Ollama accepts"),
+        ({"weight": 0}, "weight of 'b' must be a whole number from 1 to 1000"),
+        ({"weight": 1.5}, "weight of 'b'"),
+        ({"weight": 1001}, "weight of 'b'"),
+        ({"priority": "urgent"}, "priority of 'b' must be one of interactive, batch"),
     ):
         with pytest.raises(gw.AnsibleFilterError, match=message) as err:
             gw.gateway_api_keys([{"name": "b", "key": K1, **entry}])

@@ -43,6 +43,11 @@ def test_routing_settings_errors_name_the_variable(gw):
     assert "gateway_model_options: model 'llama3' is held by no instance" in text and "Fix:" in text
     assert "gateway_queue_max=-1" in text and "gateway_queue_timeout='soon'" in text
     assert "mapping" in gw.gateway_routing_errors(["gpu1"], hostvars, ["x"])[0]
+    # A batch request must be able to compete with interactive ones before its queue timeout.
+    late = gw.gateway_routing_errors(["gpu1"], hostvars, {}, queue_timeout="2m", batch_aging="120s")
+    assert late and "gateway_batch_aging=120s is not below gateway_queue_timeout=2m" in late[0] and "Fix:" in late[0]
+    assert gw.gateway_routing_errors(["gpu1"], hostvars, {}, queue_timeout="2m", batch_aging="119500ms") == []
+    assert "gateway_batch_aging='soon'" in gw.gateway_routing_errors(["gpu1"], hostvars, {}, batch_aging="soon")[0]
 
 
 # ------------------------------------------------------------------------------------- Lua, in the real nginx

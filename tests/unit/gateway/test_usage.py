@@ -20,11 +20,9 @@ import threading
 import time
 
 import pytest
-from conftest import NGINX, gateway_over, run_lua
+from conftest import emulated_stack, run_lua
 from herd_testing import load_module
 from test_dialects import assert_error_shape, send
-
-lab = load_module("tests/unit/standins/standins_lab.py", "herd_standins_lab_usage")
 
 TINY, EMBED = "herd-tiny:1b", "herd-embed:v1"
 KEYS = {
@@ -41,28 +39,15 @@ def auth(name):
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, gw):
-    if NGINX is None:
-        pytest.skip("nginx is not installed here")
     tmp = tmp_path_factory.mktemp("usage")
-    models = tmp / "models"
-    lab.mkmodels.write_models(str(models), [TINY, EMBED])
-    emu = lab.Emu(tmp, {"OLLAMA_MODELS": str(models), "HERD_LAB_GPU_SPEC": str(lab.GPUS / "l20x4.json"),
-                        "CUDA_VISIBLE_DEVICES": "0", "OLLAMA_NUM_PARALLEL": "2", "OLLAMA_MAX_LOADED_MODELS": "2",
-                        "HERD_EMU_LOAD_SECONDS": "0.05", "HERD_EMU_TOKENS_PER_SECOND": "100"})
     keys = gw.gateway_api_keys([
         {"name": "meter", "key": KEYS["meter"]},
         {"name": "narrow", "key": KEYS["narrow"], "models": [EMBED]},
         {"name": "capped", "key": KEYS["capped"], "max_requests": 1},
         {"name": "thrifty", "key": KEYS["thrifty"], "tokens_per_minute": 40},
     ])
-    try:
-        gateway = gateway_over(tmp, gw, [(emu.port, 2, [TINY, EMBED])], _gateway_keys=keys, gateway_queue_max=8)
-        try:
-            yield gateway.port, tmp
-        finally:
-            gateway.stop()
-    finally:
-        emu.stop()
+    with emulated_stack(tmp, gw, [TINY, EMBED], parallel=2, _gateway_keys=keys, gateway_queue_max=8) as (gateway, _):
+        yield gateway.port, tmp
 
 
 def log_lines(tmp):

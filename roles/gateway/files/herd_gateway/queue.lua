@@ -1,23 +1,34 @@
--- herd gateway: the fair wait queue of every pool (FIFO over every worker).
+-- herd gateway: the wait queue of every pool: fair share between API keys, FIFO within one key.
 --
--- Owns: admit (wait for the head and a free slot, or answer busy: queue full, no live instance, timeout),
--- on_abort (a client that hangs up leaves the queue at once), waiting (requests in a pool's queue now).
--- A request takes a ticket; the ticket at the head competes for a slot (slots.acquire); tickets that left are
--- skipped; a ticket whose holder stops polling (its worker died) counts as gone, and the waiting count is a
--- counters.add counter (a dead worker's share is given back).
--- Every write never evicts: the ticket counter, head and waiting count in herd_gateway (counters), the
+-- Owns: admit (wait for this key's turn and a free slot, or answer busy: queue full, no live instance, timeout),
+-- on_abort (a client that hangs up leaves the queue at once), waiting (requests in a pool's queue now), done (log
+-- phase: the slot the request's tenant held is given back to its share).
+-- Every tenant (an API key name; "" = every request without a key, one shared tenant) has a FIFO of its own in
+-- each pool: a request takes a ticket there; the ticket at the head of a tenant's FIFO is the tenant's candidate;
+-- tickets that left are skipped; a ticket whose holder stops polling (its worker died) counts as gone.
+-- Which candidate takes the next free slot (the turn): the lowest class first (interactive 0; batch 1 until it
+-- has waited gateway_batch_aging, then 0), then the lowest share (slots of the pool the tenant holds now, divided
+-- by its weight), then the longest wait. That is weighted max-min fairness of the pool's slots, served the way
+-- Dominant Resource Fairness serves one resource (Ghodsi et al., NSDI 2011: the next unit goes to the user of the
+-- lowest share); a tenant alone, or the only one waiting, takes every free slot. Candidates publish their class and
+-- arrival (herd_queue m:, 1 s, refreshed while they poll); a turn reads the candidates of every tenant that may use
+-- the pool: O(keys) dict reads per poll of each candidate, and only while the pool is full.
+-- Every write never evicts: the ticket counters, heads, waiting and held counts in herd_gateway (counters), the
 -- per-request markers in their own dict herd_queue (safe_set, safe_add). When either dict is full the request is
 -- answered 503 (Ollama's error shape) and leaves the queue as if it had timed out: no state is left half-written.
--- Shared-dict keys (herd_gateway):
---   q:<pool>:t       read, written: the ticket counter
---   q:<pool>:h       read, written: the ticket at the head
---   q:<pool>:w       read, written: requests waiting (and the worker's share w:<pid>:q:<pool>:w)
+-- Shared-dict keys (herd_gateway); <fifo> is <pool>|<tenant>:
+--   q:<fifo>:t       read, written: the tenant's ticket counter in the pool
+--   q:<fifo>:h       read, written: the ticket at the head of the tenant's FIFO
+--   q:<pool>:w       read, written: requests waiting in the pool (and the worker's share w:<pid>:q:<pool>:w)
+--   o:<fifo>         read, written: slots of the pool the tenant holds (counters.add)
 -- Shared-dict keys (herd_queue):
---   q:<pool>:l:<n>   read, written: ticket n is alive (refreshed while it polls)
---   q:<pool>:g:<n>   read, written, deleted: ticket n left the queue
---   q:<pool>:a:<n>   written: one worker moves the head past ticket n
+--   q:<fifo>:l:<n>   read, written: ticket n is alive (refreshed while it polls)
+--   q:<fifo>:g:<n>   read, written, deleted: ticket n left the queue
+--   q:<fifo>:a:<n>   written: one worker moves the head past ticket n
+--   m:<fifo>         read, written, deleted: the tenant's candidate, "<class> <arrival>" (1 s, refreshed)
 -- It counts admitted, rejected_full, rejected_timeout, abandoned and affinity_* through stats.
 local affinities = require("herd_gateway.affinity")
+local apikeys = require("herd_gateway.apikeys")
 local counters = require("herd_gateway.counters")
 local keys = require("herd_gateway.keys")
 local respond = require("herd_gateway.respond")
@@ -35,61 +46,113 @@ local FULL = "server busy, please try again: the gateway's shared state is full"
 
 -- Mark the ticket gone. Without room for the mark it is gone all the same: its alive marker is deleted, and a
 -- ticket at or behind the head without one counts as gone.
-local function queue_leave(pool, ticket)
-    local ok, err = markers():safe_set("q:" .. pool .. ":g:" .. ticket, 1, 3600)
+local function queue_leave(fifo, ticket)
+    local ok, err = markers():safe_set("q:" .. fifo .. ":g:" .. ticket, 1, 3600)
     if not ok then
-        ngx.log(ngx.WARN, "herd gateway: queue ", pool, ": ticket ", ticket, " left unmarked: ", err)
+        ngx.log(ngx.WARN, "herd gateway: queue ", fifo, ": ticket ", ticket, " left unmarked: ", err)
     end
 end
 
 -- Move the head past tickets that left. Only one worker wins each step (add() of a short-lived marker), so
 -- two workers never skip the same ticket twice. Returns the head, or nil and the error when herd_queue is full.
-local function advance_head(pool)
+local function advance_head(fifo)
     local d, m = dict(), markers()
     for _ = 1, 1000 do
-        local head = d:get("q:" .. pool .. ":h") or 1
+        local head = d:get("q:" .. fifo .. ":h") or 1
         -- A ticket whose holder stopped polling (its worker died) counts as gone.
-        local gone = m:get("q:" .. pool .. ":g:" .. head)
-            or (head <= (d:get("q:" .. pool .. ":t") or 0) and not m:get("q:" .. pool .. ":l:" .. head))
+        local gone = m:get("q:" .. fifo .. ":g:" .. head)
+            or (head <= (d:get("q:" .. fifo .. ":t") or 0) and not m:get("q:" .. fifo .. ":l:" .. head))
         if not gone then
             return head
         end
-        local ok, err = m:safe_add("q:" .. pool .. ":a:" .. head, 1, 10)
+        local ok, err = m:safe_add("q:" .. fifo .. ":a:" .. head, 1, 10)
         if ok then
-            m:delete("q:" .. pool .. ":g:" .. head)
-            counters.incr("q:" .. pool .. ":h", 1, nil, d)
+            m:delete("q:" .. fifo .. ":g:" .. head)
+            counters.incr("q:" .. fifo .. ":h", 1, nil, d)
         elseif err ~= "exists" then
             return nil, err
         else
             ngx.sleep(0.001)
         end
     end
-    return d:get("q:" .. pool .. ":h") or 1
+    return d:get("q:" .. fifo .. ":h") or 1
 end
 
 -- Pass the head on to the next ticket. Only the head's holder calls it (a ticket that leaves while not at
 -- the head is marked gone instead), so a plain increment is enough.
-local function pop_head(pool)
-    counters.incr("q:" .. pool .. ":h", 1)
+local function pop_head(fifo)
+    counters.incr("q:" .. fifo .. ":h", 1)
 end
 
--- Wait in the pool's FIFO until this request is at the head and a candidate has a free slot.
--- Returns the server with the slot taken, or answers 503 itself.
-function _M.admit(pool, affinity)
+-- The candidates' marker of a FIFO: "<class> <arrival>".
+local function candidate(fifo)
+    local value = markers():get("m:" .. fifo)
+    if not value then
+        return nil
+    end
+    local class, since = value:match("^(%d) (%S+)$")
+    return tonumber(class), tonumber(since)
+end
+
+-- Whether the tenant `me` (its candidate of class `class` that arrived at `since`) has the pool's turn: no other
+-- tenant's candidate of a lower class, or of the same class and a lower share, or of the same share and an earlier
+-- arrival.
+local function my_turn(pool, me, class, since)
+    local tenants = apikeys.tenants()
+    if #tenants < 2 then
+        return true
+    end
+    local d = dict()
+    local mine = pool .. "|" .. me
+    local share = (d:get("o:" .. mine) or 0) / apikeys.limits(me).weight
+    for _, other in ipairs(tenants) do
+        if other ~= me then
+            local fifo = pool .. "|" .. other
+            local other_class, other_since = candidate(fifo)
+            if other_class and other_class <= class then
+                if other_class < class then
+                    return false
+                end
+                local other_share = (d:get("o:" .. fifo) or 0) / apikeys.limits(other).weight
+                if other_share < share or (other_share == share and other_since < since) then
+                    return false
+                end
+            end
+        end
+    end
+    return true
+end
+
+-- Wait in the tenant's FIFO of the pool until this request is its tenant's candidate, the tenant has the pool's
+-- turn and an instance has a free slot. `tenant` is the API key name ("" for none). Returns the server with the
+-- slot taken, or answers 503 itself.
+function _M.admit(pool, affinity, tenant)
+    local cfg = settings.cfg
+    -- gateway_fair_share false: one FIFO per pool, every key alike.
+    tenant = cfg.fair_share and tenant or ""
     local d, m = dict(), markers()
+    local fifo = pool .. "|" .. tenant
     local preferred = affinity and affinity.preferred
-    local ticket, err = counters.incr("q:" .. pool .. ":t", 1, nil, d)
+    local ticket, err = counters.incr("q:" .. fifo .. ":t", 1, nil, d)
     if not ticket then
-        ngx.log(ngx.ERR, "herd gateway: queue ", pool, ": no ticket: ", err)
+        ngx.log(ngx.ERR, "herd gateway: queue ", fifo, ": no ticket: ", err)
         stats.count(pool, "rejected_full")
         return respond.answer(503, FULL, settings.cfg.retry_after)
     end
-    local alive = "q:" .. pool .. ":l:" .. ticket
+    local alive = "q:" .. fifo .. ":l:" .. ticket
     local ctx = ngx.ctx
     local start = ngx.now()
     local waiting = false
-    local cfg = settings.cfg
     local deadline = start + cfg.queue_timeout
+    local batch = apikeys.limits(tenant).batch
+    local aged = start + (cfg.batch_aging or 0)
+
+    -- The tenant's candidate marker goes when its FIFO is empty behind this ticket.
+    local function drop_candidate()
+        if (d:get("q:" .. fifo .. ":t") or 0) <= ticket then
+            m:delete("m:" .. fifo)
+        end
+    end
 
     local function leave(kind)
         m:delete(alive)
@@ -97,11 +160,12 @@ function _M.admit(pool, affinity)
             counters.add("q:" .. pool .. ":w", -1)
             waiting = false
         end
-        local head = d:get("q:" .. pool .. ":h") or 1
+        local head = d:get("q:" .. fifo .. ":h") or 1
         if head == ticket then
-            pop_head(pool)
+            drop_candidate()
+            pop_head(fifo)
         else
-            queue_leave(pool, ticket)
+            queue_leave(fifo, ticket)
         end
         if kind then
             stats.count(pool, kind)
@@ -110,7 +174,7 @@ function _M.admit(pool, affinity)
 
     -- The dict is full: leave (counted rejected_full) and answer 503 with what filled up.
     local function full(what)
-        ngx.log(ngx.ERR, "herd gateway: queue ", pool, ": ", what)
+        ngx.log(ngx.ERR, "herd gateway: queue ", fifo, ": ", what)
         leave("rejected_full")
         ctx.herd_leave = nil
         return respond.answer(503, FULL, cfg.retry_after)
@@ -122,40 +186,55 @@ function _M.admit(pool, affinity)
         if not ok then
             return full("herd_queue: " .. tostring(set_err))
         end
-        local head, head_err = advance_head(pool)
+        local head, head_err = advance_head(fifo)
         if not head then
             return full("herd_queue: " .. tostring(head_err))
         end
         -- head > ticket: this ticket was skipped as dead by mistake; it competes as if at the head.
         if head >= ticket then
-            local server, any, slot_err = slots.acquire(pool, nil, preferred)
-            if slot_err then
-                return full("herd_gateway: " .. tostring(slot_err))
+            local class = (batch and ngx.now() < aged) and 1 or 0
+            ok, set_err = m:safe_set("m:" .. fifo, class .. " " .. start, 1)
+            if not ok then
+                return full("herd_queue: " .. tostring(set_err))
             end
-            if server then
-                m:delete(alive)
-                if head == ticket then
-                    pop_head(pool)
+            if my_turn(pool, tenant, class, start) then
+                local server, any, slot_err = slots.acquire(pool, nil, preferred)
+                if slot_err then
+                    return full("herd_gateway: " .. tostring(slot_err))
                 end
-                if waiting then
-                    counters.add("q:" .. pool .. ":w", -1)
-                    waiting = false
+                if server then
+                    local held, held_err = counters.add("o:" .. fifo, 1)
+                    if not held then
+                        slots.give_back(server.key)
+                        return full("herd_gateway: " .. tostring(held_err))
+                    end
+                    ctx.herd_held = fifo
+                    m:delete(alive)
+                    if head == ticket then
+                        drop_candidate()
+                        pop_head(fifo)
+                    end
+                    if waiting then
+                        counters.add("q:" .. pool .. ":w", -1)
+                        waiting = false
+                    end
+                    ctx.herd_leave = nil
+                    local wait = ngx.now() - start
+                    stats.count(pool, "admitted")
+                    stats.observe_wait(pool, wait)
+                    ngx.var.herd_queue_wait = string.format("%.3f", wait)
+                    if affinity then
+                        stats.count(pool, not preferred and "affinity_new" or server == preferred and "affinity_hits"
+                            or "affinity_misses")
+                        affinities.remember(affinity.key, server)
+                    end
+                    return server
                 end
-                ctx.herd_leave = nil
-                local wait = ngx.now() - start
-                stats.count(pool, "admitted")
-                stats.observe_wait(pool, wait)
-                if affinity then
-                    stats.count(pool, not preferred and "affinity_new" or server == preferred and "affinity_hits"
-                        or "affinity_misses")
-                    affinities.remember(affinity.key, server)
+                if not any then
+                    leave("rejected_full")
+                    ctx.herd_leave = nil
+                    return respond.busy("server busy, please try again: no herd instance serving this model is available")
                 end
-                return server
-            end
-            if not any then
-                leave("rejected_full")
-                ctx.herd_leave = nil
-                return respond.busy("server busy, please try again: no herd instance serving this model is available")
             end
         end
         if not waiting then
@@ -181,6 +260,15 @@ function _M.admit(pool, affinity)
         end
         local position = math.max(0, ticket - head)
         ngx.sleep(math.min(0.002 + 0.001 * position, 0.02, deadline - now))
+    end
+end
+
+-- log phase: the slot the request held goes back to its tenant's share.
+function _M.done(ctx)
+    local fifo = ctx.herd_held
+    if fifo then
+        ctx.herd_held = nil
+        counters.add("o:" .. fifo, -1)
     end
 end
 

@@ -80,6 +80,9 @@ function _M.build(settings, servers_record, drained, resolver)
     local c = {
         queue_timeout = seconds(settings.queue_timeout, 120),
         queue_max = tonumber(settings.queue_max) or 64,
+        batch_aging = seconds(settings.batch_aging, 30),
+        fair_share = settings.fair_share ~= false,
+        token_accounting = settings.token_accounting ~= false,
         client_keep_alive = settings.client_keep_alive or "ignore",
         busy_status = tonumber(settings.busy_status) or 503,
         retry_after = tonumber(settings.retry_after) or 2,
