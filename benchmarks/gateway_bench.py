@@ -557,7 +557,7 @@ class Bench:
             wall = self.cpu[f"{name}-noisy"]["elapsed_s"]
             out[name] = {"quiet": self.key_figures(quiet["summary"]), "noisy": self.key_figures(noisy["summary"]),
                          "pool_tokens_per_s": tokens / wall if wall else None,
-                         "quiet_waits": self.quiet_waits(log_path, skip, a.num_parallel)}
+                         "waits": self.quiet_waits(log_path, skip)}
             log(f"  -> {name}: quiet TTFT p90 {fmt(out[name]['quiet']['ttft_p90'])} s, pool "
                 f"{fmt(out[name]['pool_tokens_per_s'], 1)} tok/s")
         return out
@@ -569,9 +569,8 @@ class Bench:
                 "output_tokens_per_s": s["output_tokens_per_s"]}
 
     @staticmethod
-    def quiet_waits(log_path: Path | None, skip: int, slots: int) -> dict:
-        """From the gateway's access log: the quiet key's queue waits, and for each quiet request the soonest any
-        slot freed after it arrived (no scheduler that cannot take a slot back serves it sooner)."""
+    def quiet_waits(log_path: Path | None, skip: int) -> dict:
+        """From the gateway's access log: each key's queue waits (seconds) and how many of its requests waited."""
         if not log_path or not log_path.exists():
             return {}
         recs = []
@@ -579,17 +578,12 @@ class Bench:
             rec = json.loads(line)
             if rec.get("queue_wait") in (None, "") or rec.get("status") != "200":
                 continue
-            end, length, wait = float(rec["msec"]), float(rec["request_time"]), float(rec["queue_wait"])
-            recs.append((rec["key"], end - length, end - length + wait, end, wait))
-        waits, bounds = [], []
-        for key, start, _, _, wait in recs:
-            if key != "quiet":
-                continue
-            waits.append(wait)
-            busy = [end for _, _, admitted, end, _ in recs if admitted <= start < end]
-            # Every slot busy at its arrival: the first of them to end; otherwise no wait at all.
-            bounds.append(min(busy) - start if len(busy) >= slots else 0.0)
-        return {"wait": herd_load.distribution(waits), "soonest_free_slot": herd_load.distribution(bounds)}
+            recs.append((rec["key"], float(rec["queue_wait"])))
+        out = {}
+        for key in sorted({k for k, _ in recs}):
+            waits = [w for k, w in recs if k == key]
+            out[key] = {"wait": herd_load.distribution(waits), "waited_10ms": sum(1 for w in waits if w >= 0.01)}
+        return out
 
     def load_async(self, name: str, url: str, concurrency: int, requests: int, mix: str, api_key: str,
                    seconds: float) -> tuple:
@@ -1285,15 +1279,22 @@ def noisy_report(noisy: dict, a) -> list[str]:
                  f"{fmt(q['ttft_max'])} s | {n['ok']}/{n['requests']} | {fmt(n['output_tokens_per_s'], 1)} | "
                  f"{fmt(v['pool_tokens_per_s'], 1)} |")
     L.append("")
-    fair = noisy["keys-fair"].get("quiet_waits") or {}
-    if fair.get("wait", {}).get("count"):
-        w, b = fair["wait"], fair["soonest_free_slot"]
-        L.append(f"From the fair gateway's access log: the quiet key's queue wait p50 {fmt(w['p50'])} s, p90 "
-                 f"{fmt(w['p90'])} s; the soonest any slot freed after each quiet request arrived p50 {fmt(b['p50'])} s, "
-                 f"p90 {fmt(b['p90'])} s. A slot cannot be taken back from an answer in progress (neither Ollama nor the "
-                 "gateway preempts), so that is the least any scheduler could make it wait: with every slot held by "
-                 "answers of this length, the quiet key's TTFT is bounded by the answers' length, not by the noisy "
-                 "key's queue.")
+    lines = []
+    for name in ("keys-fair", "keys-fifo"):
+        for key, v in sorted((noisy[name].get("waits") or {}).items()):
+            w = v["wait"]
+            lines.append(f"{LABELS[name]}, key `{key}`: {v['waited_10ms']} of {w['count']} requests waited 10 ms or "
+                         f"more, wait p50 {fmt(w['p50'])} s, p90 {fmt(w['p90'])} s, max {fmt(w['max'])} s")
+    if lines:
+        L.append("Queue waits from each gateway's access log (`queue_wait`):")
+        L.append("")
+        L += [f"- {line}" for line in lines]
+        L.append("")
+        L.append("With fair share the quiet key's share of the pool is one slot of two and the noisy key holds more "
+                 "than its own, so each slot that frees while the quiet key waits goes to it: it waits only when it "
+                 "finds every slot busy, for the first to free (no slot is taken back from an answer in progress), "
+                 "and then keeps its share as its next request arrives. In one FIFO it waits behind every noisy "
+                 "request queued before it.")
         L.append("")
     L += goals_table(30, noisy_goals(noisy))
     return L
@@ -1332,8 +1333,8 @@ def accounting_report(bench: Bench, ttft: dict) -> list[str]:
                  f"{fmt(added.get(k), 2)} ms |")
     L.append("")
     L.append(f"Ratio on / off: nginx CPU per request {fmt(ratio(cpu['on'], cpu['off']), 2)}x, latency p50 "
-             f"{fmt(ratio(fig['latency_p50']['on'], fig['latency_p50']['off']), 3)}x, added latency p50 "
-             f"{fmt(ratio(added.get('on'), added.get('off')), 2)}x.")
+             f"{fmt(ratio(fig['latency_p50']['on'], fig['latency_p50']['off']), 3)}x. The added latency is within this "
+             "machine's noise (a difference of a fraction of a millisecond either way), so no ratio of it is given.")
     L.append("")
     return L
 

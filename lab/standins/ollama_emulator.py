@@ -31,6 +31,10 @@ Lab-only environment:
   HERD_EMU_CPU_FACTOR            rate multiplier when no simulated GPU is visible (default 0.15)
   HERD_EMU_ACCESS_LOG            "0" turns off the per-request log line
   HERD_EMU_PROMPT_CACHE          "0" turns off the per-slot prompt cache (default on, as Ollama's runner)
+  HERD_EMU_EXTRA_PORTS           more instances served by this one process, each on its own port of
+                                 OLLAMA_HOST's address with its own scheduler, slots and loaded models:
+                                 "first-last" or a comma list (the scale benchmark's hundreds of instances);
+                                 the instance of the i-th extra port sees the simulated GPU i+1 modulo the spec's
 
 Where this differs from Ollama is written next to the code (look for "DIFFERS").
 """
@@ -252,6 +256,20 @@ def visible_gpus(spec, cuda_visible_devices):
     return chosen
 
 
+def parse_ports(text):
+    """HERD_EMU_EXTRA_PORTS: "" (none), "first-last" or "a,b,c"; ValueError on anything else."""
+    if not text:
+        return []
+    if "-" in text:
+        first, last = (int(x) for x in text.split("-", 1))
+        ports = list(range(first, last + 1))
+    else:
+        ports = [int(x) for x in text.split(",")]
+    if not ports or not all(0 < p < 65536 for p in ports):
+        raise ValueError(f"HERD_EMU_EXTRA_PORTS={text!r}: ports 1-65535, as first-last or a comma list")
+    return ports
+
+
 class Settings:
     def __init__(self, environ=None):
         env = os.environ if environ is None else environ
@@ -276,6 +294,7 @@ class Settings:
         self.cpu_factor = env_float(env, "HERD_EMU_CPU_FACTOR") or 0.15
         self.access_log = clean_env(env.get("HERD_EMU_ACCESS_LOG")) != "0"
         self.prompt_cache = clean_env(env.get("HERD_EMU_PROMPT_CACHE")) not in ("0", "false")
+        self.extra_ports = parse_ports(clean_env(env.get("HERD_EMU_EXTRA_PORTS")))
 
     @property
     def listen_address(self):
@@ -2584,10 +2603,32 @@ def prune_unused_blobs(models_dir):
     return removed
 
 
+def extra_instances(settings, gpu_count):
+    """Settings of the instances HERD_EMU_EXTRA_PORTS adds: the same but the port, and one simulated GPU each
+    (the i-th extra instance: GPU (i + 1) modulo the spec's count; none on a CPU-only spec)."""
+    import copy
+
+    out = []
+    for i, port in enumerate(settings.extra_ports):
+        extra = copy.copy(settings)
+        extra.port = port
+        extra.extra_ports = []
+        if gpu_count:
+            extra.cuda_visible_devices = str((i + 1) % gpu_count)
+        out.append(extra)
+    return out
+
+
 async def serve(settings):
     emulator = Emulator(settings)
     log("WARN", BANNER)
     server = await emulator.start()
+    servers = [server]
+    for extra in extra_instances(settings, len(visible_gpus(emulator.spec, None))):
+        servers.append(await Emulator(extra).start())
+    if settings.extra_ports:
+        log("INFO", f"serving {len(settings.extra_ports)} more instances from this process",
+            ports=f"{settings.extra_ports[0]}-{settings.extra_ports[-1]}")
     gpus = emulator.gpus
     if gpus:
         for gpu in gpus:
@@ -2613,7 +2654,8 @@ async def serve(settings):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log("INFO", "shutting down")
-    server.close()
+    for one in servers:
+        one.close()
     return 0
 
 

@@ -215,10 +215,11 @@ def gateway_over(tmp_path, gw, instances, **overrides):
 _lab = load_module("tests/unit/standins/standins_lab.py", "herd_standins_lab_gateway")
 
 
-def emulated_stack(tmp, gw, models, gpus=(0,), parallel=1, tokens_per_second=100, **overrides):
+def emulated_stack(tmp, gw, models, gpus=(0,), parallel=1, tokens_per_second=100, env=None, **overrides):
     """A context manager: herd emulator instances (the lab stand-in for Ollama's inference), one per GPU in `gpus`,
-    each with `parallel` slots, holding `models` (one store), behind the real nginx serving the role's gateway
-    rendered with `overrides`. Yields (gateway, emulators); stops both however the block ends."""
+    each with `parallel` slots, holding `models` (one store) and `env` added to its environment, behind the real
+    nginx serving the role's gateway rendered with `overrides`. Yields (gateway, emulators); stops both however
+    the block ends."""
     import contextlib
 
     @contextlib.contextmanager
@@ -234,7 +235,7 @@ def emulated_stack(tmp, gw, models, gpus=(0,), parallel=1, tokens_per_second=100
                     "OLLAMA_MODELS": str(store), "HERD_LAB_GPU_SPEC": str(_lab.GPUS / "l20x4.json"),
                     "CUDA_VISIBLE_DEVICES": str(gpu), "OLLAMA_NUM_PARALLEL": str(parallel),
                     "OLLAMA_MAX_LOADED_MODELS": "2", "HERD_EMU_LOAD_SECONDS": "0.05",
-                    "HERD_EMU_TOKENS_PER_SECOND": str(tokens_per_second)}))
+                    "HERD_EMU_TOKENS_PER_SECOND": str(tokens_per_second), **(env or {})}))
             gateway = gateway_over(tmp, gw, [(e.port, parallel, list(models)) for e in emus], **overrides)
             try:
                 yield gateway, emus

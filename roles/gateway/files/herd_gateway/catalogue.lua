@@ -5,8 +5,14 @@
 -- instance, and its address only with gateway_expose_upstream),
 -- serve (content_by_lua of the catalogue paths, cached briefly so every worker gives the same answer; an API key
 -- limited to some models sees only those, as if the others were absent).
+-- One fan-out per cache lifetime per gateway, however many requests arrive (a site of hundreds of instances must
+-- not be asked once per request): when the answer is no longer fresh, the one request that takes the refresh lock
+-- asks every instance; the others meanwhile serve the answer before (kept STALE lifetimes), or wait for the
+-- refresh when there is none (bounded by REFRESH_LIMIT).
 -- Shared-dict keys (herd_gateway):
---   c:<path>   read, written: the cached answer of <path> (catalogue_ttl; /api/ps 1 s)
+--   c:<path>     read, written, deleted: the cached answer of <path> (kept STALE x its lifetime)
+--   c:<path>:f   read, written: the answer is fresh (catalogue_ttl; /api/ps 1 s)
+--   c:<path>:l   written, deleted: one request refreshes the answer (add(), REFRESH_LIMIT)
 local cjson = require("cjson.safe")
 local endpoints = require("herd_gateway.endpoints")
 local keys = require("herd_gateway.keys")
@@ -16,6 +22,11 @@ local settings = require("herd_gateway.settings")
 local tenants = require("herd_gateway.tenants")
 
 local _M = {}
+
+-- How many lifetimes a cached answer may still be served while its refresh runs.
+local STALE = 10
+-- Longest refresh: connect (connect_timeout) and read (10 s) of the slowest instance, with a margin.
+local REFRESH_LIMIT = 15
 
 local function http_get(server, path)
     local sock = ngx.socket.tcp()
@@ -154,6 +165,62 @@ local function only(entry, text, allowed)
     return respond.encode_list(entry.list, items, entry.prefix)
 end
 
+-- Ask every live instance and merge; with a lifetime, store the answer (never evicting: without room it is
+-- served uncached) or, when no instance answered, drop the one before. nil when no instance answered.
+local function refresh(path, entry, ttl)
+    local results = gather(path)
+    local d = keys.gateway()
+    if #results == 0 then
+        d:delete("c:" .. path)
+        return nil
+    end
+    local text = entry.merge(results)
+    if ttl > 0 then
+        d:safe_set("c:" .. path, text, ttl * STALE)
+        d:safe_set("c:" .. path .. ":f", true, ttl)
+    end
+    return text
+end
+
+-- The answer of `path` to serve now: fresh from the cache; else refreshed by this request when it takes the
+-- lock; else the one before while another request refreshes, or (none cached) the refreshed one once it is
+-- there. nil when no instance answered.
+local function current(path, entry, ttl)
+    if ttl <= 0 then
+        return refresh(path, entry, ttl)
+    end
+    local d = keys.gateway()
+    local key, lock = "c:" .. path, "c:" .. path .. ":l"
+    local cached = d:get(key)
+    if cached and d:get(key .. ":f") then
+        return cached
+    end
+    local deadline = ngx.now() + REFRESH_LIMIT
+    while true do
+        local ok, err = d:safe_add(lock, true, REFRESH_LIMIT)
+        if ok then
+            local text = refresh(path, entry, ttl)
+            d:delete(lock)
+            return text
+        elseif err ~= "exists" then
+            -- No room for the lock: this request asks the instances itself.
+            return refresh(path, entry, 0) or cached
+        end
+        if cached then
+            return cached
+        end
+        ngx.sleep(0.01)
+        cached = d:get(key)
+        if cached then
+            return cached
+        end
+        ngx.update_time()
+        if ngx.now() >= deadline then
+            return nil
+        end
+    end
+end
+
 -- content_by_lua of /api/tags, /v1/models and /api/ps: the whole cluster's answer, cached briefly in the
 -- shared dict so every worker gives the same one.
 function _M.serve()
@@ -166,20 +233,11 @@ function _M.serve()
     if not allowed.methods[ngx.req.get_method()] then
         return respond.answer(405, "method not allowed on " .. path)
     end
-    local d = keys.gateway()
-    local cached = d:get("c:" .. path)
+    local ttl = type(entry.ttl) == "number" and entry.ttl or settings.cfg[entry.ttl]
+    local cached = current(path, entry, ttl)
     if not cached then
-        local results = gather(path)
-        if #results == 0 then
-            ngx.var.herd_pool = endpoints.ANY
-            return respond.answer(502, "no herd instance answered " .. path .. "; please try again")
-        end
-        cached = entry.merge(results)
-        local ttl = type(entry.ttl) == "number" and entry.ttl or settings.cfg[entry.ttl]
-        if ttl > 0 then
-            -- Never evicting: without room the answer is served uncached.
-            d:safe_set("c:" .. path, cached, ttl)
-        end
+        ngx.var.herd_pool = endpoints.ANY
+        return respond.answer(502, "no herd instance answered " .. path .. "; please try again")
     end
     local own = tenants.models(ngx.var.herd_key_name or "")
     if own then
