@@ -88,6 +88,7 @@ test: bootstrap lab-artifacts lab-images
 
 bench: bootstrap
 	@benchmarks/run.sh
+	@$(BIN)/python benchmarks/scale_bench.py --command "make bench (benchmarks/scale_bench.py)"
 
 clean: lab-down
 	rm -rf lab/build

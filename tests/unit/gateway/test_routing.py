@@ -143,3 +143,84 @@ def test_lua_catalogue_json_is_canonical(lua_results):
     # Sorted keys: every worker writes the same text for the same models.
     assert json.loads(lua_results["canonical"]) == {"a": [1, {"c": None, "d": 2}], "b": 1, "e": "/"}
     assert lua_results["canonical"].replace("\\/", "/") == '{"a":[1,{"c":null,"d":2}],"b":1,"e":"/"}'
+
+
+# ----------------------------------------------------------------- the pick, against a reference model
+
+PICK_LUA = r"""
+local settings = require("herd_gateway.settings")
+local slots = require("herd_gateway.slots")
+local cjson = require("cjson.safe")
+local case = cjson.decode(io.open(CASE_FILE):read("*a"))
+local out = {}
+for n, one in ipairs(case) do
+    local cfg = settings.build({endpoints = ENDPOINTS}, {servers = one.servers}, one.drained, function() return "127.0.0.1" end)
+    settings.configure(cfg)
+    ngx.shared.herd_gateway:flush_all()
+    local picks = {}
+    for _, op in ipairs(one.ops) do
+        if op[1] == "acquire" then
+            local server, any = slots.acquire("m:latest")
+            picks[#picks + 1] = server and server.key or (any and "full" or "none")
+        else
+            slots.give_back(op[2])
+        end
+    end
+    out[n] = picks
+end
+ngx.say(cjson.encode(out))
+"""
+
+
+def _reference_picks(case):
+    """The documented rule: the least loaded (in flight / weight) live instance with a free slot, backups last,
+    equal loads in turn (a rotating start: the pool's turn counter, one step per pick)."""
+    servers = case["servers"]
+    live = [s for s in servers if s["key"] not in case["drained"]]
+    used = {s["key"]: 0 for s in servers}
+    turn, picks = 0, []
+    n = len(servers)
+    for op in case["ops"]:
+        if op[0] == "release":
+            used[op[1]] = max(0, used[op[1]] - 1)
+            continue
+        turn += 1 if n > 1 else 0
+        free = [(s["backup"], used[s["key"]] / s["weight"], (i - turn) % n, s["key"])
+                for i, s in enumerate(servers) if s in live and used[s["key"]] < s["max_conns"]]
+        if not free:
+            picks.append("full" if live else "none")
+            continue
+        key = min(free)[3]
+        used[key] += 1
+        picks.append(key)
+    return picks
+
+
+def test_the_pick_follows_the_reference_on_random_pools(tmp_path):
+    """200 random pools (1-12 instances, weights, slots, backups, drained ones) and random sequences of picks and
+    releases: every pick of slots.acquire is the reference rule's."""
+    import random
+
+    rnd = random.Random(20261202)
+    cases = []
+    for _ in range(200):
+        servers = []
+        for i in range(rnd.randint(1, 12)):
+            slots = rnd.randint(1, 4)
+            servers.append(_server(f"h{i}:0", ["m"], slots, weight=rnd.choice([slots, 1, 2, 3]),
+                                   backup=rnd.random() < 0.2))
+        drained = [s["key"] for s in servers if rnd.random() < 0.15]
+        # Releases give back a slot the rule's own picks hold at that point (both sides hold the same slots).
+        ops = []
+        for _ in range(rnd.randint(5, 40)):
+            held = [p for p in _reference_picks({"servers": servers, "drained": drained, "ops": ops})
+                    if p not in ("full", "none")]
+            for op in ops:
+                if op[0] == "release":
+                    held.remove(op[1])
+            ops.append(["release", rnd.choice(held)] if held and rnd.random() < 0.35 else ["acquire"])
+        cases.append({"servers": servers, "drained": drained, "ops": ops})
+    (tmp_path / "case.json").write_text(json.dumps(cases))
+    got = run_lua(tmp_path, PICK_LUA.replace("CASE_FILE", json.dumps(str(tmp_path / "case.json"))))
+    for n, case in enumerate(cases):
+        assert got[n] == _reference_picks(case), (n, case, got[n])

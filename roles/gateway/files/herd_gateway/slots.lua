@@ -188,16 +188,40 @@ function _M.acquire(pool, exclude, preferred)
             return nil, true, err
         end
     end
-    local list = candidates(pool, exclude)
-    for _, entry in ipairs(list) do
-        local taken, err = take(entry.server)
+    -- The least loaded candidate with a free slot, found in one pass (no list built or sorted: a pick costs the
+    -- same two dict reads per instance at 8 or 512 instances); another worker may take that slot first, then the
+    -- next pass looks again.
+    local servers = settings.cfg.pools[pool] or {}
+    local n = #servers
+    local turn = n > 1 and (counters.incr("r:" .. pool, 1) or 0) or 0
+    local any = false
+    for _ = 1, 3 do
+        local best, best_load, best_order
+        for index, server in ipairs(servers) do
+            if not server.down and not (exclude and exclude[server.key]) and not failed(server) then
+                any = true
+                local used = inflight(server)
+                if used < server.max_conns then
+                    local load, order = used / server.weight, (index - 1 - turn) % n
+                    if not best or (best.backup and not server.backup)
+                        or (best.backup == server.backup
+                            and (load < best_load or (load == best_load and order < best_order))) then
+                        best, best_load, best_order = server, load, order
+                    end
+                end
+            end
+        end
+        if not best then
+            return nil, any
+        end
+        local taken, err = take(best)
         if taken then
-            return entry.server, true
+            return best, true
         elseif err then
             return nil, true, err
         end
     end
-    return nil, #list > 0
+    return nil, any
 end
 
 return _M
