@@ -14,6 +14,10 @@ Filters:
   ollama_registry_error(registry)     -> '' when ollama_registry is a valid host[:port] (or empty), else the problem
   ollama_path_errors(paths)           -> messages for the folders ({variable: path}) that are not herd's own: a system
                                          folder, a folder holding another herd path, two settings on one tree
+  ollama_rolling_batches(hosts, serial) -> the batches Ansible's `serial` makes of `hosts` (in order)
+  ollama_rolling_floor_errors(hosts, hostvars, serial, max_share, by_instance)
+                                      -> messages for the batches of a rolling re-deploy that would take more than
+                                         max_share % of a model pool's slots out at once
 
 `config` holds the role's knobs without the `ollama_` prefix (see DEFAULTS); docs/planner.md has the rules.
 """
@@ -1313,6 +1317,80 @@ def ollama_embedding_only(show_results):
     return out
 
 
+def ollama_rolling_batches(hosts, serial):
+    """The batches Ansible's play keyword `serial` makes of `hosts`, in order: a whole number, a percentage of all
+    the hosts ("25%", rounded down, at least 1), or a list of these taken in turn, its last repeated."""
+    hosts = list(hosts or [])
+    steps = serial if isinstance(serial, (list, tuple)) else [serial]
+    if not steps:
+        raise AnsibleFilterError("herd_rolling_serial: an empty list. Fix: e.g. 1, 2 or 25%")
+    sizes = []
+    for step in steps:
+        text = str(step).strip()
+        try:
+            size = max(1, int(len(hosts) * float(text[:-1]) / 100)) if text.endswith("%") else int(text)
+        except ValueError:
+            raise AnsibleFilterError(f"herd_rolling_serial: {step!r} is not a number of hosts or a percentage. "
+                                     "Fix: e.g. 1, 2 or 25%") from None
+        if size < 1:
+            raise AnsibleFilterError(f"herd_rolling_serial: {step!r} takes no host. Fix: 1 or more, or a percentage")
+        sizes.append(size)
+    batches, start, index = [], 0, 0
+    while start < len(hosts):
+        size = sizes[min(index, len(sizes) - 1)]
+        batches.append(hosts[start:start + size])
+        start, index = start + size, index + 1
+    return batches
+
+
+def _pool_units(hosts, hostvars, by_instance):
+    """{pool: {host: [slots of each unit]}}: a unit is what one roll takes out at once on a host (the whole host, or
+    one instance when rolling by instance); a pool is a model, by the name Ollama shows."""
+    units = {}
+    for host in hosts:
+        for inst in (hostvars.get(host) or {}).get("ollama_instances") or []:
+            slots = int(inst.get("num_parallel") or 1)
+            for model in inst.get("models") or []:
+                try:
+                    pool = ollama_names.short_name(model)
+                except ValueError:
+                    pool = str(model)
+                per_host = units.setdefault(pool, {}).setdefault(host, [])
+                if by_instance or not per_host:
+                    per_host.append(slots)
+                else:
+                    per_host[0] += slots
+    return units
+
+
+def ollama_rolling_floor_errors(hosts, hostvars, serial=1, max_share=50, by_instance=False):
+    """Messages for the batches of a rolling re-deploy (playbooks/rolling.yml) that would take more than
+    `max_share` % of a model pool's slots out of rotation at once. A batch rolls its hosts together: each takes its
+    whole host out (or, by instance, one instance at a time, so at worst its largest). What one host or instance
+    holds alone is always allowed (a pool on one host cannot roll otherwise); the floor bounds what batching adds."""
+    try:
+        share = float(max_share)
+    except (TypeError, ValueError):
+        share = -1
+    if not 0 < share <= 100:
+        return [f"herd_rolling_max_pool_share={max_share!r} must be a percentage above 0 and at most 100. Fix: e.g. 50"]
+    hosts = list(hosts or [])
+    units = _pool_units(hosts, hostvars, bool(by_instance))
+    errors = []
+    for number, batch in enumerate(ollama_rolling_batches(hosts, serial), start=1):
+        for pool, per_host in sorted(units.items()):
+            total = sum(sum(u) for u in per_host.values())
+            out = sum(max(per_host[h]) for h in batch if h in per_host)
+            allowed = max(total * share / 100, max(max(u) for u in per_host.values()))
+            if total and out > allowed:
+                errors.append(
+                    f"herd_rolling_serial={serial}: batch {number} ({', '.join(batch)}) would take {out} of the "
+                    f"{total} slots of model {pool} out at once ({100 * out / total:.0f}%), above "
+                    f"herd_rolling_max_pool_share={max_share}%. Fix: a smaller herd_rolling_serial (e.g. 1), "
+                    "herd_rolling_by_instance=true, or a higher herd_rolling_max_pool_share")
+    return errors
+
+
 class FilterModule:
     """herd's instance planner filters."""
 
@@ -1325,4 +1403,6 @@ class FilterModule:
             "ollama_pull_name": _pull_name_filter,
             "ollama_registry_error": ollama_names.registry_error,
             "ollama_path_errors": ollama_path_errors,
+            "ollama_rolling_batches": ollama_rolling_batches,
+            "ollama_rolling_floor_errors": ollama_rolling_floor_errors,
         }

@@ -1,9 +1,11 @@
 """Central gateway over two GPU hosts: spread, a rolling re-deploy under streaming load with no failed
-request, and a failing host that stops the rollout while the rest keeps serving."""
+request, a batch over the capacity floor refused before any change, and a failing host that stops the rollout
+while the rest keeps serving."""
 
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -80,6 +82,19 @@ def test_rolling_redeploy_under_streaming_load_fails_no_request(host):
     assert len(servers) == 4
     assert all(s["max_conns"] == 3 for s in servers), servers
     assert json.loads(host.file("/var/lib/herd/gateway/drained.json").content_string) == []
+
+
+def test_a_batch_over_the_capacity_floor_is_refused_before_any_change(host):
+    # Both GPU hosts in one batch would take every slot of herd-tiny:1b out at once.
+    before = host.file("/etc/nginx/herd/gateway-upstream.conf").sha256sum
+    rc, out = _playbook(f"{PROJECT}/playbooks/rolling.yml", "-e", "herd_rolling_serial=2")
+    assert rc != 0
+    assert re.search(r"herd_rolling_serial=2: batch 1 \(herd-mh-gpu1, herd-mh-gpu2\) would take (\d+) of the \1 slots "
+                     r"of model herd-tiny:1b out at once \(100%\), above herd_rolling_max_pool_share=50%", out), out[-4000:]
+    assert "Roll the GPU hosts" not in out  # refused before the first host was touched
+    assert json.loads(host.file("/var/lib/herd/gateway/drained.json").content_string) == []
+    assert host.file("/etc/nginx/herd/gateway-upstream.conf").sha256sum == before
+    assert len(set(_upstreams(host, 8))) == len(INSTANCES)
 
 
 def test_failing_host_stops_the_rollout_and_the_rest_serves(host):
