@@ -239,7 +239,7 @@ def _tokens(value):
 
 def parse_log_line(line):
     """One line of the gateway's JSON access log -> {upstream, status, request_time, header_time, bytes, attempts,
-    key, pool, prompt_tokens, output_tokens, tokens_from, ttft, tpot}.
+    key, pool, prompt_tokens, output_tokens, tokens_from, ttft, tpot, queue_wait}.
 
     `upstream` is the server that gave the final answer ("" when no instance was asked, or when nginx found no
     live upstream and wrote the group's name); `attempts` lists (upstream, upstream_status) of every try.
@@ -280,6 +280,7 @@ def parse_log_line(line):
         "tokens_from": str(record.get("tokens_from") or ""),
         "ttft": _seconds(record.get("ttft")),
         "tpot": _seconds(record.get("tpot")),
+        "queue_wait": _seconds(record.get("queue_wait")),
     }
 
 
@@ -448,6 +449,7 @@ class GatewayStats:
         self.tenants = set()  # (key, model) pairs seen, at most MAX_TENANT_SERIES
         self.ttft = {}  # model -> Histogram (streamed answers)
         self.tpot = {}  # model -> Histogram (streamed answers that reported their output tokens)
+        self.queue_wait = {}  # (key, model) -> Histogram (requests admitted by the pool's queue)
 
     def add_line(self, line):
         rec = parse_log_line(line)
@@ -485,6 +487,8 @@ class GatewayStats:
             self.ttft.setdefault(model, Histogram(self.buckets)).observe(rec["ttft"])
         if rec["tpot"] is not None:
             self.tpot.setdefault(model, Histogram(TPOT_BUCKETS)).observe(rec["tpot"])
+        if rec["queue_wait"] is not None:
+            self.queue_wait.setdefault((key, model), Histogram(self.buckets)).observe(rec["queue_wait"])
 
 
 def load_servers(path):
@@ -761,6 +765,11 @@ class Exporter:
                 for model, histogram in sorted(source.items()):
                     for suffix, labels, value in histogram.samples({"host": host, "model": model}):
                         hist.add(labels, value, suffix)
+            wait = fam("herd_gateway_key_queue_wait_seconds", "histogram",
+                       "Time a request waited in its pool's queue for its key's turn and a free slot, by API key and model")
+            for (key, model), histogram in sorted(stats.queue_wait.items()):
+                for suffix, labels, value in histogram.samples({"host": host, "key": key, "model": model}):
+                    wait.add(labels, value, suffix)
             lines = fam("herd_gateway_log_lines_total", "counter", "Access log lines read, by result")
             for result, count in sorted(stats.lines.items()):
                 lines.add({"host": host, "result": result}, count)

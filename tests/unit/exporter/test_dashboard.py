@@ -71,7 +71,7 @@ def published(ex, tmp_path_factory):
     exporter = _exporter(ex, tmp)
     with open(tmp / "access.log", "a", encoding="utf-8") as handle:  # an answer with its tokens (issue 30)
         handle.write(_token_line("team-a", "qwen3:8b", prompt="9", output="3", source="reported", ttft="0.1",
-                                 tpot="0.02") + "\n")
+                                 tpot="0.02", wait="0.01") + "\n")
     families = promcheck.parse(ex.render(exporter.collect()))
     names = {}
     for fam in families.values():

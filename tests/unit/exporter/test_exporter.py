@@ -436,19 +436,21 @@ def test_the_gateways_shared_dicts_and_held_bodies_are_published(ex, tmp_path):
     assert promcheck.sample_value(fams, "herd_exporter_collector_success", collector="gateway_pools") == 0
 
 
-def _token_line(key, pool, status="200", prompt="", output="", source="", ttft="", tpot=""):
+def _token_line(key, pool, status="200", prompt="", output="", source="", ttft="", tpot="", wait=""):
     return json.dumps({"time": "2026-12-02T00:00:00+00:00", "client": "127.0.0.1", "key": key, "method": "POST",
                        "uri": "/api/generate", "status": status, "bytes": "10", "pool": pool, "request_time": "0.5",
                        "upstream": "127.0.0.1:18951", "upstream_status": status, "upstream_connect_time": "0.000",
                        "upstream_header_time": "0.1", "upstream_response_time": "0.5", "prompt_tokens": prompt,
-                       "output_tokens": output, "tokens_from": source, "ttft": ttft, "tpot": tpot})
+                       "output_tokens": output, "tokens_from": source, "ttft": ttft, "tpot": tpot,
+                       "queue_wait": wait, "msec": "1764633600.000"})
 
 
 def test_tokens_and_requests_per_key_and_model(ex, tmp_path):
     exporter = _exporter(ex, tmp_path)
     lines = [
-        _token_line("team-a", "qwen3:8b", prompt="100", output="20", source="reported", ttft="0.200", tpot="0.0300"),
-        _token_line("team-a", "qwen3:8b", prompt="50", output="7", source="delivered", ttft="0.100"),
+        _token_line("team-a", "qwen3:8b", prompt="100", output="20", source="reported", ttft="0.200", tpot="0.0300",
+                    wait="0.000"),
+        _token_line("team-a", "qwen3:8b", prompt="50", output="7", source="delivered", ttft="0.100", wait="1.500"),
         _token_line("", "qwen3:8b", prompt="5", output="1", source="reported"),
         _token_line("team-a", "qwen3:8b", status="429"),
         _token_line("team-b", "*"),  # no model: not a tenant's request (version, health)
@@ -468,6 +470,10 @@ def test_tokens_and_requests_per_key_and_model(ex, tmp_path):
     assert v(fams, "herd_gateway_time_to_first_token_seconds_sum", model="qwen3:8b") == pytest.approx(0.3)
     assert v(fams, "herd_gateway_time_per_output_token_seconds_bucket", model="qwen3:8b", le="0.03") == 1
     assert v(fams, "herd_gateway_time_per_output_token_seconds_count", model="qwen3:8b") == 1
+    # Queue waits per key (requests the queue admitted; a 429 never waited)
+    assert v(fams, "herd_gateway_key_queue_wait_seconds_count", key="team-a", model="qwen3:8b") == 2
+    assert v(fams, "herd_gateway_key_queue_wait_seconds_sum", key="team-a", model="qwen3:8b") == pytest.approx(1.5)
+    assert v(fams, "herd_gateway_key_queue_wait_seconds_count", key="none") == 0
 
 
 def test_tenant_series_are_bounded(ex):
