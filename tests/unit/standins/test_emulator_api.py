@@ -5,6 +5,7 @@ import json
 import shutil
 import time
 
+import pytest
 from standins_lab import GPUS, emulator
 
 ERR_MAX_QUEUE = "server busy, please try again.  maximum pending requests exceeded"
@@ -390,3 +391,36 @@ def test_startup_prunes_unreferenced_blobs_unless_noprune(start_emulator, lab_mo
     # every lab model is still whole
     assert sorted(m["name"] for m in emu.get_json("/api/tags")["models"]) == [
         "herd-embed:v1", "herd-large:70b", "herd-small:7b", "herd-small:latest", "herd-tiny:1b"]
+
+
+def test_extra_ports_are_instances_of_their_own(start_emulator, lab_models):
+    """HERD_EMU_EXTRA_PORTS (the scale benchmark's hundreds of instances): each extra port is an instance with its
+    own scheduler, slots, loaded models and simulated GPU, served by the same process."""
+    import socket
+    import urllib.request
+
+    def call(port, path, payload=None):
+        data = json.dumps(payload).encode() if payload is not None else None
+        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data),
+                                    timeout=30) as resp:
+            return json.loads(resp.read())
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    emu = start_emulator(OLLAMA_MODELS=lab_models, HERD_LAB_GPU_SPEC=str(GPUS / "l20x4.json"), CUDA_VISIBLE_DEVICES="0",
+                         HERD_EMU_LOAD_SECONDS="0.01", HERD_EMU_EXTRA_PORTS=",".join(map(str, ports)))
+    for port in ports:
+        assert call(port, "/api/version") == emu.get_json("/api/version")
+    answer = call(ports[0], "/api/generate", {"model": "herd-tiny:1b", "prompt": "hi", "stream": False,
+                                              "options": {"num_predict": 2}})
+    assert answer["done"] is True
+    # Only the instance that was asked loaded the model.
+    loaded = [[m["name"] for m in call(port, "/api/ps")["models"]] for port in (emu.port, *ports)]
+    assert loaded == [[], ["herd-tiny:1b"], []], loaded
+    assert "serving 2 more instances from this process" in emu.log()
+    assert emulator.parse_ports("7-9") == [7, 8, 9] and emulator.parse_ports("") == []
+    with pytest.raises(ValueError, match="HERD_EMU_EXTRA_PORTS"):
+        emulator.parse_ports("0,70000")
