@@ -9,6 +9,8 @@ admissions and slots held, not seconds, so a loaded machine slows them without f
 - A quiet key (one request at a time) beside a noisy key (10 streaming clients on 4 slots): while a quiet request
   waits, at most 2 noisy requests are admitted (a plain FIFO admits every noisy request queued before it: 6).
 - Weights: a key of weight 3 and one of weight 1, both saturating the pool, hold 3 and 1 of its 4 slots.
+- Anticipation: a quiet key sending its requests back to back keeps its slot between them (the few milliseconds
+  between an answer and the next request are not handed to the noisy key): at most its first request waits.
 - Batch: a batch key beside a saturating interactive key is admitted only after gateway_batch_aging (1 s here)
   in the queue, and soon after it (aging + 2 s); alone, it takes the whole pool at once.
 """
@@ -120,6 +122,20 @@ def test_a_quiet_key_waits_for_one_free_slot_not_for_the_noisy_keys_queue(stack)
     noisy_waits = sorted(r[4] for r in noisy if r[1] > noisy[0][1] + 1.5)
     quiet_waits = sorted(r[4] for r in recs if r[0] == "quiet")
     assert quiet_waits[len(quiet_waits) // 2] < noisy_waits[len(noisy_waits) // 2] / 2, (quiet_waits, noisy_waits)
+
+
+def test_a_key_sending_back_to_back_keeps_its_slot_between_requests(stack):
+    port, tmp = stack
+    start_line = log_length(tmp)
+    statuses = []
+    noise = clients(port, "noisy", 10, 6, statuses)
+    time.sleep(1.5)
+    quiet = [ask(port, "quiet", f"loop-{i}", tokens=8) for i in range(8)]
+    join(noise)
+    assert set(statuses) == {200} and quiet == [200] * 8, (statuses, quiet)
+    waits = [r[4] for r in records(tmp, start_line) if r[0] == "quiet"]
+    # The first finds every slot busy and waits for one; each next one arrives within the anticipation.
+    assert len(waits) == 8 and sum(1 for w in waits if w >= 0.05) <= 1, waits
 
 
 def held(recs, key, t):

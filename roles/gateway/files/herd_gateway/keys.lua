@@ -47,6 +47,8 @@ _M.KEYS = {
       meaning = "ticket n left the queue (timed out, hung up, rejected): skipped at the head" },
     { dict = "herd_queue", key = "q:<fifo>:a:<n>", owner = "queue",
       meaning = "one worker is moving the head past ticket n (add() marker, 10 s)" },
+    { dict = "herd_queue", key = "a:<fifo>", owner = "queue",
+      meaning = "the API key's anticipated candidate after its request ended (gateway_fair_share_anticipation)" },
     { dict = "herd_queue", key = "m:<fifo>", owner = "queue",
       meaning = "the API key's candidate in the pool: \"<class> <arrival>\" (1 s, refreshed while it polls)" },
     { dict = "herd_gateway", key = "s:<pool>:<stat>", owner = "stats",

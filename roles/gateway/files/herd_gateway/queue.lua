@@ -13,6 +13,11 @@
 -- lowest share); a tenant alone, or the only one waiting, takes every free slot. Candidates publish their class and
 -- arrival (herd_queue m:, 1 s, refreshed while they poll); a turn reads the candidates of every tenant that may use
 -- the pool: O(keys) dict reads per poll of each candidate, and only while the pool is full.
+-- Anticipation: a client that sends one request at a time (an agent's loop) is idle between its answer and its
+-- next request for a few milliseconds, and a work-conserving scheduler would hand its slot to another key in that
+-- gap ("deceptive idleness": Iyer and Druschel, "Anticipatory scheduling", SOSP 2001). So when a request of a key
+-- ends and the key has no candidate waiting, it stays a candidate for gateway_fair_share_anticipation (herd_queue
+-- a:, arrival = the end): a key of a higher share waits that long at most before it may take the slot.
 -- Every write never evicts: the ticket counters, heads, waiting and held counts in herd_gateway (counters), the
 -- per-request markers in their own dict herd_queue (safe_set, safe_add). When either dict is full the request is
 -- answered 503 (Ollama's error shape) and leaves the queue as if it had timed out: no state is left half-written.
@@ -26,6 +31,7 @@
 --   q:<fifo>:g:<n>   read, written, deleted: ticket n left the queue
 --   q:<fifo>:a:<n>   written: one worker moves the head past ticket n
 --   m:<fifo>         read, written, deleted: the tenant's candidate, "<class> <arrival>" (1 s, refreshed)
+--   a:<fifo>         read, written, deleted: the tenant's anticipated candidate after its request ended (anticipation)
 -- It counts admitted, rejected_full, rejected_timeout, abandoned and affinity_* through stats.
 local affinities = require("herd_gateway.affinity")
 local apikeys = require("herd_gateway.apikeys")
@@ -84,9 +90,10 @@ local function pop_head(fifo)
     counters.incr("q:" .. fifo .. ":h", 1)
 end
 
--- The candidates' marker of a FIFO: "<class> <arrival>".
+-- The candidate of a FIFO, or its anticipated one: "<class> <arrival>".
 local function candidate(fifo)
-    local value = markers():get("m:" .. fifo)
+    local m = markers()
+    local value = m:get("m:" .. fifo) or m:get("a:" .. fifo)
     if not value then
         return nil
     end
@@ -210,6 +217,7 @@ function _M.admit(pool, affinity, tenant)
                     end
                     ctx.herd_held = fifo
                     m:delete(alive)
+                    m:delete("a:" .. fifo)
                     if head == ticket then
                         drop_candidate()
                         pop_head(fifo)
@@ -263,12 +271,20 @@ function _M.admit(pool, affinity, tenant)
     end
 end
 
--- log phase: the slot the request held goes back to its tenant's share.
+-- log phase: the slot the request held goes back to its tenant's share; with other keys and no candidate of its
+-- own waiting, the tenant stays a candidate for the anticipation (its next request may be on its way).
 function _M.done(ctx)
     local fifo = ctx.herd_held
-    if fifo then
-        ctx.herd_held = nil
-        counters.add("o:" .. fifo, -1)
+    if not fifo then
+        return
+    end
+    ctx.herd_held = nil
+    counters.add("o:" .. fifo, -1)
+    local cfg = settings.cfg
+    local m = markers()
+    if cfg.fair_share and (cfg.anticipation or 0) > 0 and #apikeys.tenants() > 1 and not m:get("m:" .. fifo) then
+        local tenant = fifo:match("|(.*)$") or ""
+        m:safe_set("a:" .. fifo, (apikeys.limits(tenant).batch and 1 or 0) .. " " .. ngx.now(), cfg.anticipation)
     end
 end
 

@@ -82,6 +82,7 @@ function _M.build(settings, servers_record, drained, resolver)
         queue_max = tonumber(settings.queue_max) or 64,
         batch_aging = seconds(settings.batch_aging, 30),
         fair_share = settings.fair_share ~= false,
+        anticipation = seconds(settings.anticipation, 0.05),
         token_accounting = settings.token_accounting ~= false,
         client_keep_alive = settings.client_keep_alive or "ignore",
         busy_status = tonumber(settings.busy_status) or 503,
