@@ -188,25 +188,28 @@ function _M.acquire(pool, exclude, preferred)
             return nil, true, err
         end
     end
-    -- The least loaded candidate with a free slot, found in one pass (no list built or sorted: a pick costs the
-    -- same two dict reads per instance at 8 or 512 instances); another worker may take that slot first, then the
-    -- next pass looks again.
+    -- The least loaded candidate with a free slot, found in one pass in turn order (no list built or sorted), which
+    -- stops at the first idle non-backup instance: nothing comes before it, so a pool with idle instances costs a
+    -- few dict reads whatever its size. Another worker may take the slot first; then the next pass looks again.
     local servers = settings.cfg.pools[pool] or {}
     local n = #servers
     local turn = n > 1 and (counters.incr("r:" .. pool, 1) or 0) or 0
     local any = false
     for _ = 1, 3 do
-        local best, best_load, best_order
-        for index, server in ipairs(servers) do
+        local best, best_load
+        for order = 0, n - 1 do
+            local server = servers[(turn + order) % n + 1]
             if not server.down and not (exclude and exclude[server.key]) and not failed(server) then
                 any = true
                 local used = inflight(server)
                 if used < server.max_conns then
-                    local load, order = used / server.weight, (index - 1 - turn) % n
+                    local load = used / server.weight
                     if not best or (best.backup and not server.backup)
-                        or (best.backup == server.backup
-                            and (load < best_load or (load == best_load and order < best_order))) then
-                        best, best_load, best_order = server, load, order
+                        or (best.backup == server.backup and load < best_load) then
+                        best, best_load = server, load
+                        if load == 0 and not server.backup then
+                            break
+                        end
                     end
                 end
             end
