@@ -554,7 +554,7 @@ class Bench:
             finally:
                 gw.stop()
             tokens = noisy["summary"]["output_tokens"] + quiet["summary"]["output_tokens"]
-            wall = self.cpu[f"{name}-noisy"]["elapsed_s"]
+            wall = self.cpu[f"{name}-noisy"]["elapsed_s"]  # collected after the quiet run: until both ended
             out[name] = {"quiet": self.key_figures(quiet["summary"]), "noisy": self.key_figures(noisy["summary"]),
                          "pool_tokens_per_s": tokens / wall if wall else None,
                          "waits": self.quiet_waits(log_path, skip)}
@@ -1264,7 +1264,7 @@ def noisy_report(noisy: dict, a) -> list[str]:
              f"{noisy['seconds']:g} s; key `quiet` sends {noisy['quiet_requests']} requests one at a time, first alone, "
              "then beside the noise, through herd's gateway rendered by the role with fair share (the default) and "
              "with `gateway_fair_share: false` (one FIFO per pool, as before issue 30). Pool throughput: both keys' "
-             "output tokens over the noisy run's time.")
+             "output tokens over the time from the noisy key's start until both keys' runs ended.")
     L.append("")
     L.append("| gateway | quiet: served | quiet TTFT p50 | quiet TTFT p90 | quiet TTFT max | noisy: served | "
              "noisy tok/s | pool tok/s |")
