@@ -264,7 +264,8 @@ def test_accepts_module_result_and_string_numbers(planner, gpus_from):
 def test_filter_registration_and_raise(planner, gpus_from):
     filters = planner.FilterModule().filters()
     assert set(filters) == {"ollama_plan", "ollama_model_name", "ollama_not_ready", "ollama_pull_name",
-                            "ollama_registry_error", "ollama_path_errors", "ollama_embedding_only"}
+                            "ollama_registry_error", "ollama_path_errors", "ollama_embedding_only",
+                            "ollama_rolling_batches", "ollama_rolling_floor_errors"}
     assert filters["ollama_model_name"]("library/tiny") == "tiny:latest"
     with pytest.raises(AnsibleFilterError):
         filters["ollama_model_name"]("bad name")
