@@ -4,11 +4,11 @@ own tasks, real nginx and emulated instances on loopback; and its ideal FIFO is 
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_short_mode
 from herd_testing import load_module
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -81,18 +81,7 @@ def test_a_template_error_fails_loudly(render, tmp_path):
 def test_short_mode_runs_every_configuration(tmp_path):
     """benchmarks/gateway_bench.py --short: herd (rendered by the role), the seeds and the ideal, 1x and 3x."""
     _need_nginx()
-    out = tmp_path / "report"
-    proc = subprocess.Popen(
-        [sys.executable, str(BENCH / "gateway_bench.py"), "--short", "--out", str(out), "--work", str(tmp_path / "w"),
-         "--command", "pytest tests/unit/benchmarks"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _stdout, stderr = proc.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # the benchmark stops its nginx and emulators on SIGTERM
-        _stdout, stderr = proc.communicate(timeout=60)
-        pytest.fail(f"the short mode ran over 600 s:\n{stderr[-4000:]}")
-    assert proc.returncode == 0, stderr[-4000:]
+    out = run_short_mode("gateway_bench.py", tmp_path, 600)
     (md,) = out.glob("*-lab.md")
     (js,) = out.glob("*-lab.json")
     data = json.loads(js.read_text())

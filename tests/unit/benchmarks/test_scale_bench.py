@@ -5,29 +5,16 @@ the real nginx, herd-exporter and herd-guard code."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
+from conftest import run_short_mode
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_short_mode_measures_every_size(tmp_path):
     assert shutil.which("nginx") or os.path.exists("/usr/sbin/nginx"), "nginx is missing: run make bootstrap"
-    out = tmp_path / "report"
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "benchmarks" / "scale_bench.py"), "--short", "--out", str(out),
-         "--work", str(tmp_path / "w"), "--command", "pytest tests/unit/benchmarks"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _stdout, stderr = proc.communicate(timeout=420)
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # the benchmark stops its nginx and emulators on SIGTERM
-        _stdout, stderr = proc.communicate(timeout=60)
-        pytest.fail(f"the short mode ran over 420 s:\n{stderr[-4000:]}")
-    assert proc.returncode == 0, stderr[-4000:]
+    out = run_short_mode("scale_bench.py", tmp_path, 420)
     (js,) = out.glob("*-scale.json")
     (md,) = out.glob("*-scale.md")
     data = json.loads(js.read_text())
