@@ -5,11 +5,8 @@ the real nginx, herd-exporter and herd-guard code."""
 import json
 import os
 import shutil
-from pathlib import Path
 
 from conftest import run_short_mode
-
-ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_short_mode_measures_every_size(tmp_path):
