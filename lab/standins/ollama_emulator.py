@@ -26,7 +26,10 @@ Lab-only environment:
   HERD_EMU_TOKENS_PER_SECOND     override every model's per-slot generation rate
   HERD_EMU_PROMPT_TOKENS_PER_SECOND  override every model's prompt-eval rate
   HERD_EMU_LOAD_SECONDS          override every model's load time
-  HERD_EMU_BUSY_SLOWDOWN         override every model's per-slot rate multiplier with all slots busy
+  HERD_EMU_BUSY_SLOWDOWN         per-slot rate multiplier with all slots busy, falling linearly from 1 with one
+                                 (the old rule; unset: the measured batch curve BATCH_STEP_RATIOS, docs/standins.md)
+  HERD_EMU_DISK_MB_PER_SECOND    disk read rate (10^6 bytes/s) of a cold load for a model stating no load_seconds
+                                 (default 3000: a chosen figure for an NVMe drive, not a measured one)
   HERD_EMU_RESPONSE_TOKENS       answer length when the request sets no num_predict (default 48)
   HERD_EMU_CPU_FACTOR            rate multiplier when no simulated GPU is visible (default 0.15)
   HERD_EMU_ACCESS_LOG            "0" turns off the per-request log line
@@ -77,6 +80,72 @@ WORDS = (
     "The herd lab emulator streams this answer at the token rate of a simulated GPU so that "
     "gateways queues and rolling deploys can be tested without a real model or accelerator"
 ).split()
+
+
+# --------------------------------------------------------------------------- timing model (docs/standins.md)
+
+# Decode step time of a llama.cpp runner against B, the slots generating at once: T(B) = t(B) / t(1). The server
+# decodes one token of every generating slot in one batch, so each slot gets tokens_per_second / T(B) and the
+# runner B times that. Measured by llama.cpp's llama-batched-bench in ggml-org/llama.cpp PR #16894 ("scripts : add
+# script to bench models", 2025-10-31; sample output), qwen2 7B Q8_0 (7.62 B parameters) on Metal, PP 512, TG 32,
+# S_TG (aggregate t/s) B=1 79.04, B=2 136.37, B=4 224.52, so T(B) = B x 79.04 / S_TG(B). Past B=4 (that run's
+# last point) T grows as in ggml-org/llama.cpp PR #3776 (CUDA, PP 512, TG 128: S_TG 265.14, 450.38, 604.89, 796.67
+# at B = 4, 8, 16, 32): T(2B) = T(B) x 2 x S_TG(B) / S_TG(2B). Linear between points, flat past the last. Per
+# model: herd_lab "batch_step_ratios" ([[B, T], ...]); HERD_EMU_BUSY_SLOWDOWN brings back the old linear rule.
+_T4 = 4 * 79.04 / 224.52
+_T8 = _T4 * 2 * 265.14 / 450.38
+_T16 = _T8 * 2 * 450.38 / 604.89
+BATCH_STEP_RATIOS = ((1, 1.0), (2, 2 * 79.04 / 136.37), (4, _T4), (8, _T8), (16, _T16),
+                     (32, _T16 * 2 * 604.89 / 796.67))
+# Prompt evaluation is compute bound: its rate falls with the parameter count, rate = K / parameters, for a
+# model that states no prompt_tokens_per_second. K from llama-bench on an RTX 4090 in ggml-org/llama.cpp PR #4766
+# ("llama : ggml-backend integration", 2024-01-10): llama 7B Q4_0, 6.74 B parameters, pp 512 = 7979.85 t/s.
+PREFILL_PARAMS_TOKENS_PER_SECOND = 7979.85 * 6.74e9
+# A model stating neither prompt_tokens_per_second nor parameter_count (the emulator's rate before K).
+DEFAULT_PROMPT_TOKENS_PER_SECOND = 1000.0
+# Uncached prompt tokens evaluated per step (Ollama's num_batch default, llama.cpp's n_ubatch default).
+PREFILL_CHUNK = 512
+# Disk read rate of a cold load, 10^6 bytes/s (HERD_EMU_DISK_MB_PER_SECOND): chosen as a typical NVMe drive's
+# sequential read, not measured.
+DEFAULT_DISK_MB_PER_SECOND = 3000.0
+
+
+def step_ratio(points, batch):
+    """T(batch) from ((B, T), ...) sorted by B: linear between points, flat before the first and past the last."""
+    prev_b, prev_t = points[0]
+    if batch <= prev_b:
+        return prev_t
+    for b, t in points[1:]:
+        if batch <= b:
+            return prev_t + (t - prev_t) * (batch - prev_b) / (b - prev_b)
+        prev_b, prev_t = b, t
+    return prev_t
+
+
+def parse_step_ratios(value):
+    """herd_lab batch_step_ratios ([[B, T], ...] or {"B": T}) as sorted ((B, T), ...) starting at (1, 1.0);
+    BATCH_STEP_RATIOS when absent or unusable."""
+    pairs = value.items() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    points = {}
+    for pair in pairs:
+        try:
+            batch, ratio = (float(x) for x in pair)
+        except (TypeError, ValueError):
+            return BATCH_STEP_RATIOS
+        if batch < 1 or ratio <= 0:
+            return BATCH_STEP_RATIOS
+        points[batch] = ratio
+    if not points:
+        return BATCH_STEP_RATIOS
+    points.setdefault(1.0, 1.0)
+    return tuple(sorted(points.items()))
+
+
+def prompt_rate_for(parameter_count):
+    """Prompt tokens/s of a model from its parameter count (K / parameters), or the old default without one."""
+    if parameter_count > 0:
+        return PREFILL_PARAMS_TOKENS_PER_SECOND / parameter_count
+    return DEFAULT_PROMPT_TOKENS_PER_SECOND
 
 
 # --------------------------------------------------------------------------- environment
@@ -290,6 +359,8 @@ class Settings:
         self.prompt_tokens_per_second = env_float(env, "HERD_EMU_PROMPT_TOKENS_PER_SECOND")
         self.load_seconds = env_float(env, "HERD_EMU_LOAD_SECONDS")
         self.busy_slowdown = env_float(env, "HERD_EMU_BUSY_SLOWDOWN")
+        disk = env_float(env, "HERD_EMU_DISK_MB_PER_SECOND")
+        self.disk_mb_per_second = disk if disk and disk > 0 else DEFAULT_DISK_MB_PER_SECOND
         self.response_tokens = env_int(env, "HERD_EMU_RESPONSE_TOKENS", 48, minimum=1)
         self.cpu_factor = env_float(env, "HERD_EMU_CPU_FACTOR") or 0.15
         self.access_log = clean_env(env.get("HERD_EMU_ACCESS_LOG")) != "0"
@@ -470,17 +541,28 @@ class ModelInfo:
         model_bytes = sum(layer.get("size", 0) for layer in layers if layer.get("mediaType", "").endswith(".model"))
         # A model without herd_lab metadata (a real GGUF copied in) is treated as needing 1.2x its file size.
         self.vram_mib = int(lab.get("vram_mib") or max(1, model_bytes * 1.2 // MIB))
-        self.load_seconds = settings.load_seconds if settings.load_seconds is not None else float(
-            lab.get("load_seconds", 1.0))
+        self.parameter_count = int(lab.get("parameter_count", 0))
+        # Cold load: HERD_EMU_LOAD_SECONDS, else the model's load_seconds, else its weights (vram_mib, or the
+        # model file) read at HERD_EMU_DISK_MB_PER_SECOND.
+        self.load_bytes = int(lab.get("vram_mib") or 0) * MIB or model_bytes
+        if settings.load_seconds is not None:
+            self.load_seconds = settings.load_seconds
+        elif lab.get("load_seconds") is not None:
+            self.load_seconds = float(lab["load_seconds"])
+        else:
+            self.load_seconds = self.load_bytes / (settings.disk_mb_per_second * 1e6)
         self.tokens_per_second = settings.tokens_per_second or float(lab.get("tokens_per_second", 30.0))
-        self.prompt_tokens_per_second = settings.prompt_tokens_per_second or float(
-            lab.get("prompt_tokens_per_second", 1000.0))
-        self.busy_slowdown = settings.busy_slowdown if settings.busy_slowdown is not None else float(
-            lab.get("busy_slowdown", 0.8))
+        # Prompt rate: HERD_EMU_PROMPT_TOKENS_PER_SECOND, else the model's, else K / parameter_count.
+        self.prompt_tokens_per_second = (settings.prompt_tokens_per_second
+                                         or float(lab.get("prompt_tokens_per_second") or 0)
+                                         or prompt_rate_for(self.parameter_count))
+        # HERD_EMU_BUSY_SLOWDOWN set: the old linear rule (None: the batch curve). herd_lab's own busy_slowdown
+        # (mkmodels still writes it) is not read any more: the measured curve replaced it.
+        self.busy_slowdown = settings.busy_slowdown
+        self.batch_step_ratios = parse_step_ratios(lab.get("batch_step_ratios"))
         self.context_length = int(lab.get("context_length", 4096))
         # KV cache per 1024 tokens per slot (f16). A model without it is counted like an 8B model.
         self.kv_mib_per_1k_ctx = float(lab.get("kv_mib_per_1k_ctx", 128))
-        self.parameter_count = int(lab.get("parameter_count", 0))
 
     @property
     def key(self):
@@ -628,14 +710,46 @@ class Runner:
         self.size = need_mib(model, settings, gpus) * MIB
         self.size_vram = self.size if gpus else 0
         self.rate_factor = 1.0 if gpus else settings.cpu_factor
+        # The timing model's state: slots generating now (B), slots evaluating a prompt, the lane prompt chunks
+        # take one at a time, and the loop time the chunk in progress ends.
+        self.generating = 0
+        self.prefilling = 0
+        self.prefill_lane = asyncio.Lock()
+        self.chunk_end = 0.0
 
     def token_rate(self):
-        """Per-slot tokens/s now: full speed alone, busy_slowdown x when every slot generates."""
+        """Per-slot tokens/s now: tokens_per_second / T(B) for B slots generating (the batch curve), or with
+        HERD_EMU_BUSY_SLOWDOWN the old rule: full speed alone, busy_slowdown x when every slot is taken."""
         rate = self.model.tokens_per_second * self.rate_factor
-        if self.num_parallel > 1 and self.active > 1:
-            busy = (self.active - 1) / (self.num_parallel - 1)
-            rate *= 1.0 - (1.0 - self.model.busy_slowdown) * busy
-        return rate
+        if self.model.busy_slowdown is not None:
+            if self.num_parallel > 1 and self.active > 1:
+                busy = (self.active - 1) / (self.num_parallel - 1)
+                rate *= 1.0 - (1.0 - self.model.busy_slowdown) * busy
+            return rate
+        return rate / step_ratio(self.model.batch_step_ratios, max(1, self.generating))
+
+    async def prefill(self, tokens):
+        """Evaluate `tokens` uncached prompt tokens in chunks of PREFILL_CHUNK at the model's prompt rate. Chunks
+        go through the runner's lane one at a time, in turn (FIFO), so P prefills at once each take about P times
+        as long; while a chunk runs, generating slots' next tokens wait for it (see Server._run_tokens)."""
+        if tokens <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        rate = self.model.prompt_tokens_per_second
+        self.prefilling += 1
+        try:
+            while tokens > 0:
+                chunk = min(tokens, PREFILL_CHUNK)
+                async with self.prefill_lane:
+                    now = loop.time()
+                    # back to back with the chunk before (within 10 ms): start at its end, so that timer lateness
+                    # does not add up over a long prompt
+                    start = self.chunk_end if 0 <= now - self.chunk_end < 0.01 else now
+                    self.chunk_end = start + chunk / rate
+                    await asyncio.sleep(max(0.0, self.chunk_end - loop.time()))
+                tokens -= chunk
+        finally:
+            self.prefilling -= 1
 
     def pick_slot(self, tokens):
         """The free slot for a prompt and the tokens it has cached: like the runner's findLongestCacheSlot, the
@@ -2079,23 +2193,34 @@ class Emulator:
         return self.settings.response_tokens, False
 
     async def _run_tokens(self, runner, prompt_tokens, n_tokens, emit, resp):
-        """Simulate prompt eval then n_tokens at the runner's current rate; emit(i, text) per token."""
+        """Simulate prompt eval (Runner.prefill) then n_tokens at the runner's current rate; emit(i, text) per
+        token. Returns (prompt seconds, eval seconds) as simulated, for prompt_eval_duration / eval_duration."""
         loop = asyncio.get_running_loop()
-        prompt_seconds = prompt_tokens / runner.model.prompt_tokens_per_second
         t0 = loop.time()
-        if prompt_seconds > 0:
-            await asyncio.sleep(prompt_seconds)
+        await runner.prefill(prompt_tokens)
         t1 = loop.time()
         target = t1
-        for i in range(n_tokens):
-            target += 1.0 / runner.token_rate()
-            delay = target - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            word = WORDS[i % len(WORDS)]
-            emit(i, word if i == 0 else " " + word)
-            if i % 16 == 15:
-                await resp.drain()
+        if n_tokens:
+            runner.generating += 1
+        try:
+            for i in range(n_tokens):
+                target += 1.0 / runner.token_rate()
+                delay = target - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                # A prompt chunk in progress on this runner: llama.cpp puts this token in the same step as the
+                # chunk, so it comes when the chunk is done (one token per chunk while another slot prefills).
+                end = runner.chunk_end
+                if end > loop.time():
+                    await asyncio.sleep(end - loop.time())
+                    target = max(target, end)
+                word = WORDS[i % len(WORDS)]
+                emit(i, word if i == 0 else " " + word)
+                if i % 16 == 15:
+                    await resp.drain()
+        finally:
+            if n_tokens:
+                runner.generating -= 1
         t2 = loop.time()
         return t1 - t0, t2 - t1
 
