@@ -402,7 +402,7 @@ def test_conversation_stays_on_its_instance_while_it_has_a_free_slot(gw):
     assert [(f["status"], addresses[f["upstream"]]) for f in fills] == [(200, home)] * max_conns[home], fills
     assert one_turn() == moved  # the conversation follows its latest turn
     after = wait_idle(gw)[SMALL]
-    assert after["affinity"] is True
+    assert after["affinity"] == "prefix"
     assert after["affinity_new"] - before["affinity_new"] == 1, after
     assert after["affinity_misses"] - before["affinity_misses"] == 1, after
     assert after["affinity_hits"] - before["affinity_hits"] == 2 + max_conns[home] + 1, after

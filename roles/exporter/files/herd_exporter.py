@@ -125,6 +125,29 @@ def _count(value, what):
     return value
 
 
+def _histogram(raw, what):
+    """A histogram of /herd/pools ({"buckets": {bound: cumulative}, "sum", "count"}) -> {"buckets": [(upper bound as
+    float, cumulative count)...] ending with +Inf, "sum", "count"}; ValueError unless it is one."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("buckets"), dict):
+        raise ValueError(f"{what}.buckets missing")
+    buckets = []
+    for bound, value in raw["buckets"].items():
+        try:
+            upper = float(bound)
+        except ValueError as exc:
+            raise ValueError(f"{what}: bucket bound {bound!r}") from exc
+        buckets.append((upper, _count(value, f"{what}: bucket {bound}")))
+    buckets.sort()
+    if not buckets or buckets[-1][0] != float("inf"):
+        raise ValueError(f"{what} has no +Inf bucket")
+    if any(b[1] > c[1] for b, c in zip(buckets, buckets[1:], strict=False)):
+        raise ValueError(f"{what} buckets are not cumulative")
+    count = _count(raw.get("count"), f"{what}.count")
+    if buckets[-1][1] != count:
+        raise ValueError(f"{what}: +Inf bucket {buckets[-1][1]} != count {count}")
+    return {"buckets": buckets, "sum": _count(raw.get("sum"), f"{what}.sum"), "count": count}
+
+
 def parse_pools(text):
     """The gateway's GET /herd/pools JSON -> [{name, queued, queue_max, counters..., wait, instances}].
 
@@ -146,26 +169,11 @@ def parse_pools(text):
                 "queue_max": _count(raw.get("queue_max"), f"pool {name}: queue_max")}
         for key in POOL_COUNTERS:
             pool[key] = _count(raw.get(key), f"pool {name}: {key}")
-        wait = raw.get("wait_seconds")
-        if not isinstance(wait, dict) or not isinstance(wait.get("buckets"), dict):
-            raise ValueError(f"pool {name}: wait_seconds.buckets missing")
-        buckets = []
-        for bound, value in wait["buckets"].items():
-            try:
-                upper = float(bound)
-            except ValueError as exc:
-                raise ValueError(f"pool {name}: bucket bound {bound!r}") from exc
-            buckets.append((upper, _count(value, f"pool {name}: bucket {bound}")))
-        buckets.sort()
-        if not buckets or buckets[-1][0] != float("inf"):
-            raise ValueError(f"pool {name}: wait_seconds has no +Inf bucket")
-        if any(b[1] > c[1] for b, c in zip(buckets, buckets[1:], strict=False)):
-            raise ValueError(f"pool {name}: wait_seconds buckets are not cumulative")
-        count = _count(wait.get("count"), f"pool {name}: wait_seconds.count")
-        if buckets[-1][1] != count:
-            raise ValueError(f"pool {name}: +Inf bucket {buckets[-1][1]} != count {count}")
-        pool["wait"] = {"buckets": buckets, "sum": _count(wait.get("sum"), f"pool {name}: wait_seconds.sum"),
-                        "count": count}
+        pool["wait"] = _histogram(raw.get("wait_seconds"), f"pool {name}: wait_seconds")
+        # Prefix hits (gateways since prefix routing; absent from older ones and with gateway_affinity off).
+        pool["prefix"] = None
+        if raw.get("prefix_hit_bytes") is not None:
+            pool["prefix"] = _histogram(raw["prefix_hit_bytes"], f"pool {name}: prefix_hit_bytes")
         instances = []
         for inst in raw.get("instances") or []:
             if not isinstance(inst, dict) or not inst.get("key"):
@@ -887,8 +895,15 @@ class Exporter:
         affinity = fam(
             "herd_gateway_pool_affinity_total",
             "counter",
-            "Requests of the pool with a conversation key, by result (hit: sent to the instance that served the "
-            "conversation last; miss: that instance had no free slot or was down; new: first turn)",
+            "Requests of the pool with cache affinity, by result (hit: sent to an instance that served part of its "
+            "prompt or its session before; miss: those instances had no free slot, were too loaded or down; new: "
+            "nothing of it cached anywhere)",
+        )
+        prefix = fam(
+            "herd_gateway_pool_prefix_hit_bytes",
+            "histogram",
+            "Prompt bytes of a request that the instance it was sent to had served before (its prompt cache; 0: a "
+            "miss), per request with cache affinity",
         )
         for pool in pools:
             labels = {"host": host, "pool": pool["name"]}
@@ -909,6 +924,11 @@ class Exporter:
                 down.add(ilabels, 1 if inst["down"] else 0)
             for result, value in (pool["affinity"] or {}).items():
                 affinity.add({**labels, "result": result}, value)
+            if pool["prefix"] is not None:
+                for bound, value in pool["prefix"]["buckets"]:
+                    prefix.add({**labels, "le": format_value(bound)}, value, "_bucket")
+                prefix.add(labels, pool["prefix"]["sum"], "_sum")
+                prefix.add(labels, pool["prefix"]["count"], "_count")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@
 --               progress (last upstream byte), the runtime drained flags
 --   queue       q: keys: the FIFO of every pool (its markers in herd_queue), admit, on_abort
 --   stats       s: keys: counters and the wait histogram of /herd/pools
---   affinity    herd_affinity: conversation key -> instance
+--   affinity    herd_affinity: prompt-prefix blocks and sessions -> instances (cache affinity)
 --   body        read_body, the JSON member scanner, view (members as Ollama reads them), rewrite
 --   respond     canonical JSON, error and busy answers in the dialect of the request's API
 --   usage       u: keys: token counts of every answer read as it streams (the access log's token fields), the
@@ -147,10 +147,8 @@ local function route(entry, path_model)
             for _, member in ipairs(affinity.MEMBERS) do
                 doc[member] = view.value(member)
             end
-            local key = affinity.key(model, entry.path, doc, affinity.session_header(), ngx.var.herd_key_name)
-            if key then
-                ctx.herd_affinity = { key = key, preferred = affinity.lookup(key) }
-            end
+            ctx.herd_affinity = affinity.plan(model, entry.path, doc, affinity.session_header(),
+                ngx.var.herd_key_name)
         end
         local new_body = body.rewrite(view, {
             drop_keep_alive = cfg.client_keep_alive == "ignore", native = entry.kind == "native",
@@ -277,7 +275,7 @@ function _M.balance()
                 slots.give_back(last.key)
                 ngx.var.herd_slot = next_server.key
                 if ctx.herd_affinity then
-                    affinity.remember(ctx.herd_affinity.key, next_server)
+                    affinity.record(ctx.herd_affinity, next_server)
                 end
             end
         end

@@ -47,6 +47,14 @@ def render(template, **overrides):
     values.update(role_vars())
     values["ansible_managed"] = "Managed by herd (test)"
     values.update(overrides)
+    # The role's derived vars (a string with an expression, like _gateway_affinity_mode) evaluated as Ansible would
+    # when the template reads them; those that need facts or other roles' vars stay as they are.
+    for name, value in list(values.items()):
+        if name.startswith("_") and isinstance(value, str) and "{{" in value and name not in overrides:
+            try:
+                values[name] = env.from_string(value).render(**values).strip()
+            except jinja2.exceptions.UndefinedError:
+                pass
     return env.get_template(template).render(**values)
 
 

@@ -3,7 +3,8 @@ the real nginx serving the role's rendered gateway in front of two herd emulator
 Ollama's inference, one slot each) that both hold herd-tiny:1b and herd-embed:v1 (an embedding-only model).
 
 - A multi-turn, tool-using conversation on /v1/messages in Claude Code's shape (system blocks, tools,
-  metadata.user_id) keeps its instance on every turn, and no instance holds more than its one slot.
+  metadata.user_id) keeps its instance on every turn, and no instance holds more than its one slot; the agent's
+  later sessions (same system prompt and tools) go to the instance that holds that shared prefix.
 - An overloaded pool (both slots busy, no queue: gateway_queue_max 0): the SDK gets the gateway's 503 in its own
   dialect with Retry-After, waits and retries, and returns the answer instead of raising.
 - The openai SDK: a streamed chat completion, a Responses call and embeddings (/v1/embeddings, base64 as the SDK
@@ -75,7 +76,9 @@ def test_a_tool_using_conversation_keeps_its_instance(stack):
         assert len(served) == 1, (session, served)
         instances |= served
     # Conversations start on the least loaded instance: both are used.
-    assert instances == {f"127.0.0.1:{e.port}" for e in emus}
+    # The sessions ran one after another with the same system prompt and tools: a new session goes where that shared
+    # prefix is cached (prefix routing), not to whichever instance is idle.
+    assert len(instances) == 1, instances
     # A streamed turn: the SDK assembles the same kind of message from the SSE events.
     with client.messages.stream(model=TINY, max_tokens=4096, system=SYSTEM,
                                 messages=[{"role": "user", "content": "Say hello"}]) as stream:

@@ -241,9 +241,10 @@ def _turns(first, n):
 @pytest.mark.parametrize("how", ["claude-code-header", "metadata.user_id", "prompt_cache_key", "messages-prefix",
                                  "responses-prefix"])
 def test_agent_conversations_keep_their_instance(stack, how):
-    """Six conversations of three turns on pool m3 (A and B, both idle): without affinity the pool's turn counter
-    alternates instances turn by turn; with it every turn of a conversation lands where its first did, and the
-    conversations use both instances."""
+    """Six conversations of three turns on pool m3 (A and B, both idle), each of its own agent (system prompt):
+    without affinity the pool's turn counter alternates instances turn by turn; with it every turn of a conversation
+    lands where its first did (by its session identifier, or by its prompt prefix), and the conversations, sharing
+    no prefix, use both instances."""
     _a, _b, gateway = stack
     tools = [{"name": "read_file", "description": "read a file", "input_schema": {"type": "object"}}]
     first_instances = set()
@@ -251,7 +252,7 @@ def test_agent_conversations_keep_their_instance(stack, how):
         served = set()
         for turn, messages in enumerate(_turns(f"task {session} {how}", 3)):
             headers, path = {}, "/v1/messages"
-            doc = {"model": "m3", "max_tokens": 64, "system": "You are a coding agent.", "tools": tools,
+            doc = {"model": "m3", "max_tokens": 64, "system": f"You are coding agent {session}.", "tools": tools,
                    "messages": messages}
             if how == "claude-code-header":
                 headers["X-Claude-Code-Session-Id"] = f"session-{session}"
@@ -261,10 +262,11 @@ def test_agent_conversations_keep_their_instance(stack, how):
                 doc["messages"] = [{"role": "user", "content": f"turn {turn}"}]
             elif how == "prompt_cache_key":
                 path = "/v1/responses"
-                doc = {"model": "m3", "input": f"turn {turn}", "prompt_cache_key": f"conv-{session}"}
+                doc = {"model": "m3", "input": f"session {session} {how}, turn {turn}",
+                       "prompt_cache_key": f"conv-{session}"}
             elif how == "responses-prefix":
                 path = "/v1/responses"
-                doc = {"model": "m3", "instructions": "You are a coding agent.", "tools": tools,
+                doc = {"model": "m3", "instructions": f"You are coding agent {session}.", "tools": tools,
                        "input": [{"role": "user", "content": f"task {session}"}]
                        + [{"type": "function_call_output", "call_id": f"c{t}", "output": "ok"} for t in range(turn)]}
             served.add(_served_by(gateway, path, doc, headers))

@@ -402,7 +402,7 @@ def test_memory_of_one_large_body(tmp_path, gw):
         assert send(gateway.port, "POST", "/api/generate", text, timeout=60)[0] == 200
         grown = (_worker_peak_kib(gateway) - before) / 1024
         print(f"one 15 MiB body (rewritten): worker peak RSS +{grown:.0f} MiB ({grown / 15:.1f}x)")
-        # Measured 9.0x here (the body in nginx, its Lua copy, the decoded document, the scanned member, the
+        # Measured 7.0x here (the body in nginx, its Lua copy, the decoded document, the scanned member, the
         # rewritten text, the new nginx buffer): transient, one parse at a time per worker.
         assert grown < 15 * 12, grown
         # The copies are freed once the request is admitted: a second body adds nothing to the peak.

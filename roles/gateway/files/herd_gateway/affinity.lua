@@ -1,10 +1,18 @@
--- herd gateway: conversation affinity (a conversation goes back to the instance that holds its context).
+-- herd gateway: cache affinity (a request goes where its prompt's prefix is cached: Ollama's runner reuses the
+-- prompt a slot processed last, so the instance that served a prefix answers with a short prefill).
 --
--- Owns: MEMBERS, session_header and key (the conversation key of a request), lookup and remember (the map, in its
--- own dict so that its least-recently-used eviction never touches the slots). The load bound is slots.acquire's.
+-- Owns: MEMBERS, session_header, key (the conversation key), chain (the request's prefix cut into blocks, each
+-- block's hash chained to the one before), plan (what a request prefers: the session's instance, then the
+-- instances that served the longest part of its chain), record (remember where a request went), lookup and
+-- remember (one key). The map lives in its own dict so that its least-recently-used eviction never touches the
+-- slots. The load bound (a free slot, gateway_prefix_max_imbalance) is slots.acquire's.
+-- Modes (gateway_affinity): "prefix" (default) walks the chain; "conversation" makes the chain one block, the
+-- conversation key (model + the first messages), which is how herd routed before prefix routing; a session
+-- identifier pins its conversation in both.
 -- Shared-dict keys (herd_affinity):
 --   s:<md5>   read, written: the instance of the conversation named by the session header
 --   p:<md5>   read, written: the instance of the conversation with this model and prompt prefix
+--   h:<hash>  read, written: the instances that served a chain ending in this block, most recent first
 local endpoints = require("herd_gateway.endpoints")
 local keys = require("herd_gateway.keys")
 local respond = require("herd_gateway.respond")
@@ -100,7 +108,7 @@ local function stable_prefix(kind, doc)
         if type(doc.prompt) ~= "string" or doc.prompt == "" then
             return {}
         end
-        return { (type(doc.system) == "string" and doc.system or "") .. "\0" .. doc.prompt }
+        return { (type(doc.system) == "string" and doc.system or "") .. "\0" .. doc.prompt:sub(1, PREFIX_BYTES) }
     end
     -- messages, responses: the system text and the tools (hashed: a long list of schemas), each part cut to
     -- PREFIX_BYTES so that the first user message always counts.
@@ -127,8 +135,8 @@ end
 -- The conversation key of a request (nil: no affinity), from the model, the path, the decoded body (the members
 -- affinity reads) and the session header (session_header()). Two turns of one conversation resend the same first
 -- messages, so they get the same key. `tenant` (the API key name) is part of every key: one tenant cannot probe
--- which prompts another has cached.
-function _M.key(model, path, doc, session, tenant)
+-- which prompts another has cached. `session_only`: nil unless the request names a session.
+function _M.key(model, path, doc, session, tenant, session_only)
     model = (tenant or "") .. "\0" .. model
     if type(session) == "table" then
         session = session[1]
@@ -138,6 +146,8 @@ function _M.key(model, path, doc, session, tenant)
     end
     if session then
         return "s:" .. ngx.md5(model .. "\0" .. session)
+    elseif session_only then
+        return nil
     end
     local kind = endpoints.AFFINITY_PATHS[path]
     if not kind then
@@ -162,6 +172,217 @@ end
 -- Remember the instance of a conversation (a full zone drops the least recently used entries).
 function _M.remember(key, server)
     keys.affinity():set(key, server.key, settings.cfg.affinity_ttl)
+end
+
+-- The parts of a request's prompt in the order the model reads them, by the endpoint's affinity kind: the system
+-- text, the tools (canonical JSON), then every message (role, text, tool calls); a later turn of a conversation
+-- resends the earlier ones unchanged, so its parts begin with the parts of every earlier turn. A part is a small
+-- head (its kind or role) and its text, kept apart so that a long text is never copied whole.
+local function message_parts(parts, m)
+    if type(m) ~= "table" then
+        parts[#parts + 1] = { "item", respond.canonical(m) }
+        return
+    end
+    if m.role == nil then
+        parts[#parts + 1] = { "item", respond.canonical(m) }
+        return
+    end
+    parts[#parts + 1] = { tostring(m.role), text_of(m.content) }
+    if type(m.tool_calls) == "table" then
+        parts[#parts + 1] = { "calls", respond.canonical(m.tool_calls) }
+    end
+end
+
+local function prompt_parts(kind, doc)
+    local parts = {}
+    if kind == "prompt" then
+        parts[1] = { "system", type(doc.system) == "string" and doc.system or "" }
+        local prompt = doc.prompt
+        parts[2] = { "prompt", type(prompt) == "string" and prompt or respond.canonical(prompt) }
+        return parts
+    end
+    local list = (kind == "responses") and doc.input or doc.messages
+    local rest = 1
+    if kind == "messages" or kind == "responses" then
+        parts[1] = { "system", text_of(kind == "messages" and doc.system or doc.instructions) }
+    elseif type(list) == "table" and type(list[1]) == "table" and list[1].role == "system" then
+        message_parts(parts, list[1])
+        rest = 2
+    end
+    -- The tools after the system prompt, as the models' templates render them.
+    if type(doc.tools) == "table" then
+        parts[#parts + 1] = { "tools", respond.canonical(doc.tools) }
+    end
+    if type(list) == "string" then
+        parts[#parts + 1] = { "user", list }
+    elseif type(list) == "table" then
+        for index = rest, #list do
+            message_parts(parts, list[index])
+        end
+    end
+    return parts
+end
+
+-- The request's chain: its prompt parts cut into blocks of gateway_prefix_block_bytes (a part's last block may
+-- be shorter: blocks end where parts end, so the blocks of an earlier turn are exactly the first blocks of the
+-- next), at most gateway_prefix_max_blocks. Block i's hash covers the tenant, the model and blocks 1..i (md5 of
+-- the previous hash and the block; a part's first block also covers its head). Returns the hashes and the prompt
+-- bytes each covers (nil when no block).
+function _M.chain(model, path, doc, tenant)
+    local kind = endpoints.AFFINITY_PATHS[path]
+    if not kind then
+        return nil
+    end
+    local cfg = settings.cfg
+    local size, max_blocks = cfg.prefix_block_bytes, cfg.prefix_max_blocks
+    local hashes, bytes = {}, {}
+    local h = ngx.md5_bin((tenant or "") .. "\0" .. model)
+    local total = 0
+    for _, part in ipairs(prompt_parts(kind, doc)) do
+        local head, text = part[1], part[2]
+        local first = 1
+        -- An empty part (no system prompt, an empty message) adds no block: a prefix nothing was cached for would
+        -- draw every request without one to the same instance.
+        while first <= #text do
+            if #hashes >= max_blocks then
+                return hashes, bytes
+            end
+            local piece = text:sub(first, first + size - 1)
+            h = ngx.md5_bin(first == 1 and (h .. "\30" .. head .. "\0" .. piece) or (h .. piece))
+            total = total + #piece
+            hashes[#hashes + 1] = h
+            bytes[#bytes + 1] = total
+            first = first + size
+        end
+    end
+    if #hashes == 0 then
+        return nil
+    end
+    return hashes, bytes
+end
+
+-- The instances a block's record names, most recent first.
+local function served(d, hash)
+    local value = d:get("h:" .. hash)
+    if not value then
+        return nil
+    end
+    local list = {}
+    for key in value:gmatch("%S+") do
+        list[#list + 1] = key
+    end
+    return list
+end
+
+-- How many instances a block remembers.
+local PER_BLOCK = 3
+
+-- What the request prefers, from its session identifier and its chain: { session = key, chain, bytes, preferred
+-- = { {server, pin, bytes}, ... } } in the order slots.acquire tries them (the session's instance pinned; then
+-- the instances that served the longest cached part of the chain, most recent first, then those of a shorter
+-- part), or nil when the request has neither.
+-- The longest cached part is found by bisection over the chain (a chain is recorded whole, so its cached blocks
+-- are a prefix of it), then the deepest block naming other instances by a second one: O(log n) dict reads.
+function _M.plan(model, path, doc, session, tenant)
+    local cfg = settings.cfg
+    local by_key = cfg.by_key
+    local plan = { preferred = {} }
+    local seen = {}
+    local function prefer(key, pin, bytes)
+        local server = key and by_key[key]
+        if server and not seen[key] then
+            seen[key] = true
+            plan.preferred[#plan.preferred + 1] = { server = server, pin = pin, bytes = bytes }
+        end
+    end
+    plan.session = _M.key(model, path, doc, session, tenant, true)
+    if plan.session then
+        prefer(keys.affinity():get(plan.session), true, 0)
+    end
+    local hashes, bytes
+    if cfg.affinity == "conversation" then
+        local key = not plan.session and _M.key(model, path, doc, nil, tenant)
+        if key then
+            hashes, bytes = { key }, { 0 }
+        end
+    else
+        hashes, bytes = _M.chain(model, path, doc, tenant)
+    end
+    if not hashes then
+        return plan.session and plan or nil
+    end
+    -- The prompt bytes of each block (prefix mode only: the conversation key is no prefix of known length).
+    plan.chain, plan.bytes = hashes, cfg.affinity == "prefix" and bytes or nil
+    local d = keys.affinity()
+    local lo, hi = 0, #hashes
+    while lo < hi do
+        local mid = math.floor((lo + hi + 1) / 2)
+        if d:get("h:" .. hashes[mid]) then
+            lo = mid
+        else
+            hi = mid - 1
+        end
+    end
+    plan.cached = lo
+    if lo == 0 then
+        return plan
+    end
+    for _, key in ipairs(served(d, hashes[lo]) or {}) do
+        prefer(key, false, bytes[lo])
+    end
+    -- The runners-up: the deepest block whose record names another instance (a second bisection).
+    local function names_another(depth)
+        for _, key in ipairs(served(d, hashes[depth]) or {}) do
+            if not seen[key] then
+                return true
+            end
+        end
+        return false
+    end
+    lo, hi = 0, lo - 1
+    while lo < hi do
+        local mid = math.floor((lo + hi + 1) / 2)
+        if names_another(mid) then
+            lo = mid
+        else
+            hi = mid - 1
+        end
+    end
+    if lo > 0 then
+        for _, key in ipairs(served(d, hashes[lo]) or {}) do
+            prefer(key, false, bytes[lo])
+        end
+    end
+    return plan
+end
+
+-- Remember where a request went: its session's instance, and the instance as the most recent server of every
+-- block of its chain (a full zone drops the least recently used entries: a cache, nothing depends on it).
+function _M.record(plan, server)
+    local d = keys.affinity()
+    local ttl = settings.cfg.affinity_ttl
+    if plan.session then
+        d:set(plan.session, server.key, ttl)
+    end
+    for _, hash in ipairs(plan.chain or {}) do
+        local list = { server.key }
+        for _, key in ipairs(served(d, hash) or {}) do
+            if key ~= server.key and #list < PER_BLOCK then
+                list[#list + 1] = key
+            end
+        end
+        d:set("h:" .. hash, table.concat(list, " "), ttl)
+    end
+end
+
+-- The prompt bytes the chosen server had cached by the plan (0: none).
+function _M.matched(plan, server)
+    for _, entry in ipairs(plan.preferred) do
+        if entry.server == server then
+            return entry.bytes
+        end
+    end
+    return 0
 end
 
 return _M

@@ -16,7 +16,7 @@ _M.GATEWAY = "herd_gateway"
 -- The queue's per-request markers (one or two per waiting request): apart, so that a burst of waiting requests
 -- fills this dict, never the counters'.
 _M.QUEUE = "herd_queue"
--- Conversation affinity: apart, so that its least-recently-used eviction never touches the slots.
+-- Cache affinity (prompt-prefix blocks and sessions -> instances): apart, so that its least-recently-used eviction never touches the slots.
 _M.AFFINITY = "herd_affinity"
 
 -- Every key shape (<...>: a variable part), its dict, its owner module and its meaning.
@@ -53,7 +53,7 @@ _M.KEYS = {
       meaning = "the API key's candidate in the pool: \"<class> <arrival>\" (1 s, refreshed while it polls)" },
     { dict = "herd_gateway", key = "s:<pool>:<stat>", owner = "stats",
       meaning = "counters of /herd/pools: admitted, rejected_*, abandoned, affinity_*, count, sum_us, b<n>; "
-          .. "wait_avg_us" },
+          .. "wait_avg_us; p<n>, pcount, psum (prefix hits)" },
     { dict = "herd_gateway", key = "b:held", owner = "body",
       meaning = "bytes of request bodies the gateway holds now, over every worker (limit: body_memory; counters.add)" },
     { dict = "herd_gateway", key = "e:<key>", owner = "tenants",
@@ -76,6 +76,9 @@ _M.KEYS = {
       meaning = "instance key that served the conversation named by the session header last (affinity_ttl)" },
     { dict = "herd_affinity", key = "p:<md5>", owner = "affinity",
       meaning = "instance key that served the conversation with this model and prompt prefix last (affinity_ttl)" },
+    { dict = "herd_affinity", key = "h:<hash>", owner = "affinity",
+      meaning = "instance keys that served a prompt whose chain of blocks ends in this one, most recent first "
+          .. "(at most 3; affinity_ttl)" },
 }
 
 -- The dict of slots, queues, counters and catalogue.

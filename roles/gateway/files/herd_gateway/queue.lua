@@ -139,7 +139,7 @@ function _M.admit(pool, affinity, tenant)
     tenant = cfg.fair_share and tenant or ""
     local d, m = dict(), markers()
     local fifo = pool .. "|" .. tenant
-    local preferred = affinity and affinity.preferred
+    local preferred = affinity and affinity.preferred or {}
     local ticket, err = counters.incr("q:" .. fifo .. ":t", 1, nil, d)
     if not ticket then
         ngx.log(ngx.ERR, "herd gateway: queue ", fifo, ": no ticket: ", err)
@@ -232,9 +232,11 @@ function _M.admit(pool, affinity, tenant)
                     stats.observe_wait(pool, wait)
                     ngx.var.herd_queue_wait = string.format("%.3f", wait)
                     if affinity then
-                        stats.count(pool, not preferred and "affinity_new" or server == preferred and "affinity_hits"
-                            or "affinity_misses")
-                        affinities.remember(affinity.key, server)
+                        local matched = affinities.matched(affinity, server)
+                        stats.count(pool, #preferred == 0 and "affinity_new"
+                            or (matched > 0 or server == preferred[1].server) and "affinity_hits" or "affinity_misses")
+                        stats.observe_prefix(pool, affinity.bytes and matched or nil)
+                        affinities.record(affinity, server)
                     end
                     return server
                 end

@@ -92,8 +92,13 @@ function _M.build(settings, servers_record, drained, resolver)
         tries = tonumber(settings.tries) or 3,
         catalogue_ttl = seconds(settings.catalogue_ttl, 2),
         connect_timeout = seconds(settings.connect_timeout, 3),
-        affinity = settings.affinity == true,
+        -- "prefix", "conversation" or nil (off); true is "prefix" (gateway_affinity's booleans).
+        affinity = (settings.affinity == true or settings.affinity == "prefix") and "prefix"
+            or (settings.affinity == "conversation" and "conversation") or nil,
         affinity_ttl = seconds(settings.affinity_ttl, 600),
+        prefix_block_bytes = math.max(64, tonumber(settings.prefix_block_bytes) or 1024),
+        prefix_max_blocks = math.max(1, tonumber(settings.prefix_max_blocks) or 256),
+        prefix_max_imbalance = tonumber(settings.prefix_max_imbalance) or 2,
         servers = {}, by_key = {}, by_endpoint = {}, pools = {}, pool_names = {},
         model_options = {}, client_options = {},
         endpoints = endpoints.index(settings.endpoints),

@@ -146,9 +146,10 @@ function _M.candidates(pool, exclude)
 end
 local candidates = _M.candidates
 
+-- Whether the server holds the pool's model.
 local function in_pool(pool, server)
-    for _, member in ipairs(settings.cfg.pools[pool] or {}) do
-        if member == server then
+    for _, model in ipairs(server.models) do
+        if model == pool then
             return true
         end
     end
@@ -174,48 +175,77 @@ function _M.overflow(pool, exclude)
     return entry.server
 end
 
--- Take a slot on the least loaded candidate with one free; returns the server, or nil and whether any
--- candidate exists at all (and the dict's error when it is full). `preferred` (conversation affinity) is taken
--- first when it is a live, non-backup member of the pool with a free slot: affinity never goes past an
--- instance's max_conns (bounded load).
-function _M.acquire(pool, exclude, preferred)
-    if preferred and not preferred.down and not preferred.backup and not failed(preferred)
-        and not (exclude and exclude[preferred.key]) and in_pool(pool, preferred) then
-        local taken, err = take(preferred)
-        if taken then
-            return preferred, true
-        elseif err then
-            return nil, true, err
+-- The least loaded candidate with a free slot and its load, found in one pass in turn order (no list built or
+-- sorted), which stops at the first idle non-backup instance: nothing comes before it, so a pool with idle instances
+-- costs a few dict reads whatever its size. Returns nil and whether any candidate exists at all.
+local function least_loaded(servers, turn, exclude)
+    local n = #servers
+    local any = false
+    local best, best_load
+    for order = 0, n - 1 do
+        local server = servers[(turn + order) % n + 1]
+        if not server.down and not (exclude and exclude[server.key]) and not failed(server) then
+            any = true
+            local used = inflight(server)
+            if used < server.max_conns then
+                local load = used / server.weight
+                if not best or (best.backup and not server.backup)
+                    or (best.backup == server.backup and load < best_load) then
+                    best, best_load = server, load
+                    if load == 0 and not server.backup then
+                        break
+                    end
+                end
+            end
         end
     end
-    -- The least loaded candidate with a free slot, found in one pass in turn order (no list built or sorted), which
-    -- stops at the first idle non-backup instance: nothing comes before it, so a pool with idle instances costs a
-    -- few dict reads whatever its size. Another worker may take the slot first; then the next pass looks again.
+    return best, any, best_load
+end
+
+-- Whether a preferred entry may take the request: a live, non-backup member of the pool with a free slot and, unless
+-- pinned (a session identifier), at most gateway_prefix_max_imbalance requests in flight more than it would hold at
+-- the least loaded candidate's load (in flight per weight).
+local function acceptable(pool, entry, exclude, best_load)
+    local server = entry.server
+    if server.down or server.backup or failed(server) or (exclude and exclude[server.key]) or not in_pool(pool, server) then
+        return false
+    end
+    local used = inflight(server)
+    if used >= server.max_conns then
+        return false
+    end
+    -- At most prefix_max_imbalance requests more than the least loaded candidate's load gives this instance.
+    return entry.pin or best_load == nil or used <= best_load * server.weight + settings.cfg.prefix_max_imbalance
+end
+
+-- Take a slot; returns the server, or nil and whether any candidate exists at all (and the dict's error when it is
+-- full). `preferred` (cache affinity: affinity.plan's list of {server, pin}, or one server, pinned) is tried first,
+-- in its order: an entry takes the request when acceptable (above); affinity never goes past an instance's
+-- max_conns (bounded load). Otherwise the least loaded candidate with a free slot takes it. Another worker may take
+-- the slot first; then the next pass looks again.
+function _M.acquire(pool, exclude, preferred)
+    if preferred and preferred.key then
+        preferred = { { server = preferred, pin = true } }
+    end
     local servers = settings.cfg.pools[pool] or {}
     local n = #servers
     local turn = n > 1 and (counters.incr("r:" .. pool, 1) or 0) or 0
     local any = false
     for _ = 1, 3 do
-        local best, best_load
-        for order = 0, n - 1 do
-            local server = servers[(turn + order) % n + 1]
-            if not server.down and not (exclude and exclude[server.key]) and not failed(server) then
-                any = true
-                local used = inflight(server)
-                if used < server.max_conns then
-                    local load = used / server.weight
-                    if not best or (best.backup and not server.backup)
-                        or (best.backup == server.backup and load < best_load) then
-                        best, best_load = server, load
-                        if load == 0 and not server.backup then
-                            break
-                        end
-                    end
-                end
-            end
-        end
+        local best, seen, best_load = least_loaded(servers, turn, exclude)
+        any = any or seen
         if not best then
             return nil, any
+        end
+        for _, entry in ipairs(preferred or {}) do
+            if acceptable(pool, entry, exclude, best_load) then
+                local taken, err = take(entry.server)
+                if taken then
+                    return entry.server, true
+                elseif err then
+                    return nil, true, err
+                end
+            end
         end
         local taken, err = take(best)
         if taken then

@@ -6,7 +6,8 @@
 -- Shared-dict keys (herd_gateway):
 --   s:<pool>:<stat>   read, written: admitted, rejected_full, rejected_timeout, abandoned, affinity_hits,
 --                     affinity_misses, affinity_new; the wait histogram b<n> (per bucket), count, sum_us;
---                     wait_avg_us (moving average of the last waits, safe_set: lossy between workers, never evicts)
+--                     wait_avg_us (moving average of the last waits, safe_set: lossy between workers, never evicts);
+--                     the prefix-hit histogram p<n> (per bucket), pcount, psum (prompt bytes found cached)
 local counters = require("herd_gateway.counters")
 local keys = require("herd_gateway.keys")
 local settings = require("herd_gateway.settings")
@@ -22,6 +23,9 @@ local RETRY_AFTER_MAX = 60
 
 local BUCKETS = { 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30 }
 local BUCKET_LABELS = { "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10", "30" }
+
+-- Prefix hits: the prompt bytes of a request the instance it went to had served before (0: a miss).
+local PREFIX_BUCKETS = { 0, 1024, 4096, 16384, 65536, 262144 }
 
 -- Add `value` (default 1) to the pool's counter `name`.
 function _M.count(pool, name, value)
@@ -44,6 +48,21 @@ function _M.observe_wait(pool, wait)
     local key = "s:" .. pool .. ":wait_avg_us"
     local avg = dict():get(key)
     dict():safe_set(key, avg and (avg + (us - avg) * AVG_WEIGHT) or us)
+end
+
+-- Record the prompt bytes a request found cached where it went (nil: prefix routing is off).
+function _M.observe_prefix(pool, bytes)
+    if not bytes then
+        return
+    end
+    for index, bound in ipairs(PREFIX_BUCKETS) do
+        if bytes <= bound then
+            counters.incr("s:" .. pool .. ":p" .. index, 1)
+            break
+        end
+    end
+    counters.incr("s:" .. pool .. ":pcount", 1)
+    counters.incr("s:" .. pool .. ":psum", bytes)
 end
 
 -- Retry-After (whole seconds) of a busy answer for `pool`: the moving average of its measured queue waits, rounded
@@ -72,6 +91,18 @@ function _M.wait_seconds(pool)
     local count = _M.get(pool, "count")
     buckets["+Inf"] = count
     return { buckets = buckets, sum = _M.get(pool, "sum_us") / 1e6, count = count }
+end
+
+-- The pool's prefix-hit histogram as /herd/pools reports it: cumulative buckets by upper bound (bytes), sum, count.
+function _M.prefix_bytes(pool)
+    local buckets, running = {}, 0
+    for index, bound in ipairs(PREFIX_BUCKETS) do
+        running = running + _M.get(pool, "p" .. index)
+        buckets[tostring(bound)] = running
+    end
+    local count = _M.get(pool, "pcount")
+    buckets["+Inf"] = count
+    return { buckets = buckets, sum = _M.get(pool, "psum"), count = count }
 end
 
 return _M
