@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """herd gateway benchmark on loopback: overload, balancing policies and the ideal central FIFO.
 
-Starts N Ollama emulator processes (lab/standins/ollama_emulator.py: fixed token rate per slot, no
-slowdown when busy) on 127.0.0.1, nginx with herd's gateway rendered by role gateway's own tasks
+Starts N Ollama emulator processes (lab/standins/ollama_emulator.py, with its timing model: a slot's token rate
+falls with the slots generating beside it by a measured batch curve, prompts cost time per uncached token and hold
+up the other slots; docs/standins.md) on 127.0.0.1, nginx with herd's gateway rendered by role gateway's own tasks
 (benchmarks/herd_render.py: every file the role renders, its filters, defaults and vars) and with the seed
 configurations to compare, optionally LiteLLM's proxy, and drives them with tools/herd_load.py (closed loop,
 the same request list for every run). Writes docs/benchmarks/<date>-lab.{md,json,png}.
@@ -16,7 +17,11 @@ Sections:
   2. streaming    TTFT through the gateway vs direct to the instance, at the instance's slots
   3. peer router  the same instances behind LiteLLM's proxy vs herd's gateway
   4. multi-turn   chat conversations (history resent every turn, emulated per-slot prompt cache and prompt
-                  evaluation time) through herd with conversation affinity on and off (least loaded)
+                  evaluation time) through herd with cache affinity on and off (least loaded)
+  5. noisy neighbour, 6. accounting cost (see their functions)
+  7. agent fleet  agent sessions sharing long per-agent prefixes (system prompt and tool definitions), many
+                  turns with think time, more sessions than slots: prefix routing (herd), conversation
+                  affinity (herd-conv) and least loaded (herd-noaff)
 Every target is 127.0.0.1; every run is bounded in requests and seconds.
 """
 
@@ -60,7 +65,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 CONFIGS = ("herd", "herd-noaff", "seed-000", "seed-003", "round-robin", "random")
 LABELS = {
     "herd": "herd (role gateway)",
-    "herd-noaff": "herd, gateway_affinity false (least loaded)",
+    "herd-noaff": "herd, gateway_affinity off (least loaded)",
+    "herd-conv": "herd, gateway_affinity conversation (first messages)",
     "seed-000": "seed 000: least_conn + zone + keepalive",
     "seed-003": "seed 003: least_conn, max_conns = slots",
     "round-robin": "round-robin + zone + keepalive",
@@ -85,6 +91,16 @@ def _load_module(path: Path, name: str):
 
 
 herd_load = _load_module(LOAD_TOOL, "herd_load_for_bench")
+emulator = _load_module(EMULATOR, "ollama_emulator_for_bench")
+
+
+# Prompt tokens/s of an 8B model by the emulator's K / parameters (the multi-turn and agent sections' default).
+PREFILL_8B = round(emulator.PREFILL_PARAMS_TOKENS_PER_SECOND / 8.0e9)
+
+
+def step_ratio(batch: int) -> float:
+    """The emulator's decode step-time ratio T(batch) (its default batch curve)."""
+    return emulator.step_ratio(emulator.BATCH_STEP_RATIOS, batch)
 percentile = herd_load.percentile
 
 
@@ -383,10 +399,9 @@ class Bench:
                 "CUDA_VISIBLE_DEVICES": str(i % 8),
                 "HERD_LAB_GPU_SPEC": str(GPU_SPEC),
                 "HERD_EMU_TOKENS_PER_SECOND": str(1.0 / a.token_seconds),
-                # no prompt time and no slowdown with every slot busy: a slot is a fixed-rate server,
-                # which is what the ideal FIFO computes with (the multi-turn section sets a prompt rate)
+                # the emulator's batch curve (no HERD_EMU_BUSY_SLOWDOWN); sections 1-3 send prompts of a few
+                # tokens with no prompt time (1e6/s), the multi-turn and agent sections an 8B model's prompt rate
                 "HERD_EMU_PROMPT_TOKENS_PER_SECOND": str(prompt_tps),
-                "HERD_EMU_BUSY_SLOWDOWN": "1",
                 "HERD_EMU_RESPONSE_TOKENS": str(a.short_tokens),
                 "TMPDIR": str(self.work / "tmp"),
             })
@@ -464,7 +479,7 @@ class Bench:
                 pre = gw.render_herd("herd", self.ports, a.num_parallel)
                 extra["gateway_origin"] = pre.origin
             elif name == "herd-noaff":
-                pre = gw.render_herd("herd-noaff", self.ports, a.num_parallel, overrides={"gateway_affinity": False})
+                pre = gw.render_herd("herd-noaff", self.ports, a.num_parallel, overrides={"gateway_affinity": "off"})
             elif name == "baseline":
                 pre = gw.render_herd("baseline", self.ports, a.num_parallel, roles=self.baseline_roles())
                 extra["baseline_origin"] = f"role gateway at {a.baseline_ref}"
@@ -514,9 +529,27 @@ class Bench:
             self.start_emulators(prompt_tps=a.chat_prompt_tps)
             extra["chat"] = {}
             for name in ("herd", "herd-noaff"):
+                self.start_emulators(prompt_tps=a.chat_prompt_tps)  # empty prompt caches for each run
                 gw.start(name)
                 try:
-                    extra["chat"][name] = self.chat_run(name, gw.url)
+                    extra["chat"][name] = self.chat_run(f"chat-{name}", gw.url, self.conversations(),
+                                                        a.chat_clients or self.slots, a.chat_answer_tokens,
+                                                        a.chat_think_s)
+                finally:
+                    gw.stop()
+
+        # 7. agent fleet: the same sessions through prefix routing, conversation affinity and least loaded
+        if a.fleet_sessions and {"herd", "herd-noaff"} <= set(a.configs):
+            gw.render_herd("herd-conv", self.ports, a.num_parallel, overrides={"gateway_affinity": "conversation"})
+            extra["fleet"] = {}
+            for name in ("herd", "herd-conv", "herd-noaff"):
+                # every run starts with empty prompt caches: the instances restart (same ports)
+                self.start_emulators(prompt_tps=a.chat_prompt_tps)
+                gw.start(name)
+                try:
+                    extra["fleet"][name] = self.chat_run(f"fleet-{name}", gw.url, self.fleet(),
+                                                         a.fleet_clients or (3 * self.slots) // 2,
+                                                         a.fleet_answer_tokens, a.fleet_think_s, a.fleet_ramp_s)
                 finally:
                     gw.stop()
         return extra
@@ -608,10 +641,10 @@ class Bench:
         self.runs[name] = data
         return data
 
-    def conversations(self) -> list[dict]:
-        """The multi-turn workload: a shared system prompt, then per conversation a document and follow-ups."""
-        a = self.args
-        rnd = random.Random(a.seed)
+    @staticmethod
+    def texts(seed: int):
+        """A seeded generator of filler text of a given size in bytes."""
+        rnd = random.Random(seed)
         vocab = ("herd gateway model slot cache token prompt answer queue instance turn history route load balance "
                  "nginx ollama lab chat context memory reply question summary detail").split()
 
@@ -623,7 +656,12 @@ class Bench:
                 words.append(w)
                 size += len(w) + 1
             return " ".join(words)[:n_bytes]
+        return text
 
+    def conversations(self) -> list[dict]:
+        """The multi-turn workload: a shared system prompt, then per conversation a document and follow-ups."""
+        a = self.args
+        text = self.texts(a.seed)
         system = "You are herd's benchmark assistant. " + text(max(0, a.chat_system_bytes - 36))
         convs = []
         for c in range(a.chat_conversations):
@@ -632,11 +670,27 @@ class Bench:
             convs.append({"id": c, "system": system, "turns": turns})
         return convs
 
-    def chat_turn(self, url: str, messages: list[dict]) -> dict:
+    def fleet(self) -> list[dict]:
+        """The agent-fleet workload: --fleet-agents agent types, each with its own long prefix (instructions and
+        tool definitions, --fleet-prefix-bytes, sent as the system prompt every turn); --fleet-sessions sessions,
+        agent types in turn, each a task then --fleet-turns - 1 tool results (the history resent every turn)."""
+        a = self.args
+        text = self.texts(a.seed + 7)
+        agents = [f"You are coding agent {k}. Tools: read_file, write_file, run_tests, search. "
+                  + text(max(0, a.fleet_prefix_bytes - 80)) for k in range(a.fleet_agents)]
+        sessions = []
+        for c in range(a.fleet_sessions):
+            turns = [f"Session {c}. Task: " + text(a.fleet_task_bytes)]
+            turns += [f"Tool result {t}: " + text(a.fleet_tool_bytes) for t in range(1, a.fleet_turns)]
+            sessions.append({"id": c, "agent": c % a.fleet_agents, "system": agents[c % a.fleet_agents],
+                             "turns": turns})
+        return sessions
+
+    def chat_turn(self, url: str, messages: list[dict], answer_tokens: int) -> dict:
         """One streamed /api/chat request: TTFT, latency, the answer, the server's counts, the instance."""
         host, port = url.split("//", 1)[1].split(":")
         body = json.dumps({"model": MODEL, "messages": messages, "stream": True,
-                           "options": {"num_predict": self.args.chat_answer_tokens}})
+                           "options": {"num_predict": answer_tokens}})
         t0 = time.monotonic()
         conn = http.client.HTTPConnection(host, int(port), timeout=120)
         rec = {"ok": False, "ttft": None, "latency": None, "instance": None, "answer": "",
@@ -666,13 +720,15 @@ class Bench:
         rec["latency"] = time.monotonic() - t0
         return rec
 
-    def chat_run(self, name: str, url: str) -> dict:
-        """Closed loop: `chat_clients` clients each take the next conversation and send its turns back to back
-        (the whole history every turn). Samples /herd/pools meanwhile for the most requests an instance held."""
+    def chat_run(self, name: str, url: str, convs: list[dict], clients: int, answer_tokens: int,
+                 think_s: float, ramp_s: float = 0.0) -> dict:
+        """Closed loop: `clients` clients each take the next conversation and send its turns one after another
+        (the whole history every turn, `think_s` (0.5x-1.5x, seeded) after each answer); client i starts
+        i x ramp_s / clients seconds in. Samples /herd/pools meanwhile for the most requests an instance held.
+        Recorded as run `name`."""
         a = self.args
-        convs = self.conversations()
-        clients = a.chat_clients or self.slots
-        log(f"run chat-{name}: {len(convs)} conversations x {a.chat_turns} turns, {clients} clients, {url}")
+        log(f"run {name}: {len(convs)} conversations x {len(convs[0]['turns']) if convs else 0} turns, "
+            f"{clients} clients, {url}")
         todo = list(reversed(convs))
         lock = threading.Lock()
         samples: list[dict] = []
@@ -692,7 +748,8 @@ class Bench:
                     pass
                 stop.wait(0.02)
 
-        def client():
+        def client(index):
+            time.sleep(index * ramp_s / max(clients, 1))
             while time.monotonic() < deadline:
                 with lock:
                     if not todo:
@@ -702,11 +759,11 @@ class Bench:
                 think = random.Random(a.seed * 1000 + conv["id"])
                 for t, text in enumerate(conv["turns"]):
                     if t:  # the user reads the answer and types: 0.5x to 1.5x the mean think time
-                        time.sleep(a.chat_think_s * think.uniform(0.5, 1.5))
+                        time.sleep(think_s * think.uniform(0.5, 1.5))
                     if time.monotonic() >= deadline:
                         return
                     messages.append({"role": "user", "content": text})
-                    rec = self.chat_turn(url, messages)
+                    rec = self.chat_turn(url, messages, answer_tokens)
                     rec.update({"conversation": conv["id"], "turn": t + 1,
                                 "history_tokens": sum((len(m["content"]) + 3) // 4 + 4 for m in messages) + 4})
                     answer = rec.pop("answer")
@@ -720,7 +777,7 @@ class Bench:
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         t0 = time.monotonic()
-        threads = [threading.Thread(target=client) for _ in range(clients)]
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
         for th in threads:
             th.start()
         for th in threads:
@@ -755,7 +812,7 @@ class Bench:
             f"{fmt(summary['ttft_s']['p99'])} s, {fmt(summary['output_tokens_per_s'], 1)} tok/s, follow-ups on the "
             f"same instance {same}/{len(follow)}")
         summary["herd_pools"] = self.snapshot(url + "/herd/pools")
-        self.runs[f"chat-{name}"] = {"summary": summary, "samples": samples}
+        self.runs[name] = {"summary": summary, "samples": samples}
         return summary
 
     def served_chat(self) -> list[int]:
@@ -982,10 +1039,98 @@ def affinity_goals(tab: dict, mults: list[int], chat: dict) -> list[tuple[str, s
     return out
 
 
+def fleet_goals(tab: dict, mults: list[int], fleet: dict) -> list[tuple[str, str, bool | None]]:
+    """Issue 31's goals: the agent fleet through prefix routing against least loaded (and conversation affinity,
+    reported), never past max_conns; the single-turn sections within 2% of least loaded."""
+    out = []
+    on, off, conv = fleet.get("herd"), fleet.get("herd-noaff"), fleet.get("herd-conv")
+    if on and off:
+        r = ratio(on["ttft_s"]["p90"], off["ttft_s"]["p90"])
+        rc = ratio(on["ttft_s"]["p90"], conv["ttft_s"]["p90"]) if conv else None
+        out.append(("agent fleet: TTFT p90 <= 0.3x least loaded's",
+                    f"{fmt(on['ttft_s']['p90'])} s vs {fmt(off['ttft_s']['p90'])} s = {fmt(r, 2)}x (conversation "
+                    f"affinity: {fmt(conv['ttft_s']['p90']) if conv else '-'} s, {fmt(rc, 2)}x of it)",
+                    r is not None and r <= 0.3))
+        r = ratio(on["output_tokens_per_s"], off["output_tokens_per_s"])
+        rc = ratio(on["output_tokens_per_s"], conv["output_tokens_per_s"]) if conv else None
+        out.append(("agent fleet: output throughput >= 1.2x least loaded's",
+                    f"{fmt(on['output_tokens_per_s'], 1)} vs {fmt(off['output_tokens_per_s'], 1)} tok/s = "
+                    f"{fmt(r, 2)}x ({fmt(rc, 2)}x conversation affinity's)", r is not None and r >= 1.2))
+        runs = [run for run in (on, off, conv) if run]
+        over = [f"{k} {v['peak']}/{v['max_conns']}" for run in runs for k, v in run["peak_inflight"].items()
+                if v["peak"] > v["max_conns"]]
+        peaks = max((v["peak"] for run in runs for v in run["peak_inflight"].values()), default=None)
+        out.append(("agent fleet: no instance ever above its max_conns",
+                    "over: " + ", ".join(over) if over else f"most in flight on one instance: {peaks}",
+                    not over and peaks is not None))
+        shares = ", ".join(f"{LABELS[n]} {fmt(cache_share(run), 2)}" for n, run in
+                           (("herd", on), ("herd-conv", conv), ("herd-noaff", off)) if run)
+        out.append(("agent fleet: share of prompt tokens served from cache (reported)", shares, None))
+    for m in mults:
+        h, n = tab[m].get("herd"), tab[m].get("herd-noaff")
+        if h and n:
+            r = ratio(h["tok_per_s"], n["tok_per_s"])
+            out.append((f"single-turn, {m}x slots: prefix routing within 2% of least loaded",
+                        f"throughput {fmt(r, 3)}x", r is not None and r >= 0.98))
+    return out
+
+
+def cache_share(run: dict) -> float | None:
+    """Share of the prompt tokens sent that the instances found in their prompt caches (not evaluated)."""
+    sent = run.get("prompt_tokens_sent") or 0
+    return 1 - run["prompt_tokens_evaluated"] / sent if sent else None
+
+
+def fleet_report(fleet: dict, a, checks) -> list[str]:
+    """Section 7's lines."""
+    on = fleet.get("herd") or {}
+    L = ["## 7. Agent fleet: prefix routing vs conversation affinity vs least loaded", ""]
+    L.append(f"The instances restarted before each run (empty prompt caches), with the emulator's timing model: "
+             f"prompt evaluation at {a.chat_prompt_tps:g} tokens/s (an 8B model by the emulator's K / parameters) "
+             "that holds up the other slots of the instance while it runs, decode slowed by the batch curve. "
+             f"{a.fleet_agents} agent types, each with its own prefix of {a.fleet_prefix_bytes} bytes (instructions "
+             f"and tool definitions, sent as the system prompt of every turn); {a.fleet_sessions} sessions (agent "
+             f"types in turn) of {a.fleet_turns} turns: a task of {a.fleet_task_bytes} bytes, then tool results of "
+             f"{a.fleet_tool_bytes} bytes, the whole history every turn over streaming `/api/chat`, "
+             f"{a.fleet_think_s:g} s (0.5x-1.5x) between an answer and the next turn (the tool runs), answers of "
+             f"{a.fleet_answer_tokens} tokens; {a.fleet_clients or '1.5x the slots'} sessions at once (more than "
+             f"slots; starting spread over {a.fleet_ramp_s:g} s; histories up to "
+             f"{on.get('max_history_tokens', '-')} tokens). Three gateways rendered by the "
+             "role: `gateway_affinity` prefix (the default), conversation (herd's rule before prefix routing) and "
+             "off (least loaded).")
+    L.append("")
+    L.append("| configuration | served | TTFT p50 | TTFT p90 | TTFT p99 | output tok/s | prompt tokens from cache | "
+             "turns on the last turn's instance | most in flight per instance (max_conns) |")
+    L.append("|---|---|---|---|---|---|---|---|---|")
+    for name in ("herd", "herd-conv", "herd-noaff"):
+        v = fleet.get(name)
+        if not v:
+            continue
+        peak = max((x["peak"] for x in v["peak_inflight"].values()), default="-")
+        conns = max((x["max_conns"] for x in v["peak_inflight"].values()), default="-")
+        L.append(f"| {LABELS[name]} | {v['ok']}/{v['requests']} | {fmt(v['ttft_s']['p50'])} s | "
+                 f"{fmt(v['ttft_s']['p90'])} s | {fmt(v['ttft_s']['p99'])} s | {fmt(v['output_tokens_per_s'], 1)} | "
+                 f"{fmt(100 * (cache_share(v) or 0), 1)}% | {v['same_instance_as_last_turn']}/{v['follow_up_turns']} | "
+                 f"{peak} ({conns}) |")
+    L.append("")
+    try:
+        (pool,) = json.loads(on["herd_pools"]["body"])["pools"]
+        hist = pool.get("prefix_hit_bytes") or {}
+        count = hist.get("count") or 0
+        L.append(f"The gateway's counters after the prefix-routing run (`/herd/pools`): hits {pool.get('affinity_hits')}, "
+                 f"misses {pool.get('affinity_misses')}, new {pool.get('affinity_new')}; prompt bytes found cached "
+                 f"where each request went: mean {fmt((hist.get('sum') or 0) / count if count else None, 0)} over "
+                 f"{count} requests (histogram `herd_gateway_pool_prefix_hit_bytes`).")
+        L.append("")
+    except (ValueError, KeyError, TypeError):
+        pass
+    return L + goals_table(31, checks)
+
+
 def goals_table(issue, checks):
     """Markdown lines of an issue's goals: (goal, measured, met) rows."""
     lines = [f"### The issue's goals (issue {issue}), from this run", "", "| goal | measured | met |", "|---|---|---|"]
-    lines += [f"| {g} | {v} | {'yes' if ok else 'NO'} |" for g, v, ok in checks]
+    lines += [f"| {g} | {v} | {'-' if ok is None else 'yes' if ok else 'NO'} |" for g, v, ok in checks]
     return lines + [""]
 
 
@@ -993,6 +1138,9 @@ def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: 
     a = bench.args
     n, p, slots = a.instances, a.num_parallel, bench.slots
     classes = {"short": a.short_tokens, "long": a.long_tokens}
+    # A slot's time per token with every slot of its instance generating (the emulator's batch curve): what the
+    # ideal FIFO and the capacity (scaling) are computed with.
+    busy_token_s = a.token_seconds * step_ratio(p)
     tab: dict[int, dict[str, dict]] = {}
     reference = None
     for m in a.multipliers:
@@ -1001,14 +1149,14 @@ def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: 
             if m not in bench.multipliers(name):
                 continue
             run = bench.runs[f"{name}-x{m}"]
-            tab[m][name] = row(run["summary"], slots, a.token_seconds)
+            tab[m][name] = row(run["summary"], slots, busy_token_s)
             rl = request_list(run, classes)
             if reference is None:
                 reference = rl
             elif rl != reference:
                 raise RuntimeError(f"run {name}-x{m} sent another request list than the first run")
-        sim = ideal_fifo(reference, slots * m, slots, a.token_seconds)
-        tab[m]["ideal"] = row(sim, slots, a.token_seconds)
+        sim = ideal_fifo(reference, slots * m, slots, busy_token_s)
+        tab[m]["ideal"] = row(sim, slots, busy_token_s)
     longs = sum(1 for t in reference if t == a.long_tokens)
     ttft = {}
     for k in ("direct", "gateway"):
@@ -1019,10 +1167,12 @@ def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: 
     peer = dict(extra["litellm"])
     if peer.get("status") == "ran":
         for k in ("direct-c1", "litellm-c1", "herd-c1", "litellm-sat", "herd-sat"):
-            peer[k] = row(bench.runs[f"peer-{k}"]["summary"], slots, a.token_seconds)
+            peer[k] = row(bench.runs[f"peer-{k}"]["summary"], slots, busy_token_s)
     checks = goals(tab, a.multipliers, ttft)
     chat = extra.get("chat") or {}
     aff_checks = affinity_goals(tab, a.multipliers, chat)
+    fleet = extra.get("fleet") or {}
+    fleet_checks = fleet_goals(tab, a.multipliers, fleet) if fleet else []
     if "ttft-gateway-noacct" in bench.runs:
         s = bench.runs["ttft-gateway-noacct"]["summary"]
         ttft["gateway-noacct"] = {"ttft_p50": s["ttft_s"]["p50"], "ttft_p99": s["ttft_s"]["p99"],
@@ -1034,6 +1184,7 @@ def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: 
            "long": longs, "short": len(reference) - longs}, "ttft": ttft, "peer_router": peer,
            "goals": [{"goal": g, "measured": v, "met": ok} for g, v, ok in checks],
            "chat": chat, "affinity_goals": [{"goal": g, "measured": v, "met": ok} for g, v, ok in aff_checks],
+           "fleet": fleet, "fleet_goals": [{"goal": g, "measured": v, "met": ok} for g, v, ok in fleet_checks],
            "facts": facts, "command": command, "started": started, "took_s": took, "settings": vars(a),
            "cpu": bench.cpu, "gateway_origin": extra.get("gateway_origin"), "rendered_files": extra["files"],
            "note": a.note, "herd_pools": extra.get("herd_pools"),
@@ -1043,8 +1194,10 @@ def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: 
     L.append(f"# herd gateway benchmark, lab, {started[:10]}")
     L.append("")
     L.append("**Backends are emulated.** Every instance is herd's Ollama emulator "
-             "(`lab/standins/ollama_emulator.py`), not a GPU: each slot streams tokens at a fixed rate "
-             f"({1000 * a.token_seconds:g} ms per token, no prompt time, no slowdown when every slot is busy). "
+             "(`lab/standins/ollama_emulator.py`), not a GPU: each slot streams tokens at the emulator's rate "
+             f"({1000 * a.token_seconds:g} ms per token alone, {1000 * busy_token_s:.2f} ms with all {p} slots of the "
+             f"instance generating: the emulator's measured batch curve, docs/standins.md \"Timing model\"; no "
+             "prompt time in sections 1-3, an 8B model's prefill in sections 4 and 7). "
              "The numbers measure herd's gateway (nginx config, balancing and queueing) and the load tool, not "
              "model speed. All figures come from this one run on a shared machine.")
     L.append("")
@@ -1173,9 +1326,9 @@ def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: 
 
     if chat:
         on = chat.get("herd")
-        L.append("## 4. Multi-turn chat: conversation affinity on vs off")
+        L.append("## 4. Multi-turn chat: cache affinity on vs off")
         L.append("")
-        L.append(f"The instances restarted with emulated prompt evaluation at {a.chat_prompt_tps:g} tokens/s per slot "
+        L.append(f"The instances restarted with emulated prompt evaluation at {a.chat_prompt_tps:g} tokens/s "
                  "and the emulator's per-slot prompt cache (Ollama's runner: a request takes the free slot whose "
                  "last prompt shares the longest prefix with it; only the tokens not cached cost prompt time; "
                  f"docs/standins.md). {a.chat_conversations} conversations x {a.chat_turns} turns, "
@@ -1185,7 +1338,8 @@ def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: 
                  f"{a.chat_system_bytes} bytes, a first message of {a.chat_doc_bytes} bytes, follow-ups of "
                  f"{a.chat_turn_bytes} bytes, answers of {a.chat_answer_tokens} tokens (histories up to "
                  f"{on['max_history_tokens'] if on else '-'} tokens). Both runs: herd's gateway rendered by the role, "
-                 "`gateway_affinity` true (herd) and false (least loaded, as before).")
+                 "`gateway_affinity` prefix (herd, the default) and off (least loaded). The instances restarted "
+                 "before each run (empty prompt caches).")
         L.append("")
         L.append("| configuration | served | TTFT p50 | TTFT p99 | TTFT p50, turns 2+ | latency p50 | output tok/s | "
                  "follow-ups on the last turn's instance | prompt tokens evaluated / sent | most in flight per "
@@ -1218,6 +1372,8 @@ def build_report(bench: Bench, extra: dict, facts: dict, command: str, started: 
         L += noisy_report(noisy, a)
     if "ttft-gateway-noacct" in bench.runs:
         L += accounting_report(bench, ttft)
+    if fleet:
+        L += fleet_report(fleet, a, fleet_checks)
 
     L.append("## CPU use (is the machine the bottleneck?)")
     L.append("")
@@ -1409,14 +1565,29 @@ def parse_args(argv=None):
     p.add_argument("--chat-conversations", type=int, default=32, help="multi-turn section: conversations (0: none)")
     p.add_argument("--chat-turns", type=int, default=6, help="multi-turn section: turns per conversation")
     p.add_argument("--chat-clients", type=int, default=0, help="multi-turn section: clients at once (0: = slots)")
-    p.add_argument("--chat-prompt-tps", type=float, default=2000.0,
-                   help="multi-turn section: emulated prompt evaluation, tokens/s per slot (uncached tokens only)")
+    p.add_argument("--chat-prompt-tps", type=float, default=PREFILL_8B,
+                   help="multi-turn and agent sections: emulated prompt evaluation, tokens/s (uncached tokens only; "
+                        "default: an 8B model's by the emulator's K / parameters)")
     p.add_argument("--chat-system-bytes", type=int, default=800, help="system prompt shared by every conversation")
     p.add_argument("--chat-doc-bytes", type=int, default=6000, help="first user message of each conversation")
     p.add_argument("--chat-turn-bytes", type=int, default=400, help="each follow-up user message")
     p.add_argument("--chat-answer-tokens", type=int, default=64, help="answer length of every turn")
     p.add_argument("--chat-think-s", type=float, default=1.0,
                    help="mean pause between an answer and the next turn (uniform 0.5x-1.5x, seeded)")
+    p.add_argument("--fleet-sessions", type=int, default=48, help="agent-fleet section: sessions (0: none)")
+    p.add_argument("--fleet-ramp-s", type=float, default=5.0,
+                   help="agent-fleet section: the sessions at once start spread over this many seconds")
+    p.add_argument("--fleet-agents", type=int, default=4, help="agent-fleet section: agent types (shared prefixes)")
+    p.add_argument("--fleet-turns", type=int, default=6, help="agent-fleet section: turns per session")
+    p.add_argument("--fleet-clients", type=int, default=0,
+                   help="agent-fleet section: sessions at once (0: 1.5x the slots)")
+    p.add_argument("--fleet-prefix-bytes", type=int, default=64000,
+                   help="agent-fleet section: each agent type's instructions and tool definitions")
+    p.add_argument("--fleet-task-bytes", type=int, default=2000, help="agent-fleet section: each session's task")
+    p.add_argument("--fleet-tool-bytes", type=int, default=2000, help="agent-fleet section: each tool result")
+    p.add_argument("--fleet-answer-tokens", type=int, default=64, help="agent-fleet section: answer length")
+    p.add_argument("--fleet-think-s", type=float, default=2.0,
+                   help="agent-fleet section: mean pause between an answer and the next turn (tool run)")
     p.add_argument("--noisy-seconds", type=float, default=20.0, help="noisy-neighbour section: seconds (0: none)")
     p.add_argument("--noisy-clients", type=int, default=16, help="noisy-neighbour section: the noisy key's clients")
     p.add_argument("--noisy-tokens", type=int, default=50, help="noisy-neighbour section: answer length of both keys")
@@ -1433,7 +1604,10 @@ def parse_args(argv=None):
         a.instances, a.token_seconds, a.requests, a.multipliers = 2, 0.002, 24, "1,3"
         a.ttft_requests, a.skip_litellm = 24, True
         a.chat_conversations, a.chat_turns, a.chat_doc_bytes, a.chat_answer_tokens = 8, 3, 2000, 8
-        a.chat_prompt_tps, a.chat_think_s = 5000.0, 0.05
+        a.chat_think_s = 0.05
+        a.fleet_sessions, a.fleet_agents, a.fleet_turns, a.fleet_prefix_bytes = 8, 2, 3, 8000
+        a.fleet_task_bytes, a.fleet_tool_bytes, a.fleet_answer_tokens, a.fleet_think_s = 500, 1000, 8, 0.05
+        a.fleet_ramp_s = 0.5
         a.noisy_seconds, a.noisy_clients, a.quiet_requests = 4.0, 8, 10
     a.multipliers = [int(x) for x in str(a.multipliers).split(",") if x]
     a.configs = [x for x in str(a.configs).split(",") if x]

@@ -92,7 +92,7 @@ class Fleet:
                 "OLLAMA_NUM_PARALLEL": str(a.num_parallel), "OLLAMA_KEEP_ALIVE": "-1",
                 "CUDA_VISIBLE_DEVICES": "0", "HERD_LAB_GPU_SPEC": str(gb.GPU_SPEC),
                 "HERD_EMU_TOKENS_PER_SECOND": str(1.0 / a.token_seconds),
-                "HERD_EMU_PROMPT_TOKENS_PER_SECOND": "1000000", "HERD_EMU_BUSY_SLOWDOWN": "1",
+                "HERD_EMU_PROMPT_TOKENS_PER_SECOND": "1000000",
                 "HERD_EMU_LOAD_SECONDS": "0.01", "HERD_EMU_RESPONSE_TOKENS": str(a.tokens),
                 "HERD_EMU_EXTRA_PORTS": ",".join(str(p) for p in group[1:]), "TMPDIR": str(self.work / "tmp"),
             })

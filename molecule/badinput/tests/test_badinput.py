@@ -160,6 +160,8 @@ CASES = [
      ["gateway_affinity='sticky'", "Fix: prefix (default), conversation"]),
     ("prefix_imbalance_negative", {"gateway_prefix_max_imbalance": -1},
      ["gateway_prefix_max_imbalance='-1'", "Fix: 2 (the default)"]),
+    ("prefix_wait_not_a_time", {"gateway_prefix_max_wait": "a while"},
+     ["gateway_prefix_max_wait='a while'", "600s, 10m or 500ms"]),
     ("models_do_not_fit_together",
      {"ollama_gpu_groups": [[0], [1]],
       "ollama_models": [{"name": "herd-large:70b", "vram_gib": 30}, {"name": "herd-small:7b", "vram_gib": 5.5}]},

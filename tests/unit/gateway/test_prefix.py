@@ -82,6 +82,19 @@ out.plan_new = names(plan({messages = {{role = "system", content = sys}, {role =
 out.cached_turn2 = plan(doc2).cached
 out.chain_turn2 = #plan(doc2).chain
 
+-- freshness: an instance's slots hold about its last num_parallel prompts (4 here): after four other prompts on
+-- b:0, its record of session 1 is stale; b:1 still holds the shared system prompt and tools
+local function other(i)
+    return {messages = {{role = "user", content = "unrelated prompt " .. i .. string.rep(" pad", 20)}}}
+end
+for i = 1, 3 do affinity.record(plan(other(i)), by["b:0"]) end
+out.fresh_after_3 = names(plan(doc2))
+affinity.record(plan(other(4)), by["b:0"])
+out.stale_after_4 = names(plan(doc2))
+affinity.record(plan(doc1), by["b:0"])                 -- served again: fresh again
+out.fresh_again = names(plan(doc2))
+out.sequence_b0 = ngx.shared.herd_gateway:get("g:b:0")
+
 -- choice and the imbalance bound (prefix_max_imbalance = 1, weights 2, max_conns 2 ... see the servers)
 local function key_of(s) return s and s.key or "none" end
 local picks = {}
@@ -149,8 +162,8 @@ ngx.say(cjson.encode(out))
 @pytest.fixture(scope="module")
 def lua(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prefix")
-    servers = {"servers": [_server("b:0", ["tiny"], 4), _server("b:1", ["tiny"], 4), _server("b:2", ["tiny"], 4),
-                           _server("b:4", ["small:7b"], 2)]}
+    servers = {"servers": [_server("b:0", ["tiny"], 4, num_parallel=4), _server("b:1", ["tiny"], 4, num_parallel=4),
+                           _server("b:2", ["tiny"], 4, num_parallel=4), _server("b:4", ["small:7b"], 2)]}
     (tmp / "servers.json").write_text(json.dumps(servers))
     code = LUA_TEST.replace("SERVERS_FILE", json.dumps(str(tmp / "servers.json")))
     return run_lua(tmp, code, dicts=("herd_gateway", "herd_queue", "herd_affinity"))
@@ -201,6 +214,13 @@ def test_the_longest_cached_prefix_comes_first(lua):
     assert lua["cached_turn2"] < lua["chain_turn2"]
     # a new session of the same agent: the most recent server of the shared blocks first
     assert [entry.split("=")[0] for entry in lua["plan_new"]][:1] == ["b:1"]
+
+
+def test_a_record_is_stale_once_the_instance_served_num_parallel_other_prompts(lua):
+    assert [entry.split("=")[0] for entry in lua["fresh_after_3"]] == ["b:0", "b:1"]
+    assert [entry.split("=")[0] for entry in lua["stale_after_4"]] == ["b:1"]
+    assert [entry.split("=")[0] for entry in lua["fresh_again"]] == ["b:0", "b:1"]
+    assert lua["sequence_b0"] == 6  # every request sent to b:0 with a chain took a number
 
 
 def test_the_imbalance_bound_and_max_conns(lua):

@@ -13,6 +13,9 @@
 --   s:<md5>   read, written: the instance of the conversation named by the session header
 --   p:<md5>   read, written: the instance of the conversation with this model and prompt prefix
 --   h:<hash>  read, written: the instances that served a chain ending in this block, most recent first
+-- Shared-dict keys (herd_gateway):
+--   g:<key>   read, written: the sequence number of the last request sent to instance <key> with a chain
+local counters = require("herd_gateway.counters")
 local endpoints = require("herd_gateway.endpoints")
 local keys = require("herd_gateway.keys")
 local respond = require("herd_gateway.respond")
@@ -261,26 +264,53 @@ function _M.chain(model, path, doc, tenant)
     return hashes, bytes
 end
 
--- The instances a block's record names, most recent first.
-local function served(d, hash)
+-- How many instances a block remembers.
+local PER_BLOCK = 3
+
+-- An instance's prompt cache is its slots: each request it serves overwrites one slot's (Ollama's runner takes the
+-- free slot with the longest shared prefix, else the least recently used), so it holds about the prompts of its
+-- last num_parallel requests. Every request sent to an instance takes the next number of its sequence (g:<key>);
+-- a block's record names the instances with the number of the request that sent it there, and counts as cached on
+-- an instance only while that number is among the instance's last num_parallel (prefix mode; conversation mode,
+-- herd's rule before prefix routing, ignores it).
+local function sequence(key)
+    return keys.gateway():get("g:" .. key) or 0
+end
+
+-- The instances a block's record names that still hold it, most recent first: a list of { key, seq }. `now` caches
+-- the instances' sequence numbers for one plan.
+local function served(d, hash, now)
     local value = d:get("h:" .. hash)
     if not value then
         return nil
     end
+    local by_key = settings.cfg.by_key
+    local check = settings.cfg.affinity == "prefix"
     local list = {}
-    for key in value:gmatch("%S+") do
-        list[#list + 1] = key
+    for key, seq in value:gmatch("([^%s@]+)@(%d+)") do
+        seq = tonumber(seq)
+        local server = by_key[key]
+        if server and check then
+            local current = now[key]
+            if not current then
+                current = sequence(key)
+                now[key] = current
+            end
+            if seq <= current - server.num_parallel then
+                server = nil  -- its slots have served num_parallel other requests since
+            end
+        end
+        if server then
+            list[#list + 1] = { key, seq }
+        end
     end
     return list
 end
 
--- How many instances a block remembers.
-local PER_BLOCK = 3
-
 -- What the request prefers, from its session identifier and its chain: { session = key, chain, bytes, preferred
--- = { {server, pin, bytes}, ... } } in the order slots.acquire tries them (the session's instance pinned; then
--- the instances that served the longest cached part of the chain, most recent first, then those of a shorter
--- part), or nil when the request has neither.
+-- = { {server, pin, bytes}, ... } } (the session's instance pinned; then the instances that hold the longest cached
+-- part of the chain, then those of a shorter part; slots.acquire tries them longest first, the least loaded first
+-- among equals), or nil when the request has neither.
 -- The longest cached part is found by bisection over the chain (a chain is recorded whole, so its cached blocks
 -- are a prefix of it), then the deepest block naming other instances by a second one: O(log n) dict reads.
 function _M.plan(model, path, doc, session, tenant)
@@ -288,6 +318,7 @@ function _M.plan(model, path, doc, session, tenant)
     local by_key = cfg.by_key
     local plan = { preferred = {} }
     local seen = {}
+    local now = {}
     local function prefer(key, pin, bytes)
         local server = key and by_key[key]
         if server and not seen[key] then
@@ -314,61 +345,63 @@ function _M.plan(model, path, doc, session, tenant)
     -- The prompt bytes of each block (prefix mode only: the conversation key is no prefix of known length).
     plan.chain, plan.bytes = hashes, cfg.affinity == "prefix" and bytes or nil
     local d = keys.affinity()
-    local lo, hi = 0, #hashes
-    while lo < hi do
-        local mid = math.floor((lo + hi + 1) / 2)
-        if d:get("h:" .. hashes[mid]) then
-            lo = mid
-        else
-            hi = mid - 1
-        end
-    end
-    plan.cached = lo
-    if lo == 0 then
-        return plan
-    end
-    for _, key in ipairs(served(d, hashes[lo]) or {}) do
-        prefer(key, false, bytes[lo])
-    end
-    -- The runners-up: the deepest block whose record names another instance (a second bisection).
-    local function names_another(depth)
-        for _, key in ipairs(served(d, hashes[depth]) or {}) do
-            if not seen[key] then
+    local function held(depth, another)
+        for _, entry in ipairs(served(d, hashes[depth], now) or {}) do
+            if not another or not seen[entry[1]] then
                 return true
             end
         end
         return false
     end
-    lo, hi = 0, lo - 1
-    while lo < hi do
-        local mid = math.floor((lo + hi + 1) / 2)
-        if names_another(mid) then
-            lo = mid
-        else
-            hi = mid - 1
+    local function deepest(hi, another)
+        local lo = 0
+        while lo < hi do
+            local mid = math.floor((lo + hi + 1) / 2)
+            if held(mid, another) then
+                lo = mid
+            else
+                hi = mid - 1
+            end
         end
+        return lo
     end
-    if lo > 0 then
-        for _, key in ipairs(served(d, hashes[lo]) or {}) do
-            prefer(key, false, bytes[lo])
+    local depth = deepest(#hashes, false)
+    plan.cached = depth
+    if depth == 0 then
+        return plan
+    end
+    for _, entry in ipairs(served(d, hashes[depth], now) or {}) do
+        prefer(entry[1], false, bytes[depth])
+    end
+    -- The runners-up: the deepest block held by another instance (a second bisection).
+    depth = deepest(depth - 1, true)
+    if depth > 0 then
+        for _, entry in ipairs(served(d, hashes[depth], now) or {}) do
+            prefer(entry[1], false, bytes[depth])
         end
     end
     return plan
 end
 
--- Remember where a request went: its session's instance, and the instance as the most recent server of every
--- block of its chain (a full zone drops the least recently used entries: a cache, nothing depends on it).
+-- Remember where a request went: its session's instance, and the instance, with the request's number in its
+-- sequence, as the most recent holder of every block of its chain (a full zone drops the least recently used
+-- entries: a cache, nothing depends on it).
 function _M.record(plan, server)
     local d = keys.affinity()
     local ttl = settings.cfg.affinity_ttl
     if plan.session then
         d:set(plan.session, server.key, ttl)
     end
-    for _, hash in ipairs(plan.chain or {}) do
-        local list = { server.key }
-        for _, key in ipairs(served(d, hash) or {}) do
-            if key ~= server.key and #list < PER_BLOCK then
-                list[#list + 1] = key
+    if not plan.chain then
+        return
+    end
+    local seq = counters.incr("g:" .. server.key, 1) or 0
+    local now = {}
+    for _, hash in ipairs(plan.chain) do
+        local list = { server.key .. "@" .. seq }
+        for _, entry in ipairs(served(d, hash, now) or {}) do
+            if entry[1] ~= server.key and #list < PER_BLOCK then
+                list[#list + 1] = entry[1] .. "@" .. entry[2]
             end
         end
         d:set("h:" .. hash, table.concat(list, " "), ttl)

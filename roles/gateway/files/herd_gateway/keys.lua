@@ -72,13 +72,16 @@ _M.KEYS = {
       meaning = "the cached answer of <path> is fresh (catalogue_ttl; /api/ps 1 s)" },
     { dict = "herd_gateway", key = "c:<path>:l", owner = "catalogue",
       meaning = "one request refreshes the answer of <path> (add() lock, 15 s at most)" },
+    { dict = "herd_gateway", key = "g:<key>", owner = "affinity",
+      meaning = "sequence number of the last request with a prompt chain sent to instance <key> (its slots hold "
+          .. "about the last num_parallel: prefix routing's freshness)" },
     { dict = "herd_affinity", key = "s:<md5>", owner = "affinity",
       meaning = "instance key that served the conversation named by the session header last (affinity_ttl)" },
     { dict = "herd_affinity", key = "p:<md5>", owner = "affinity",
       meaning = "instance key that served the conversation with this model and prompt prefix last (affinity_ttl)" },
     { dict = "herd_affinity", key = "h:<hash>", owner = "affinity",
-      meaning = "instance keys that served a prompt whose chain of blocks ends in this one, most recent first "
-          .. "(at most 3; affinity_ttl)" },
+      meaning = "\"<instance key>@<its sequence number>\" of the instances that served a prompt whose chain of "
+          .. "blocks ends in this one, most recent first (at most 3; affinity_ttl)" },
 }
 
 -- The dict of slots, queues, counters and catalogue.

@@ -153,6 +153,24 @@ function _M.admit(pool, affinity, tenant)
     local deadline = start + cfg.queue_timeout
     local batch = apikeys.limits(tenant).batch
     local aged = start + (cfg.batch_aging or 0)
+    -- Delay scheduling (prefix routing): a request whose prompt is cached on an instance (a block or more) waits for
+    -- a slot there, rather than take one elsewhere, for as long as that cache saves: the cached bytes over
+    -- gateway_prefix_prefill_rate, at most gateway_prefix_max_wait. Meanwhile it takes a slot of its cached instance
+    -- as soon as one frees, even before the head of its FIFO, while the head has waited less than
+    -- gateway_prefix_max_wait (Zaharia et al., "Delay scheduling", EuroSys 2010): so the slot that frees on an
+    -- instance goes to a request that has its prompt there, and no request waits longer than that bound for it.
+    local local_until = 0
+    if cfg.affinity == "prefix" and (cfg.prefix_max_wait or 0) > 0 then
+        local cached = 0
+        for _, entry in ipairs(preferred) do
+            if not entry.pin and (entry.bytes or 0) > cached then
+                cached = entry.bytes
+            end
+        end
+        if cached >= cfg.prefix_block_bytes then
+            local_until = start + math.min(cfg.prefix_max_wait, cached / cfg.prefix_prefill_rate)
+        end
+    end
 
     -- The tenant's candidate marker goes when its FIFO is empty behind this ticket.
     local function drop_candidate()
@@ -187,6 +205,42 @@ function _M.admit(pool, affinity, tenant)
         return respond.answer(503, FULL, cfg.retry_after)
     end
 
+    -- The slot on `server` is taken: leave the FIFO (at its head, or passing it), count, remember. Returns the server,
+    -- or answers 503 when the dict is full.
+    local function admitted(server, head)
+        local held, held_err = counters.add("o:" .. fifo, 1)
+        if not held then
+            slots.give_back(server.key)
+            return full("herd_gateway: " .. tostring(held_err))
+        end
+        ctx.herd_held = fifo
+        m:delete(alive)
+        m:delete("a:" .. fifo)
+        if head == ticket then
+            drop_candidate()
+            pop_head(fifo)
+        elseif head < ticket then
+            queue_leave(fifo, ticket)  -- it passed the head: the head skips its ticket later
+        end
+        if waiting then
+            counters.add("q:" .. pool .. ":w", -1)
+            waiting = false
+        end
+        ctx.herd_leave = nil
+        local wait = ngx.now() - start
+        stats.count(pool, "admitted")
+        stats.observe_wait(pool, wait)
+        ngx.var.herd_queue_wait = string.format("%.3f", wait)
+        if affinity then
+            local matched = affinities.matched(affinity, server)
+            stats.count(pool, #preferred == 0 and "affinity_new"
+                or (matched > 0 or server == preferred[1].server) and "affinity_hits" or "affinity_misses")
+            stats.observe_prefix(pool, affinity.bytes and matched or nil)
+            affinities.record(affinity, server)
+        end
+        return server
+    end
+
     ctx.herd_leave = leave
     while true do
         local ok, set_err = m:safe_set(alive, 1, 1)
@@ -205,45 +259,37 @@ function _M.admit(pool, affinity, tenant)
                 return full("herd_queue: " .. tostring(set_err))
             end
             if my_turn(pool, tenant, class, start) then
-                local server, any, slot_err = slots.acquire(pool, nil, preferred)
+                local server, any, slot_err
+                if ngx.now() < local_until then
+                    server, slot_err = slots.acquire_local(pool, preferred, cfg.prefix_block_bytes)
+                    any = true
+                else
+                    server, any, slot_err = slots.acquire(pool, nil, preferred)
+                end
                 if slot_err then
                     return full("herd_gateway: " .. tostring(slot_err))
                 end
                 if server then
-                    local held, held_err = counters.add("o:" .. fifo, 1)
-                    if not held then
-                        slots.give_back(server.key)
-                        return full("herd_gateway: " .. tostring(held_err))
-                    end
-                    ctx.herd_held = fifo
-                    m:delete(alive)
-                    m:delete("a:" .. fifo)
-                    if head == ticket then
-                        drop_candidate()
-                        pop_head(fifo)
-                    end
-                    if waiting then
-                        counters.add("q:" .. pool .. ":w", -1)
-                        waiting = false
-                    end
-                    ctx.herd_leave = nil
-                    local wait = ngx.now() - start
-                    stats.count(pool, "admitted")
-                    stats.observe_wait(pool, wait)
-                    ngx.var.herd_queue_wait = string.format("%.3f", wait)
-                    if affinity then
-                        local matched = affinities.matched(affinity, server)
-                        stats.count(pool, #preferred == 0 and "affinity_new"
-                            or (matched > 0 or server == preferred[1].server) and "affinity_hits" or "affinity_misses")
-                        stats.observe_prefix(pool, affinity.bytes and matched or nil)
-                        affinities.record(affinity, server)
-                    end
-                    return server
+                    return admitted(server, head)
                 end
                 if not any then
                     leave("rejected_full")
                     ctx.herd_leave = nil
                     return respond.busy("server busy, please try again: no herd instance serving this model is available")
+                end
+            end
+        elseif ngx.now() < local_until then
+            -- Behind the head: a slot that frees on this request's cached instance is its, while the head has waited
+            -- less than gateway_prefix_max_wait (and the tenant has the pool's turn).
+            local _, head_since = candidate(fifo)
+            if head_since and ngx.now() - head_since < cfg.prefix_max_wait
+                and my_turn(pool, tenant, (batch and ngx.now() < aged) and 1 or 0, start) then
+                local server, slot_err = slots.acquire_local(pool, preferred, cfg.prefix_block_bytes)
+                if slot_err then
+                    return full("herd_gateway: " .. tostring(slot_err))
+                end
+                if server then
+                    return admitted(server, head)
                 end
             end
         end

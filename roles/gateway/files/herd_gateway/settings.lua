@@ -99,6 +99,8 @@ function _M.build(settings, servers_record, drained, resolver)
         prefix_block_bytes = math.max(64, tonumber(settings.prefix_block_bytes) or 1024),
         prefix_max_blocks = math.max(1, tonumber(settings.prefix_max_blocks) or 256),
         prefix_max_imbalance = tonumber(settings.prefix_max_imbalance) or 2,
+        prefix_max_wait = seconds(settings.prefix_max_wait, 2),
+        prefix_prefill_rate = math.max(1, tonumber(settings.prefix_prefill_rate) or 20000),
         servers = {}, by_key = {}, by_endpoint = {}, pools = {}, pool_names = {},
         model_options = {}, client_options = {},
         endpoints = endpoints.index(settings.endpoints),

@@ -219,13 +219,61 @@ local function acceptable(pool, entry, exclude, best_load)
 end
 
 -- Take a slot; returns the server, or nil and whether any candidate exists at all (and the dict's error when it is
--- full). `preferred` (cache affinity: affinity.plan's list of {server, pin}, or one server, pinned) is tried first,
--- in its order: an entry takes the request when acceptable (above); affinity never goes past an instance's
+-- full). `preferred` (cache affinity: affinity.plan's list of {server, pin, bytes}, or one server, pinned) is tried
+-- first: the pinned one, then the longest cached prefix, the least loaded first among equals; an entry takes the
+-- request when acceptable (above); affinity never goes past an instance's
 -- max_conns (bounded load). Otherwise the least loaded candidate with a free slot takes it. Another worker may take
 -- the slot first; then the next pass looks again.
+-- The preferred entries in the order they are tried: the pinned one first, then the longest cached prefix, the
+-- least loaded first among equals.
+local function ranked(preferred)
+    if #preferred < 2 then
+        return preferred
+    end
+    local list = {}
+    for index, entry in ipairs(preferred) do
+        list[index] = { entry = entry, pin = entry.pin == true, bytes = entry.bytes or 0, index = index,
+                        load = inflight(entry.server) / entry.server.weight }
+    end
+    table.sort(list, function(a, b)
+        if a.pin ~= b.pin then
+            return a.pin
+        elseif a.bytes ~= b.bytes then
+            return a.bytes > b.bytes
+        elseif a.load ~= b.load then
+            return a.load < b.load
+        end
+        return a.index < b.index
+    end)
+    local out = {}
+    for index, item in ipairs(list) do
+        out[index] = item.entry
+    end
+    return out
+end
+
+-- Delay scheduling: a slot only on an instance that holds at least `min_bytes` of the request's prompt (live, in
+-- the pool, a free slot; the imbalance bound does not apply: the request waits for its cache instead of taking a
+-- slot elsewhere). Returns the server, or nil (and the dict's error when it is full).
+function _M.acquire_local(pool, preferred, min_bytes)
+    for _, entry in ipairs(ranked(preferred)) do
+        if not entry.pin and (entry.bytes or 0) >= min_bytes and acceptable(pool, { server = entry.server, pin = true }) then
+            local taken, err = take(entry.server)
+            if taken then
+                return entry.server
+            elseif err then
+                return nil, err
+            end
+        end
+    end
+    return nil
+end
+
 function _M.acquire(pool, exclude, preferred)
     if preferred and preferred.key then
         preferred = { { server = preferred, pin = true } }
+    elseif preferred then
+        preferred = ranked(preferred)
     end
     local servers = settings.cfg.pools[pool] or {}
     local n = #servers
