@@ -67,6 +67,8 @@ LABELS = {
     "herd": "herd (role gateway)",
     "herd-noaff": "herd, gateway_affinity off (least loaded)",
     "herd-conv": "herd, gateway_affinity conversation (first messages)",
+    "herd-mu": "herd, instances with OLLAMA_MULTIUSER_CACHE=1",
+    "herd-noaff-mu": "herd, gateway_affinity off, instances with OLLAMA_MULTIUSER_CACHE=1",
     "seed-000": "seed 000: least_conn + zone + keepalive",
     "seed-003": "seed 003: least_conn, max_conns = slots",
     "round-robin": "round-robin + zone + keepalive",
@@ -376,9 +378,10 @@ class Bench:
 
     # -- setup
 
-    def start_emulators(self, prompt_tps: float = 1000000) -> None:
+    def start_emulators(self, prompt_tps: float = 1000000, extra_env: dict | None = None) -> None:
         """Start the instances (again, on the same ports, when they run already) with `prompt_tps` prompt tokens
-        per second: 1e6 = no prompt time (sections 1-3), a realistic rate for the multi-turn section."""
+        per second: 1e6 = no prompt time (sections 1-3), a realistic rate for the multi-turn section; `extra_env`
+        added to their environment."""
         a = self.args
         models = self.work / "models"
         if not models.exists():
@@ -404,6 +407,7 @@ class Bench:
                 "HERD_EMU_PROMPT_TOKENS_PER_SECOND": str(prompt_tps),
                 "HERD_EMU_RESPONSE_TOKENS": str(a.short_tokens),
                 "TMPDIR": str(self.work / "tmp"),
+                **(extra_env or {}),
             })
             log_name = f"emu{i}-chat.log" if restart else f"emu{i}.log"
             self.procs.start(f"emu{i}", [sys.executable, str(EMULATOR), "serve"], env=env,
@@ -542,14 +546,19 @@ class Bench:
         if a.fleet_sessions and {"herd", "herd-noaff"} <= set(a.configs):
             gw.render_herd("herd-conv", self.ports, a.num_parallel, overrides={"gateway_affinity": "conversation"})
             extra["fleet"] = {}
-            for name in ("herd", "herd-conv", "herd-noaff"):
+            runs = [("herd", "herd", None), ("herd-conv", "herd-conv", None), ("herd-noaff", "herd-noaff", None)]
+            if a.fleet_multiuser:
+                # the same with Ollama's multi-user cache on the instances (a busy slot's prefix forked into a free one)
+                mu = {"OLLAMA_MULTIUSER_CACHE": "1"}
+                runs += [("herd-mu", "herd", mu), ("herd-noaff-mu", "herd-noaff", mu)]
+            for key, name, env in runs:
                 # every run starts with empty prompt caches: the instances restart (same ports)
-                self.start_emulators(prompt_tps=a.chat_prompt_tps)
+                self.start_emulators(prompt_tps=a.chat_prompt_tps, extra_env=env)
                 gw.start(name)
                 try:
-                    extra["fleet"][name] = self.chat_run(f"fleet-{name}", gw.url, self.fleet(),
-                                                         a.fleet_clients or (3 * self.slots) // 2,
-                                                         a.fleet_answer_tokens, a.fleet_think_s, a.fleet_ramp_s)
+                    extra["fleet"][key] = self.chat_run(f"fleet-{key}", gw.url, self.fleet(),
+                                                        a.fleet_clients or (3 * self.slots) // 2,
+                                                        a.fleet_answer_tokens, a.fleet_think_s, a.fleet_ramp_s)
                 finally:
                     gw.stop()
         return extra
@@ -1066,6 +1075,20 @@ def fleet_goals(tab: dict, mults: list[int], fleet: dict) -> list[tuple[str, str
         shares = ", ".join(f"{LABELS[n]} {fmt(cache_share(run), 2)}" for n, run in
                            (("herd", on), ("herd-conv", conv), ("herd-noaff", off)) if run)
         out.append(("agent fleet: share of prompt tokens served from cache (reported)", shares, None))
+    mon, moff = fleet.get("herd-mu"), fleet.get("herd-noaff-mu")
+    if mon and moff:
+        r = ratio(mon["ttft_s"]["p90"], moff["ttft_s"]["p90"])
+        out.append(("agent fleet, instances with OLLAMA_MULTIUSER_CACHE=1: TTFT p90 <= 0.3x least loaded's",
+                    f"{fmt(mon['ttft_s']['p90'])} s vs {fmt(moff['ttft_s']['p90'])} s = {fmt(r, 2)}x",
+                    r is not None and r <= 0.3))
+        r = ratio(mon["output_tokens_per_s"], moff["output_tokens_per_s"])
+        out.append(("agent fleet, instances with OLLAMA_MULTIUSER_CACHE=1: output throughput >= 1.2x least loaded's",
+                    f"{fmt(mon['output_tokens_per_s'], 1)} vs {fmt(moff['output_tokens_per_s'], 1)} tok/s = {fmt(r, 2)}x",
+                    r is not None and r >= 1.2))
+        over = [f"{k} {v['peak']}/{v['max_conns']}" for run in (mon, moff) for k, v in run["peak_inflight"].items()
+                if v["peak"] > v["max_conns"]]
+        out.append(("agent fleet, OLLAMA_MULTIUSER_CACHE=1: no instance ever above its max_conns",
+                    "over: " + ", ".join(over) if over else "none over", not over))
     for m in mults:
         h, n = tab[m].get("herd"), tab[m].get("herd-noaff")
         if h and n:
@@ -1097,12 +1120,15 @@ def fleet_report(fleet: dict, a, checks) -> list[str]:
              f"slots; starting spread over {a.fleet_ramp_s:g} s; histories up to "
              f"{on.get('max_history_tokens', '-')} tokens). Three gateways rendered by the "
              "role: `gateway_affinity` prefix (the default), conversation (herd's rule before prefix routing) and "
-             "off (least loaded).")
+             "off (least loaded); then prefix routing and least loaded again with the instances started with "
+             "`OLLAMA_MULTIUSER_CACHE=1` (Ollama's multi-user cache: when the slot holding a prompt's longest prefix is "
+             "busy, the runner copies that prefix into a free slot; the emulator does as Ollama's findBestCacheSlot "
+             "does).")
     L.append("")
     L.append("| configuration | served | TTFT p50 | TTFT p90 | TTFT p99 | output tok/s | prompt tokens from cache | "
              "turns on the last turn's instance | most in flight per instance (max_conns) |")
     L.append("|---|---|---|---|---|---|---|---|---|")
-    for name in ("herd", "herd-conv", "herd-noaff"):
+    for name in ("herd", "herd-conv", "herd-noaff", "herd-mu", "herd-noaff-mu"):
         v = fleet.get(name)
         if not v:
             continue
@@ -1575,6 +1601,8 @@ def parse_args(argv=None):
     p.add_argument("--chat-think-s", type=float, default=1.0,
                    help="mean pause between an answer and the next turn (uniform 0.5x-1.5x, seeded)")
     p.add_argument("--fleet-sessions", type=int, default=48, help="agent-fleet section: sessions (0: none)")
+    p.add_argument("--fleet-multiuser", action=argparse.BooleanOptionalAction, default=True,
+                   help="agent-fleet section: also run prefix routing and least loaded with OLLAMA_MULTIUSER_CACHE=1")
     p.add_argument("--fleet-ramp-s", type=float, default=5.0,
                    help="agent-fleet section: the sessions at once start spread over this many seconds")
     p.add_argument("--fleet-agents", type=int, default=4, help="agent-fleet section: agent types (shared prefixes)")
@@ -1607,7 +1635,7 @@ def parse_args(argv=None):
         a.chat_think_s = 0.05
         a.fleet_sessions, a.fleet_agents, a.fleet_turns, a.fleet_prefix_bytes = 8, 2, 3, 8000
         a.fleet_task_bytes, a.fleet_tool_bytes, a.fleet_answer_tokens, a.fleet_think_s = 500, 1000, 8, 0.05
-        a.fleet_ramp_s = 0.5
+        a.fleet_ramp_s, a.fleet_multiuser = 0.5, False
         a.noisy_seconds, a.noisy_clients, a.quiet_requests = 4.0, 8, 10
     a.multipliers = [int(x) for x in str(a.multipliers).split(",") if x]
     a.configs = [x for x in str(a.configs).split(",") if x]

