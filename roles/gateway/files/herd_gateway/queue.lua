@@ -241,6 +241,19 @@ function _M.admit(pool, affinity, tenant)
         return server
     end
 
+    -- Delay scheduling's take: a slot on the cached instance only. Returns the server admitted, or nil and whether
+    -- the request was answered (503: the dict is full); nil, nil: no slot there now.
+    local function take_local(head)
+        local server, slot_err = slots.acquire_local(pool, preferred, cfg.prefix_block_bytes)
+        if slot_err then
+            return nil, full("herd_gateway: " .. tostring(slot_err)) or true
+        end
+        if server then
+            return admitted(server, head)
+        end
+        return nil, nil
+    end
+
     ctx.herd_leave = leave
     while true do
         local ok, set_err = m:safe_set(alive, 1, 1)
@@ -259,23 +272,24 @@ function _M.admit(pool, affinity, tenant)
                 return full("herd_queue: " .. tostring(set_err))
             end
             if my_turn(pool, tenant, class, start) then
-                local server, any, slot_err
                 if ngx.now() < local_until then
-                    server, slot_err = slots.acquire_local(pool, preferred, cfg.prefix_block_bytes)
-                    any = true
+                    local server, answered = take_local(head)
+                    if server or answered then
+                        return server
+                    end
                 else
-                    server, any, slot_err = slots.acquire(pool, nil, preferred)
-                end
-                if slot_err then
-                    return full("herd_gateway: " .. tostring(slot_err))
-                end
-                if server then
-                    return admitted(server, head)
-                end
-                if not any then
-                    leave("rejected_full")
-                    ctx.herd_leave = nil
-                    return respond.busy("server busy, please try again: no herd instance serving this model is available")
+                    local server, any, slot_err = slots.acquire(pool, nil, preferred)
+                    if slot_err then
+                        return full("herd_gateway: " .. tostring(slot_err))
+                    end
+                    if server then
+                        return admitted(server, head)
+                    end
+                    if not any then
+                        leave("rejected_full")
+                        ctx.herd_leave = nil
+                        return respond.busy("server busy, please try again: no herd instance serving this model is available")
+                    end
                 end
             end
         elseif ngx.now() < local_until then
@@ -284,12 +298,9 @@ function _M.admit(pool, affinity, tenant)
             local _, head_since = candidate(fifo)
             if head_since and ngx.now() - head_since < cfg.prefix_max_wait
                 and my_turn(pool, tenant, (batch and ngx.now() < aged) and 1 or 0, start) then
-                local server, slot_err = slots.acquire_local(pool, preferred, cfg.prefix_block_bytes)
-                if slot_err then
-                    return full("herd_gateway: " .. tostring(slot_err))
-                end
-                if server then
-                    return admitted(server, head)
+                local server, answered = take_local(head)
+                if server or answered then
+                    return server
                 end
             end
         end

@@ -32,17 +32,22 @@ function _M.count(pool, name, value)
     counters.incr("s:" .. pool .. ":" .. name, value or 1)
 end
 
--- Record a request's wait in the pool's queue (seconds) in the histogram.
-function _M.observe_wait(pool, wait)
-    for index, bound in ipairs(BUCKETS) do
-        if wait <= bound then
-            counters.incr("s:" .. pool .. ":b" .. index, 1)
+-- Count `value` in the pool's histogram whose counters are named <bucket><n>, <count> and <sum> (`sum` added).
+local function observe(pool, bounds, value, bucket, count, sum, added)
+    for index, bound in ipairs(bounds) do
+        if value <= bound then
+            counters.incr("s:" .. pool .. ":" .. bucket .. index, 1)
             break
         end
     end
-    counters.incr("s:" .. pool .. ":count", 1)
+    counters.incr("s:" .. pool .. ":" .. count, 1)
+    counters.incr("s:" .. pool .. ":" .. sum, added)
+end
+
+-- Record a request's wait in the pool's queue (seconds) in the histogram.
+function _M.observe_wait(pool, wait)
     local us = math.floor(wait * 1e6 + 0.5)
-    counters.incr("s:" .. pool .. ":sum_us", us)
+    observe(pool, BUCKETS, wait, "b", "count", "sum_us", us)
     -- Exponentially weighted (each wait weighs AVG_WEIGHT): follows a queue that grows or drains within a few
     -- dozen admissions. Two workers may overwrite each other's update: one sample lost, never a wrong scale.
     local key = "s:" .. pool .. ":wait_avg_us"
@@ -52,17 +57,9 @@ end
 
 -- Record the prompt bytes a request found cached where it went (nil: prefix routing is off).
 function _M.observe_prefix(pool, bytes)
-    if not bytes then
-        return
+    if bytes then
+        observe(pool, PREFIX_BUCKETS, bytes, "p", "pcount", "psum", bytes)
     end
-    for index, bound in ipairs(PREFIX_BUCKETS) do
-        if bytes <= bound then
-            counters.incr("s:" .. pool .. ":p" .. index, 1)
-            break
-        end
-    end
-    counters.incr("s:" .. pool .. ":pcount", 1)
-    counters.incr("s:" .. pool .. ":psum", bytes)
 end
 
 -- Retry-After (whole seconds) of a busy answer for `pool`: the moving average of its measured queue waits, rounded
