@@ -67,8 +67,8 @@ LABELS = {
     "herd": "herd (role gateway)",
     "herd-noaff": "herd, gateway_affinity off (least loaded)",
     "herd-conv": "herd, gateway_affinity conversation (first messages)",
-    "herd-mu": "herd, instances with OLLAMA_MULTIUSER_CACHE=1",
-    "herd-noaff-mu": "herd, gateway_affinity off, instances with OLLAMA_MULTIUSER_CACHE=1",
+    "herd-mu": "herd, instances as Ollama 0.3.13-0.29 with OLLAMA_MULTIUSER_CACHE=1",
+    "herd-noaff-mu": "herd, gateway_affinity off, instances as Ollama 0.3.13-0.29 with OLLAMA_MULTIUSER_CACHE=1",
     "seed-000": "seed 000: least_conn + zone + keepalive",
     "seed-003": "seed 003: least_conn, max_conns = slots",
     "round-robin": "round-robin + zone + keepalive",
@@ -548,8 +548,10 @@ class Bench:
             extra["fleet"] = {}
             runs = [("herd", "herd", None), ("herd-conv", "herd-conv", None), ("herd-noaff", "herd-noaff", None)]
             if a.fleet_multiuser:
-                # the same with Ollama's multi-user cache on the instances (a busy slot's prefix forked into a free one)
-                mu = {"OLLAMA_MULTIUSER_CACHE": "1"}
+                # the same on the runner of Ollama 0.3.13-0.29 with its multi-user cache, as herd's planner sets it
+                # there (ollama_multiuser_cache): a busy slot's prefix forked into a free one, nothing kept past the
+                # slots
+                mu = {"HERD_EMU_RUNNER": "llamarunner", "OLLAMA_MULTIUSER_CACHE": "1"}
                 runs += [("herd-mu", "herd", mu), ("herd-noaff-mu", "herd-noaff", mu)]
             for key, name, env in runs:
                 # every run starts with empty prompt caches: the instances restart (same ports)
@@ -1078,16 +1080,18 @@ def fleet_goals(tab: dict, mults: list[int], fleet: dict) -> list[tuple[str, str
     mon, moff = fleet.get("herd-mu"), fleet.get("herd-noaff-mu")
     if mon and moff:
         r = ratio(mon["ttft_s"]["p90"], moff["ttft_s"]["p90"])
-        out.append(("agent fleet, instances with OLLAMA_MULTIUSER_CACHE=1: TTFT p90 <= 0.3x least loaded's",
+        out.append(("agent fleet, Ollama 0.3.13-0.29 with OLLAMA_MULTIUSER_CACHE=1: TTFT p90 <= 0.3x least loaded's",
                     f"{fmt(mon['ttft_s']['p90'])} s vs {fmt(moff['ttft_s']['p90'])} s = {fmt(r, 2)}x",
                     r is not None and r <= 0.3))
         r = ratio(mon["output_tokens_per_s"], moff["output_tokens_per_s"])
-        out.append(("agent fleet, instances with OLLAMA_MULTIUSER_CACHE=1: output throughput >= 1.2x least loaded's",
+        out.append(("agent fleet, Ollama 0.3.13-0.29 with OLLAMA_MULTIUSER_CACHE=1: output throughput >= 1.2x "
+                    "least loaded's",
                     f"{fmt(mon['output_tokens_per_s'], 1)} vs {fmt(moff['output_tokens_per_s'], 1)} tok/s = {fmt(r, 2)}x",
                     r is not None and r >= 1.2))
         over = [f"{k} {v['peak']}/{v['max_conns']}" for run in (mon, moff) for k, v in run["peak_inflight"].items()
                 if v["peak"] > v["max_conns"]]
-        out.append(("agent fleet, OLLAMA_MULTIUSER_CACHE=1: no instance ever above its max_conns",
+        out.append(("agent fleet, Ollama 0.3.13-0.29 with OLLAMA_MULTIUSER_CACHE=1: no instance ever above its "
+                    "max_conns",
                     "over: " + ", ".join(over) if over else "none over", not over))
     for m in mults:
         h, n = tab[m].get("herd"), tab[m].get("herd-noaff")
@@ -1120,10 +1124,12 @@ def fleet_report(fleet: dict, a, checks) -> list[str]:
              f"slots; starting spread over {a.fleet_ramp_s:g} s; histories up to "
              f"{on.get('max_history_tokens', '-')} tokens). Three gateways rendered by the "
              "role: `gateway_affinity` prefix (the default), conversation (herd's rule before prefix routing) and "
-             "off (least loaded); then prefix routing and least loaded again with the instances started with "
-             "`OLLAMA_MULTIUSER_CACHE=1` (Ollama's multi-user cache: when the slot holding a prompt's longest prefix is "
-             "busy, the runner copies that prefix into a free slot; the emulator does as Ollama's findBestCacheSlot "
-             "does).")
+             "off (least loaded), the instances as Ollama 0.30+ (herd's default 0.34.2: llama-server, whose "
+             "host-memory prompt cache keeps prompts that lost their slot, 8192 MiB per instance, docs/standins.md); "
+             "then prefix routing and least loaded again with the instances as Ollama 0.3.13-0.29 with "
+             "`OLLAMA_MULTIUSER_CACHE=1`, which herd's planner sets on those releases (`ollama_multiuser_cache`: when "
+             "the slot holding a prompt's longest prefix is busy, the runner copies that prefix into a free slot; "
+             "nothing is kept past the slots; the emulator does as Ollama's findBestCacheSlot does).")
     L.append("")
     L.append("| configuration | served | TTFT p50 | TTFT p90 | TTFT p99 | output tok/s | prompt tokens from cache | "
              "turns on the last turn's instance | most in flight per instance (max_conns) |")
@@ -1602,7 +1608,8 @@ def parse_args(argv=None):
                    help="mean pause between an answer and the next turn (uniform 0.5x-1.5x, seeded)")
     p.add_argument("--fleet-sessions", type=int, default=48, help="agent-fleet section: sessions (0: none)")
     p.add_argument("--fleet-multiuser", action=argparse.BooleanOptionalAction, default=True,
-                   help="agent-fleet section: also run prefix routing and least loaded with OLLAMA_MULTIUSER_CACHE=1")
+                   help="agent-fleet section: also run prefix routing and least loaded with the instances as Ollama "
+                        "0.3.13-0.29 with OLLAMA_MULTIUSER_CACHE=1")
     p.add_argument("--fleet-ramp-s", type=float, default=5.0,
                    help="agent-fleet section: the sessions at once start spread over this many seconds")
     p.add_argument("--fleet-agents", type=int, default=4, help="agent-fleet section: agent types (shared prefixes)")

@@ -20,8 +20,11 @@ Environment honoured (same meaning as Ollama's):
                             a loaded model takes weights + num_parallel x context of KV cache
   OLLAMA_NOPRUNE            "1": keep blobs no manifest references at start (default: delete them)
   OLLAMA_NO_CLOUD           "1": cloud models off (accepted and reported; the emulator has none)
-  OLLAMA_MULTIUSER_CACHE    "1": the runner's findBestCacheSlot (a busy slot's longest prefix forked into the least
-                            recently used free slot) instead of findLongestCacheSlot (free slots only)
+  OLLAMA_MULTIUSER_CACHE    "1", with HERD_EMU_RUNNER=llamarunner only (Ollama 0.3.13-0.29; 0.30 removed it): the
+                            runner's findBestCacheSlot (a busy slot's longest prefix forked into the least recently
+                            used free slot) instead of findLongestCacheSlot (free slots only)
+  LLAMA_ARG_CACHE_RAM       llama-server's --cache-ram in MiB (Ollama 0.30+ passes its environment on to the
+                            llama-server it starts): the host-memory prompt cache (default 8192, 0 = off, -1 = no limit)
   CUDA_VISIBLE_DEVICES      simulated GPUs owned, by index or GPU-UUID ("-1" or "" = none, CPU)
 Lab-only environment:
   HERD_LAB_GPU_SPEC              GPU spec file (default /etc/herd-lab/gpus.json); missing = CPU only
@@ -36,6 +39,9 @@ Lab-only environment:
   HERD_EMU_CPU_FACTOR            rate multiplier when no simulated GPU is visible (default 0.15)
   HERD_EMU_ACCESS_LOG            "0" turns off the per-request log line
   HERD_EMU_PROMPT_CACHE          "0" turns off the per-slot prompt cache (default on, as Ollama's runner)
+  HERD_EMU_RUNNER                whose slot and prompt cache rules: "llama-server" (default: Ollama 0.30+, the
+                                 version this emulator reports, docs/standins.md) or "llamarunner" (Ollama's own
+                                 runner of 0.3.13-0.29, where OLLAMA_MULTIUSER_CACHE applies)
   HERD_EMU_EXTRA_PORTS           more instances served by this one process, each on its own port of
                                  OLLAMA_HOST's address with its own scheduler, slots and loaded models:
                                  "first-last" or a comma list (the scale benchmark's hundreds of instances);
@@ -107,6 +113,11 @@ PREFILL_PARAMS_TOKENS_PER_SECOND = 7979.85 * 6.74e9
 DEFAULT_PROMPT_TOKENS_PER_SECOND = 1000.0
 # Uncached prompt tokens evaluated per step (Ollama's num_batch default, llama.cpp's n_ubatch default).
 PREFILL_CHUNK = 512
+# llama-server's slot and prompt-cache defaults (ggml-org/llama.cpp common/common.h, the llama.cpp Ollama 0.30+
+# builds; Ollama passes neither flag): --slot-prompt-similarity 0.1, --cache-ram 8192 MiB.
+SLOT_PROMPT_SIMILARITY = 0.1
+DEFAULT_CACHE_RAM_MIB = 8192
+RUNNERS = ("llama-server", "llamarunner")
 # Disk read rate of a cold load, 10^6 bytes/s (HERD_EMU_DISK_MB_PER_SECOND): chosen as a typical NVMe drive's
 # sequential read, not measured.
 DEFAULT_DISK_MB_PER_SECOND = 3000.0
@@ -370,6 +381,12 @@ class Settings:
         # OLLAMA_MULTIUSER_CACHE (envconfig.MultiUserCache, a boolean): the runner's findBestCacheSlot instead of
         # findLongestCacheSlot (a busy slot's prefix is forked into the oldest free slot).
         self.multiuser_cache = clean_env(env.get("OLLAMA_MULTIUSER_CACHE")).lower() in ("1", "true", "t", "yes", "on")
+        runner = clean_env(env.get("HERD_EMU_RUNNER")) or RUNNERS[0]
+        if runner not in RUNNERS:
+            raise SystemExit(f"HERD_EMU_RUNNER={runner!r}: use one of {', '.join(RUNNERS)}")
+        self.runner = runner
+        # llama-server reads LLAMA_ARG_CACHE_RAM (MiB; -1 = no limit, 0 = off) from the environment Ollama gives it.
+        self.cache_ram_mib = env_int(env, "LLAMA_ARG_CACHE_RAM", DEFAULT_CACHE_RAM_MIB, minimum=-1)
         self.extra_ports = parse_ports(clean_env(env.get("HERD_EMU_EXTRA_PORTS")))
 
     @property
@@ -698,6 +715,12 @@ class Runner:
         self.prompt_cache = settings.prompt_cache
         self.multiuser_cache = settings.multiuser_cache
         self.cache_tokens = [[] for _ in range(self.num_parallel)]
+        # Ollama 0.30+ (llama-server): slots picked by prompt similarity, and the host-memory prompt cache: prompts
+        # saved from slots that are given another one, oldest first, and the KV bytes per token they take.
+        self.runner = settings.runner
+        self.ram_cache = []
+        self.ram_limit = settings.cache_ram_mib * MIB if settings.cache_ram_mib > 0 else settings.cache_ram_mib
+        self.kv_bytes_per_token = model.kv_mib_per_1k_ctx * MIB / 1024
         self.cache_used = [0.0] * self.num_parallel
         self.slot_busy = [False] * self.num_parallel
         self.active = 0
@@ -764,6 +787,8 @@ class Runner:
         whole cache begins the prompt when it is free; else the least recently used free slot, with the longest
         prefix of any slot, busy ones included, copied into it ("forking cache slot"). Returns (index, cached
         tokens)."""
+        if getattr(self, "runner", "llamarunner") == "llama-server":
+            return self._pick_server_slot(tokens)
         if getattr(self, "multiuser_cache", False):
             return self._pick_best_slot(tokens)
         best, best_len = None, -1
@@ -789,6 +814,75 @@ class Runner:
                 and longest == prompt_len(self.cache_tokens[longest_slot])):
             return longest_slot, min(longest, cap)
         return oldest, min(max(longest, 0), cap)
+
+    def _pick_server_slot(self, tokens):
+        """llama-server's get_available_slot (tools/server/server-context.cpp): the free slot whose prompt shares
+        the largest fraction of this one (more than SLOT_PROMPT_SIMILARITY), else the least recently used free
+        slot. When the slot was taken by age, or keeps less than half of what it holds, its prompt is saved in the
+        host-memory cache and the cached prompt that begins this one best is moved into the slot (see
+        _ram_save, _ram_load). Embeddings (no tokens) take a slot without touching the cache."""
+        n = prompt_len(tokens)
+        best, best_sim, update = None, 0.0, False
+        if self.prompt_cache and n:
+            for index in range(self.num_parallel):
+                if self.slot_busy[index] or not self.cache_tokens[index]:
+                    continue
+                sim = common_prefix(self.cache_tokens[index], tokens) / n
+                if sim > best_sim and sim > SLOT_PROMPT_SIMILARITY:
+                    best, best_sim = index, sim
+            if best is not None and best_sim * n / max(1, prompt_len(self.cache_tokens[best])) < 0.5:
+                update = True
+        if best is None:
+            for index in range(self.num_parallel):
+                # ties go to the later slot, as `slot.t_last_used <= t_last` does
+                if not self.slot_busy[index] and (best is None or self.cache_used[index] <= self.cache_used[best]):
+                    best = index
+            update = True
+        if self.prompt_cache and n and update and self.ram_limit != 0:
+            self._ram_save(self.cache_tokens[best])
+            self._ram_load(best, tokens)
+            self._ram_update()
+        cached = common_prefix(self.cache_tokens[best], tokens) if self.prompt_cache else 0
+        return best, min(cached, max(0, n - 1))
+
+    def _ram_save(self, held):
+        """server_prompt_cache::alloc: nothing when a cached prompt already holds all of `held`; cached prompts
+        that `held` holds whole are dropped; `held` goes in last (the newest)."""
+        if not held:
+            return
+        size = prompt_len(held)
+        if any(common_prefix(entry, held) == size for entry in self.ram_cache):
+            return
+        self.ram_cache = [e for e in self.ram_cache if common_prefix(e, held) != prompt_len(e)]
+        self.ram_cache.append(list(held))
+
+    def _ram_load(self, index, tokens):
+        """server_prompt_cache::load: the cached prompt that keeps a larger fraction of itself (at least a quarter)
+        and covers a larger fraction of the new prompt than the slot's own is moved out of the cache into it."""
+        held = self.cache_tokens[index]
+        n = prompt_len(tokens)
+        lcp = common_prefix(held, tokens)
+        keep_best = lcp / prompt_len(held) if held else -1.0
+        sim_best = lcp / n
+        found = None
+        for i, entry in enumerate(self.ram_cache):
+            lcp = common_prefix(entry, tokens)
+            keep = lcp / max(1, prompt_len(entry))
+            if keep < 0.25:
+                continue
+            if keep_best < keep and sim_best < lcp / n:
+                keep_best, sim_best, found = keep, lcp / n, i
+        if found is not None:
+            self.cache_tokens[index] = self.ram_cache.pop(found)
+
+    def _ram_update(self):
+        """server_prompt_cache::update: the oldest prompts leave while the cache is over --cache-ram (KV bytes of
+        its tokens), always keeping one."""
+        if self.ram_limit < 0:
+            return
+        while len(self.ram_cache) > 1 and (sum(prompt_len(e) for e in self.ram_cache) * self.kv_bytes_per_token
+                                           > self.ram_limit):
+            self.ram_cache.pop(0)
 
     @contextlib.asynccontextmanager
     async def slot(self, tokens=()):
@@ -2791,7 +2885,10 @@ async def serve(settings):
         OLLAMA_NUM_PARALLEL=settings.num_parallel, OLLAMA_MAX_QUEUE=settings.max_queue,
         OLLAMA_MAX_LOADED_MODELS=settings.max_loaded, OLLAMA_KEEP_ALIVE=settings.keep_alive,
         OLLAMA_CONTEXT_LENGTH=settings.context_length, OLLAMA_NOPRUNE=settings.noprune,
-        OLLAMA_NO_CLOUD=settings.no_cloud, OLLAMA_MULTIUSER_CACHE=settings.multiuser_cache)
+        OLLAMA_NO_CLOUD=settings.no_cloud, OLLAMA_MULTIUSER_CACHE=settings.multiuser_cache,
+        HERD_EMU_RUNNER=settings.runner, LLAMA_ARG_CACHE_RAM=settings.cache_ram_mib)
+    if settings.runner == "llama-server" and settings.multiuser_cache:
+        log("WARN", "OLLAMA_MULTIUSER_CACHE has no effect on the llama-server runner (Ollama 0.30+ removed it)")
     if not settings.noprune:
         removed = prune_unused_blobs(settings.models_dir)
         log("INFO", f"total unused blobs removed: {removed}")

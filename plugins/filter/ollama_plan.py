@@ -67,8 +67,8 @@ ollama_names = _load_names()
 SETTINGS = (
     "base_port", "bind_address", "advertise_address", "gpu_groups", "gpus_per_instance", "vram_headroom_pct",
     "cpu_instances", "use_mig", "num_parallel", "max_queue", "keep_alive", "max_loaded_models", "flash_attention",
-    "load_timeout", "context_length", "no_cloud", "kv_cache_type", "extra_env", "models", "instance_overrides",
-    "data_dir", "mode",
+    "load_timeout", "context_length", "no_cloud", "multiuser_cache", "kv_cache_type", "extra_env", "models",
+    "instance_overrides", "data_dir", "mode", "version",
 )
 ARGUMENT_SPECS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "roles", "ollama", "meta",
@@ -150,7 +150,17 @@ MANAGED_ENV = {
     "OLLAMA_KV_CACHE_TYPE": "ollama_kv_cache_type",
     "OLLAMA_NOPRUNE": "nothing: herd always sets it, ollama_model_sync and ollama_prune_models manage the blobs",
     "OLLAMA_NO_CLOUD": "ollama_no_cloud",
+    "OLLAMA_MULTIUSER_CACHE": "ollama_multiuser_cache",
 }
+
+# OLLAMA_MULTIUSER_CACHE (envconfig.MultiUserCache: the runner's findBestCacheSlot, which forks a busy slot's prompt
+# prefix into a free slot) exists from Ollama 0.3.13 ("Re-introduce the llama package (#5034)") up to, not including,
+# 0.30.0, where "runner: Remove CGO engines, use llama-server exclusively for GGML models (#16031)" removed it: from
+# 0.30 GGUF models run in an upstream llama-server subprocess, whose own host-memory prompt cache (--cache-ram,
+# 8192 MiB by default) applies instead. ollama_multiuser_cache sets it only on releases that read it.
+MULTIUSER_CACHE_SINCE = (0, 3, 13)
+MULTIUSER_CACHE_UNTIL = (0, 30, 0)
+OLLAMA_VERSION = re.compile(r"^\s*[vV]?(\d+)\.(\d+)(?:\.(\d+))?(?![0-9])")
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 HOSTNAME = re.compile(
@@ -198,6 +208,24 @@ def _as_int(value):
     if isinstance(value, float) and value.is_integer():
         return int(value)
     raise _Invalid(f"{value!r} is not a whole number")
+
+
+def ollama_version_tuple(version):
+    """(major, minor, patch) of an Ollama release as ollama_version names it ("0.34.2", "v0.20.1", "0.30.0-rc1",
+    "0.5"); None when it names none."""
+    if isinstance(version, bool) or not isinstance(version, (str, int, float)):
+        return None
+    found = OLLAMA_VERSION.match(str(version))
+    if not found:
+        return None
+    return tuple(int(part or 0) for part in found.groups())
+
+
+def multiuser_cache_applies(version):
+    """Whether the release reads OLLAMA_MULTIUSER_CACHE (0.3.13 <= version < 0.30.0). A version the planner cannot
+    read counts as a current release (0.30 or later): the variable is not set."""
+    parsed = ollama_version_tuple(version)
+    return parsed is not None and MULTIUSER_CACHE_SINCE <= parsed < MULTIUSER_CACHE_UNTIL
 
 
 def _as_bool(value):
@@ -367,6 +395,10 @@ class _Planner:
             k["no_cloud"] = _as_bool(c["no_cloud"])
         except _Invalid as exc:
             self.error("ollama_no_cloud", str(exc), "use true or false")
+        try:
+            k["multiuser_cache"] = _as_bool(c["multiuser_cache"])
+        except _Invalid as exc:
+            self.error("ollama_multiuser_cache", str(exc), "use true or false")
         try:
             k["use_mig"] = _as_bool(c["use_mig"])
         except _Invalid as exc:
@@ -1011,6 +1043,10 @@ class _Planner:
             env["OLLAMA_CONTEXT_LENGTH"] = str(knobs["context_length"])
         if knobs.get("no_cloud"):
             env["OLLAMA_NO_CLOUD"] = "1"
+        # Only the releases that read it (0.3.13-0.29, see MULTIUSER_CACHE_SINCE); on 0.30+ llama-server's own
+        # prompt cache applies and nothing is set.
+        if knobs.get("multiuser_cache") and multiuser_cache_applies(c["version"]):
+            env["OLLAMA_MULTIUSER_CACHE"] = "1"
         if c["kv_cache_type"]:
             env["OLLAMA_KV_CACHE_TYPE"] = c["kv_cache_type"]
         env.update(c["extra_env"])

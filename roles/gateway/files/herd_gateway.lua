@@ -274,9 +274,6 @@ function _M.balance()
             if next_server then
                 slots.give_back(last.key)
                 ngx.var.herd_slot = next_server.key
-                if ctx.herd_affinity then
-                    affinity.record(ctx.herd_affinity, next_server)
-                end
             end
         end
         if not next_server then
@@ -315,15 +312,24 @@ function _M.header_filter()
 end
 
 -- body_filter_by_lua of the proxied locations: every chunk an instance sends is progress of that instance, and
--- is read by its token meter on its way (never held back).
+-- is read by its token meter on its way (never held back). The first byte of a 200 records where the request's
+-- prompt now is (cache affinity): only then has the instance evaluated it (an answer's first byte follows its
+-- prefill); a request sent there while it is still evaluating would evaluate it again in another slot, so a burst
+-- of one agent's new sessions spreads instead of queueing behind the first one's prefill. An instance that fails
+-- records nothing.
 function _M.body_filter()
     local key = ngx.var.herd_slot
     if key ~= nil and key ~= "" then
         local data = ngx.arg[1]
+        local ctx = ngx.ctx
         if data ~= "" then
             slots.progress(key)
+            if ctx.herd_affinity and not ctx.herd_recorded and ngx.status == 200 and ctx.herd_server then
+                ctx.herd_recorded = true
+                affinity.record(ctx.herd_affinity, ctx.herd_server)
+            end
         end
-        usage.chunk(ngx.ctx, data, ngx.arg[2])
+        usage.chunk(ctx, data, ngx.arg[2])
     end
 end
 

@@ -68,9 +68,11 @@ def turn(history, text):
 @pytest.fixture(scope="module", params=["3s", "0"], ids=["delay-scheduling", "off"])
 def stack(request, tmp_path_factory, gw):
     tmp = tmp_path_factory.mktemp("delay-" + request.param)
-    with emulated_stack(tmp, gw, [TINY], gpus=(0, 1), parallel=1, gateway_expose_upstream=True,
-                        gateway_queue_max=16, gateway_prefix_max_wait=request.param,
-                        gateway_prefix_prefill_rate=2000) as (gateway, _emus):
+    # the instances keep nothing past their one slot (Ollama 0.3.13-0.29's runner; llama-server's host-memory
+    # cache would give back a prompt its slot gave up, and the cold turns here would not be cold)
+    with emulated_stack(tmp, gw, [TINY], gpus=(0, 1), parallel=1, env={"HERD_EMU_RUNNER": "llamarunner"},
+                        gateway_expose_upstream=True, gateway_queue_max=16, gateway_prefix_max_wait=request.param,
+                        gateway_prefix_prefill_rate=2000, gateway_prefix_host_cache_bytes=0) as (gateway, _emus):
         yield gateway.port, request.param != "0"
 
 

@@ -144,6 +144,23 @@ affinity.record(c1, by["b:1"])
 local c2 = affinity.plan("tiny:latest", "/api/chat", doc2)
 out.conv_turn2 = names(c2)
 out.conv_new = names(affinity.plan("tiny:latest", "/api/chat", doc_new))
+
+-- Ollama 0.30+ (llama-server) keeps the prompts its slots gave up in host memory: with prefix_host_cache_bytes a
+-- record stays fresh past num_parallel other prompts while the instance served fewer bytes than that since
+configure({prefix_host_cache_bytes = 1500})
+ngx.shared.herd_affinity:flush_all()
+ngx.shared.herd_gateway:flush_all()
+affinity.record(plan(doc1), by["b:0"])
+local doc1_bytes = ngx.shared.herd_gateway:get("gb:b:0")
+for i = 1, 8 do affinity.record(plan(other(i)), by["b:0"]) end
+out.host_fresh_after_8 = names(plan(doc2))
+out.host_bytes_after_8 = ngx.shared.herd_gateway:get("gb:b:0") - doc1_bytes
+for i = 9, 20 do affinity.record(plan(other(i)), by["b:0"]) end
+out.host_stale_after_20 = names(plan(doc2))
+out.host_bytes_after_20 = ngx.shared.herd_gateway:get("gb:b:0") - doc1_bytes
+out.doc1_bytes = doc1_bytes
+ngx.shared.herd_gateway:flush_all()
+
 configure({affinity = true})
 out.mode_true = settings.cfg.affinity
 configure({affinity = false})
@@ -221,6 +238,15 @@ def test_a_record_is_stale_once_the_instance_served_num_parallel_other_prompts(l
     assert [entry.split("=")[0] for entry in lua["stale_after_4"]] == ["b:1"]
     assert [entry.split("=")[0] for entry in lua["fresh_again"]] == ["b:0", "b:1"]
     assert lua["sequence_b0"] == 6  # every request sent to b:0 with a chain took a number
+
+
+def test_a_host_memory_cache_keeps_a_record_fresh_for_its_bytes(lua):
+    """gateway_prefix_host_cache_bytes (Ollama 0.30+'s llama-server keeps the prompts its slots gave up): fresh
+    past num_parallel other prompts while the instance served at most that many prompt bytes since."""
+    assert lua["doc1_bytes"] > 960  # the byte count grows by each prompt's bytes (system prompt, tools, turn)
+    assert lua["host_bytes_after_8"] <= 1500 < lua["host_bytes_after_20"]
+    assert [entry.split("=")[0] for entry in lua["host_fresh_after_8"]] == ["b:0"]
+    assert lua["host_stale_after_20"] == {}  # (an empty Lua table encodes as {})
 
 
 def test_the_imbalance_bound_and_max_conns(lua):

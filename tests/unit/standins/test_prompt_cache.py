@@ -45,8 +45,9 @@ def test_pick_slot_longest_prefix_then_least_recently_used(lab_models):
     settings = emulator.Settings({"OLLAMA_NUM_PARALLEL": "3", "OLLAMA_MODELS": str(lab_models)})
 
 
+    assert settings.runner == "llama-server"  # the default, as Ollama 0.30+; this test is the older runner's rule
     runner = emulator.Runner.__new__(emulator.Runner)
-    runner.num_parallel, runner.prompt_cache = 3, settings.prompt_cache
+    runner.num_parallel, runner.prompt_cache, runner.runner = 3, settings.prompt_cache, "llamarunner"
     t = emulator.TEXT
 
     def p(text):
@@ -72,6 +73,7 @@ def test_multiuser_cache_forks_a_busy_slots_prefix(lab_models):
     assert settings.multiuser_cache and not emulator.Settings({"OLLAMA_MODELS": str(lab_models)}).multiuser_cache
     runner = emulator.Runner.__new__(emulator.Runner)
     runner.num_parallel, runner.prompt_cache, runner.multiuser_cache = 3, True, settings.multiuser_cache
+    runner.runner = "llamarunner"  # Ollama 0.3.13-0.29: 0.30 removed OLLAMA_MULTIUSER_CACHE
     t = emulator.TEXT
 
     def p(text):
@@ -91,8 +93,74 @@ def test_multiuser_cache_forks_a_busy_slots_prefix(lab_models):
     assert runner.pick_slot(p("abcdefgh")) == (2, 1)
 
 
-def test_follow_up_turn_is_cached_in_its_slot(start_emulator, lab_models):
+def server_runner(lab_models, slots=3, **extra):
+    settings = emulator.Settings({"OLLAMA_NUM_PARALLEL": str(slots), "OLLAMA_MODELS": str(lab_models), **extra})
+    runner = emulator.Runner.__new__(emulator.Runner)
+    runner.num_parallel, runner.prompt_cache, runner.runner = slots, settings.prompt_cache, settings.runner
+    runner.ram_cache = []
+    runner.ram_limit = settings.cache_ram_mib * emulator.MIB if settings.cache_ram_mib > 0 else settings.cache_ram_mib
+    runner.kv_bytes_per_token = 128 * emulator.MIB / 1024
+    runner.slot_busy = [False] * slots
+    return runner
+
+
+def test_llama_server_picks_by_similarity_and_keeps_prompts_in_host_memory(lab_models):
+    """Ollama 0.30+ (llama-server): the free slot sharing the largest fraction of the prompt (over 0.1), else the
+    least recently used; a slot given another prompt saves its own in the host-memory cache, and a cached prompt
+    that begins the new one better is moved into the slot."""
+    runner = server_runner(lab_models)
+    assert runner.runner == "llama-server" and runner.ram_limit == 8192 * emulator.MIB
+    t = emulator.TEXT
+
+    def p(text):
+        return [(t, text)]
+
+    runner.cache_tokens = [p("abcd" * 10 + "XXXX"), p("abcd" * 10 + "YYYYYYYY"), p("zzzz" * 20)]
+    runner.cache_used = [1.0, 2.0, 0.5]
+    # slot 0 shares 10 of 12 tokens and keeps 10 of its 11: taken as it is, the cache untouched
+    assert runner.pick_slot(p("abcd" * 10 + "qqqqqqqq")) == (0, 10) and runner.ram_cache == []
+    # nothing shares more than 10%: the least recently used slot (2); its prompt goes to the cache
+    assert runner.pick_slot(p("wwww" * 20)) == (2, 0)
+    assert runner.ram_cache == [p("zzzz" * 20)]
+    # the slot is given the new prompt; later a request for the evicted one finds it in host memory
+    runner.cache_tokens[2], runner.cache_used[2] = p("wwww" * 20), 3.0
+    runner.slot_busy = [True, True, False]
+    assert runner.pick_slot(p("zzzz" * 20 + "more")) == (2, 20)
+    assert runner.cache_tokens[2] == p("zzzz" * 20) and runner.ram_cache == [p("wwww" * 20)]
+    # a prompt already held whole by a cached one is not saved twice; one the new prompt holds whole is dropped
+    runner._ram_save(p("wwww" * 5))
+    runner._ram_save(p("wwww" * 30))
+    assert runner.ram_cache == [p("wwww" * 30)]
+    # over --cache-ram the oldest prompts leave (one always stays)
+    runner.ram_limit = 100 * runner.kv_bytes_per_token
+    runner._ram_save(p("kkkk" * 80))
+    runner._ram_update()
+    assert runner.ram_cache == [p("kkkk" * 80)]
+    # LLAMA_ARG_CACHE_RAM=0: no host-memory cache, the slot keeps only what it holds
+    off = server_runner(lab_models, slots=1, LLAMA_ARG_CACHE_RAM="0")
+    off.cache_tokens, off.cache_used = [p("zzzz" * 20)], [1.0]
+    assert off.ram_limit == 0 and off.pick_slot(p("wwww" * 20)) == (0, 0) and off.ram_cache == []
+    # OLLAMA_MULTIUSER_CACHE means nothing on this runner (Ollama 0.30 removed it)
+    assert server_runner(lab_models, OLLAMA_MULTIUSER_CACHE="1").runner == "llama-server"
+
+
+def test_llama_server_restores_an_evicted_conversation(start_emulator, lab_models):
     emu = start_emulator(**env(lab_models))
+    first = chat(emu, HISTORY)
+    follow = HISTORY + [first["message"], {"role": "user", "content": "And sheep?"}]
+    chat(emu, follow)
+    other = [{"role": "user", "content": "Something else entirely. " * 40}]
+    chat(emu, other)  # takes the only slot; the conversation goes to host memory
+    again = chat(emu, follow)
+    assert again["prompt_eval_count"] < 12  # moved back from host memory, not evaluated again
+    emu = start_emulator(**env(lab_models, LLAMA_ARG_CACHE_RAM="0"))
+    chat(emu, follow)
+    chat(emu, other)
+    assert chat(emu, follow)["prompt_eval_count"] == emulator.prompt_len(emulator.chat_tokens(follow))
+
+
+def test_follow_up_turn_is_cached_in_its_slot(start_emulator, lab_models):
+    emu = start_emulator(**env(lab_models, HERD_EMU_RUNNER="llamarunner"))
     first = chat(emu, HISTORY)
     full = emulator.prompt_len(emulator.chat_tokens(HISTORY))
     assert first["prompt_eval_count"] == full

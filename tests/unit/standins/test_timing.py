@@ -103,7 +103,8 @@ def test_prefill_holds_up_a_generating_slot(start_emulator, lab_models):
     long_prompt = "x" * 32000
     gen, pre = together(emu, [(0, "hi there", 100), (0.1, long_prompt, 1)])
     prompt_s = pre["prompt_eval_duration"] / 1e9
-    assert pre["prompt_eval_count"] == emulator.estimate_tokens(long_prompt) + 8
+    # all of it but the template's first tokens, which the instance's earlier prompts share
+    assert emulator.estimate_tokens(long_prompt) <= pre["prompt_eval_count"] <= emulator.estimate_tokens(long_prompt) + 8
     assert prompt_s == pytest.approx(pre["prompt_eval_count"] / 20000, rel=0.15)
     # about prompt_s - (its 16 chunks' tokens) / 200 longer: ~0.3 s
     assert gen["eval_duration"] / 1e9 - alone > 0.2, (alone, gen["eval_duration"], prompt_s)

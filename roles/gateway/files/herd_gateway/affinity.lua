@@ -15,6 +15,7 @@
 --   h:<hash>  read, written: the instances that served a chain ending in this block, most recent first
 -- Shared-dict keys (herd_gateway):
 --   g:<key>   read, written: the sequence number of the last request sent to instance <key> with a chain
+--   gb:<key>  read, written: the prompt bytes of the requests sent to instance <key> with a chain
 local counters = require("herd_gateway.counters")
 local endpoints = require("herd_gateway.endpoints")
 local keys = require("herd_gateway.keys")
@@ -268,13 +269,17 @@ end
 local PER_BLOCK = 3
 
 -- An instance's prompt cache is its slots: each request it serves overwrites one slot's (Ollama's runner takes the
--- free slot with the longest shared prefix, else the least recently used), so it holds about the prompts of its
--- last num_parallel requests. Every request sent to an instance takes the next number of its sequence (g:<key>);
--- a block's record names the instances with the number of the request that sent it there, and counts as cached on
--- an instance only while that number is among the instance's last num_parallel (prefix mode; conversation mode,
--- herd's rule before prefix routing, ignores it).
-local function sequence(key)
-    return keys.gateway():get("g:" .. key) or 0
+-- free slot with the longest shared prefix, else the least recently used), so they hold about the prompts of its
+-- last num_parallel requests. Ollama 0.30+ (llama-server) also keeps the prompts its slots gave up in host memory,
+-- oldest dropped first when over --cache-ram: about the last gateway_prefix_host_cache_bytes of prompt it served.
+-- Every request sent to an instance takes the next number of its sequence (g:<key>) and adds its prompt bytes to
+-- the instance's byte count (gb:<key>); a block's record names the instances with both as they were after that
+-- request, and counts as cached on an instance while the number is among the instance's last num_parallel or the
+-- instance has served at most gateway_prefix_host_cache_bytes since (prefix mode; conversation mode, herd's rule
+-- before prefix routing, ignores it).
+local function position(key)
+    local d = keys.gateway()
+    return { d:get("g:" .. key) or 0, d:get("gb:" .. key) or 0 }
 end
 
 -- The instances a block's record names that still hold it, most recent first: a list of { key, seq }. `now` caches
@@ -286,22 +291,24 @@ local function served(d, hash, now)
     end
     local by_key = settings.cfg.by_key
     local check = settings.cfg.affinity == "prefix"
+    local host = settings.cfg.prefix_host_cache_bytes or 0
     local list = {}
-    for key, seq in value:gmatch("([^%s@]+)@(%d+)") do
+    for key, seq, served_bytes in value:gmatch("([^%s@]+)@(%d+)@?(%d*)") do
         seq = tonumber(seq)
+        served_bytes = tonumber(served_bytes) or 0
         local server = by_key[key]
         if server and check then
             local current = now[key]
             if not current then
-                current = sequence(key)
+                current = position(key)
                 now[key] = current
             end
-            if seq <= current - server.num_parallel then
-                server = nil  -- its slots have served num_parallel other requests since
+            if seq <= current[1] - server.num_parallel and current[2] - served_bytes > host then
+                server = nil  -- its slots have served num_parallel other requests since, and its host cache more
             end
         end
         if server then
-            list[#list + 1] = { key, seq }
+            list[#list + 1] = { key, seq, served_bytes }
         end
     end
     return list
@@ -396,12 +403,14 @@ function _M.record(plan, server)
         return
     end
     local seq = counters.incr("g:" .. server.key, 1) or 0
+    local total = counters.incr("gb:" .. server.key, plan.bytes and plan.bytes[#plan.bytes] or 0) or 0
     local now = {}
+    local mine = server.key .. "@" .. seq .. "@" .. total
     for _, hash in ipairs(plan.chain) do
-        local list = { server.key .. "@" .. seq }
+        local list = { mine }
         for _, entry in ipairs(served(d, hash, now) or {}) do
             if entry[1] ~= server.key and #list < PER_BLOCK then
-                list[#list + 1] = entry[1] .. "@" .. entry[2]
+                list[#list + 1] = entry[1] .. "@" .. entry[2] .. "@" .. entry[3]
             end
         end
         d:set("h:" .. hash, table.concat(list, " "), ttl)

@@ -75,12 +75,15 @@ _M.KEYS = {
     { dict = "herd_gateway", key = "g:<key>", owner = "affinity",
       meaning = "sequence number of the last request with a prompt chain sent to instance <key> (its slots hold "
           .. "about the last num_parallel: prefix routing's freshness)" },
+    { dict = "herd_gateway", key = "gb:<key>", owner = "affinity",
+      meaning = "prompt bytes of the requests with a prompt chain sent to instance <key> (its host-memory cache "
+          .. "holds about the last prefix_host_cache_bytes: prefix routing's freshness)" },
     { dict = "herd_affinity", key = "s:<md5>", owner = "affinity",
       meaning = "instance key that served the conversation named by the session header last (affinity_ttl)" },
     { dict = "herd_affinity", key = "p:<md5>", owner = "affinity",
       meaning = "instance key that served the conversation with this model and prompt prefix last (affinity_ttl)" },
     { dict = "herd_affinity", key = "h:<hash>", owner = "affinity",
-      meaning = "\"<instance key>@<its sequence number>\" of the instances that served a prompt whose chain of "
+      meaning = "\"<instance key>@<its sequence number>@<its byte count>\" of the instances that served a prompt whose chain of "
           .. "blocks ends in this one, most recent first (at most 3; affinity_ttl)" },
 }
 

@@ -236,7 +236,7 @@ function _M.admit(pool, affinity, tenant)
             stats.count(pool, #preferred == 0 and "affinity_new"
                 or (matched > 0 or server == preferred[1].server) and "affinity_hits" or "affinity_misses")
             stats.observe_prefix(pool, affinity.bytes and matched or nil)
-            affinities.record(affinity, server)
+            -- recorded when the instance's first byte comes back (herd_gateway.body_filter), not now
         end
         return server
     end

@@ -101,6 +101,7 @@ function _M.build(settings, servers_record, drained, resolver)
         prefix_max_imbalance = tonumber(settings.prefix_max_imbalance) or 2,
         prefix_max_wait = seconds(settings.prefix_max_wait, 2),
         prefix_prefill_rate = math.max(1, tonumber(settings.prefix_prefill_rate) or 20000),
+        prefix_host_cache_bytes = math.max(0, tonumber(settings.prefix_host_cache_bytes) or 0),
         servers = {}, by_key = {}, by_endpoint = {}, pools = {}, pool_names = {},
         model_options = {}, client_options = {},
         endpoints = endpoints.index(settings.endpoints),

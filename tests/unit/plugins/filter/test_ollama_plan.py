@@ -247,6 +247,45 @@ def test_bind_address_ipv6_and_data_dir(planner, gpus_from):
     assert result[2]["models_dir"] == "/srv/herd/instances/2/models"
 
 
+# OLLAMA_MULTIUSER_CACHE exists from Ollama 0.3.13 up to, not including, 0.30.0 (llama-server's prompt cache since).
+@pytest.mark.parametrize(
+    ("version", "expected"),
+    [
+        ("0.20.1", "1"),
+        ("0.3.13", "1"),
+        ("0.29.9", "1"),
+        ("v0.20.1", "1"),
+        ("0.20.1-rc1", "1"),
+        ("0.3.12", None),
+        ("0.30.0", None),
+        ("0.30.0-rc1", None),
+        ("0.34.2", None),
+        ("1.0.0", None),
+        ("latest", None),  # not a version the planner reads: a current release, nothing set
+        ("", None),
+    ],
+)
+def test_multiuser_cache_only_where_ollama_reads_it(planner, gpus_from, version, expected):
+    result = plan(planner, gpus_from("l20x5.csv"), version=version)
+    assert all(i["env"].get("OLLAMA_MULTIUSER_CACHE") == expected for i in result)
+    assert errors(planner, gpus_from("l20x5.csv"), version=version) == []
+
+
+def test_multiuser_cache_default_and_off(planner, gpus_from):
+    gpus = gpus_from("l20x5.csv")
+    assert planner.DEFAULTS["multiuser_cache"] is True and planner.DEFAULTS["version"] == "0.34.2"
+    assert "OLLAMA_MULTIUSER_CACHE" not in plan(planner, gpus)[0]["env"]
+    assert "OLLAMA_MULTIUSER_CACHE" not in plan(planner, gpus, version="0.20.1", multiuser_cache=False)[0]["env"]
+    assert "OLLAMA_MULTIUSER_CACHE" not in plan(planner, gpus, version="0.20.1", multiuser_cache="no")[0]["env"]
+    assert plan(planner, gpus, version="0.20.1", multiuser_cache="true")[0]["env"]["OLLAMA_MULTIUSER_CACHE"] == "1"
+
+
+def test_multiuser_cache_in_extra_env_names_the_knob(planner, gpus_from):
+    msg = one_error(planner, gpus_from("l20x5.csv"), version="0.20.1", extra_env={"OLLAMA_MULTIUSER_CACHE": "1"})
+    assert msg.startswith("ollama_extra_env.OLLAMA_MULTIUSER_CACHE on gpu1: OLLAMA_MULTIUSER_CACHE is set by herd")
+    assert msg.endswith("Fix: remove it from ollama_extra_env and set ollama_multiuser_cache instead")
+
+
 def test_kv_cache_without_flash_attention_warns(planner, gpus_from):
     found = warnings(planner, gpus_from("l20x5.csv"), kv_cache_type="q4_0", flash_attention=False)
     assert found == [
@@ -460,6 +499,8 @@ def test_error_unknown_model_key_and_instances(planner, gpus_from):
         ({"data_dir": "relative/dir"}, "ollama_data_dir on gpu1: 'relative/dir' is not an absolute path"),
         ({"use_mig": "maybe"}, "ollama_use_mig on gpu1: 'maybe' is not true or false"),
         ({"flash_attention": "sometimes"}, "ollama_flash_attention on gpu1: 'sometimes' is not true or false"),
+        ({"multiuser_cache": "maybe"}, "ollama_multiuser_cache on gpu1: 'maybe' is not true or false"),
+        ({"multiuser_cache": 2}, "ollama_multiuser_cache on gpu1: 2 is not true or false"),
         ({"extra_env": {"1BAD": "x"}}, "ollama_extra_env on gpu1: '1BAD' is not an environment variable name"),
         ({"extra_env": {"OLLAMA_HOST": "0.0.0.0"}}, "ollama_extra_env.OLLAMA_HOST on gpu1: OLLAMA_HOST is set by herd"),
         ({"extra_env": {"X": [1]}}, "ollama_extra_env.X on gpu1: [1] is not a string"),
