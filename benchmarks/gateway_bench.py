@@ -550,9 +550,12 @@ class Bench:
             if a.fleet_multiuser:
                 # the same on the runner of Ollama 0.3.13-0.29 with its multi-user cache, as herd's planner sets it
                 # there (ollama_multiuser_cache): a busy slot's prefix forked into a free one, nothing kept past the
-                # slots
+                # slots, so the gateway is rendered as docs/gateway.md says for those releases
+                # (gateway_prefix_host_cache_bytes: 0)
                 mu = {"HERD_EMU_RUNNER": "llamarunner", "OLLAMA_MULTIUSER_CACHE": "1"}
-                runs += [("herd-mu", "herd", mu), ("herd-noaff-mu", "herd-noaff", mu)]
+                gw.render_herd("herd-mu", self.ports, a.num_parallel,
+                               overrides={"gateway_prefix_host_cache_bytes": 0})
+                runs += [("herd-mu", "herd-mu", mu), ("herd-noaff-mu", "herd-noaff", mu)]
             for key, name, env in runs:
                 # every run starts with empty prompt caches: the instances restart (same ports)
                 self.start_emulators(prompt_tps=a.chat_prompt_tps, extra_env=env)
@@ -1129,7 +1132,8 @@ def fleet_report(fleet: dict, a, checks) -> list[str]:
              "then prefix routing and least loaded again with the instances as Ollama 0.3.13-0.29 with "
              "`OLLAMA_MULTIUSER_CACHE=1`, which herd's planner sets on those releases (`ollama_multiuser_cache`: when "
              "the slot holding a prompt's longest prefix is busy, the runner copies that prefix into a free slot; "
-             "nothing is kept past the slots; the emulator does as Ollama's findBestCacheSlot does).")
+             "nothing is kept past the slots; the emulator does as Ollama's findBestCacheSlot does), prefix routing "
+             "rendered with `gateway_prefix_host_cache_bytes: 0` as docs/gateway.md says for those releases.")
     L.append("")
     L.append("| configuration | served | TTFT p50 | TTFT p90 | TTFT p99 | output tok/s | prompt tokens from cache | "
              "turns on the last turn's instance | most in flight per instance (max_conns) |")
