@@ -90,5 +90,10 @@ bench: bootstrap
 	@benchmarks/run.sh
 	@$(BIN)/python benchmarks/scale_bench.py --command "make bench (benchmarks/scale_bench.py)"
 
+# The deployment benchmark (issue 32): one gateway and 8 GPU hosts booted here, site.yml and rolling.yml timed (about
+# 45 minutes); not part of make bench or make test (its dry run and report are, in tests/unit/benchmarks).
+bench-deploy: lab-artifacts lab-images
+	$(BIN)/python benchmarks/deploy_bench.py --gpu-hosts 8
+
 clean: lab-down
 	rm -rf lab/build

@@ -61,3 +61,31 @@ def test_drain_still_works(tmp_path):
     # No admin location in this record (no upstream.loopback_url): the record goes in by nginx -t and a reload.
     assert json.loads(result.stdout) == {"changed": True, "drained": ["g2:0"], "servers": ["g2:0"], "applied": "reload"}
     assert json.loads((tmp_path / "drained.json").read_text()) == ["g2:0"]
+
+
+def test_concurrent_drains_and_returns_lose_no_update(tmp_path):
+    """A batch of a rolling re-deploy drains (then returns) several hosts on one gateway at once: each call holds
+    the record's lock from reading to writing it, so every drain stays in the record and every return leaves it."""
+    hosts = [f"g{i}" for i in range(1, 9)]
+    servers = {"servers": [dict(GOOD["servers"][0], key=f"{h}:0", host=h, address=f"10.0.0.{i + 1}",
+                                endpoint=f"10.0.0.{i + 1}:11434") for i, h in enumerate(hosts)]}
+    (tmp_path / "servers.json").write_text(json.dumps(servers))
+    env = dict(os.environ, HERD_GATEWAY_STATE_DIR=str(tmp_path), HERD_NGINX_BIN="/bin/true",
+               HERD_NGINX_CHECK_BIN="/bin/true")
+
+    def together(action, names):
+        procs = [subprocess.Popen([sys.executable, DRAIN, action, h], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for h in names]
+        results = [(p.wait(timeout=60), p.stderr.read()) for p in procs]
+        assert all(rc == 0 for rc, _ in results), results
+
+    together("drain", hosts)
+    assert sorted(json.loads((tmp_path / "drained.json").read_text())) == hosts
+    together("undrain", hosts[:6])
+    assert sorted(json.loads((tmp_path / "drained.json").read_text())) == hosts[6:]
+    assert (tmp_path / ".drained.lock").exists()
+    # the lock file is never followed through a link planted in its place
+    (tmp_path / ".drained.lock").unlink()
+    (tmp_path / ".drained.lock").symlink_to(tmp_path / "elsewhere")
+    result = subprocess.run([sys.executable, DRAIN, "list"], env=env, capture_output=True, text=True, check=False)
+    assert result.returncode != 0 and not (tmp_path / "elsewhere").exists(), result
