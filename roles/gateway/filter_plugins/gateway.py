@@ -549,22 +549,17 @@ def gateway_duration_errors(values):
     ]
 
 
-def gateway_file_listing(src_root, dest_root, pattern=".lua", mode="644", owner="root:root"):
-    """What `find DEST_ROOT -type f -name '*<pattern>' -printf '%p %m %u:%g ' -exec sha256sum {} ;` prints on a
-    host where the files under src_root (on the controller) are installed under dest_root with mode and owner:
-    one line per file, sorted. Role gateway installs its Lua modules only when the host's listing differs (one
-    remote command instead of the copy module's checks of every file)."""
-    lines = []
+def gateway_file_tree(src_root, pattern=".lua"):
+    """The text of every file under src_root (a folder on the controller) whose name ends with pattern, by its path
+    relative to src_root: what role gateway installs with herd.herd.file_set (one module run for its Lua modules)."""
+    tree = {}
     for folder, _dirs, names in os.walk(src_root):
         for name in names:
-            if not name.endswith(pattern):
-                continue
-            path = os.path.join(folder, name)
-            with open(path, "rb") as handle:
-                digest = hashlib.sha256(handle.read()).hexdigest()
-            dest = os.path.join(dest_root, os.path.relpath(path, src_root))
-            lines.append(f"{dest} {mode} {owner} {digest}  {dest}")
-    return sorted(lines)
+            if name.endswith(pattern):
+                path = os.path.join(folder, name)
+                with open(path, encoding="utf-8") as handle:
+                    tree[os.path.relpath(path, src_root)] = handle.read()
+    return dict(sorted(tree.items()))
 
 
 class FilterModule:
@@ -583,5 +578,5 @@ class FilterModule:
             "gateway_key_digest": gateway_key_digest,
             "gateway_model_key": gateway_model_key,
             "gateway_routing_errors": gateway_routing_errors,
-            "gateway_file_listing": gateway_file_listing,
+            "gateway_file_tree": gateway_file_tree,
         }
