@@ -94,6 +94,8 @@ out.stale_after_4 = names(plan(doc2))
 affinity.record(plan(doc1), by["b:0"])                 -- served again: fresh again
 out.fresh_again = names(plan(doc2))
 out.sequence_b0 = ngx.shared.herd_gateway:get("g:b:0")
+-- without a host cache (prefix_host_cache_bytes 0: Ollama before 0.30) no byte count is kept
+out.host_bytes_unkept = ngx.shared.herd_gateway:get("gb:b:0") == nil
 
 -- choice and the imbalance bound (prefix_max_imbalance = 1, weights 2, max_conns 2 ... see the servers)
 local function key_of(s) return s and s.key or "none" end
@@ -238,6 +240,7 @@ def test_a_record_is_stale_once_the_instance_served_num_parallel_other_prompts(l
     assert [entry.split("=")[0] for entry in lua["stale_after_4"]] == ["b:1"]
     assert [entry.split("=")[0] for entry in lua["fresh_again"]] == ["b:0", "b:1"]
     assert lua["sequence_b0"] == 6  # every request sent to b:0 with a chain took a number
+    assert lua["host_bytes_unkept"] is True  # gateway_prefix_host_cache_bytes 0: no byte count written or read
 
 
 def test_a_host_memory_cache_keeps_a_record_fresh_for_its_bytes(lua):

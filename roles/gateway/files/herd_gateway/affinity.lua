@@ -276,10 +276,11 @@ local PER_BLOCK = 3
 -- the instance's byte count (gb:<key>); a block's record names the instances with both as they were after that
 -- request, and counts as cached on an instance while the number is among the instance's last num_parallel or the
 -- instance has served at most gateway_prefix_host_cache_bytes since (prefix mode; conversation mode, herd's rule
--- before prefix routing, ignores it).
-local function position(key)
+-- before prefix routing, ignores it). With gateway_prefix_host_cache_bytes 0 (Ollama before 0.30: no host cache) the
+-- byte count is neither kept nor read.
+local function position(key, host)
     local d = keys.gateway()
-    return { d:get("g:" .. key) or 0, d:get("gb:" .. key) or 0 }
+    return { d:get("g:" .. key) or 0, host > 0 and (d:get("gb:" .. key) or 0) or 0 }
 end
 
 -- The instances a block's record names that still hold it, most recent first: a list of { key, seq }. `now` caches
@@ -300,10 +301,10 @@ local function served(d, hash, now)
         if server and check then
             local current = now[key]
             if not current then
-                current = position(key)
+                current = position(key, host)
                 now[key] = current
             end
-            if seq <= current[1] - server.num_parallel and current[2] - served_bytes > host then
+            if seq <= current[1] - server.num_parallel and (host == 0 or current[2] - served_bytes > host) then
                 server = nil  -- its slots have served num_parallel other requests since, and its host cache more
             end
         end
@@ -403,14 +404,17 @@ function _M.record(plan, server)
         return
     end
     local seq = counters.incr("g:" .. server.key, 1) or 0
-    local total = counters.incr("gb:" .. server.key, plan.bytes and plan.bytes[#plan.bytes] or 0) or 0
     local now = {}
-    local mine = server.key .. "@" .. seq .. "@" .. total
+    local mine = server.key .. "@" .. seq
+    local host = (settings.cfg.prefix_host_cache_bytes or 0) > 0
+    if host then
+        mine = mine .. "@" .. (counters.incr("gb:" .. server.key, plan.bytes and plan.bytes[#plan.bytes] or 0) or 0)
+    end
     for _, hash in ipairs(plan.chain) do
         local list = { mine }
         for _, entry in ipairs(served(d, hash, now) or {}) do
             if entry[1] ~= server.key and #list < PER_BLOCK then
-                list[#list + 1] = entry[1] .. "@" .. entry[2] .. "@" .. entry[3]
+                list[#list + 1] = entry[1] .. "@" .. entry[2] .. (host and "@" .. entry[3] or "")
             end
         end
         d:set("h:" .. hash, table.concat(list, " "), ttl)
