@@ -207,13 +207,12 @@ def main():
         here = dest
         for part in rel.split("/")[:-1]:
             here = os.path.join(here, part)
-            if not (created_dest and check):
-                _ensure_dir(here, dir_mode, uid, gid, check)
-        if (created_dest and check) or not _same(path, files[rel], mode, uid, gid):
+            _ensure_dir(here, dir_mode, uid, gid, check)
+        if not _same(path, files[rel], mode, uid, gid):  # a file not there yet (check mode, new dest) differs too
             written.append(rel)
             if not check:
                 _write(path, files[rel], mode, uid, gid)
-    if p["prune"] and os.path.isdir(dest) and not os.path.islink(dest):
+    if p["prune"] and os.path.isdir(dest):  # dest is no link: refused above
         for folder, dirs, names in os.walk(dest, followlinks=False):
             for name in names:
                 full = os.path.join(folder, name)

@@ -406,15 +406,15 @@ function _M.record(plan, server)
     local seq = counters.incr("g:" .. server.key, 1) or 0
     local now = {}
     local mine = server.key .. "@" .. seq
-    local host = (settings.cfg.prefix_host_cache_bytes or 0) > 0
-    if host then
+    local keep_bytes = (settings.cfg.prefix_host_cache_bytes or 0) > 0
+    if keep_bytes then
         mine = mine .. "@" .. (counters.incr("gb:" .. server.key, plan.bytes and plan.bytes[#plan.bytes] or 0) or 0)
     end
     for _, hash in ipairs(plan.chain) do
         local list = { mine }
         for _, entry in ipairs(served(d, hash, now) or {}) do
             if entry[1] ~= server.key and #list < PER_BLOCK then
-                list[#list + 1] = entry[1] .. "@" .. entry[2] .. (host and "@" .. entry[3] or "")
+                list[#list + 1] = entry[1] .. "@" .. entry[2] .. (keep_bytes and "@" .. entry[3] or "")
             end
         end
         d:set("h:" .. hash, table.concat(list, " "), ttl)
