@@ -65,11 +65,12 @@ molecule: lab-artifacts lab-images
 	done; \
 	exit $$rc
 
-# Every log line starts with the time it was written; the summary line gives each molecule stage's seconds.
+# Every log line starts with the time it was written; the summary lines give each molecule stage's seconds and the
+# scenario's slowest tests (pytest's --durations, through PYTEST_ADDOPTS).
 molecule-%:
 	@echo "=== molecule test -s $* (log: .molecule-logs/$*.log)"
 	@set -o pipefail; start=$$(date +%s); \
-	if $(BIN)/molecule test -s $* 2>&1 | perl -MPOSIX -pe 'BEGIN { $$| = 1 } print strftime("%H:%M:%S ", localtime)' \
+	if PYTEST_ADDOPTS="--durations=10 --durations-min=5" $(BIN)/molecule test -s $* 2>&1 | perl -MPOSIX -pe 'BEGIN { $$| = 1 } print strftime("%H:%M:%S ", localtime)' \
 	    > .molecule-logs/$*.log; then \
 	  echo "=== molecule test -s $*: passed in $$(( $$(date +%s) - start )) s"; \
 	  grep -a -o -E "[0-9]+ passed[^=]* in [0-9.]+s" .molecule-logs/$*.log | tail -n 1 | sed 's/^/    testinfra: /' || true; \

@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """Print how long each stage of a molecule scenario took, from its time-stamped log (the Makefile's molecule-%
-rule writes "HH:MM:SS " before every line). One line: `    stages: create 25 s, prepare 80 s, ...`."""
+rule writes "HH:MM:SS " before every line). One line: `    stages: create 25 s, prepare 80 s, ...`; and, where
+pytest printed its slowest durations (the rule sets PYTEST_ADDOPTS=--durations), a second line with the slowest
+tests: `    slowest: test_a.py::test_x 312 s, ...`."""
 
 import re
 import sys
 
 STAMP = re.compile(r"^(\d\d):(\d\d):(\d\d) .*➜ (\w+): (Executing|Executed)")
 COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+DURATION = re.compile(r"^\d\d:\d\d:\d\d (\d+(?:\.\d+)?)s (call|setup|teardown) +(\S+)")
+SLOWEST = 6
 
 
 def stages(lines):
@@ -24,11 +28,28 @@ def stages(lines):
     return took
 
 
+def slowest(lines, count=SLOWEST):
+    """The `count` longest test phases pytest reported: (seconds, test, phase), longest first."""
+    found = []
+    for line in lines:
+        m = DURATION.match(COLOUR.sub("", line))
+        if m:
+            path, _, name = m.group(3).partition("::")
+            test = path.rsplit("/", 1)[-1] + "::" + name.replace("ansible://", "")
+            found.append((float(m.group(1)), test, m.group(2)))
+    return sorted(found, reverse=True)[:count]
+
+
 def main(path):
     with open(path, encoding="utf-8", errors="replace") as fh:
-        took = stages(fh)
+        lines = fh.readlines()
+    took = stages(lines)
     if took:
         print("    stages: " + ", ".join(f"{stage} {seconds} s" for stage, seconds in took))
+    slow = slowest(lines)
+    if slow:
+        print("    slowest: " + ", ".join(
+            f"{test}{'' if phase == 'call' else ' (' + phase + ')'} {seconds:.0f} s" for seconds, test, phase in slow))
 
 
 if __name__ == "__main__":
