@@ -9,7 +9,8 @@ import sys
 
 STAMP = re.compile(r"^(\d\d):(\d\d):(\d\d) .*➜ (\w+): (Executing|Executed)")
 COLOUR = re.compile(r"\x1b\[[0-9;]*m")
-DURATION = re.compile(r"^\d\d:\d\d:\d\d (\d+(?:\.\d+)?)s (call|setup|teardown) +(\S+)")
+PREFIX = re.compile(r"^\d\d:\d\d:\d\d +(?:│ )?")
+DURATION = re.compile(r"^(\d+(?:\.\d+)?)s (call|setup|teardown) *(\S*)$")
 SLOWEST = 6
 
 
@@ -29,15 +30,24 @@ def stages(lines):
 
 
 def slowest(lines, count=SLOWEST):
-    """The `count` longest test phases pytest reported: (seconds, test, phase), longest first."""
-    found = []
+    """The `count` longest test phases pytest reported: (seconds, test, phase), longest first. Molecule's console
+    may fold a long line (the rest comes on the next lines, indented by two more spaces): the pieces are joined."""
+    found, entry = [], None
     for line in lines:
-        m = DURATION.match(COLOUR.sub("", line))
+        text = PREFIX.sub("", COLOUR.sub("", line.rstrip("\n")), count=1)
+        m = DURATION.match(text.strip())
         if m:
-            path, _, name = m.group(3).partition("::")
-            test = path.rsplit("/", 1)[-1] + "::" + name.replace("ansible://", "")
-            found.append((float(m.group(1)), test, m.group(2)))
-    return sorted(found, reverse=True)[:count]
+            entry = [float(m.group(1)), m.group(3), m.group(2)]
+            found.append(entry)
+        elif entry is not None and text.startswith("  ") and text.strip() and " " not in text.strip():
+            entry[1] += text.strip()
+        else:
+            entry = None
+    out = []
+    for seconds, test, phase in found:
+        path, _, name = test.partition("::")
+        out.append((seconds, path.rsplit("/", 1)[-1] + "::" + name.replace("ansible://", ""), phase))
+    return sorted(out, reverse=True)[:count]
 
 
 def main(path):

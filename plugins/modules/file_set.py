@@ -7,9 +7,9 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 ---
 module: file_set
-short_description: Install a set of text files under one folder in one module run
+short_description: Install a set of files under one folder in one module run
 description:
-  - Writes every file of O(files) (a path relative to O(dest) and its text) under O(dest) with O(mode), O(owner) and
+  - Writes every file of O(files) (a path relative to O(dest) and its content) under O(dest) with O(mode), O(owner) and
     O(group), creating the folders on the way with O(directory_mode); a file is written only when its content, mode
     or owner differs, each one atomically (a temporary file in its folder, then a rename over the old one).
   - With O(prune), files under O(dest) whose names end with O(prune_suffix) and that are not in O(files) are removed.
@@ -28,9 +28,17 @@ options:
     required: true
   files:
     description:
-      - Relative path (no C(..), not absolute) -> the file's text (written as UTF-8).
+      - Relative path (no C(..), not absolute) -> the file's content, as O(encoding) says.
+      - M(herd.herd.file_tree) reads a controller folder into this shape.
     type: dict
     required: true
+  encoding:
+    description:
+      - C(utf-8) - each value is the file's text, written as UTF-8.
+      - C(base64) - each value is the file's bytes in base64 (files that are not text, such as model blobs).
+    type: str
+    choices: [utf-8, base64]
+    default: utf-8
   mode:
     description: Mode of every file, octal.
     type: str
@@ -70,7 +78,7 @@ EXAMPLES = r"""
 - name: Install the gateway's Lua modules
   herd.herd.file_set:
     dest: /usr/local/share/herd/lua
-    files: "{{ (role_path ~ '/files') | herd.herd.gateway_file_tree }}"
+    files: "{{ (role_path ~ '/files') | herd.herd.file_tree('.lua') }}"
     prune: true
 """
 
@@ -87,6 +95,8 @@ removed:
   elements: str
 """
 
+import base64  # noqa: E402
+import binascii  # noqa: E402
 import grp  # noqa: E402
 import os  # noqa: E402
 import pwd  # noqa: E402
@@ -165,6 +175,7 @@ def main():
         argument_spec=dict(
             dest=dict(type="path", required=True),
             files=dict(type="dict", required=True),
+            encoding=dict(type="str", default="utf-8", choices=["utf-8", "base64"]),
             mode=dict(type="str", default="0644"),
             directory_mode=dict(type="str", default="0755"),
             owner=dict(type="str", default="root"),
@@ -192,7 +203,14 @@ def main():
         rel = str(rel)
         if not _relative_ok(rel):
             module.fail_json(msg=f"files: {rel!r} is not a plain relative path (no leading /, no . or .. parts)")
-        files[rel] = ("" if text is None else str(text)).encode("utf-8")
+        text = "" if text is None else str(text)
+        if p["encoding"] == "base64":
+            try:
+                files[rel] = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                module.fail_json(msg=f"files: {rel!r} is not valid base64 (encoding=base64): {exc}")
+        else:
+            files[rel] = text.encode("utf-8")
     if os.path.islink(dest):
         module.fail_json(msg=f"dest {dest} is a symbolic link: refusing to write through it (remove the link)")
 

@@ -30,8 +30,9 @@ def test_a_link_planted_in_an_instance_models_folder_is_replaced_never_followed(
     before = _bait_state(host)
     try:
         # The scenario's state as test_default left it (instance 1 at num_parallel 3): the rerun must not undo it,
-        # test_rolling_by_instance counts on instance 1 needing no restart.
-        run = subprocess.run(["ansible-playbook", "-i", INVENTORY, f"{PROJECT}/site.yml",
+        # test_rolling_by_instance counts on instance 1 needing no restart. The play that deploys the instances
+        # (--tags ollama: preflight, firewall and role ollama, whose model sync meets the link) is the run as root.
+        run = subprocess.run(["ansible-playbook", "-i", INVENTORY, f"{PROJECT}/site.yml", "--tags", "ollama",
                               "-e", json.dumps({"ollama_instance_overrides": {"1": {"num_parallel": 3}}})],
                              capture_output=True, text=True, timeout=1200)
         out = run.stdout + run.stderr

@@ -1,6 +1,8 @@
-"""Central gateway over two GPU hosts: spread, a rolling re-deploy under streaming load with no failed
-request, a batch over the capacity floor refused before any change, and a failing host that stops the rollout
-while the rest keeps serving."""
+"""Central gateway over two GPU hosts: spread, a batch over the capacity floor refused before any change, a
+failing host that stops the rollout while the rest keeps serving, and the fixed rerun (what an operator does
+next): a rolling re-deploy under streaming load with no failed request that returns the drained host.
+
+The tests run in this order and each starts from the state the one before left."""
 
 import itertools
 import json
@@ -54,7 +56,33 @@ def test_gateway_spreads_over_every_instance_of_both_hosts(host):
     assert set(_upstreams(host, 12)) == expected
 
 
-def test_rolling_redeploy_under_streaming_load_fails_no_request(host):
+def test_a_batch_over_the_capacity_floor_is_refused_before_any_change(host):
+    # Both GPU hosts in one batch would take every slot of herd-tiny:1b out at once.
+    before = host.file("/etc/nginx/herd/gateway-upstream.conf").sha256sum
+    rc, out = _playbook(f"{PROJECT}/playbooks/rolling.yml", "-e", "herd_rolling_serial=2")
+    assert rc != 0
+    assert re.search(r"herd_rolling_serial=2: batch 1 \(herd-mh-gpu1, herd-mh-gpu2\) would take (\d+) of the \1 slots "
+                     r"of model herd-tiny:1b out at once \(100%\), above herd_rolling_max_pool_share=50%", out), out[-4000:]
+    assert "Roll the GPU hosts" not in out  # refused before the first host was touched
+    assert json.loads(host.file("/var/lib/herd/gateway/drained.json").content_string) == []
+    assert host.file("/etc/nginx/herd/gateway-upstream.conf").sha256sum == before
+    assert len(set(_upstreams(host, 8))) == len(INSTANCES)
+
+
+def test_failing_host_stops_the_rollout_and_the_rest_serves(host):
+    rc, out = _playbook(f"{PROJECT}/playbooks/rolling.yml", "-e", '{"ollama_models": [{"name": "herd-missing:1b"}]}')
+    assert rc != 0
+    assert "The rollout stopped at herd-mh-gpu1" in out, out[-4000:]
+    # gpu2 was never touched and serves every request; gpu1 is drained on the gateway.
+    seen = set(_upstreams(host, 8))
+    gpu2 = {_resolve(host, a) for a in INSTANCES if a.startswith("herd-mh-gpu2")}
+    assert seen == gpu2
+    drained = json.loads(host.file("/var/lib/herd/gateway/drained.json").content_string)
+    assert drained and all(d.split(":")[0] == "herd-mh-gpu1" for d in drained), drained
+    # The fixed rerun under load (the next test) returns it.
+
+
+def test_rolling_redeploy_after_the_failure_under_streaming_load_fails_no_request(host):
     subprocess.run(["docker", "cp", f"{PROJECT}/tools/herd_load.py", f"{GW}:/root/herd_load.py"], check=True)
     load = subprocess.Popen(
         ["docker", "exec", GW, "python3", "/root/herd_load.py", "--url", "http://127.0.0.1", "--model", MODEL,
@@ -82,30 +110,5 @@ def test_rolling_redeploy_under_streaming_load_fails_no_request(host):
     assert len(servers) == 4
     assert all(s["max_conns"] == 3 for s in servers), servers
     assert json.loads(host.file("/var/lib/herd/gateway/drained.json").content_string) == []
-
-
-def test_a_batch_over_the_capacity_floor_is_refused_before_any_change(host):
-    # Both GPU hosts in one batch would take every slot of herd-tiny:1b out at once.
-    before = host.file("/etc/nginx/herd/gateway-upstream.conf").sha256sum
-    rc, out = _playbook(f"{PROJECT}/playbooks/rolling.yml", "-e", "herd_rolling_serial=2")
-    assert rc != 0
-    assert re.search(r"herd_rolling_serial=2: batch 1 \(herd-mh-gpu1, herd-mh-gpu2\) would take (\d+) of the \1 slots "
-                     r"of model herd-tiny:1b out at once \(100%\), above herd_rolling_max_pool_share=50%", out), out[-4000:]
-    assert "Roll the GPU hosts" not in out  # refused before the first host was touched
-    assert json.loads(host.file("/var/lib/herd/gateway/drained.json").content_string) == []
-    assert host.file("/etc/nginx/herd/gateway-upstream.conf").sha256sum == before
-    assert len(set(_upstreams(host, 8))) == len(INSTANCES)
-
-
-def test_failing_host_stops_the_rollout_and_the_rest_serves(host):
-    rc, out = _playbook(f"{PROJECT}/playbooks/rolling.yml", "-e", '{"ollama_models": [{"name": "herd-missing:1b"}]}')
-    assert rc != 0
-    assert "The rollout stopped at herd-mh-gpu1" in out, out[-4000:]
-    # gpu2 was never touched and serves every request; gpu1 is drained on the gateway.
-    seen = set(_upstreams(host, 8))
-    gpu2 = {_resolve(host, a) for a in INSTANCES if a.startswith("herd-mh-gpu2")}
-    assert seen == gpu2
-    # Put the cluster back as it was.
-    rc, out = _playbook(f"{PROJECT}/playbooks/rolling.yml")
-    assert rc == 0, out[-4000:]
+    # herd-mh-gpu1, drained by the stopped rollout before it, serves again beside herd-mh-gpu2.
     assert set(_upstreams(host, 12)) == {_resolve(host, a) for a in INSTANCES}

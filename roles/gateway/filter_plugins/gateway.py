@@ -549,19 +549,6 @@ def gateway_duration_errors(values):
     ]
 
 
-def gateway_file_tree(src_root, pattern=".lua"):
-    """The text of every file under src_root (a folder on the controller) whose name ends with pattern, by its path
-    relative to src_root: what role gateway installs with herd.herd.file_set (one module run for its Lua modules)."""
-    tree = {}
-    for folder, _dirs, names in os.walk(src_root):
-        for name in names:
-            if name.endswith(pattern):
-                path = os.path.join(folder, name)
-                with open(path, encoding="utf-8") as handle:
-                    tree[os.path.relpath(path, src_root)] = handle.read()
-    return dict(sorted(tree.items()))
-
-
 class FilterModule:
     def filters(self):
         return {
@@ -578,5 +565,4 @@ class FilterModule:
             "gateway_key_digest": gateway_key_digest,
             "gateway_model_key": gateway_model_key,
             "gateway_routing_errors": gateway_routing_errors,
-            "gateway_file_tree": gateway_file_tree,
         }

@@ -405,11 +405,13 @@ def test_memory_of_one_large_body(tmp_path, gw):
         # Measured 7.0x here (the body in nginx, its Lua copy, the decoded document, the scanned member, the
         # rewritten text, the new nginx buffer): transient, one parse at a time per worker.
         assert grown < 15 * 12, grown
-        # The copies are freed once the request is admitted: a second body adds nothing to the peak.
+        # The copies are freed once the request is admitted: a second body does not add its own copies to the peak
+        # (kept, they would double it). Lua's collector may not yet have reclaimed every copy of the first when the
+        # second arrives (measured once: +15 MiB on +105), hence a margin of 3 bodies, well under one body's copies.
         assert send(gateway.port, "POST", "/api/generate", text, timeout=60)[0] == 200
         again = (_worker_peak_kib(gateway) - before) / 1024
         print(f"after a second 15 MiB body: +{again:.0f} MiB")
-        assert again < grown + 15, (grown, again)
+        assert again < grown + 15 * 3, (grown, again)
     finally:
         gateway.stop()
         a.stop()

@@ -44,3 +44,17 @@ def test_a_log_without_durations_prints_only_the_stages(tmp_path, capsys):
     log.write_text("\n".join(LOG.splitlines()[:2]) + "\n")
     ms.main(str(log))
     assert capsys.readouterr().out.splitlines() == ["    stages: create 30 s"]
+
+
+def test_lines_folded_by_molecules_console_are_joined():
+    folded = [
+        "18:55:40   │ ============================= slowest 10 durations",
+        "18:55:40   │ 347.36s call    ",
+        "18:55:40   │   work/run/molecule/multihost/tests/test_multihost.py::test_rollin",
+        "18:55:40   │   g_redeploy[ansible://herd-mh-gw]",
+        "18:55:40   │ 54.42s call    ",
+        "18:55:40   │   work/run/molecule/multihost/tests/test_faults.py::test_stopped",
+        "18:55:40   │ (4 durations < 5s hidden.)",
+    ]
+    assert ms.slowest(folded) == [(347.36, "test_multihost.py::test_rolling_redeploy[herd-mh-gw]", "call"),
+                                  (54.42, "test_faults.py::test_stopped", "call")]

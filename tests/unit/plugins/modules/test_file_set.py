@@ -4,6 +4,7 @@ file or folder of the set belongs is replaced and its target left untouched, pru
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -107,3 +108,16 @@ def test_check_mode_reports_and_writes_nothing(tmp_path):
 def test_a_path_leaving_dest_is_refused(tmp_path, bad):
     out = run(tmp_path, dest=str(tmp_path / "lua"), files={bad: "x"})
     assert out.get("failed") and "plain relative path" in out["msg"], out
+
+
+def test_base64_content_installs_bytes_that_are_not_text(tmp_path):
+    blob = bytes(range(256)) * 3
+    dest = tmp_path / "registry"
+    files = {"blobs/sha256-x": base64.b64encode(blob).decode(), "manifests/m": base64.b64encode(b"{}\n").decode()}
+    first = run(tmp_path, dest=str(dest), files=files, encoding="base64")
+    assert first["changed"] is True and first["written"] == sorted(files), first
+    assert (dest / "blobs" / "sha256-x").read_bytes() == blob and (dest / "manifests" / "m").read_bytes() == b"{}\n"
+    assert run(tmp_path, dest=str(dest), files=files, encoding="base64")["changed"] is False
+    bad = run(tmp_path, dest=str(dest), files={"blobs/y": "not base64!"}, encoding="base64")
+    assert bad.get("failed") and "'blobs/y' is not valid base64" in bad["msg"], bad
+    assert not (dest / "blobs" / "y").exists()
