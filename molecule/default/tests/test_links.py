@@ -1,10 +1,17 @@
 """Issue 27: a link planted in an instance's models folder (what a compromised Ollama, running as the ollama
 account that owns the folder, could do) is never followed by a deployment run as root; and each instance executes
-its own link to the release it was started with."""
+its own link to the release it was started with.
+
+The deployment run that meets the link also changes one instance (instance 1 to num_parallel 3): only that instance
+restarts. test_rolling_by_instance, later, counts on instance 1 already being at num_parallel 3."""
 
 import json
 import os
 import subprocess
+import sys
+
+sys.path.insert(0, os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "molecule"))
+from herd_checks import env_file  # noqa: E402
 
 PROJECT = os.environ["MOLECULE_PROJECT_DIRECTORY"]
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
@@ -12,6 +19,11 @@ MODELS = "/var/lib/herd/instances/0/models"
 BAIT = "/srv/herd-bait"
 RELEASE = "/opt/ollama/0.34.2-herd-emulator"
 INSTANCES = 4
+
+
+def _start_times(host):
+    return [host.run(f"systemctl show -p ExecMainStartTimestampMonotonic --value ollama@{i}").stdout.strip()
+            for i in range(INSTANCES)]
 
 
 def _bait_state(host):
@@ -28,10 +40,10 @@ def test_a_link_planted_in_an_instance_models_folder_is_replaced_never_followed(
         f"runuser -u ollama -- ln -s {BAIT} {MODELS}/manifests"
     )
     before = _bait_state(host)
+    started = _start_times(host)
     try:
-        # The scenario's state as test_default left it (instance 1 at num_parallel 3): the rerun must not undo it,
-        # test_rolling_by_instance counts on instance 1 needing no restart. The play that deploys the instances
-        # (--tags ollama: preflight, firewall and role ollama, whose model sync meets the link) is the run as root.
+        # The play that deploys the instances (--tags ollama: preflight, firewall and role ollama, whose model sync
+        # meets the link) is the run as root; it changes instance 1 only.
         run = subprocess.run(["ansible-playbook", "-i", INVENTORY, f"{PROJECT}/site.yml", "--tags", "ollama",
                               "-e", json.dumps({"ollama_instance_overrides": {"1": {"num_parallel": 3}}})],
                              capture_output=True, text=True, timeout=1200)
@@ -46,6 +58,11 @@ def test_a_link_planted_in_an_instance_models_folder_is_replaced_never_followed(
         assert manifests.is_directory and not manifests.is_symlink
         assert (manifests.user, manifests.group) == ("ollama", "ollama")
         assert host.file(f"{MODELS}/manifests/registry.ollama.ai/library/herd-tiny/1b").is_file
+        # changing one instance restarts only that instance
+        after = _start_times(host)
+        assert after[1] != started[1], "ollama@1 should have restarted"
+        assert [t for i, t in enumerate(after) if i != 1] == [t for i, t in enumerate(started) if i != 1]
+        assert env_file(host, 1)["OLLAMA_NUM_PARALLEL"] == "3"
     finally:
         host.run(f"test -L {MODELS}/manifests && rm {MODELS}/manifests && mv {MODELS}/manifests.aside {MODELS}/manifests")
         host.run(f"rm -rf {MODELS}/manifests.aside {BAIT}")
