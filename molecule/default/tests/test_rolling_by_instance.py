@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -53,3 +54,8 @@ def test_rolling_by_instance_keeps_a_single_host_serving(host):
     assert restarted == [0, 2, 3], (before, after)
     assert sorted(int(after[i]) for i in restarted) == [int(after[i]) for i in restarted]
     assert not host.run("ls /etc/herd/ollama/*.pending").stdout.strip()
+    # Each instance's models were loaded twice: by the role's whole run, then in its own turn (a turn warms only the
+    # instance it restarted, not the whole host again).
+    for i in range(INSTANCES):
+        loads = re.findall(rf"\(item=ollama@{i} herd-tiny:1b\)", run.stdout)
+        assert len(loads) == 2, (i, len(loads))
