@@ -67,6 +67,12 @@ def verified_layers(host, models, manifest="registry.ollama.ai/library/herd-tiny
     return layers
 
 
+def start_times(host, count):
+    """When each of instances 0..count-1 (ollama@i) last started, as systemd's monotonic stamps: a restart changes it."""
+    return [host.run(f"systemctl show -p ExecMainStartTimestampMonotonic --value ollama@{i}").stdout.strip()
+            for i in range(count)]
+
+
 def env_file(host, i):
     """Instance i's environment file (/etc/herd/ollama/<i>.env) as a dict, quotes removed."""
     out = {}

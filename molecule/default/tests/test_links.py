@@ -3,7 +3,8 @@ account that owns the folder, could do) is never followed by a deployment run as
 its own link to the release it was started with.
 
 The deployment run that meets the link also changes one instance (instance 1 to num_parallel 3): it restarts, and so
-may instance 0, whose models the planted link broke; instances 2 and 3 do not. test_rolling_by_instance, later, counts on instance 1 already being at num_parallel 3."""
+may instance 0, whose models the planted link broke; instances 2 and 3 do not. test_rolling_by_instance, later,
+counts on instance 1 already being at num_parallel 3."""
 
 import json
 import os
@@ -11,7 +12,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "molecule"))
-from herd_checks import env_file  # noqa: E402
+from herd_checks import env_file, start_times  # noqa: E402
 
 PROJECT = os.environ["MOLECULE_PROJECT_DIRECTORY"]
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
@@ -20,10 +21,6 @@ BAIT = "/srv/herd-bait"
 RELEASE = "/opt/ollama/0.34.2-herd-emulator"
 INSTANCES = 4
 
-
-def _start_times(host):
-    return [host.run(f"systemctl show -p ExecMainStartTimestampMonotonic --value ollama@{i}").stdout.strip()
-            for i in range(INSTANCES)]
 
 
 def _bait_state(host):
@@ -40,7 +37,7 @@ def test_a_link_planted_in_an_instance_models_folder_is_replaced_never_followed(
         f"runuser -u ollama -- ln -s {BAIT} {MODELS}/manifests"
     )
     before = _bait_state(host)
-    started = _start_times(host)
+    started = start_times(host, INSTANCES)
     try:
         # The play that deploys the instances (--tags ollama: preflight, firewall and role ollama, whose model sync
         # meets the link) is the run as root; it changes instance 1 only.
@@ -60,7 +57,7 @@ def test_a_link_planted_in_an_instance_models_folder_is_replaced_never_followed(
         assert host.file(f"{MODELS}/manifests/registry.ollama.ai/library/herd-tiny/1b").is_file
         # changing one instance restarts that instance; instance 0, whose models the planted link broke for a while,
         # may have restarted too (seen once); instances 2 and 3 keep running
-        after = _start_times(host)
+        after = start_times(host, INSTANCES)
         assert after[1] != started[1], "ollama@1 should have restarted"
         assert after[2:] == started[2:], (started, after)
         assert env_file(host, 1)["OLLAMA_NUM_PARALLEL"] == "3"

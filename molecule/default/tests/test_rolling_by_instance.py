@@ -8,6 +8,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "molecule"))
+from herd_checks import start_times  # noqa: E402
 from herd_measure import measured as _measured  # noqa: E402
 
 HOST = "herd-mol-aio"
@@ -16,13 +17,9 @@ INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 INSTANCES = 4
 
 
-def _start_times(host):
-    return [host.run(f"systemctl show -p ExecMainStartTimestampMonotonic --value ollama@{i}").stdout.strip()
-            for i in range(INSTANCES)]
-
 
 def test_rolling_by_instance_keeps_a_single_host_serving(host):
-    before = _start_times(host)
+    before = start_times(host, INSTANCES)
     # docker cp cannot write under the host's /tmp (a tmpfs), hence /root.
     subprocess.run(["docker", "cp", f"{PROJECT}/tools/herd_load.py", f"{HOST}:/root/herd_load.py"], check=True)
     load = subprocess.Popen(
@@ -46,7 +43,7 @@ def test_rolling_by_instance_keeps_a_single_host_serving(host):
           f"{summary['stale_keepalive_retries']} resent on a closed keep-alive connection")
     assert summary["requests"] >= 100
     assert summary["errors"] == 0, summary["errors_by_status"]
-    after = _start_times(host)
+    after = start_times(host, INSTANCES)
     for i in range(INSTANCES):
         assert 'OLLAMA_NUM_PARALLEL="3"' in host.file(f"/etc/herd/ollama/{i}.env").content_string
     # Instance 1 already ran with num_parallel 3 (test_default); the three others restarted, one at a time.
