@@ -777,8 +777,9 @@ class Bench:
                     if time.monotonic() >= deadline:
                         return
                     messages.append({"role": "user", "content": text})
+                    sent = time.monotonic() - t0
                     rec = self.chat_turn(url, messages, answer_tokens)
-                    rec.update({"conversation": conv["id"], "turn": t + 1,
+                    rec.update({"conversation": conv["id"], "turn": t + 1, "sent_s": round(sent, 3),
                                 "history_tokens": sum((len(m["content"]) + 3) // 4 + 4 for m in messages) + 4})
                     answer = rec.pop("answer")
                     with lock:
@@ -799,6 +800,10 @@ class Bench:
         wall = time.monotonic() - t0
         stop.set()
         watcher.join(5)
+        if a.samples_dir:
+            os.makedirs(a.samples_dir, exist_ok=True)
+            with open(os.path.join(a.samples_dir, name + ".json"), "w", encoding="utf-8") as fh:
+                json.dump(sorted(samples, key=lambda s: s["sent_s"]), fh, indent=0)
         ok = [s for s in samples if s["ok"]]
         follow = [s for s in ok if s["turn"] > 1]
         same = 0
@@ -1616,6 +1621,9 @@ def parse_args(argv=None):
                         "0.3.13-0.29 with OLLAMA_MULTIUSER_CACHE=1")
     p.add_argument("--fleet-ramp-s", type=float, default=5.0,
                    help="agent-fleet section: the sessions at once start spread over this many seconds")
+    p.add_argument("--samples-dir", default="",
+                   help="write each multi-turn run's requests (sent, instance, TTFT, prompt tokens evaluated) as "
+                        "DIR/<run>.json")
     p.add_argument("--fleet-agents", type=int, default=4, help="agent-fleet section: agent types (shared prefixes)")
     p.add_argument("--fleet-turns", type=int, default=6, help="agent-fleet section: turns per session")
     p.add_argument("--fleet-clients", type=int, default=0,

@@ -314,9 +314,9 @@ end
 -- body_filter_by_lua of the proxied locations: every chunk an instance sends is progress of that instance, and
 -- is read by its token meter on its way (never held back). The first byte of a 200 records where the request's
 -- prompt now is (cache affinity): only then has the instance evaluated it (an answer's first byte follows its
--- prefill); a request sent there while it is still evaluating would evaluate it again in another slot, so a burst
--- of one agent's new sessions spreads instead of queueing behind the first one's prefill. An instance that fails
--- records nothing.
+-- prefill); a request sent there while it is still evaluating would evaluate it again in another slot. Of a burst
+-- of one agent's new sessions, one waits for the first one's answer to end (affinity.await: the slot it frees holds
+-- the prefix), the others spread. An instance that fails records nothing.
 function _M.body_filter()
     local key = ngx.var.herd_slot
     if key ~= nil and key ~= "" then
@@ -343,6 +343,7 @@ function _M.log()
         slots.give_back(key)
     end
     queue.done(ctx)
+    affinity.settle(ctx.herd_pending)
     -- The answer's tokens (the access log's fields), counted against its API key's window.
     local tokens = usage.finish(ctx, ngx.req.start_time())
     tenants.done(ctx, tokens)

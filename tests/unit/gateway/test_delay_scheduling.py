@@ -126,3 +126,39 @@ def test_a_cached_turn_passes_the_head_of_the_queue(stack):
     else:
         # first come, first served: B's turn took X when it freed (away from its cache on Y), A's came after it
         assert out["b"][0] == x and out["b"][1] + 0.1 < out["a"][1], out
+
+
+def prefix_waits(port):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/herd/pools")
+        pools = json.loads(conn.getresponse().read())["pools"]
+    finally:
+        conn.close()
+    return sum(p.get("prefix_waits") or 0 for p in pools)
+
+
+def test_a_new_session_waits_for_the_first_ones_prefill(stack):
+    """New sessions of one agent while its first session's answer is still coming (its prefix pending on X, cached
+    nowhere yet): the first of them waits for that answer to end and goes where the prefix now is, X; the next one
+    does not wait (one waiter per pending request: the slot that frees holds the prefix once) and takes idle Y.
+    Off: the first of them takes Y at once."""
+    port, on = stack
+    system = {"role": "system", "content": "You are agent N. " * 500}
+    out = {}
+    before = prefix_waits(port)
+    threads = [background(port, [system, {"role": "user", "content": "session 1"}], 80, out, "first")]
+    wait_inflight(port, 1)
+    threads.append(background(port, [system, {"role": "user", "content": "session 2"}], 1, out, "second"))
+    time.sleep(0.2)
+    threads.append(background(port, [system, {"role": "user", "content": "session 3"}], 1, out, "third"))
+    for thread in threads:
+        thread.join(30)
+    x = out["first"][0]
+    if on:
+        assert out["second"][0] == x and out["third"][0] != x, out
+        assert out["third"][1] + 0.2 < out["second"][1], out  # the third did not wait for the first
+        assert prefix_waits(port) == before + 1
+    else:
+        assert out["second"][0] != x, out
+        assert prefix_waits(port) == before == 0

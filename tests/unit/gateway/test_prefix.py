@@ -163,6 +163,43 @@ out.host_bytes_after_20 = ngx.shared.herd_gateway:get("gb:b:0") - doc1_bytes
 out.doc1_bytes = doc1_bytes
 ngx.shared.herd_gateway:flush_all()
 
+-- pending marks (a burst of one agent's new sessions): a request admitted with nothing cached marks the blocks it
+-- evaluates; a new session of the same agent sees them pending (one waiter) until the request's log phase settles
+configure({prefix_max_wait = "3s", prefix_prefill_rate = 2000, prefix_host_cache_bytes = 0})
+ngx.shared.herd_affinity:flush_all()
+ngx.shared.herd_gateway:flush_all()
+local first = plan(doc1)
+out.pending_first = first.pending == nil
+local id = affinity.mark(first, by["b:0"])
+out.pending_marked = id ~= nil
+local second = plan(doc_new)   -- the same system prompt and tools, another task
+out.pending_wait = second.pending and second.pending.wait
+out.pending_same_id = second.pending ~= nil and second.pending.id == id
+out.pending_unpinned = plan(doc_new, "sess-pending").pending ~= nil  -- a session with no instance yet: may wait
+affinity.record(plan(other(97), "sess-pending"), by["b:2"])          -- the session's instance: b:2
+out.pending_pinned = plan(doc_new, "sess-pending").pending == nil    -- pinned: its pin decides, no wait
+ngx.shared.herd_affinity:set("fc:" .. id, 1)                      -- another request waits for it already
+out.pending_claimed = plan(doc_new).pending == nil
+ngx.shared.herd_affinity:delete("fc:" .. id)
+-- await: claims, waits until the marked request settles (here after 0.2 s) or its bound, then plans again
+affinity.record(first, by["b:0"])                                   -- its first byte came back
+ngx.timer.at(0.2, function() affinity.settle(id) end)
+local waiter = plan(doc_new)
+local t0 = ngx.now()
+out.await_waited = affinity.await(waiter)
+ngx.update_time()
+out.await_took = ngx.now() - t0
+out.await_prefers = names(waiter)
+out.await_second = affinity.await(plan(doc_new))                     -- settled: nothing pending, no wait
+out.pending_settled = plan(doc_new).pending == nil
+-- a prompt not worth PENDING_MIN (0.25 s) of prefill is not marked; prefix_max_wait 0 marks nothing
+configure({prefix_max_wait = "3s", prefix_prefill_rate = 1000000, prefix_host_cache_bytes = 0})
+out.pending_short = affinity.mark(plan(other(99)), by["b:1"]) == nil
+configure({prefix_max_wait = "0", prefix_prefill_rate = 2000, prefix_host_cache_bytes = 0})
+out.pending_off = affinity.mark(plan(other(98)), by["b:1"]) == nil
+ngx.shared.herd_affinity:flush_all()
+ngx.shared.herd_gateway:flush_all()
+
 configure({affinity = true})
 out.mode_true = settings.cfg.affinity
 configure({affinity = false})
@@ -279,3 +316,18 @@ def test_prefix_hit_histogram(lua):
     assert hist["count"] == 3 and hist["sum"] == 70900
     assert hist["buckets"]["0"] == 1 and hist["buckets"]["1024"] == 2 and hist["buckets"]["65536"] == 2
     assert hist["buckets"]["262144"] == 3 and hist["buckets"]["+Inf"] == 3
+
+
+def test_a_burst_of_new_sessions_waits_for_the_first_ones_prefill(lua):
+    """Pending marks (issue 31): the first request of an agent marks the blocks it evaluates; the next new session of
+    that agent plans a wait for it (as long as its prefill would save, at most gateway_prefix_max_wait), one waiter
+    at most, until the first one's log phase settles the mark; then its plan prefers where the prefix now is."""
+    assert lua["pending_first"] is True and lua["pending_marked"] is True
+    # the shared system prompt and tools (about 1000 bytes) at 2000 bytes/s: about half a second, under the 3 s cap
+    assert lua["pending_same_id"] is True and 0.45 <= lua["pending_wait"] <= 0.6, lua["pending_wait"]
+    assert lua["pending_unpinned"] is True and lua["pending_pinned"] is True  # a pinned session never waits
+    assert lua["pending_claimed"] is True
+    assert lua["await_waited"] is True and 0.15 <= lua["await_took"] < 0.45, lua["await_took"]
+    assert [entry.split("=")[0] for entry in lua["await_prefers"]] == ["b:0"]
+    assert lua["await_second"] is False and lua["pending_settled"] is True
+    assert lua["pending_short"] is True and lua["pending_off"] is True

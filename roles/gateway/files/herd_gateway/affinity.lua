@@ -4,8 +4,9 @@
 -- Owns: MEMBERS, session_header, key (the conversation key), chain (the request's prefix cut into blocks, each
 -- block's hash chained to the one before), plan (what a request prefers: the session's instance, then the
 -- instances that served the longest part of its chain), record (remember where a request went), lookup and
--- remember (one key). The map lives in its own dict so that its least-recently-used eviction never touches the
--- slots. The load bound (a free slot, gateway_prefix_max_imbalance) is slots.acquire's.
+-- remember (one key), mark, settle and await (a burst of new sessions of one agent: one of them waits for the
+-- first one's prefill to end where it runs instead of evaluating the same prefix elsewhere). The map lives in its
+-- own dict so that its least-recently-used eviction never touches the slots. The load bound (a free slot, gateway_prefix_max_imbalance) is slots.acquire's.
 -- Modes (gateway_affinity): "prefix" (default) walks the chain; "conversation" makes the chain one block, the
 -- conversation key (model + the first messages), which is how herd routed before prefix routing; a session
 -- identifier pins its conversation in both.
@@ -13,9 +14,13 @@
 --   s:<md5>   read, written: the instance of the conversation named by the session header
 --   p:<md5>   read, written: the instance of the conversation with this model and prompt prefix
 --   h:<hash>  read, written: the instances that served a chain ending in this block, most recent first
+--   f:<hash>  read, written: the pending mark of a request in flight evaluating this block (its id)
+--   fa:<id>   read, written, deleted: mark <id>'s request is in flight (its instance's key)
+--   fc:<id>   read, written: a request waits for mark <id>'s request (one at most)
 -- Shared-dict keys (herd_gateway):
 --   g:<key>   read, written: the sequence number of the last request sent to instance <key> with a chain
 --   gb:<key>  read, written: the prompt bytes of the requests sent to instance <key> with a chain
+--   fid       read, written: the last pending mark's id
 local counters = require("herd_gateway.counters")
 local endpoints = require("herd_gateway.endpoints")
 local keys = require("herd_gateway.keys")
@@ -315,16 +320,25 @@ local function served(d, hash, now)
     return list
 end
 
--- What the request prefers, from its session identifier and its chain: { session = key, chain, bytes, preferred
--- = { {server, pin, bytes}, ... } } (the session's instance pinned; then the instances that hold the longest cached
--- part of the chain, then those of a shorter part; slots.acquire tries them longest first, the least loaded first
--- among equals), or nil when the request has neither.
+-- A request's pending marks: the blocks of its chain past what was cached where it went, while the instance
+-- evaluates them (from its admission to the end of its answer: llama-server reuses a prompt only from an idle slot
+-- or its host cache, so not while the answer streams), and only when they are worth a wait (PENDING_MIN seconds of
+-- prefill at gateway_prefix_prefill_rate).
+local PENDING_MIN = 0.25
+
+-- Fill plan.preferred (the session's instance pinned; then the instances that hold the longest cached part of the
+-- chain, then those of a shorter part; slots.acquire tries them longest first, the least loaded first among
+-- equals), plan.cached (the depth of the longest cached part) and plan.pending (below) from the plan's session
+-- and chain.
 -- The longest cached part is found by bisection over the chain (a chain is recorded whole, so its cached blocks
 -- are a prefix of it), then the deepest block naming other instances by a second one: O(log n) dict reads.
-function _M.plan(model, path, doc, session, tenant)
+-- plan.pending: { id, wait } when a request now in flight is evaluating a longer part of this chain than any
+-- instance holds, or the part cached only where it answers (an agent's new sessions in a burst: the first one's
+-- answer is not over), that part is worth PENDING_MIN or more, and nobody waits for it yet (await).
+local function fill(plan)
     local cfg = settings.cfg
     local by_key = cfg.by_key
-    local plan = { preferred = {} }
+    plan.preferred, plan.pending = {}, nil
     local seen = {}
     local now = {}
     local function prefer(key, pin, bytes)
@@ -334,24 +348,13 @@ function _M.plan(model, path, doc, session, tenant)
             plan.preferred[#plan.preferred + 1] = { server = server, pin = pin, bytes = bytes }
         end
     end
-    plan.session = _M.key(model, path, doc, session, tenant, true)
     if plan.session then
         prefer(keys.affinity():get(plan.session), true, 0)
     end
-    local hashes, bytes
-    if cfg.affinity == "conversation" then
-        local key = not plan.session and _M.key(model, path, doc, nil, tenant)
-        if key then
-            hashes, bytes = { key }, { 0 }
-        end
-    else
-        hashes, bytes = _M.chain(model, path, doc, tenant)
-    end
+    local hashes, bytes = plan.chain, plan.bytes
     if not hashes then
-        return plan.session and plan or nil
+        return
     end
-    -- The prompt bytes of each block (prefix mode only: the conversation key is no prefix of known length).
-    plan.chain, plan.bytes = hashes, cfg.affinity == "prefix" and bytes or nil
     local d = keys.affinity()
     local function held(depth, another)
         for _, entry in ipairs(served(d, hashes[depth], now) or {}) do
@@ -361,11 +364,10 @@ function _M.plan(model, path, doc, session, tenant)
         end
         return false
     end
-    local function deepest(hi, another)
-        local lo = 0
+    local function deepest(lo, hi, test)
         while lo < hi do
             local mid = math.floor((lo + hi + 1) / 2)
-            if held(mid, another) then
+            if test(mid) then
                 lo = mid
             else
                 hi = mid - 1
@@ -373,22 +375,137 @@ function _M.plan(model, path, doc, session, tenant)
         end
         return lo
     end
-    local depth = deepest(#hashes, false)
+    local depth = deepest(0, #hashes, function(mid) return held(mid, false) end)
     plan.cached = depth
-    if depth == 0 then
-        return plan
-    end
-    for _, entry in ipairs(served(d, hashes[depth], now) or {}) do
-        prefer(entry[1], false, bytes[depth])
-    end
-    -- The runners-up: the deepest block held by another instance (a second bisection).
-    depth = deepest(depth - 1, true)
-    if depth > 0 then
-        for _, entry in ipairs(served(d, hashes[depth], now) or {}) do
-            prefer(entry[1], false, bytes[depth])
+    if bytes and #plan.preferred == 0 and (cfg.prefix_max_wait or 0) > 0 then
+        -- The marks of one request are contiguous past what was cached for it: a second bisection past ours.
+        local function pending(mid)
+            local id = d:get("f:" .. hashes[mid])
+            return id and d:get("fa:" .. id) and id
+        end
+        local deep = deepest(depth, #hashes, pending)
+        local id, from = deep > 0 and pending(deep), depth
+        if id and deep == depth then
+            -- Its record is the only one of the cached part (written at its first byte) and it still answers:
+            -- another slot of that instance would evaluate the prefix again, as any other instance would.
+            local where = d:get("fa:" .. id)
+            for _, entry in ipairs(served(d, hashes[depth], now) or {}) do
+                if entry[1] ~= where then
+                    id = nil
+                end
+            end
+            from = 0
+        end
+        local wait = id and math.min(cfg.prefix_max_wait, (bytes[deep] - (bytes[from] or 0)) / cfg.prefix_prefill_rate)
+        if id and wait >= PENDING_MIN and not d:get("fc:" .. id) then
+            plan.pending = { id = id, wait = wait }
         end
     end
+    if depth == 0 then
+        return
+    end
+    for _, entry in ipairs(served(d, hashes[depth], now) or {}) do
+        prefer(entry[1], false, bytes and bytes[depth] or 0)
+    end
+    -- The runners-up: the deepest block held by another instance (a second bisection).
+    depth = deepest(0, depth - 1, function(mid) return held(mid, true) end)
+    if depth > 0 then
+        for _, entry in ipairs(served(d, hashes[depth], now) or {}) do
+            prefer(entry[1], false, bytes and bytes[depth] or 0)
+        end
+    end
+end
+
+-- What the request prefers, from its session identifier and its chain: { session = key, chain, bytes, cached,
+-- preferred = { {server, pin, bytes}, ... }, pending } (fill, above), or nil when the request has neither.
+function _M.plan(model, path, doc, session, tenant)
+    local cfg = settings.cfg
+    local plan = { preferred = {} }
+    plan.session = _M.key(model, path, doc, session, tenant, true)
+    local hashes, bytes
+    if cfg.affinity == "conversation" then
+        local key = not plan.session and _M.key(model, path, doc, nil, tenant)
+        if key then
+            hashes, bytes = { key }, { 0 }
+        end
+    else
+        hashes, bytes = _M.chain(model, path, doc, tenant)
+    end
+    if not hashes and not plan.session then
+        return nil
+    end
+    -- The prompt bytes of each block (prefix mode only: the conversation key is no prefix of known length).
+    plan.chain, plan.bytes = hashes, hashes and cfg.affinity == "prefix" and bytes or nil
+    fill(plan)
     return plan
+end
+
+-- Wait for the request the plan's pending names (one waiter each: the slot that request frees holds the prompt)
+-- to finish, at most plan.pending.wait seconds (what its prefill would save this one), then plan again. Returns
+-- whether it waited. The request waits before it takes a ticket in its queue: it holds nobody up.
+function _M.await(plan)
+    local pending = plan.pending
+    plan.pending = nil
+    if not pending then
+        return false
+    end
+    local d = keys.affinity()
+    if not d:safe_add("fc:" .. pending.id, 1, settings.cfg.affinity_ttl) then
+        return false  -- another request waits for it (or the dict is full: no wait)
+    end
+    ngx.update_time()
+    local deadline = ngx.now() + pending.wait
+    while d:get("fa:" .. pending.id) do
+        ngx.update_time()
+        local left = deadline - ngx.now()
+        if left <= 0 then
+            break
+        end
+        ngx.sleep(math.min(0.01, left))
+    end
+    fill(plan)
+    plan.pending = nil
+    return true
+end
+
+-- The request was admitted to `server`: mark the blocks of its chain past what was cached for it as pending
+-- there (fill), when they are worth a wait; the mark stays until settle (its log phase). Returns the mark's id.
+function _M.mark(plan, server)
+    local cfg = settings.cfg
+    local bytes = plan.bytes
+    if not bytes or (cfg.prefix_max_wait or 0) <= 0 then
+        return nil
+    end
+    local matched, from = _M.matched(plan, server), 0
+    for depth = math.min(plan.cached or 0, #bytes), 1, -1 do
+        if bytes[depth] == matched then
+            from = depth
+            break
+        end
+    end
+    if (bytes[#bytes] - (bytes[from] or 0)) / cfg.prefix_prefill_rate < PENDING_MIN then
+        return nil
+    end
+    local id = counters.incr("fid", 1)
+    if not id then
+        return nil
+    end
+    local d = keys.affinity()
+    local ttl = cfg.affinity_ttl
+    if not d:safe_set("fa:" .. id, server.key, ttl) then
+        return nil
+    end
+    for depth = from + 1, #plan.chain do
+        d:safe_set("f:" .. plan.chain[depth], id, ttl)
+    end
+    return id
+end
+
+-- Log phase of a marked request: its answer is over, its prompt is cached where it went.
+function _M.settle(id)
+    if id then
+        keys.affinity():delete("fa:" .. id)
+    end
 end
 
 -- Remember where a request went: its session's instance, and the instance, with the request's number in its

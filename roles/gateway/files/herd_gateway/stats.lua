@@ -5,7 +5,8 @@
 -- Every write never evicts (counters.incr): a counter that finds the dict full is not counted.
 -- Shared-dict keys (herd_gateway):
 --   s:<pool>:<stat>   read, written: admitted, rejected_full, rejected_timeout, abandoned, affinity_hits,
---                     affinity_misses, affinity_new; the wait histogram b<n> (per bucket), count, sum_us;
+--                     affinity_misses, affinity_new, prefix_waits; the wait histogram b<n> (per bucket), count,
+--                     sum_us;
 --                     wait_avg_us (moving average of the last waits, safe_set: lossy between workers, never evicts);
 --                     the prefix-hit histogram p<n> (per bucket), pcount, psum (prompt bytes found cached)
 local counters = require("herd_gateway.counters")

@@ -130,6 +130,7 @@ function _M.pools_status()
             affinity_hits = get("affinity_hits"),
             affinity_misses = get("affinity_misses"),
             affinity_new = get("affinity_new"),
+            prefix_waits = cfg.affinity == "prefix" and get("prefix_waits") or nil,
             prefix_hit_bytes = cfg.affinity == "prefix" and stats.prefix_bytes(name) or nil,
             wait_seconds = stats.wait_seconds(name),
             retry_after = stats.retry_after(name),
