@@ -314,9 +314,11 @@ end
 -- body_filter_by_lua of the proxied locations: every chunk an instance sends is progress of that instance, and
 -- is read by its token meter on its way (never held back). The first byte of a 200 records where the request's
 -- prompt now is (cache affinity): only then has the instance evaluated it (an answer's first byte follows its
--- prefill); a request sent there while it is still evaluating would evaluate it again in another slot. Of a burst
--- of one agent's new sessions, one waits for the first one's answer to end (affinity.await: the slot it frees holds
--- the prefix), the others spread. An instance that fails records nothing.
+-- prefill); a request sent there while it is still evaluating would evaluate it again in another slot. A request
+-- that evaluates a long prefix cold (affinity.mark) records at the end of its answer instead (log): until then
+-- only its busy slot holds the prefix (llama-server reuses a prompt from an idle slot or its host cache), and of a
+-- burst of one agent's new sessions one waits for that end (affinity.await), the others spread. An instance that
+-- fails records nothing.
 function _M.body_filter()
     local key = ngx.var.herd_slot
     if key ~= nil and key ~= "" then
@@ -326,7 +328,11 @@ function _M.body_filter()
             slots.progress(key)
             if ctx.herd_affinity and not ctx.herd_recorded and ngx.status == 200 and ctx.herd_server then
                 ctx.herd_recorded = true
-                affinity.record(ctx.herd_affinity, ctx.herd_server)
+                if ctx.herd_pending then
+                    ctx.herd_record_at_end = true  -- a long prefix evaluated cold: recorded when its answer ends
+                else
+                    affinity.record(ctx.herd_affinity, ctx.herd_server)
+                end
             end
         end
         usage.chunk(ctx, data, ngx.arg[2])
@@ -343,6 +349,10 @@ function _M.log()
         slots.give_back(key)
     end
     queue.done(ctx)
+    if ctx.herd_record_at_end then
+        ctx.herd_record_at_end = nil
+        affinity.record(ctx.herd_affinity, ctx.herd_server)
+    end
     affinity.settle(ctx.herd_pending)
     -- The answer's tokens (the access log's fields), counted against its API key's window.
     local tokens = usage.finish(ctx, ngx.req.start_time())

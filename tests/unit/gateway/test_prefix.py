@@ -182,8 +182,8 @@ ngx.shared.herd_affinity:set("fc:" .. id, 1)                      -- another req
 out.pending_claimed = plan(doc_new).pending == nil
 ngx.shared.herd_affinity:delete("fc:" .. id)
 -- await: claims, waits until the marked request settles (here after 0.2 s) or its bound, then plans again
-affinity.record(first, by["b:0"])                                   -- its first byte came back
-ngx.timer.at(0.2, function() affinity.settle(id) end)
+-- (a marked request records where its chain is at the end of its answer, then settles: herd_gateway.log)
+ngx.timer.at(0.2, function() affinity.record(first, by["b:0"]); affinity.settle(id) end)
 local waiter = plan(doc_new)
 local t0 = ngx.now()
 out.await_waited = affinity.await(waiter)
@@ -320,10 +320,10 @@ def test_prefix_hit_histogram(lua):
 
 def test_a_burst_of_new_sessions_waits_for_the_first_ones_prefill(lua):
     """Pending marks (issue 31): the first request of an agent marks the blocks it evaluates; the next new session of
-    that agent plans a wait for it (as long as its prefill would save, at most gateway_prefix_max_wait), one waiter
-    at most, until the first one's log phase settles the mark; then its plan prefers where the prefix now is."""
+    that agent plans a wait for it (as long as its prefill would save), one waiter at most, until the first one's
+    log phase records where its chain is and settles the mark; then its plan prefers that instance."""
     assert lua["pending_first"] is True and lua["pending_marked"] is True
-    # the shared system prompt and tools (about 1000 bytes) at 2000 bytes/s: about half a second, under the 3 s cap
+    # the shared system prompt and tools (about 1000 bytes) at 2000 bytes/s: about half a second
     assert lua["pending_same_id"] is True and 0.45 <= lua["pending_wait"] <= 0.6, lua["pending_wait"]
     assert lua["pending_unpinned"] is True and lua["pending_pinned"] is True  # a pinned session never waits
     assert lua["pending_claimed"] is True

@@ -323,8 +323,11 @@ end
 -- A request's pending marks: the blocks of its chain past what was cached where it went, while the instance
 -- evaluates them (from its admission to the end of its answer: llama-server reuses a prompt only from an idle slot
 -- or its host cache, so not while the answer streams), and only when they are worth a wait (PENDING_MIN seconds of
--- prefill at gateway_prefix_prefill_rate).
+-- prefill at gateway_prefix_prefill_rate). A marked request records where its chain is at the end of its answer,
+-- not at its first byte (herd_gateway.log): until then another slot of its instance would evaluate it again.
 local PENDING_MIN = 0.25
+-- How long a pending mark lasts at most (an answer that streams longer is no longer waited for).
+local PENDING_TTL = 60
 
 -- Fill plan.preferred (the session's instance pinned; then the instances that hold the longest cached part of the
 -- chain, then those of a shorter part; slots.acquire tries them longest first, the least loaded first among
@@ -333,8 +336,10 @@ local PENDING_MIN = 0.25
 -- The longest cached part is found by bisection over the chain (a chain is recorded whole, so its cached blocks
 -- are a prefix of it), then the deepest block naming other instances by a second one: O(log n) dict reads.
 -- plan.pending: { id, wait } when a request now in flight is evaluating a longer part of this chain than any
--- instance holds, or the part cached only where it answers (an agent's new sessions in a burst: the first one's
--- answer is not over), that part is worth PENDING_MIN or more, and nobody waits for it yet (await).
+-- instance holds (an agent's new sessions in a burst: the first one's answer is not over), that part is worth
+-- PENDING_MIN or more, and nobody waits for it yet (await). The wait is at most what that part saves: its bytes
+-- over gateway_prefix_prefill_rate (no other cap: the waiter holds no one up; gateway_prefix_max_wait 0 turns it
+-- off).
 local function fill(plan)
     local cfg = settings.cfg
     local by_key = cfg.by_key
@@ -384,19 +389,8 @@ local function fill(plan)
             return id and d:get("fa:" .. id) and id
         end
         local deep = deepest(depth, #hashes, pending)
-        local id, from = deep > 0 and pending(deep), depth
-        if id and deep == depth then
-            -- Its record is the only one of the cached part (written at its first byte) and it still answers:
-            -- another slot of that instance would evaluate the prefix again, as any other instance would.
-            local where = d:get("fa:" .. id)
-            for _, entry in ipairs(served(d, hashes[depth], now) or {}) do
-                if entry[1] ~= where then
-                    id = nil
-                end
-            end
-            from = 0
-        end
-        local wait = id and math.min(cfg.prefix_max_wait, (bytes[deep] - (bytes[from] or 0)) / cfg.prefix_prefill_rate)
+        local id = deep > depth and pending(deep)
+        local wait = id and (bytes[deep] - (bytes[depth] or 0)) / cfg.prefix_prefill_rate
         if id and wait >= PENDING_MIN and not d:get("fc:" .. id) then
             plan.pending = { id = id, wait = wait }
         end
@@ -450,7 +444,7 @@ function _M.await(plan)
         return false
     end
     local d = keys.affinity()
-    if not d:safe_add("fc:" .. pending.id, 1, settings.cfg.affinity_ttl) then
+    if not d:safe_add("fc:" .. pending.id, 1, PENDING_TTL) then
         return false  -- another request waits for it (or the dict is full: no wait)
     end
     ngx.update_time()
@@ -491,7 +485,7 @@ function _M.mark(plan, server)
         return nil
     end
     local d = keys.affinity()
-    local ttl = cfg.affinity_ttl
+    local ttl = PENDING_TTL
     if not d:safe_set("fa:" .. id, server.key, ttl) then
         return nil
     end
