@@ -174,6 +174,10 @@ def parse_pools(text):
         pool["prefix"] = None
         if raw.get("prefix_hit_bytes") is not None:
             pool["prefix"] = _histogram(raw["prefix_hit_bytes"], f"pool {name}: prefix_hit_bytes")
+        # Waits for a prefix another request was evaluating (gateways since pending marks; prefix mode only).
+        pool["prefix_waits"] = None
+        if raw.get("prefix_waits") is not None:
+            pool["prefix_waits"] = _count(raw["prefix_waits"], f"pool {name}: prefix_waits")
         instances = []
         for inst in raw.get("instances") or []:
             if not isinstance(inst, dict) or not inst.get("key"):
@@ -905,6 +909,12 @@ class Exporter:
             "Prompt bytes of a request that the instance it was sent to had served before (its prompt cache; 0: a "
             "miss), per request with cache affinity",
         )
+        waits = fam(
+            "herd_gateway_pool_prefix_waits_total",
+            "counter",
+            "Requests of the pool that waited for another request evaluating their prompt's prefix cold to end, "
+            "to take the slot that then holds it (a burst of one agent's new sessions)",
+        )
         for pool in pools:
             labels = {"host": host, "pool": pool["name"]}
             depth.add(labels, pool["queued"])
@@ -924,6 +934,8 @@ class Exporter:
                 down.add(ilabels, 1 if inst["down"] else 0)
             for result, value in (pool["affinity"] or {}).items():
                 affinity.add({**labels, "result": result}, value)
+            if pool["prefix_waits"] is not None:
+                waits.add(labels, pool["prefix_waits"])
             if pool["prefix"] is not None:
                 for bound, value in pool["prefix"]["buckets"]:
                     prefix.add({**labels, "le": format_value(bound)}, value, "_bucket")

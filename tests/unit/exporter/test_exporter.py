@@ -263,6 +263,9 @@ def test_pool_queue_metrics_from_the_gateways_pools_json(ex, tmp_path):
     assert v(fams, "herd_gateway_pool_affinity_total", result="miss", **pool) == 7
     assert v(fams, "herd_gateway_pool_affinity_total", result="new", **pool) == 23
     assert {lab["pool"] for _n, lab, _v in fams["herd_gateway_pool_affinity_total"]["samples"]} == {"qwen2.5:7b"}
+    # waits for a prefix being evaluated (prefix mode only: absent from the other pool)
+    assert v(fams, "herd_gateway_pool_prefix_waits_total", **pool) == 5
+    assert {lab["pool"] for _n, lab, _v in fams["herd_gateway_pool_prefix_waits_total"]["samples"]} == {"qwen2.5:7b"}
     # prefix routing: the prompt bytes each request found cached, as a histogram (bounds in bytes)
     assert v(fams, "herd_gateway_pool_prefix_hit_bytes_bucket", le="0", **pool) == 30
     assert v(fams, "herd_gateway_pool_prefix_hit_bytes_bucket", le="16384", **pool) == 70
