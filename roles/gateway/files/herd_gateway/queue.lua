@@ -139,8 +139,8 @@ function _M.admit(pool, affinity, tenant)
     tenant = cfg.fair_share and tenant or ""
     local d, m = dict(), markers()
     local fifo = pool .. "|" .. tenant
-    -- A burst of one agent's new sessions: one waits for the first one's prefill (affinity.await), before it takes
-    -- a ticket, so it holds no one up; then its plan is made again.
+    -- A burst of one agent's new sessions: one waits for the first one's answer to end (affinity.await), before it
+    -- takes a ticket, so it holds no one up; then its plan is made again.
     if affinity and affinity.pending and affinities.await(affinity) then
         stats.count(pool, "prefix_waits")
     end
@@ -242,7 +242,8 @@ function _M.admit(pool, affinity, tenant)
                 or (matched > 0 or server == preferred[1].server) and "affinity_hits" or "affinity_misses")
             stats.observe_prefix(pool, affinity.bytes and matched or nil)
             ctx.herd_pending = affinities.mark(affinity, server)
-            -- recorded when the instance's first byte comes back (herd_gateway.body_filter), not now
+            -- recorded when the instance's first byte comes back (herd_gateway.body_filter; a marked request when its
+            -- answer ends, herd_gateway.log), not now
         end
         return server
     end
