@@ -3,7 +3,7 @@ each module's header names the keys it uses.
 
 The scanner reads the Lua sources (comments and strings lexed, not grepped): a key is a concatenation that
 starts with a key-prefix literal (`"q:" .. pool .. ":h"`, shape `q:<>:h`) or a literal first argument of a dict
-method (`d:get("x")`). Keys are built that way in every module (a key whose first part is a variable would not be
+method (`d:get("x")`) or of counters' (`counters.incr("x:id", 1)`). Keys are built that way in every module (a key whose first part is a variable would not be
 seen: don't). On the code before the split, against the key list its header held, it finds r:<pool>,
 q:<pool>:l:<n>, q:<pool>:a:<n> and the affinity keys' s: and p: prefixes undocumented.
 """
@@ -132,7 +132,8 @@ def key_shapes(text):
                 parts.append(toks[j + 1][1] if end == j + 2 and toks[j + 1][0] == "str" else VAR)
                 j = end
             shapes.add("".join(parts))
-        elif (kind == "op" and value == ":" and i + 3 < len(toks) and toks[i + 1][1] in DICT_METHODS
+        elif (kind == "op" and (value == ":" or (value == "." and i > 0 and toks[i - 1] == ("name", "counters")))
+              and i + 4 < len(toks) and toks[i + 1][1] in DICT_METHODS
               and toks[i + 2] == ("op", "(") and toks[i + 3][0] == "str" and toks[i + 4][1] in (",", ")")):
             shapes.add(toks[i + 3][1])
     return shapes

@@ -178,9 +178,9 @@ out.pending_same_id = second.pending ~= nil and second.pending.id == id
 out.pending_unpinned = plan(doc_new, "sess-pending").pending ~= nil  -- a session with no instance yet: may wait
 affinity.record(plan(other(97), "sess-pending"), by["b:2"])          -- the session's instance: b:2
 out.pending_pinned = plan(doc_new, "sess-pending").pending == nil    -- pinned: its pin decides, no wait
-ngx.shared.herd_affinity:set("fc:" .. id, 1)                      -- another request waits for it already
+ngx.shared.herd_affinity:set("xw:" .. id, 1)                      -- another request waits for it already
 out.pending_claimed = plan(doc_new).pending == nil
-ngx.shared.herd_affinity:delete("fc:" .. id)
+ngx.shared.herd_affinity:delete("xw:" .. id)
 -- await: claims, waits until the marked request settles (here after 0.2 s) or its bound, then plans again
 -- (a marked request records where its chain is at the end of its answer, then settles: herd_gateway.log)
 ngx.timer.at(0.2, function() affinity.record(first, by["b:0"]); affinity.settle(id) end)

@@ -14,13 +14,13 @@
 --   s:<md5>   read, written: the instance of the conversation named by the session header
 --   p:<md5>   read, written: the instance of the conversation with this model and prompt prefix
 --   h:<hash>  read, written: the instances that served a chain ending in this block, most recent first
---   f:<hash>  read, written: the pending mark of a request in flight evaluating this block (its id)
---   fa:<id>   read, written, deleted: mark <id>'s request is in flight (its instance's key)
---   fc:<id>   read, written: a request waits for mark <id>'s request (one at most)
+--   x:<hash>  read, written: the pending mark of a request in flight evaluating this block (its id)
+--   xa:<id>   read, written, deleted: mark <id>'s request is in flight (its instance's key)
+--   xw:<id>   read, written: a request waits for mark <id>'s request (one at most)
 -- Shared-dict keys (herd_gateway):
 --   g:<key>   read, written: the sequence number of the last request sent to instance <key> with a chain
 --   gb:<key>  read, written: the prompt bytes of the requests sent to instance <key> with a chain
---   fid       read, written: the last pending mark's id
+--   x:id      read, written: the last pending mark's id (counters.incr)
 local counters = require("herd_gateway.counters")
 local endpoints = require("herd_gateway.endpoints")
 local keys = require("herd_gateway.keys")
@@ -385,13 +385,13 @@ local function fill(plan)
     if bytes and #plan.preferred == 0 and (cfg.prefix_max_wait or 0) > 0 then
         -- The marks of one request are contiguous past what was cached for it: a second bisection past ours.
         local function pending(mid)
-            local id = d:get("f:" .. hashes[mid])
-            return id and d:get("fa:" .. id) and id
+            local id = d:get("x:" .. hashes[mid])
+            return id and d:get("xa:" .. id) and id
         end
         local deep = deepest(depth, #hashes, pending)
         local id = deep > depth and pending(deep)
         local wait = id and (bytes[deep] - (bytes[depth] or 0)) / cfg.prefix_prefill_rate
-        if id and wait >= PENDING_MIN and not d:get("fc:" .. id) then
+        if id and wait >= PENDING_MIN and not d:get("xw:" .. id) then
             plan.pending = { id = id, wait = wait }
         end
     end
@@ -444,12 +444,12 @@ function _M.await(plan)
         return false
     end
     local d = keys.affinity()
-    if not d:safe_add("fc:" .. pending.id, 1, PENDING_TTL) then
+    if not d:safe_add("xw:" .. pending.id, 1, PENDING_TTL) then
         return false  -- another request waits for it (or the dict is full: no wait)
     end
     ngx.update_time()
     local deadline = ngx.now() + pending.wait
-    while d:get("fa:" .. pending.id) do
+    while d:get("xa:" .. pending.id) do
         ngx.update_time()
         local left = deadline - ngx.now()
         if left <= 0 then
@@ -480,17 +480,17 @@ function _M.mark(plan, server)
     if (bytes[#bytes] - (bytes[from] or 0)) / cfg.prefix_prefill_rate < PENDING_MIN then
         return nil
     end
-    local id = counters.incr("fid", 1)
+    local id = counters.incr("x:id", 1)
     if not id then
         return nil
     end
     local d = keys.affinity()
     local ttl = PENDING_TTL
-    if not d:safe_set("fa:" .. id, server.key, ttl) then
+    if not d:safe_set("xa:" .. id, server.key, ttl) then
         return nil
     end
     for depth = from + 1, #plan.chain do
-        d:safe_set("f:" .. plan.chain[depth], id, ttl)
+        d:safe_set("x:" .. plan.chain[depth], id, ttl)
     end
     return id
 end
@@ -498,7 +498,7 @@ end
 -- Log phase of a marked request: its answer is over, its prompt is cached where it went.
 function _M.settle(id)
     if id then
-        keys.affinity():delete("fa:" .. id)
+        keys.affinity():delete("xa:" .. id)
     end
 end
 

@@ -78,6 +78,15 @@ _M.KEYS = {
     { dict = "herd_gateway", key = "gb:<key>", owner = "affinity",
       meaning = "prompt bytes of the requests with a prompt chain sent to instance <key> (its host-memory cache "
           .. "holds about the last prefix_host_cache_bytes: prefix routing's freshness)" },
+    { dict = "herd_gateway", key = "x:id", owner = "affinity",
+      meaning = "id of the last pending mark (affinity.mark; counters.incr)" },
+    { dict = "herd_affinity", key = "x:<hash>", owner = "affinity",
+      meaning = "id of the pending mark of a request in flight that evaluates a long prefix cold ending in this "
+          .. "block (60 s at most)" },
+    { dict = "herd_affinity", key = "xa:<id>", owner = "affinity",
+      meaning = "pending mark <id>'s request is in flight: its instance key (deleted when it ends; 60 s at most)" },
+    { dict = "herd_affinity", key = "xw:<id>", owner = "affinity",
+      meaning = "one request waits for pending mark <id>'s request (affinity.await; 60 s)" },
     { dict = "herd_affinity", key = "s:<md5>", owner = "affinity",
       meaning = "instance key that served the conversation named by the session header last (affinity_ttl)" },
     { dict = "herd_affinity", key = "p:<md5>", owner = "affinity",
