@@ -3,8 +3,8 @@ each module's header names the keys it uses.
 
 The scanner reads the Lua sources (comments and strings lexed, not grepped): a key is a concatenation that
 starts with a key-prefix literal (`"q:" .. pool .. ":h"`, shape `q:<>:h`) or a literal first argument of a dict
-method (`d:get("x")`) or of counters' (`counters.incr("x:id", 1)`). Keys are built that way in every module (a key whose first part is a variable would not be
-seen: don't). On the code before the split, against the key list its header held, it finds r:<pool>,
+method (`d:get("x")`) or of counters' (`counters.incr("x:id", 1)`). Keys are built that way in every module (a
+key whose first part is a variable would not be seen: don't). On the code before the split, against the key list its header held, it finds r:<pool>,
 q:<pool>:l:<n>, q:<pool>:a:<n> and the affinity keys' s: and p: prefixes undocumented.
 """
 

@@ -6,7 +6,8 @@
 -- instances that served the longest part of its chain), record (remember where a request went), lookup and
 -- remember (one key), mark, settle and await (a burst of new sessions of one agent: one of them waits for the
 -- first one's prefill to end where it runs instead of evaluating the same prefix elsewhere). The map lives in its
--- own dict so that its least-recently-used eviction never touches the slots. The load bound (a free slot, gateway_prefix_max_imbalance) is slots.acquire's.
+-- own dict so that its least-recently-used eviction never touches the slots. The load bound (a free slot,
+-- gateway_prefix_max_imbalance) is slots.acquire's.
 -- Modes (gateway_affinity): "prefix" (default) walks the chain; "conversation" makes the chain one block, the
 -- conversation key (model + the first messages), which is how herd routed before prefix routing; a session
 -- identifier pins its conversation in both.
