@@ -35,6 +35,9 @@ Lab-only environment:
                                  (the old rule; unset: the measured batch curve BATCH_STEP_RATIOS, docs/standins.md)
   HERD_EMU_DISK_MB_PER_SECOND    disk read rate (10^6 bytes/s) of a cold load for a model stating no load_seconds
                                  (default 3000: a chosen figure for an NVMe drive, not a measured one)
+  HERD_EMU_HOST_COPY_MB_PER_SECOND  rate (10^6 bytes/s) of llama-server's copies of a slot's KV state to and from its
+                                 host-memory prompt cache (default 12000: a chosen figure for pageable host memory
+                                 over PCIe 4.0 x16, not a measured one)
   HERD_EMU_RESPONSE_TOKENS       answer length when the request sets no num_predict (default 48)
   HERD_EMU_CPU_FACTOR            rate multiplier when no simulated GPU is visible (default 0.15)
   HERD_EMU_ACCESS_LOG            "0" turns off the per-request log line
@@ -113,6 +116,9 @@ PREFILL_PARAMS_TOKENS_PER_SECOND = 7979.85 * 6.74e9
 DEFAULT_PROMPT_TOKENS_PER_SECOND = 1000.0
 # Uncached prompt tokens evaluated per step (Ollama's num_batch default, llama.cpp's n_ubatch default).
 PREFILL_CHUNK = 512
+# llama-server's copies between a slot and its host-memory prompt cache (KV bytes / this rate, in 10^6 bytes/s): a
+# chosen figure for pageable host memory over PCIe 4.0 x16 (31.5 GB/s per direction on the wire), not a measured one.
+DEFAULT_HOST_COPY_MB_PER_SECOND = 12000
 # llama-server's slot and prompt-cache defaults (ggml-org/llama.cpp common/common.h, the llama.cpp Ollama 0.30+
 # builds; Ollama passes neither flag): --slot-prompt-similarity 0.1, --cache-ram 8192 MiB.
 SLOT_PROMPT_SIMILARITY = 0.1
@@ -374,6 +380,8 @@ class Settings:
         self.busy_slowdown = env_float(env, "HERD_EMU_BUSY_SLOWDOWN")
         disk = env_float(env, "HERD_EMU_DISK_MB_PER_SECOND")
         self.disk_mb_per_second = disk if disk and disk > 0 else DEFAULT_DISK_MB_PER_SECOND
+        copy = env_float(env, "HERD_EMU_HOST_COPY_MB_PER_SECOND")
+        self.host_copy_mb_per_second = copy if copy and copy > 0 else DEFAULT_HOST_COPY_MB_PER_SECOND
         self.response_tokens = env_int(env, "HERD_EMU_RESPONSE_TOKENS", 48, minimum=1)
         self.cpu_factor = env_float(env, "HERD_EMU_CPU_FACTOR") or 0.15
         self.access_log = clean_env(env.get("HERD_EMU_ACCESS_LOG")) != "0"
@@ -721,6 +729,8 @@ class Runner:
         self.ram_cache = []
         self.ram_limit = settings.cache_ram_mib * MIB if settings.cache_ram_mib > 0 else settings.cache_ram_mib
         self.kv_bytes_per_token = model.kv_mib_per_1k_ctx * MIB / 1024
+        self.host_copy_rate = settings.host_copy_mb_per_second * 1e6
+        self.copied_tokens = 0  # tokens the last pick copied to and from the host cache
         self.cache_used = [0.0] * self.num_parallel
         self.slot_busy = [False] * self.num_parallel
         self.active = 0
@@ -757,13 +767,19 @@ class Runner:
             return rate
         return rate / step_ratio(self.model.batch_step_ratios, max(1, self.generating))
 
-    async def prefill(self, tokens):
+    async def prefill(self, tokens, copy_seconds=0.0):
         """Evaluate `tokens` uncached prompt tokens in chunks of PREFILL_CHUNK at the model's prompt rate. Chunks
         go through the runner's lane one at a time, in turn (FIFO), so P prefills at once each take about P times
-        as long; while a chunk runs, generating slots' next tokens wait for it (see Server._run_tokens)."""
+        as long; while a chunk runs, generating slots' next tokens wait for it (see Server._run_tokens).
+        `copy_seconds` holds the lane first: llama-server's copies between the slot and its host-memory prompt
+        cache, which its one loop does before the slot's prompt."""
+        loop = asyncio.get_running_loop()
+        if copy_seconds > 0:
+            async with self.prefill_lane:
+                self.chunk_end = loop.time() + copy_seconds
+                await asyncio.sleep(copy_seconds)
         if tokens <= 0:
             return
-        loop = asyncio.get_running_loop()
         rate = self.model.prompt_tokens_per_second
         self.prefilling += 1
         try:
@@ -838,23 +854,30 @@ class Runner:
                 if not self.slot_busy[index] and (best is None or self.cache_used[index] <= self.cache_used[best]):
                     best = index
             update = True
+        # what the host-memory cache copies for this pick: the slot's prompt out, a cached one in (KV state)
+        self.copied_tokens = 0
         if self.prompt_cache and n and update and self.ram_limit != 0:
-            self._ram_save(self.cache_tokens[best])
+            held = self.cache_tokens[best]
+            if self._ram_save(held):
+                self.copied_tokens += prompt_len(held)
             self._ram_load(best, tokens)
+            if self.cache_tokens[best] is not held:
+                self.copied_tokens += prompt_len(self.cache_tokens[best])
             self._ram_update()
         cached = common_prefix(self.cache_tokens[best], tokens) if self.prompt_cache else 0
         return best, min(cached, max(0, n - 1))
 
     def _ram_save(self, held):
         """server_prompt_cache::alloc: nothing when a cached prompt already holds all of `held`; cached prompts
-        that `held` holds whole are dropped; `held` goes in last (the newest)."""
+        that `held` holds whole are dropped; `held` goes in last (the newest). Returns whether it was saved."""
         if not held:
-            return
+            return False
         size = prompt_len(held)
         if any(common_prefix(entry, held) == size for entry in self.ram_cache):
-            return
+            return False
         self.ram_cache = [e for e in self.ram_cache if common_prefix(e, held) != prompt_len(e)]
         self.ram_cache.append(list(held))
+        return True
 
     def _ram_load(self, index, tokens):
         """server_prompt_cache::load: the cached prompt that keeps a larger fraction of itself (at least a quarter)
@@ -894,6 +917,8 @@ class Runner:
             index, cached = self.pick_slot(list(tokens))
             self.slot_busy[index] = True
             use = SlotUse(index, cached, list(tokens))
+            if self.runner == "llama-server" and self.copied_tokens:
+                use.copy_seconds = self.copied_tokens * self.kv_bytes_per_token / self.host_copy_rate
             self.active += 1
             self.peak_active = max(self.peak_active, self.active)
             try:
@@ -912,6 +937,7 @@ class SlotUse:
         self.index = index
         self.cached = cached
         self.keep = tokens
+        self.copy_seconds = 0.0  # llama-server's copies to and from its host-memory cache for this pick
 
 
 class Scheduler:
@@ -2311,12 +2337,12 @@ class Emulator:
             return num_predict, True
         return self.settings.response_tokens, False
 
-    async def _run_tokens(self, runner, prompt_tokens, n_tokens, emit, resp):
+    async def _run_tokens(self, runner, prompt_tokens, n_tokens, emit, resp, copy_seconds=0.0):
         """Simulate prompt eval (Runner.prefill) then n_tokens at the runner's current rate; emit(i, text) per
         token. Returns (prompt seconds, eval seconds) as simulated, for prompt_eval_duration / eval_duration."""
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        await runner.prefill(prompt_tokens)
+        await runner.prefill(prompt_tokens, copy_seconds)
         t1 = loop.time()
         target = t1
         if n_tokens:
@@ -2405,7 +2431,8 @@ class Emulator:
             async with runner.slot(job.tokens) as use:
                 answer.evaluated, answer.n_tokens = answer.prompt_tokens - use.cached, job.n_tokens
                 answer.prompt_s, answer.eval_s = await self._run_tokens(
-                    runner, answer.evaluated, job.n_tokens, emit if job.call is None else _silent, resp)
+                    runner, answer.evaluated, job.n_tokens, emit if job.call is None else _silent, resp,
+                    use.copy_seconds)
                 if job.call is not None:
                     answer.calls = [job.call]
                     out.tool_calls(answer.calls)

@@ -127,6 +127,8 @@ def test_llama_server_picks_by_similarity_and_keeps_prompts_in_host_memory(lab_m
     runner.slot_busy = [True, True, False]
     assert runner.pick_slot(p("zzzz" * 20 + "more")) == (2, 20)
     assert runner.cache_tokens[2] == p("zzzz" * 20) and runner.ram_cache == [p("wwww" * 20)]
+    # that pick copied the slot's prompt out and the cached one in (their KV state: the copy time of the pick)
+    assert runner.copied_tokens == emulator.prompt_len(p("wwww" * 20)) + emulator.prompt_len(p("zzzz" * 20))
     # a prompt already held whole by a cached one is not saved twice; one the new prompt holds whole is dropped
     runner._ram_save(p("wwww" * 5))
     runner._ram_save(p("wwww" * 30))
@@ -153,6 +155,18 @@ def test_llama_server_restores_an_evicted_conversation(start_emulator, lab_model
     chat(emu, other)  # takes the only slot; the conversation goes to host memory
     again = chat(emu, follow)
     assert again["prompt_eval_count"] < 12  # moved back from host memory, not evaluated again
+    # the copies cost time on the prefill lane: the conversation's KV state in (herd-tiny: 32 KiB a token) and the
+    # other prompt's out, at HERD_EMU_HOST_COPY_MB_PER_SECOND
+    kept = emulator.prompt_len(emulator.chat_kept_tokens(emulator.chat_tokens(follow), first["message"]["content"]))
+    fast = again["prompt_eval_duration"] / 1e9
+    assert fast < 0.1
+    slow_emu = start_emulator(**env(lab_models, HERD_EMU_HOST_COPY_MB_PER_SECOND="50"))
+    chat(slow_emu, HISTORY)
+    chat(slow_emu, follow)
+    chat(slow_emu, other)
+    slow = chat(slow_emu, follow)
+    assert slow["prompt_eval_count"] < 12
+    assert slow["prompt_eval_duration"] / 1e9 >= 0.9 * kept * 32 * 1024 / 50e6 > 5 * fast
     emu = start_emulator(**env(lab_models, LLAMA_ARG_CACHE_RAM="0"))
     chat(emu, follow)
     chat(emu, other)
