@@ -917,7 +917,7 @@ class Runner:
             index, cached = self.pick_slot(list(tokens))
             self.slot_busy[index] = True
             use = SlotUse(index, cached, list(tokens))
-            if self.runner == "llama-server" and self.copied_tokens:
+            if self.copied_tokens:  # only llama-server's pick copies
                 use.copy_seconds = self.copied_tokens * self.kv_bytes_per_token / self.host_copy_rate
             self.active += 1
             self.peak_active = max(self.peak_active, self.active)
