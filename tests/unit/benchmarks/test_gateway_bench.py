@@ -147,11 +147,14 @@ def test_short_mode_runs_every_configuration(tmp_path):
         assert run["ok"] == run["requests"] == 8 * 3, (name, run)
         assert all(v["peak"] <= v["max_conns"] for v in run["peak_inflight"].values()), (name, run["peak_inflight"])
         assert run["prompt_tokens_sent"] == fleet["herd"]["prompt_tokens_sent"]
+        # TTFT split by turn: each session's first turn, and the later ones
+        assert run["ttft_first_s"]["count"] == 8 and run["ttft_follow_s"]["count"] == 8 * 2, (name, run)
     (pool,) = json.loads(fleet["herd"]["herd_pools"]["body"])["pools"]
     assert pool["prefix_hit_bytes"]["count"] == 24, pool
     (pool,) = json.loads(fleet["herd-conv"]["herd_pools"]["body"])["pools"]
     assert pool["affinity"] == "conversation" and "prefix_hit_bytes" not in pool
-    assert "## 7. Agent fleet" in text and "issue 31" in text
+    assert "## 7. Agent fleet" in text and "issue 31" in text and "| TTFT p90, later turns |" in text
+    assert "TTFT p90 of the turns after each session's first" in text
     assert "## 4. Multi-turn chat" in text and "issue 20" in text
     # noisy neighbour (issue 30): every request of both keys served in each run; with fair share the quiet key
     # waits for a free slot, not behind the noisy key's queue (plain FIFO: 8 noisy clients on 2 slots, 6 queued)
