@@ -25,6 +25,8 @@ Environment honoured (same meaning as Ollama's):
                             used free slot) instead of findLongestCacheSlot (free slots only)
   LLAMA_ARG_CACHE_RAM       llama-server's --cache-ram in MiB (Ollama 0.30+ passes its environment on to the
                             llama-server it starts): the host-memory prompt cache (default 8192, 0 = off, -1 = no limit)
+  LLAMA_ARG_CACHE_IDLE_SLOTS  llama-server's --cache-idle-slots: when a request takes a slot, every other idle slot's
+                            prompt is saved in the host-memory prompt cache (default on; off/false/0/disabled)
   CUDA_VISIBLE_DEVICES      simulated GPUs owned, by index or GPU-UUID ("-1" or "" = none, CPU)
 Lab-only environment:
   HERD_LAB_GPU_SPEC              GPU spec file (default /etc/herd-lab/gpus.json); missing = CPU only
@@ -124,6 +126,9 @@ DEFAULT_HOST_COPY_MB_PER_SECOND = 12000
 SLOT_PROMPT_SIMILARITY = 0.1
 DEFAULT_CACHE_RAM_MIB = 8192
 RUNNERS = ("llama-server", "llamarunner")
+# how llama.cpp reads a flag from its LLAMA_ARG_* variable
+LLAMA_TRUTHY = ("on", "enabled", "true", "1")
+LLAMA_FALSEY = ("off", "disabled", "false", "0")
 # Disk read rate of a cold load, 10^6 bytes/s (HERD_EMU_DISK_MB_PER_SECOND): chosen as a typical NVMe drive's
 # sequential read, not measured.
 DEFAULT_DISK_MB_PER_SECOND = 3000.0
@@ -395,6 +400,12 @@ class Settings:
         self.runner = runner
         # llama-server reads LLAMA_ARG_CACHE_RAM (MiB; -1 = no limit, 0 = off) from the environment Ollama gives it.
         self.cache_ram_mib = env_int(env, "LLAMA_ARG_CACHE_RAM", DEFAULT_CACHE_RAM_MIB, minimum=-1)
+        # and LLAMA_ARG_CACHE_IDLE_SLOTS (a flag, on by default), in llama.cpp's words for a flag's variable:
+        # on/enabled/true/1 or off/disabled/false/0 (the emulator refuses anything else)
+        idle = clean_env(env.get("LLAMA_ARG_CACHE_IDLE_SLOTS")).lower()
+        if idle and idle not in LLAMA_TRUTHY + LLAMA_FALSEY:
+            raise SystemExit(f"LLAMA_ARG_CACHE_IDLE_SLOTS={idle!r}: use one of {', '.join(LLAMA_TRUTHY + LLAMA_FALSEY)}")
+        self.cache_idle_slots = idle not in LLAMA_FALSEY
         self.extra_ports = parse_ports(clean_env(env.get("HERD_EMU_EXTRA_PORTS")))
 
     @property
@@ -728,6 +739,7 @@ class Runner:
         self.runner = settings.runner
         self.ram_cache = []
         self.ram_limit = settings.cache_ram_mib * MIB if settings.cache_ram_mib > 0 else settings.cache_ram_mib
+        self.cache_idle_slots = getattr(settings, "cache_idle_slots", True)
         self.kv_bytes_per_token = model.kv_mib_per_1k_ctx * MIB / 1024
         self.host_copy_rate = settings.host_copy_mb_per_second * 1e6
         self.copied_tokens = 0  # tokens the last pick copied to and from the host cache
@@ -836,7 +848,8 @@ class Runner:
         the largest fraction of this one (more than SLOT_PROMPT_SIMILARITY), else the least recently used free
         slot. When the slot was taken by age, or keeps less than half of what it holds, its prompt is saved in the
         host-memory cache and the cached prompt that begins this one best is moved into the slot (see
-        _ram_save, _ram_load). Embeddings (no tokens) take a slot without touching the cache."""
+        _ram_save, _ram_load). Then, with --cache-idle-slots, every other idle slot's prompt is saved there too.
+        Embeddings (no tokens) take a slot without touching the cache, but save the idle slots."""
         n = prompt_len(tokens)
         best, best_sim, update = None, 0.0, False
         if self.prompt_cache and n:
@@ -864,6 +877,17 @@ class Runner:
             if self.cache_tokens[best] is not held:
                 self.copied_tokens += prompt_len(self.cache_tokens[best])
             self._ram_update()
+        if self.prompt_cache and self.cache_idle_slots and self.ram_limit != 0:
+            # --cache-idle-slots (on by default): once the request has its slot, llama-server saves the prompt of
+            # every other idle slot in the host-memory cache (process_single_task: prompt_save, then update, per
+            # slot). Without a unified KV cache (Ollama passes -np, so llama-server does not unify it) the slot
+            # keeps its prompt too: the cache holds a copy, so a prompt that the next request takes over without
+            # a save of its own (it keeps half or more) is still there.
+            for index in range(self.num_parallel):
+                held = self.cache_tokens[index]
+                if index != best and not self.slot_busy[index] and held and self._ram_save(held):
+                    self.copied_tokens += prompt_len(held)
+                    self._ram_update()
         cached = common_prefix(self.cache_tokens[best], tokens) if self.prompt_cache else 0
         return best, min(cached, max(0, n - 1))
 
@@ -2913,7 +2937,8 @@ async def serve(settings):
         OLLAMA_MAX_LOADED_MODELS=settings.max_loaded, OLLAMA_KEEP_ALIVE=settings.keep_alive,
         OLLAMA_CONTEXT_LENGTH=settings.context_length, OLLAMA_NOPRUNE=settings.noprune,
         OLLAMA_NO_CLOUD=settings.no_cloud, OLLAMA_MULTIUSER_CACHE=settings.multiuser_cache,
-        HERD_EMU_RUNNER=settings.runner, LLAMA_ARG_CACHE_RAM=settings.cache_ram_mib)
+        HERD_EMU_RUNNER=settings.runner, LLAMA_ARG_CACHE_RAM=settings.cache_ram_mib,
+        LLAMA_ARG_CACHE_IDLE_SLOTS=settings.cache_idle_slots)
     if settings.runner == "llama-server" and settings.multiuser_cache:
         log("WARN", "OLLAMA_MULTIUSER_CACHE has no effect on the llama-server runner (Ollama 0.30+ removed it)")
     if not settings.noprune:

@@ -3,6 +3,7 @@ is taken, only uncached tokens cost prompt-evaluation time and are counted in pr
 
 import json
 
+import pytest
 from standins_lab import GPUS, emulator
 
 L20 = str(GPUS / "l20x4.json")
@@ -93,10 +94,13 @@ def test_multiuser_cache_forks_a_busy_slots_prefix(lab_models):
     assert runner.pick_slot(p("abcdefgh")) == (2, 1)
 
 
-def server_runner(lab_models, slots=3, **extra):
+def server_runner(lab_models, slots=3, idle=False, **extra):
+    """A llama-server runner's slots and host cache; `idle` turns on --cache-idle-slots (llama-server's default,
+    off here so that each test shows one rule)."""
     settings = emulator.Settings({"OLLAMA_NUM_PARALLEL": str(slots), "OLLAMA_MODELS": str(lab_models), **extra})
     runner = emulator.Runner.__new__(emulator.Runner)
     runner.num_parallel, runner.prompt_cache, runner.runner = slots, settings.prompt_cache, settings.runner
+    runner.cache_idle_slots = idle and settings.cache_idle_slots
     runner.ram_cache = []
     runner.ram_limit = settings.cache_ram_mib * emulator.MIB if settings.cache_ram_mib > 0 else settings.cache_ram_mib
     runner.kv_bytes_per_token = 128 * emulator.MIB / 1024
@@ -144,6 +148,50 @@ def test_llama_server_picks_by_similarity_and_keeps_prompts_in_host_memory(lab_m
     assert off.ram_limit == 0 and off.pick_slot(p("wwww" * 20)) == (0, 0) and off.ram_cache == []
     # OLLAMA_MULTIUSER_CACHE means nothing on this runner (Ollama 0.30 removed it)
     assert server_runner(lab_models, OLLAMA_MULTIUSER_CACHE="1").runner == "llama-server"
+
+
+def test_llama_server_saves_idle_slots_when_a_request_takes_a_slot(lab_models):
+    """--cache-idle-slots (on by default; without a unified KV cache, as Ollama runs llama-server, since llama.cpp
+    PR 24190): when a request takes a slot, the prompt of every other idle slot is copied to host memory and stays
+    in its slot too. So a session whose slot a session of the same agent takes over (it keeps half or more: no save
+    of its own) is still in host memory, and its next turn moves it back when its pick goes by age."""
+    t = emulator.TEXT
+
+    def p(text):
+        return [(t, text)]
+
+    agent = "aaaa" * 40
+    x, y, z = p(agent + "xxxx" * 4), p(agent + "yyyy" * 4), p("zzzz" * 20)
+    follow = p(agent + "xxxx" * 4 + "more")
+    found = {}
+    for idle in (True, False):
+        runner = server_runner(lab_models, idle=idle)
+        assert runner.cache_idle_slots is idle
+        runner.cache_tokens = [x, z, []]
+        runner.cache_used = [2.0, 3.0, 0.0]
+        runner.slot_busy = [False, True, False]
+        # an unrelated request takes the empty slot (by age): slot 0 is idle, so its prompt is copied out
+        assert runner.pick_slot(p("vvvv" * 20)) == (2, 0)
+        assert runner.ram_cache == ([x] if idle else [])
+        assert runner.copied_tokens == (emulator.prompt_len(x) if idle else 0)
+        runner.cache_tokens[2], runner.slot_busy = p("vvvv" * 20), [False, False, True]
+        # a session of the same agent takes slot 0 (it keeps 40 of its 44 tokens: no save of its own); slot 1 is
+        # idle now and is saved; saving again what the cache holds whole copies nothing
+        assert runner.pick_slot(y) == (0, 40)
+        assert runner.ram_cache == ([x, z] if idle else [])
+        runner.cache_tokens[0], runner.slot_busy = y, [True, False, True]
+        # the first session's next turn: the only free slot shares nothing, so it goes by age and moves the
+        # session's prompt back from host memory (with the cache only; without it, everything is evaluated again)
+        found[idle] = runner.pick_slot(follow)
+        assert found[idle][0] == 1
+    assert found == {True: (1, emulator.prompt_len(x)), False: (1, 0)}
+    # llama.cpp reads the flag's variable: on/enabled/true/1, off/disabled/false/0; anything else stops it
+    base = {"OLLAMA_MODELS": str(lab_models)}
+    assert emulator.Settings(base).cache_idle_slots
+    assert not emulator.Settings({**base, "LLAMA_ARG_CACHE_IDLE_SLOTS": "off"}).cache_idle_slots
+    assert emulator.Settings({**base, "LLAMA_ARG_CACHE_IDLE_SLOTS": "Enabled"}).cache_idle_slots
+    with pytest.raises(SystemExit, match="LLAMA_ARG_CACHE_IDLE_SLOTS"):
+        emulator.Settings({**base, "LLAMA_ARG_CACHE_IDLE_SLOTS": "sometimes"})
 
 
 def test_llama_server_restores_an_evicted_conversation(start_emulator, lab_models):
