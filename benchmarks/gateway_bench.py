@@ -1075,7 +1075,7 @@ def fleet_goals(tab: dict, mults: list[int], fleet: dict) -> list[tuple[str, str
         rc = ratio(on["output_tokens_per_s"], conv["output_tokens_per_s"]) if conv else None
         out.append(("agent fleet: output throughput >= 1.2x least loaded's",
                     f"{fmt(on['output_tokens_per_s'], 1)} vs {fmt(off['output_tokens_per_s'], 1)} tok/s = "
-                    f"{fmt(r, 2)}x ({fmt(rc, 2)}x conversation affinity's)", r is not None and r >= 1.2))
+                    f"{fmt(r, 3)}x ({fmt(rc, 3)}x conversation affinity's)", r is not None and r >= 1.2))
         runs = [run for run in (on, off, conv) if run]
         over = [f"{k} {v['peak']}/{v['max_conns']}" for run in runs for k, v in run["peak_inflight"].items()
                 if v["peak"] > v["max_conns"]]
@@ -1102,7 +1102,7 @@ def fleet_goals(tab: dict, mults: list[int], fleet: dict) -> list[tuple[str, str
         r = ratio(mon["output_tokens_per_s"], moff["output_tokens_per_s"])
         out.append(("agent fleet, Ollama 0.3.13-0.29 with OLLAMA_MULTIUSER_CACHE=1: output throughput >= 1.2x "
                     "least loaded's",
-                    f"{fmt(mon['output_tokens_per_s'], 1)} vs {fmt(moff['output_tokens_per_s'], 1)} tok/s = {fmt(r, 2)}x",
+                    f"{fmt(mon['output_tokens_per_s'], 1)} vs {fmt(moff['output_tokens_per_s'], 1)} tok/s = {fmt(r, 3)}x",
                     r is not None and r >= 1.2))
         over = [f"{k} {v['peak']}/{v['max_conns']}" for run in (mon, moff) for k, v in run["peak_inflight"].items()
                 if v["peak"] > v["max_conns"]]
