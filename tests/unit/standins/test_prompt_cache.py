@@ -185,7 +185,7 @@ def test_llama_server_saves_idle_slots_when_a_request_takes_a_slot(lab_models):
         found[idle] = runner.pick_slot(follow)
         assert found[idle][0] == 1
     assert found == {True: (1, emulator.prompt_len(x)), False: (1, 0)}
-    # llama.cpp reads the flag's variable: on/enabled/true/1, off/disabled/false/0; anything else stops it
+    # the flag's variable in llama.cpp's words: on/enabled/true/1, off/disabled/false/0; the emulator refuses others
     base = {"OLLAMA_MODELS": str(lab_models)}
     assert emulator.Settings(base).cache_idle_slots
     assert not emulator.Settings({**base, "LLAMA_ARG_CACHE_IDLE_SLOTS": "off"}).cache_idle_slots
