@@ -1088,8 +1088,8 @@ def fleet_goals(tab: dict, mults: list[int], fleet: dict) -> list[tuple[str, str
         r = ratio(on["ttft_follow_s"]["p90"], off["ttft_follow_s"]["p90"])
         out.append(("agent fleet: TTFT p90 of the turns after each session's first, against least loaded's (reported)",
                     f"{fmt(on['ttft_follow_s']['p90'])} s vs {fmt(off['ttft_follow_s']['p90'])} s = {fmt(r, 2)}x; "
-                    f"first turns {fmt((on.get('ttft_first_s') or {}).get('p90'))} s vs "
-                    f"{fmt((off.get('ttft_first_s') or {}).get('p90'))} s", None))
+                    f"first turns {fmt(on['ttft_first_s']['p90'])} s vs "
+                    f"{fmt(off['ttft_first_s']['p90'])} s", None))
         shares = ", ".join(f"{LABELS[n]} {fmt(cache_share(run), 2)}" for n, run in
                            (("herd", on), ("herd-conv", conv), ("herd-noaff", off)) if run)
         out.append(("agent fleet: share of prompt tokens served from cache (reported)", shares, None))
@@ -1160,7 +1160,7 @@ def fleet_report(fleet: dict, a, checks) -> list[str]:
         conns = max((x["max_conns"] for x in v["peak_inflight"].values()), default="-")
         L.append(f"| {LABELS[name]} | {v['ok']}/{v['requests']} | {fmt(v['ttft_s']['p50'])} s | "
                  f"{fmt(v['ttft_s']['p90'])} s | {fmt(v['ttft_s']['p99'])} s | "
-                 f"{fmt((v.get('ttft_first_s') or {}).get('p90'))} s | {fmt(v['ttft_follow_s']['p90'])} s | "
+                 f"{fmt(v['ttft_first_s']['p90'])} s | {fmt(v['ttft_follow_s']['p90'])} s | "
                  f"{fmt(v['output_tokens_per_s'], 1)} | "
                  f"{fmt(100 * (cache_share(v) or 0), 1)}% | {v['same_instance_as_last_turn']}/{v['follow_up_turns']} | "
                  f"{peak} ({conns}) |")

@@ -739,7 +739,7 @@ class Runner:
         self.runner = settings.runner
         self.ram_cache = []
         self.ram_limit = settings.cache_ram_mib * MIB if settings.cache_ram_mib > 0 else settings.cache_ram_mib
-        self.cache_idle_slots = getattr(settings, "cache_idle_slots", True)
+        self.cache_idle_slots = settings.cache_idle_slots
         self.kv_bytes_per_token = model.kv_mib_per_1k_ctx * MIB / 1024
         self.host_copy_rate = settings.host_copy_mb_per_second * 1e6
         self.copied_tokens = 0  # tokens the last pick copied to and from the host cache
