@@ -2446,9 +2446,17 @@ class Emulator:
             if not job.tokens:
                 out.loaded(answer)
                 return
-            out.begin(answer)
+            # Like Ollama's handlers: nothing is written (not even the status line of a stream) until the runner's
+            # first piece, so a dialect's opening events (message_start, response.created) come with the first token.
+            begun = []
+
+            def begin():
+                if not begun:
+                    begun.append(True)
+                    out.begin(answer)
 
             def emit(_i, piece):
+                begin()
                 answer.pieces.append(piece)
                 out.text(piece)
 
@@ -2458,11 +2466,13 @@ class Emulator:
                     runner, answer.evaluated, job.n_tokens, emit if job.call is None else _silent, resp,
                     use.copy_seconds)
                 if job.call is not None:
+                    begin()
                     answer.calls = [job.call]
                     out.tool_calls(answer.calls)
                 if job.chat:
                     use.keep = chat_kept_tokens(job.tokens, answer.message())
             answer.done_reason = "length" if job.limited else "stop"
+            begin()
             out.finish(answer)
         finally:
             self.sched.finished(runner)

@@ -139,7 +139,9 @@ def test_every_endpoint_logs_the_usage_the_instance_reported(stack, gw):
             assert line["tokens_from"] == "reported" and got == (prompt, output), (path, how, line, prompt, output)
             assert prompt > 0 and (output > 0 or "embed" in path), (path, how, raw[:300])
         if how.startswith("stream"):
-            assert float(line["ttft"]) > 0, line
+            # The stack generates 100 tokens/s per slot: the first token (and, as with Ollama, the stream's first
+            # byte) comes at least 10 ms after the request, which the log's millisecond figure shows.
+            assert float(line["ttft"]) >= 0.009, line
             if line["tokens_from"] == "reported" and output > 1:
                 assert 0 < float(line["tpot"]) < 1, line
         else:
