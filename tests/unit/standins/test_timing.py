@@ -176,3 +176,31 @@ def test_cold_load_and_prompt_rate_over_http(start_emulator, tmp_path):
     assert answer["load_duration"] / 1e9 == pytest.approx(600 * 1024**2 / 1000e6, rel=0.15)  # 0.63 s
     assert answer["prompt_eval_count"] == emulator.estimate_tokens("y" * 4000) + 8
     assert answer["prompt_eval_duration"] / 1e9 == pytest.approx(answer["prompt_eval_count"] / 7979.85, rel=0.15)
+
+
+@pytest.mark.parametrize("path,doc", [
+    ("/api/chat", {"messages": [{"role": "user", "content": "y" * 8000}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "y" * 8000}]}),
+    ("/v1/responses", {"input": "y" * 8000}),
+    ("/v1/messages", {"max_tokens": 4, "messages": [{"role": "user", "content": "y" * 8000}]}),
+])
+def test_a_stream_starts_with_its_first_token(start_emulator, lab_models, path, doc):
+    """As Ollama's handlers: nothing of a streamed answer (status line, message_start, response.created) comes
+    before the prompt is evaluated: 2000 tokens at 4000 tokens/s, 0.5 s."""
+    emu = start_emulator(**env(lab_models, HERD_EMU_PROMPT_TOKENS_PER_SECOND=4000))
+    generate(emu, "", 1)
+    conn = emu.conn()
+    try:
+        sent = time.monotonic()
+        conn.request("POST", path, body=json.dumps({"model": "herd-tiny:1b", "stream": True, **doc}),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        status_s = time.monotonic() - sent
+        first = resp.readline()
+        first_s = time.monotonic() - sent
+        rest = resp.read()
+    finally:
+        conn.close()
+    assert resp.status == 200, rest
+    assert status_s >= 0.45 and first_s >= 0.45, (status_s, first_s, first)
+    assert b"message_start" in first or b"response.created" in first or path.startswith(("/api", "/v1/chat"))
