@@ -4,6 +4,8 @@ gateway_prefix_max_wait 3s and with 0 (off). Two conversations, A cached on inst
 bytes of system prompt each, their own: a wait of up to 8000 / 2000 bytes/s, capped at 3 s, for the cache):
 
 - X busy for a second, Y idle: A's next turn waits for X instead of taking Y; off, it takes Y at once.
+- X busy for 3 s, a session pinned to Y sends a turn of A there (the pin goes first, not X's cache); A's next turn
+  waits for X, and takes Y once Y holds A and is free (a waiting request plans again).
 - X busy for 0.6 s and Y for 1.5 s, B's next turn queued first (the head of the queue), then A's: when X frees,
   A's turn takes it, passing the head, which waits for its own Y; off, the head takes X (first come, first served,
   away from its cache) and A's turn comes after it.
@@ -21,14 +23,14 @@ from conftest import emulated_stack
 TINY = "herd-tiny:1b"
 
 
-def chat(port, messages, tokens=1):
-    """One chat request; (instance, seconds)."""
+def chat(port, messages, tokens=1, session=None):
+    """One chat request (`session`: its X-Herd-Session); (instance, seconds)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     t0 = time.monotonic()
+    headers = {"Content-Type": "application/json", **({"X-Herd-Session": session} if session else {})}
     try:
         conn.request("POST", "/api/chat", json.dumps({"model": TINY, "messages": messages, "stream": False,
-                                                      "options": {"num_predict": tokens}}),
-                     {"Content-Type": "application/json"})
+                                                      "options": {"num_predict": tokens}}), headers)
         resp = conn.getresponse()
         resp.read()
         assert resp.status == 200, resp.status
@@ -37,9 +39,10 @@ def chat(port, messages, tokens=1):
         conn.close()
 
 
-def background(port, messages, tokens, out, name):
+def background(port, messages, tokens, out, name, session=None):
     """chat() in a thread; its result lands in out[name]."""
-    thread = threading.Thread(target=lambda: out.__setitem__(name, chat(port, messages, tokens)), daemon=True)
+    thread = threading.Thread(target=lambda: out.__setitem__(name, chat(port, messages, tokens, session)),
+                              daemon=True)
     thread.start()
     return thread
 
@@ -126,6 +129,27 @@ def test_a_cached_turn_passes_the_head_of_the_queue(stack):
     else:
         # first come, first served: B's turn took X when it freed (away from its cache on Y), A's came after it
         assert out["b"][0] == x and out["b"][1] + 0.1 < out["a"][1], out
+
+
+def test_a_waiting_turn_goes_where_its_prompt_is_now(stack):
+    """A's next turn waits for X (the only instance that held A when it came, busy for 3 s) while Y serves a
+    session pinned there whose turn carries A's prompt: when that ends, Y holds A and is free, and the waiting turn
+    takes Y at once (it plans again while it waits) rather than wait on for X. Off: it takes the first slot that
+    frees anywhere, Y's, as well."""
+    port, _on = stack
+    a, _b, x, y = conversations(port, 3)
+    out = {}
+    threads = [background(port, turn(a, "hold X long"), 300, out, "hold")]  # about 3 s on X
+    wait_inflight(port, 1)
+    assert chat(port, [{"role": "user", "content": "pin s3"}], 1, "s3")[0] == y  # session s3 starts on Y
+    threads.append(background(port, turn(a, "A on Y"), 50, out, "pinned", "s3"))  # about 0.5 s on Y
+    wait_inflight(port, 2)
+    served, took = chat(port, turn(a, "A next"))
+    for thread in threads:
+        thread.join(30)
+    # the pinned turn went to its session's Y at once, although X holds more of its prompt
+    assert out["hold"][0] == x and out["pinned"][0] == y and out["pinned"][1] < 2.0, out
+    assert served == y and took < 2.0, (served, took, out)
 
 
 def prefix_waits(port):

@@ -463,6 +463,13 @@ function _M.await(plan)
     return true
 end
 
+-- Plan again from the records as they are now (a request that waits in its queue: an instance may have recorded
+-- its prompt since, another may have served others over it); no pending wait.
+function _M.refresh(plan)
+    fill(plan)
+    plan.pending = nil
+end
+
 -- The request was admitted to `server`: mark the blocks of its chain past what was cached for it as pending
 -- there (fill), when they are worth a wait; the mark stays until settle (its log phase). Returns the mark's id.
 function _M.mark(plan, server)

@@ -48,6 +48,7 @@ local dict = keys.gateway
 local markers = keys.queue
 
 -- The answer when a dict is full: the request leaves, nothing is left half-written.
+local REPLAN = 0.1
 local FULL = "server busy, please try again: the gateway's shared state is full"
 
 -- Mark the ticket gone. Without room for the mark it is gone all the same: its alive marker is deleted, and a
@@ -165,17 +166,23 @@ function _M.admit(pool, affinity, tenant)
     -- gateway_prefix_max_wait (Zaharia et al., "Delay scheduling", EuroSys 2010): so the slot that frees on an
     -- instance goes to a request that has its prompt there, and no request waits longer than that bound for it.
     local local_until = 0
-    if cfg.affinity == "prefix" and (cfg.prefix_max_wait or 0) > 0 then
-        local cached = 0
-        for _, entry in ipairs(preferred) do
-            if not entry.pin and (entry.bytes or 0) > cached then
-                cached = entry.bytes
+    local function delay_bound()
+        local_until = 0
+        if cfg.affinity == "prefix" and (cfg.prefix_max_wait or 0) > 0 then
+            local cached = 0
+            for _, entry in ipairs(preferred) do
+                if not entry.pin and (entry.bytes or 0) > cached then
+                    cached = entry.bytes
+                end
+            end
+            if cached >= cfg.prefix_block_bytes then
+                local_until = start + math.min(cfg.prefix_max_wait, cached / cfg.prefix_prefill_rate)
             end
         end
-        if cached >= cfg.prefix_block_bytes then
-            local_until = start + math.min(cfg.prefix_max_wait, cached / cfg.prefix_prefill_rate)
-        end
     end
+    delay_bound()
+    -- A request that waits plans again every REPLAN seconds: the records it was planned on change meanwhile.
+    local planned = start
 
     -- The tenant's candidate marker goes when its FIFO is empty behind this ticket.
     local function drop_candidate()
@@ -263,6 +270,12 @@ function _M.admit(pool, affinity, tenant)
 
     ctx.herd_leave = leave
     while true do
+        if affinity and affinity.chain and ngx.now() - planned >= REPLAN then
+            planned = ngx.now()
+            affinities.refresh(affinity)
+            preferred = affinity.preferred
+            delay_bound()
+        end
         local ok, set_err = m:safe_set(alive, 1, 1)
         if not ok then
             return full("herd_queue: " .. tostring(set_err))

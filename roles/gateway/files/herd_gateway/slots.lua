@@ -252,12 +252,12 @@ local function ranked(preferred)
     return out
 end
 
--- Delay scheduling: a slot only on an instance that holds at least `min_bytes` of the request's prompt (live, in
--- the pool, a free slot; the imbalance bound does not apply: the request waits for its cache instead of taking a
--- slot elsewhere). Returns the server, or nil (and the dict's error when it is full).
+-- Delay scheduling: a slot only on the session's pinned instance or one that holds at least `min_bytes` of the
+-- request's prompt (live, in the pool, a free slot; the imbalance bound does not apply: the request waits for its
+-- cache instead of taking a slot elsewhere). Returns the server, or nil (and the dict's error when it is full).
 function _M.acquire_local(pool, preferred, min_bytes)
     for _, entry in ipairs(ranked(preferred)) do
-        if not entry.pin and (entry.bytes or 0) >= min_bytes and acceptable(pool, { server = entry.server, pin = true }) then
+        if (entry.pin or (entry.bytes or 0) >= min_bytes) and acceptable(pool, { server = entry.server, pin = true }) then
             local taken, err = take(entry.server)
             if taken then
                 return entry.server
