@@ -47,8 +47,9 @@ local _M = {}
 local dict = keys.gateway
 local markers = keys.queue
 
--- The answer when a dict is full: the request leaves, nothing is left half-written.
+-- How often a request waiting in its queue plans again (cache affinity: where its prompt is cached changes).
 local REPLAN = 0.1
+-- The answer when a dict is full: the request leaves, nothing is left half-written.
 local FULL = "server busy, please try again: the gateway's shared state is full"
 
 -- Mark the ticket gone. Without room for the mark it is gone all the same: its alive marker is deleted, and a
@@ -181,7 +182,6 @@ function _M.admit(pool, affinity, tenant)
         end
     end
     delay_bound()
-    -- A request that waits plans again every REPLAN seconds: the records it was planned on change meanwhile.
     local planned = start
 
     -- The tenant's candidate marker goes when its FIFO is empty behind this ticket.
@@ -270,6 +270,8 @@ function _M.admit(pool, affinity, tenant)
 
     ctx.herd_leave = leave
     while true do
+        -- A request that waits plans again every REPLAN seconds: the records it was planned on change meanwhile
+        -- (an instance records its prompt when an answer that carried it ends there; slots and host caches move on).
         if affinity and affinity.chain and ngx.now() - planned >= REPLAN then
             planned = ngx.now()
             affinities.refresh(affinity)
