@@ -161,8 +161,16 @@ def test_queue_overflow_503(start_emulator, lab_models):
     in the pending queue, one is held by the scheduler, one is loading; every further request gets 503."""
     emu = start_emulator(**fast(lab_models, OLLAMA_MAX_QUEUE=2, HERD_EMU_LOAD_SECONDS=1.5))
     request = {"model": "herd-tiny:1b", "prompt": "hi", "stream": False, "options": {"num_predict": 2}}
+
+    def send(index):
+        # 50 ms apart, all within the load: the scheduler takes the first (it loads) and the second (it waits for
+        # the load) before the next come, as Ollama's scheduler goroutine does at once; sent in the same instant,
+        # a busy machine could run their handlers before the emulator's scheduler task had its turn
+        time.sleep(0.05 * index)
+        return emu.post_json("/api/generate", request)
+
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda _: emu.post_json("/api/generate", request), range(8)))
+        results = list(pool.map(send, range(8)))
     statuses = sorted(status for status, _ in results)
     assert statuses == [200] * 4 + [503] * 4
     assert all(body == {"error": ERR_MAX_QUEUE} for status, body in results if status == 503)
