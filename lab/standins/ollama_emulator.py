@@ -2448,11 +2448,12 @@ class Emulator:
                 return
             # Like Ollama's handlers: nothing is written (not even the status line of a stream) until the runner's
             # first piece, so a dialect's opening events (message_start, response.created) come with the first token.
-            begun = []
+            begun = False
 
             def begin():
+                nonlocal begun
                 if not begun:
-                    begun.append(True)
+                    begun = True
                     out.begin(answer)
 
             def emit(_i, piece):

@@ -435,6 +435,13 @@ function _M.plan(model, path, doc, session, tenant)
     return plan
 end
 
+-- Plan again from the records as they are now (after a pending wait, and while a request waits in its queue: an
+-- instance may have recorded its prompt since, another may have served others over it); no pending wait.
+function _M.refresh(plan)
+    fill(plan)
+    plan.pending = nil
+end
+
 -- Wait for the request the plan's pending names (one waiter each: the slot that request frees holds the prompt)
 -- to finish, at most plan.pending.wait seconds (what its prefill would save this one), then plan again. Returns
 -- whether it waited. The request waits before it takes a ticket in its queue: it holds nobody up.
@@ -458,16 +465,8 @@ function _M.await(plan)
         end
         ngx.sleep(math.min(0.01, left))
     end
-    fill(plan)
-    plan.pending = nil
+    _M.refresh(plan)
     return true
-end
-
--- Plan again from the records as they are now (a request that waits in its queue: an instance may have recorded
--- its prompt since, another may have served others over it); no pending wait.
-function _M.refresh(plan)
-    fill(plan)
-    plan.pending = nil
 end
 
 -- The request was admitted to `server`: mark the blocks of its chain past what was cached for it as pending
